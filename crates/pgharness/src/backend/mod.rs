@@ -1,0 +1,70 @@
+//! Backends: where the Postgres server comes from. Each one starts or joins ONE server
+//! shared by every test process of a run; none of them stops it when a test ends.
+
+pub mod container;
+pub mod native;
+
+use crate::error::Error;
+use crate::events::{Event, EventSink, emit};
+use crate::server::Server;
+use crate::settings::{BackendKind, Settings};
+
+/// Starts or joins the server the settings ask for. Idempotent and safe to race: every
+/// test process calls it, and they all end up on the same server.
+pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
+    match settings.backend {
+        BackendKind::Url => url(settings),
+        BackendKind::Container => container::ensure(settings, sink).await,
+        BackendKind::Native => native::ensure(settings, sink).await,
+        BackendKind::Auto => auto(settings, sink).await,
+    }
+}
+
+/// The backend `auto` would pick, without starting anything.
+pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<BackendKind, Error> {
+    if settings.backend != BackendKind::Auto {
+        return Ok(settings.backend);
+    }
+    let mut attempts = Vec::new();
+    if settings.url.is_some() {
+        return Ok(BackendKind::Url);
+    }
+    attempts.push(("url".to_owned(), "PGHARNESS_URL is not set (set it to use an existing server)".to_owned()));
+    emit(sink, Event::Probing { backend: "container" });
+    match container::probe(settings).await {
+        Ok(_) => return Ok(BackendKind::Container),
+        Err(why) => attempts.push(("container".to_owned(), why)),
+    }
+    emit(sink, Event::Probing { backend: "native" });
+    match native::find_bindir(settings) {
+        Ok(_) => return Ok(BackendKind::Native),
+        Err(why) => attempts.push(("native".to_owned(), why)),
+    }
+    Err(Error::NoBackend { attempts })
+}
+
+async fn auto(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
+    let kind = resolve(settings, sink).await?;
+    let mut settings = settings.clone();
+    settings.backend = kind;
+    Box::pin(ensure(&settings, sink)).await
+}
+
+fn url(settings: &Settings) -> Result<Server, Error> {
+    let url = settings.url.clone().ok_or_else(|| Error::Setting {
+        name: "url".into(),
+        origin: "PGHARNESS_URL".into(),
+        problem: "it is not set".into(),
+        fix: "set PGHARNESS_URL=postgres://user:password@host:port/database".into(),
+    })?;
+    Server::from_url(BackendKind::Url, url)
+}
+
+/// Stops the server of one backend if pgharness started it; returns what it stopped.
+pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>, Error> {
+    match kind {
+        BackendKind::Container => container::stop(settings).await,
+        BackendKind::Native => native::stop(settings).await,
+        BackendKind::Url | BackendKind::Auto => Ok(Vec::new()),
+    }
+}

@@ -1,0 +1,324 @@
+//! The `native` backend: `initdb` + `postgres` from the local Postgres binaries, one server
+//! per workspace shared by every test process under a file lock. Data lives on tmpfs
+//! (`/dev/shm`) when there is one. As root it runs the server as an unprivileged user,
+//! since postgres refuses to run as root. A small watchdog shell process owns the server
+//! and stops it after `native_idle` with no client connected, or on `cargo xtask down`.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::connect;
+use crate::error::Error;
+use crate::events::{Event, EventSink, emit};
+use crate::server::Server;
+use crate::settings::{BackendKind, Settings};
+
+const WATCHDOG: &str = include_str!("native_watchdog.sh");
+
+fn backend_error(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "native",
+        message: message.into(),
+    }
+}
+
+/// What a running native server left behind for the next test process.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    watchdog_pid: i32,
+    port: u16,
+    base_dir: PathBuf,
+    bindir: PathBuf,
+}
+
+/// Finds the directory holding `initdb` and `postgres`: `PGHARNESS_PG_BIN`, then
+/// `pg_config --bindir`, then PATH, then the newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bindir(settings: &Settings) -> Result<PathBuf, String> {
+    let usable = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = &settings.pg_bin {
+        return if usable(dir) {
+            Ok(dir.clone())
+        } else {
+            Err(format!(
+                "PGHARNESS_PG_BIN={} has no initdb and postgres (point it at the directory that has both)",
+                dir.display()
+            ))
+        };
+    }
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if output.status.success() && usable(&dir) {
+            return Ok(dir);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if usable(&dir) {
+                // Resolve symlinks so that `postgres` finds its share directory.
+                let real = std::fs::canonicalize(dir.join("postgres"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .filter(|d| usable(d))
+                    .unwrap_or(dir);
+                return Ok(real);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| usable(dir))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
+        "initdb and postgres were not found in PGHARNESS_PG_BIN, `pg_config --bindir`, PATH \
+         or /usr/lib/postgresql/*/bin (install the server: `apt-get install postgresql`, \
+         or set PGHARNESS_PG_BIN)"
+            .to_owned()
+    })
+}
+
+struct Paths {
+    state: PathBuf,
+    lock: PathBuf,
+    base: PathBuf,
+}
+
+fn paths(settings: &Settings, bindir: &Path) -> Paths {
+    let mut hasher = Sha256::new();
+    hasher.update(settings.root.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(bindir.to_string_lossy().as_bytes());
+    hasher.update(settings.max_connections.to_be_bytes());
+    let key = hex::encode(&hasher.finalize()[..5]);
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.join(format!("pgharness-{key}"))
+    } else {
+        settings.state_dir.join(format!("native-{key}"))
+    };
+    Paths {
+        state: settings.state_dir.join(format!("native-{key}.json")),
+        lock: settings.state_dir.join(format!("native-{key}.lock")),
+        base,
+    }
+}
+
+/// Starts the shared server, or joins it when it already runs.
+pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
+    let bindir = find_bindir(settings).map_err(backend_error)?;
+    let paths = paths(settings, &bindir);
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+    let lock = lock(&paths.lock).await?;
+    let port = match read_state(&paths.state).filter(alive) {
+        Some(state) => state.port,
+        None => start(settings, &bindir, &paths, sink)?,
+    };
+    let server = Server::local(BackendKind::Native, port);
+    let what = format!("the native Postgres server on 127.0.0.1:{port}");
+    let ready = connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what).await;
+    drop(lock);
+    ready.map_err(|e| {
+        backend_error(format!(
+            "{e}; its log: {}",
+            paths.base.join("server.log").display()
+        ))
+    })?;
+    Ok(server)
+}
+
+/// Stops this workspace's native servers (for `cargo xtask down`).
+pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
+    let mut stopped = Vec::new();
+    let entries = match std::fs::read_dir(&settings.state_dir) {
+        Ok(entries) => entries,
+        Err(_) => return Ok(stopped),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_state = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("native-") && n.ends_with(".json"));
+        if !is_state {
+            continue;
+        }
+        let lock = lock(&path.with_extension("lock")).await?;
+        if let Some(state) = read_state(&path) {
+            let pid = Pid::from_raw(state.watchdog_pid);
+            if kill(pid, Signal::SIGTERM).is_ok() {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while Path::new(&format!("/proc/{}", state.watchdog_pid)).exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let _ = std::fs::remove_dir_all(&state.base_dir);
+            stopped.push(format!("native server on 127.0.0.1:{}", state.port));
+        }
+        let _ = std::fs::remove_file(&path);
+        drop(lock);
+    }
+    Ok(stopped)
+}
+
+async fn lock(path: &Path) -> Result<File, Error> {
+    let path = path.to_path_buf();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("failed to open lock file", &path, e))?;
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file).map_err(|e| Error::io("failed to lock", &path, e)))
+        .await
+        .map_err(|e| backend_error(format!("lock task failed: {e}")))?
+}
+
+fn read_state(path: &Path) -> Option<State> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn alive(state: &State) -> bool {
+    Path::new(&format!("/proc/{}", state.watchdog_pid)).exists()
+        && TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, state.port).into(), Duration::from_secs(1)).is_ok()
+}
+
+/// The user the server runs as: ourselves, or an unprivileged one when we are root.
+fn server_user() -> Result<Option<User>, Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        if let Ok(Some(user)) = User::from_name(name) {
+            return Ok(Some(user));
+        }
+    }
+    Err(backend_error(
+        "running as root, and there is neither a `postgres` nor a `nobody` user to run the \
+         server as (create one: `useradd --system postgres`)",
+    ))
+}
+
+fn free_port() -> Result<u16, Error> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| Error::io("failed to find a free port on", "127.0.0.1", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("failed to find a free port on", "127.0.0.1", e))
+}
+
+fn as_user(command: &mut Command, user: &Option<User>) {
+    if let Some(user) = user {
+        command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        command.env("HOME", &user.dir);
+    }
+}
+
+fn start(settings: &Settings, bindir: &Path, paths: &Paths, sink: EventSink<'_>) -> Result<u16, Error> {
+    let user = server_user()?;
+    let base = &paths.base;
+    let data = base.join("data");
+    let _ = std::fs::remove_dir_all(base);
+    for dir in [base, &data, &base.join("sock")] {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("failed to create", dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("failed to set permissions on", dir, e))?;
+        if let Some(user) = &user {
+            std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(|e| Error::io("failed to hand over", dir, e))?;
+        }
+    }
+    emit(sink, Event::InitialisingCluster { data_dir: data.display().to_string() });
+    let mut initdb = Command::new(bindir.join("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+        .current_dir(base)
+        .stdin(Stdio::null());
+    as_user(&mut initdb, &user);
+    let output = initdb
+        .output()
+        .map_err(|e| Error::io("failed to run", bindir.join("initdb"), e))?;
+    if !output.status.success() {
+        return Err(backend_error(format!(
+            "initdb failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+
+    let script = base.join("watchdog.sh");
+    std::fs::write(&script, WATCHDOG).map_err(|e| Error::io("failed to write", &script, e))?;
+    let log_path = base.join("server.log");
+    let log = File::create(&log_path).map_err(|e| Error::io("failed to create", &log_path, e))?;
+    if let Some(user) = &user {
+        for path in [&script, &log_path] {
+            std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(|e| Error::io("failed to hand over", path, e))?;
+        }
+    }
+    let port = free_port()?;
+    emit(sink, Event::StartingServer { port });
+    let mut watchdog = Command::new("sh");
+    watchdog
+        .arg(&script)
+        .env("PGH_BIN", bindir)
+        .env("PGH_DATA", &data)
+        .env("PGH_SOCK", base.join("sock"))
+        .env("PGH_PORT", port.to_string())
+        .env("PGH_IDLE", settings.native_idle.as_secs().max(1).to_string())
+        .env("PGH_MAX_CONNECTIONS", settings.max_connections.to_string())
+        .current_dir(base)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| Error::io("failed to open", &log_path, e))?)
+        .stderr(log)
+        // Its own process group: Ctrl-C in the terminal and nextest's cleanup of a test's
+        // process group leave the shared server alone.
+        .process_group(0);
+    as_user(&mut watchdog, &user);
+    let child = watchdog
+        .spawn()
+        .map_err(|e| Error::io("failed to start", &script, e))?;
+    let state = State {
+        watchdog_pid: child.id() as i32,
+        port,
+        base_dir: base.clone(),
+        bindir: bindir.to_path_buf(),
+    };
+    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+    std::fs::write(&paths.state, text).map_err(|e| Error::io("failed to write", &paths.state, e))?;
+    tracing::info!(port, data = %data.display(), "started native Postgres");
+    Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_pg_bin_is_named_with_the_fix() {
+        let mut settings = Settings::load_from(Path::new("/nonexistent"), Vec::new()).unwrap();
+        settings.pg_bin = Some(PathBuf::from("/nonexistent/bin"));
+        let error = find_bindir(&settings).unwrap_err();
+        assert!(error.contains("PGHARNESS_PG_BIN=/nonexistent/bin"), "{error}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Connecting with patience: a server that is starting up, a container whose port is not
+//! yet forwarded, or a server whose connection slots are all taken is waited for, within a
+//! deadline; anything else fails at once. Every connection is driven on pgharness' own
+//! runtime (see `driver`), so it outlives the runtime of the test that opened it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::driver;
+use crate::error::Error;
+use crate::events::{Event, EventSink, emit};
+
+/// Whether waiting could help after this failure.
+fn transient(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW || code == &SqlState::TOO_MANY_CONNECTIONS,
+        // No SQLSTATE: refused, reset, closed before the startup finished.
+        None => true,
+    }
+}
+
+async fn connect_once(config: tokio_postgres::Config) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    driver::run(async move {
+        let (client, connection) = config.connect(NoTls).await?;
+        let handle = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "pgharness connection ended with an error");
+            }
+        });
+        Ok((client, handle))
+    })
+    .await
+}
+
+/// Retries transient failures until `deadline`; calls `waiting` about once a second.
+async fn connect_patiently(
+    config: &tokio_postgres::Config,
+    deadline: Instant,
+    mut waiting: impl FnMut(&tokio_postgres::Error, Duration),
+) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    let mut last_report = started;
+    loop {
+        let error = match connect_once(config.clone()).await {
+            Ok(connected) => return Ok(connected),
+            Err(error) => error,
+        };
+        let now = Instant::now();
+        if !transient(&error) || now + delay > deadline {
+            return Err(error);
+        }
+        if now.duration_since(last_report) >= Duration::from_secs(1) {
+            last_report = now;
+            waiting(&error, now - started);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Opens one connection, waiting out transient failures until `deadline`.
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+    deadline: Instant,
+    sink: EventSink<'_>,
+    what: &str,
+) -> Result<Client, Error> {
+    let started = Instant::now();
+    let result = connect_patiently(config, deadline, |error, waited| {
+        let reason = crate::error::pg_message(error);
+        emit(sink, Event::WaitingForServer { reason, waited });
+    })
+    .await;
+    match result {
+        Ok((client, _handle)) => Ok(client),
+        Err(error) if transient(&error) && error.code() != Some(&SqlState::TOO_MANY_CONNECTIONS) => {
+            Err(Error::Timeout {
+                what: format!(
+                    "waiting to connect to {what} (last error: {})",
+                    Error::postgres("connect", error)
+                ),
+                waited: started.elapsed(),
+                fix: "check that the server is running (`cargo xtask up`), or raise PGHARNESS_ACQUIRE_TIMEOUT".into(),
+            })
+        }
+        Err(error) => Err(Error::postgres(format!("failed to connect to {what}"), error)),
+    }
+}
+
+/// Connects and runs `SELECT 1`: the readiness check for servers pgharness starts.
+pub(crate) async fn wait_ready(
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+    sink: EventSink<'_>,
+    what: &str,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let client = connect(config, started + timeout, sink, what).await?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| Error::postgres(format!("failed to run SELECT 1 on {what}"), e))?;
+    emit(sink, Event::ServerReady { after: started.elapsed() });
+    Ok(())
+}
+
+/// deadpool's connector for test pools: patient about full connection slots, and driving
+/// connections on pgharness' runtime.
+pub(crate) struct PatientConnect {
+    pub(crate) timeout: Duration,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl deadpool_postgres::Connect for PatientConnect {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
+        let config = pg_config.clone();
+        let deadline = Instant::now() + self.timeout;
+        Box::pin(async move {
+            connect_patiently(&config, deadline, |error, waited| {
+                tracing::info!(%error, ?waited, "pgharness pool: waiting for a connection slot");
+            })
+            .await
+        })
+    }
+}

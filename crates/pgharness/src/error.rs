@@ -1,0 +1,158 @@
+//! The one error type of pgharness: what failed, why, and what to do about it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+
+/// Everything that can go wrong while finding a server or preparing a test database.
+///
+/// Messages read after "failed to …" and end with a fix where one is known.
+/// No variant ever carries a password: URLs are stored redacted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting has a value pgharness cannot use.
+    #[error("setting `{name}` (from {origin}) is invalid: {problem}; {fix}")]
+    Setting {
+        /// The setting's name as written in `pgharness.toml` or the environment.
+        name: String,
+        /// Where the value came from (`PGHARNESS_X`, `pgharness.toml`, …).
+        origin: String,
+        /// What is wrong with it.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+    /// No backend could provide a server; each entry says what was tried and how to fix it.
+    #[error("no Postgres server is available for tests; tried:\n{}", format_attempts(.attempts))]
+    NoBackend {
+        /// `(backend, why it did not work and how to fix it)`.
+        attempts: Vec<(String, String)>,
+    },
+    /// A backend could not start or join its server.
+    #[error("{backend} backend: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// What happened and what to do.
+        message: String,
+    },
+    /// A file pgharness needs could not be read or written.
+    #[error("{action} `{}`: {source}", .path.display())]
+    Io {
+        /// What pgharness was doing.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A statement or connection failed on the server.
+    #[error("{action}: {}{}", pg_message(.source), hint_for(.source))]
+    Postgres {
+        /// What pgharness was doing.
+        action: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A migration or fixture file failed; `location` points into the file.
+    #[error("{kind} `{location}` failed: {}", pg_message(.source))]
+    Sql {
+        /// "migration" or "fixture".
+        kind: &'static str,
+        /// `path:line` of the failing statement when the server reported a position.
+        location: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Waiting for something took longer than allowed.
+    #[error("timed out after {waited:?} {what}; {fix}")]
+    Timeout {
+        /// What was being waited for.
+        what: String,
+        /// How long we waited.
+        waited: Duration,
+        /// What to do.
+        fix: String,
+    },
+}
+
+impl Error {
+    /// True when the server refused a connection because all slots were taken (53300).
+    pub fn is_too_many_clients(&self) -> bool {
+        match self {
+            Error::Postgres { source, .. } | Error::Sql { source, .. } => {
+                source.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+            }
+            _ => false,
+        }
+    }
+
+    /// The server's error, when the failure came from Postgres.
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            Error::Postgres { source, .. } | Error::Sql { source, .. } => source.as_db_error(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn postgres(action: impl Into<String>, source: tokio_postgres::Error) -> Self {
+        Error::Postgres {
+            action: action.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+fn format_attempts(attempts: &[(String, String)]) -> String {
+    attempts
+        .iter()
+        .map(|(backend, why)| format!("  - {backend}: {why}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The server's own message when there is one (tokio-postgres' Display says only "db error").
+pub(crate) fn pg_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut message = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                message.push_str(&format!(" ({detail})"));
+            }
+            message
+        }
+        None => {
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(inner) = source {
+                message.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            message
+        }
+    }
+}
+
+fn hint_for(error: &tokio_postgres::Error) -> &'static str {
+    if error.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) {
+        "; the server has no connection slots left: run fewer tests at once \
+         (`cargo xtask test` sizes nextest's `@tool:pgharness:db` group from max_connections; \
+         with plain nextest pass `--test-threads`), lower PGHARNESS_POOL_SIZE, or raise \
+         PGHARNESS_MAX_CONNECTIONS for servers pgharness starts"
+    } else {
+        ""
+    }
+}

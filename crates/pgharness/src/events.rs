@@ -1,0 +1,62 @@
+//! Lifecycle events. The library reports what it is waiting for; the caller decides how to
+//! show it (xtask draws progress bars, tests leave it to `tracing`).
+
+use std::time::Duration;
+
+/// Something a long wait is doing. Every event is also logged with `tracing`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Looking for a usable backend.
+    Probing {
+        /// The backend being tried.
+        backend: &'static str,
+    },
+    /// A container is being created from an image.
+    CreatingContainer {
+        /// Container name.
+        name: String,
+        /// Image reference.
+        image: String,
+    },
+    /// An existing container is joined.
+    JoinedContainer {
+        /// Container name.
+        name: String,
+    },
+    /// A native server's data directory is being initialised.
+    InitialisingCluster {
+        /// The data directory.
+        data_dir: String,
+    },
+    /// A native server is starting.
+    StartingServer {
+        /// Its port on 127.0.0.1.
+        port: u16,
+    },
+    /// Still waiting for the server to accept connections.
+    WaitingForServer {
+        /// Why the last attempt failed.
+        reason: String,
+        /// Time spent waiting so far.
+        waited: Duration,
+    },
+    /// The server answered `SELECT 1`.
+    ServerReady {
+        /// Time from the first attempt.
+        after: Duration,
+    },
+}
+
+/// Receives events; `&dyn Fn(Event)` keeps the library free of any UI.
+pub type EventSink<'a> = &'a (dyn Fn(Event) + Send + Sync);
+
+/// A sink that only logs.
+pub fn log_only(event: Event) {
+    tracing::debug!(?event, "pgharness event");
+}
+
+pub(crate) fn emit(sink: EventSink<'_>, event: Event) {
+    tracing::debug!(?event, "pgharness event");
+    sink(event);
+}

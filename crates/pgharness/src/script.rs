@@ -1,0 +1,233 @@
+//! SQL scripts assembled from files (migrations, fixtures) into one batch, and errors
+//! mapped back to the file and line they came from.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+
+/// One SQL file's text and where it came from.
+#[derive(Clone, Debug)]
+pub(crate) struct SqlFile {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
+}
+
+/// The migrations of a directory: `*.sql` files applied in name order.
+#[derive(Clone, Debug)]
+pub(crate) struct Migrations {
+    pub(crate) files: Vec<SqlFile>,
+    /// SHA-256 over every file's name and content, hex; identifies the migration set.
+    pub(crate) hash: String,
+}
+
+impl Migrations {
+    /// Reads every `*.sql` file of `dir`. A missing directory means no migrations.
+    pub(crate) fn load(dir: &Path) -> Result<Migrations, Error> {
+        let mut files = Vec::new();
+        if dir.exists() {
+            let entries =
+                std::fs::read_dir(dir).map_err(|e| Error::io("failed to list migrations in", dir, e))?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::io("failed to read migration", &path, e))?;
+                files.push(SqlFile { path, text });
+            }
+        }
+        let mut hasher = Sha256::new();
+        for file in &files {
+            let name = file.path.file_name().unwrap_or_default().to_string_lossy();
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((file.text.len() as u64).to_be_bytes());
+            hasher.update(file.text.as_bytes());
+        }
+        Ok(Migrations {
+            files,
+            hash: hex::encode(&hasher.finalize()[..8]),
+        })
+    }
+}
+
+/// Reads `dir/<name>.sql` for each fixture name.
+pub(crate) fn load_fixtures(dir: &Path, names: &[String]) -> Result<Vec<SqlFile>, Error> {
+    names
+        .iter()
+        .map(|name| {
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                return Err(Error::Setting {
+                    name: "fixture".into(),
+                    origin: "TestDb::builder().fixtures(..)".into(),
+                    problem: format!("`{name}` is not a fixture name"),
+                    fix: format!("name a file in {} without its .sql ending", dir.display()),
+                });
+            }
+            let path = dir.join(format!("{name}.sql"));
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::Setting {
+                        name: "fixture".into(),
+                        origin: "TestDb::builder().fixtures(..)".into(),
+                        problem: format!("there is no fixture `{name}` ({} does not exist)", path.display()),
+                        fix: format!("create it, or use one of the files in {}", dir.display()),
+                    }
+                } else {
+                    Error::io("failed to read fixture", &path, e)
+                }
+            })?;
+            Ok(SqlFile { path, text })
+        })
+        .collect()
+}
+
+/// A batch of SQL sent as one simple query, remembering which characters came from which
+/// file so that a server error position can be named as `file:line`.
+#[derive(Default)]
+pub(crate) struct Batch {
+    text: String,
+    chars: usize,
+    spans: Vec<Span>,
+}
+
+struct Span {
+    start_char: usize,
+    end_char: usize,
+    kind: &'static str,
+    path: PathBuf,
+    text_start: usize,
+}
+
+impl Batch {
+    /// Appends harness SQL (not from a file).
+    pub(crate) fn push(&mut self, sql: &str) {
+        self.text.push_str(sql);
+        self.text.push('\n');
+        self.chars += sql.chars().count() + 1;
+    }
+
+    /// Appends a file's SQL, remembering where it stands.
+    pub(crate) fn push_file(&mut self, kind: &'static str, file: &SqlFile) {
+        let start_char = self.chars;
+        let text_start = self.text.len();
+        self.push(&file.text);
+        // A file without a trailing `;` must not swallow what follows.
+        self.push(";");
+        self.spans.push(Span {
+            start_char,
+            end_char: start_char + file.text.chars().count(),
+            kind,
+            path: file.path.clone(),
+            text_start,
+        });
+    }
+
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Turns a driver error into an error naming the file and line, when the server gave a
+    /// position inside one of the files; otherwise into a plain Postgres error.
+    pub(crate) fn explain(&self, action: &str, error: tokio_postgres::Error) -> Error {
+        let position = match error.as_db_error().and_then(|db| db.position()) {
+            Some(tokio_postgres::error::ErrorPosition::Original(position)) => *position as usize,
+            _ => return self.explain_by_statement(action, error),
+        };
+        let index = position.saturating_sub(1); // 1-based characters
+        for span in &self.spans {
+            if (span.start_char..=span.end_char).contains(&index) {
+                let offset = index - span.start_char;
+                let text = &self.text[span.text_start..];
+                let line = 1 + text.chars().take(offset).filter(|&c| c == '\n').count();
+                return Error::Sql {
+                    kind: span.kind,
+                    location: format!("{}:{line}", span.path.display()),
+                    source: error,
+                };
+            }
+        }
+        Error::postgres(action, error)
+    }
+
+    /// Errors without a position (e.g. a missing table at run time) name the files only
+    /// when there is exactly one.
+    fn explain_by_statement(&self, action: &str, error: tokio_postgres::Error) -> Error {
+        if let [span] = self.spans.as_slice() {
+            return Error::Sql {
+                kind: span.kind,
+                location: span.path.display().to_string(),
+                source: error,
+            };
+        }
+        let files: Vec<String> = self.spans.iter().map(|s| s.path.display().to_string()).collect();
+        if files.is_empty() {
+            Error::postgres(action, error)
+        } else {
+            Error::postgres(format!("{action} (running {})", files.join(", ")), error)
+        }
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL.
+pub(crate) fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pgharness-script-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn migrations_apply_in_name_order_and_hash_their_content() {
+        let dir = temp_dir(&[("0002_b.sql", "B"), ("0001_a.sql", "A"), ("notes.txt", "x")]);
+        let migrations = Migrations::load(&dir).unwrap();
+        let names: Vec<_> = migrations.files.iter().map(|f| f.text.as_str()).collect();
+        assert_eq!(names, ["A", "B"]);
+        let before = migrations.hash.clone();
+        std::fs::write(dir.join("0002_b.sql"), "B2").unwrap();
+        assert_ne!(Migrations::load(&dir).unwrap().hash, before);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_migration_directory_is_empty() {
+        let migrations = Migrations::load(Path::new("/nonexistent/pgharness")).unwrap();
+        assert!(migrations.files.is_empty());
+    }
+
+    #[test]
+    fn missing_fixture_names_the_file_and_the_directory() {
+        let dir = temp_dir(&[("users.sql", "select 1")]);
+        let error = load_fixtures(&dir, &["nope".into()]).unwrap_err().to_string();
+        assert!(error.contains("no fixture `nope`") && error.contains("nope.sql"), "{error}");
+        let error = load_fixtures(&dir, &["../etc/passwd".into()]).unwrap_err().to_string();
+        assert!(error.contains("not a fixture name"), "{error}");
+        assert_eq!(load_fixtures(&dir, &["users".into()]).unwrap()[0].text, "select 1");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,173 @@
+//! A reachable Postgres server: where it is and how to log in as its admin user.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio_postgres::config::Host;
+
+use crate::error::Error;
+use crate::settings::{BackendKind, SecretUrl};
+
+/// A server the harness can create schemas on.
+///
+/// `Debug` and `Display` never show the password.
+#[derive(Clone)]
+pub struct Server {
+    backend: BackendKind,
+    url: SecretUrl,
+    config: tokio_postgres::Config,
+}
+
+impl Server {
+    /// A server given by URL (`postgres://user:password@host:port/database`).
+    pub fn from_url(backend: BackendKind, url: SecretUrl) -> Result<Server, Error> {
+        let problem = |problem: String| Error::Setting {
+            name: "url".into(),
+            origin: "PGHARNESS_URL or the `url` key".into(),
+            problem,
+            fix: "write it as postgres://user:password@host:port/database".into(),
+        };
+        let text = url.expose();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err(problem(format!("`{url}` is not a postgres:// URL")));
+        }
+        let config = tokio_postgres::Config::from_str(text)
+            .map_err(|e| problem(format!("`{url}` does not parse: {e}")))?;
+        if config.get_options().is_some() {
+            return Err(problem(
+                "it sets `options`, which pgharness needs for each test's search_path".into(),
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(problem(format!("`{url}` names no user")));
+        }
+        Ok(Server { backend, url, config })
+    }
+
+    /// A server on 127.0.0.1 that trusts local connections (what the container and native
+    /// backends start).
+    pub fn local(backend: BackendKind, port: u16) -> Server {
+        let url = SecretUrl::new(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user("postgres")
+            .dbname("postgres");
+        Server { backend, url, config }
+    }
+
+    /// Which backend provides it.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// The admin connection's configuration (with password, if any).
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        config.application_name("pgharness");
+        config
+    }
+
+    /// The server's URL; `Display` redacts it, `expose()` does not.
+    pub fn url(&self) -> &SecretUrl {
+        &self.url
+    }
+
+    /// Whether the URL carries a password (then a printed psql command must not).
+    pub fn has_password(&self) -> bool {
+        self.config.get_password().is_some()
+    }
+
+    /// The URL with `options=-csearch_path=<schema>,public` added, so that any client
+    /// lands in the schema.
+    pub fn url_for_schema(&self, schema: &str) -> String {
+        with_search_path(self.url.expose(), schema)
+    }
+
+    /// The URL for a schema, password redacted; safe to print.
+    pub fn redacted_url_for_schema(&self, schema: &str) -> String {
+        with_search_path(&self.url.to_string(), schema)
+    }
+
+    /// `user@host:port/database`, for messages.
+    pub fn describe(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{}@{host}:{port}/{}",
+            self.config.get_user().unwrap_or("?"),
+            self.config.get_dbname().unwrap_or("postgres"),
+        )
+    }
+}
+
+fn with_search_path(url: &str, schema: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-csearch_path%3D{schema}%2Cpublic")
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("backend", &self.backend)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl fmt::Display for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} backend)", self.describe(), self.backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_with_password_is_usable_but_never_shown() {
+        let server = Server::from_url(
+            BackendKind::Url,
+            SecretUrl::new("postgres://app:s3cret@db.internal:6543/appdb?sslmode=disable"),
+        )
+        .unwrap();
+        assert!(server.has_password());
+        assert_eq!(server.describe(), "app@db.internal:6543/appdb");
+        assert!(!format!("{server:?} {server}").contains("s3cret"));
+        assert!(server.url_for_schema("t_x").contains("s3cret"));
+        assert_eq!(
+            server.redacted_url_for_schema("t_x"),
+            "postgres://app:***@db.internal:6543/appdb?sslmode=disable&options=-csearch_path%3Dt_x%2Cpublic"
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        for (url, expected) in [
+            ("host=db user=x", "not a postgres:// URL"),
+            ("postgres://db/app", "names no user"),
+            ("postgres://u@db/app?options=-cfoo%3Dbar", "sets `options`"),
+            ("postgres://u@db:notaport/app", "does not parse"),
+        ] {
+            let error = Server::from_url(BackendKind::Url, SecretUrl::new(url)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn local_servers_have_no_password() {
+        let server = Server::local(BackendKind::Native, 5499);
+        assert!(!server.has_password());
+        assert_eq!(
+            server.url_for_schema("t_a"),
+            "postgres://postgres@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
+        );
+    }
+}

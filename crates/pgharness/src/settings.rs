@@ -1,0 +1,463 @@
+//! Settings: `pgharness.toml` at the workspace root, overridden by `PGHARNESS_*` variables.
+//!
+//! Every setting has one name in both places: `pool_size` in the file is
+//! `PGHARNESS_POOL_SIZE` in the environment. Unknown keys and unknown `PGHARNESS_*`
+//! variables are errors, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::workspace;
+
+/// Which kind of Postgres server the tests use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// `url`, then `container` if Docker answers, then `native`.
+    Auto,
+    /// One Docker container per workspace, shared by every test process.
+    Container,
+    /// `initdb` + `postgres` from the local Postgres binaries, data on tmpfs.
+    Native,
+    /// An existing server given by `PGHARNESS_URL`.
+    Url,
+}
+
+impl BackendKind {
+    /// The name used in settings and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Container => "container",
+            BackendKind::Native => "native",
+            BackendKind::Url => "url",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendKind::Auto),
+            "container" => Ok(BackendKind::Container),
+            "native" => Ok(BackendKind::Native),
+            "url" => Ok(BackendKind::Url),
+            other => Err(format!(
+                "unknown backend `{other}`; use one of auto, container, native, url"
+            )),
+        }
+    }
+}
+
+/// When a test's schema survives the test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepPolicy {
+    /// Keep the schema of a failing (panicking) test, drop the others. The default.
+    OnFailure,
+    /// Keep every schema (reaped after `reap_ttl`).
+    Always,
+    /// Drop every schema, even a failing test's.
+    Never,
+}
+
+impl FromStr for KeepPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on-failure" => Ok(KeepPolicy::OnFailure),
+            "always" => Ok(KeepPolicy::Always),
+            "never" => Ok(KeepPolicy::Never),
+            other => Err(format!(
+                "unknown keep policy `{other}`; use on-failure, always or never"
+            )),
+        }
+    }
+}
+
+/// How a passing test's schema is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// The test drops its own schema when its `TestDb` is dropped.
+    Inline,
+    /// The test marks its schema `passed`; a janitor (run by `cargo xtask test`) drops it
+    /// off the test's critical path.
+    Deferred,
+}
+
+/// A URL that may hold a password: `Display` and `Debug` never show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a connection URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for handing to a driver. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({self})")
+    }
+}
+
+/// Replaces the password of a `postgres://user:password@host` URL (and any
+/// `password=` parameter) with `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
+            }
+        }
+    }
+    if let Some(start) = out.find("password=") {
+        let value_start = start + "password=".len();
+        let value_end = out[value_start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |i| value_start + i);
+        out.replace_range(value_start..value_end, "***");
+    }
+    out
+}
+
+/// All settings, resolved. Build with [`Settings::load`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The workspace root (where `pgharness.toml`, `sql/` and `fixtures/` live).
+    pub root: PathBuf,
+    /// `target/pgharness`: locks, server state, generated nextest config.
+    pub state_dir: PathBuf,
+    /// `backend` / `PGHARNESS_BACKEND`.
+    pub backend: BackendKind,
+    /// `url` / `PGHARNESS_URL`.
+    pub url: Option<SecretUrl>,
+    /// `image` / `PGHARNESS_IMAGE`; `None` means `postgres:17`, or the locally built
+    /// `pgharness/postgres:17` when the former is absent and cannot be pulled.
+    pub image: Option<String>,
+    /// `pg_bin` / `PGHARNESS_PG_BIN`: directory holding `initdb` and `postgres`.
+    pub pg_bin: Option<PathBuf>,
+    /// `migrations` / `PGHARNESS_MIGRATIONS`: directory of `NNNN_name.sql` files.
+    pub migrations: PathBuf,
+    /// `fixtures` / `PGHARNESS_FIXTURES`: directory of `<name>.sql` seed files.
+    pub fixtures: PathBuf,
+    /// `keep` / `PGHARNESS_KEEP`.
+    pub keep: KeepPolicy,
+    /// `pool_size` / `PGHARNESS_POOL_SIZE`: the most connections one test's pool opens.
+    pub pool_size: usize,
+    /// `max_connections` / `PGHARNESS_MAX_CONNECTIONS`: for servers pgharness starts.
+    pub max_connections: u32,
+    /// `reap_ttl` / `PGHARNESS_REAP_TTL`: how long kept and abandoned schemas live.
+    pub reap_ttl: Duration,
+    /// `acquire_timeout` / `PGHARNESS_ACQUIRE_TIMEOUT`: how long a test waits for a
+    /// connection slot or a starting server.
+    pub acquire_timeout: Duration,
+    /// `native_idle` / `PGHARNESS_NATIVE_IDLE`: the native server stops after this long
+    /// with no client connected.
+    pub native_idle: Duration,
+    /// `container_ttl` / `PGHARNESS_CONTAINER_TTL`: `cargo xtask reap` removes the shared
+    /// container once this long has passed since it was created.
+    pub container_ttl: Duration,
+    /// `PGHARNESS_RUN_ID` (set by `cargo xtask test`), else `NEXTEST_RUN_ID`, else one per process.
+    pub run_id: Option<String>,
+    /// `PGHARNESS_TEARDOWN` (`inline` or `deferred`; set by `cargo xtask test`).
+    pub teardown: Teardown,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Clone)]
+struct Origin(String);
+
+const KEYS: &[&str] = &[
+    "backend",
+    "url",
+    "image",
+    "pg_bin",
+    "migrations",
+    "fixtures",
+    "keep",
+    "pool_size",
+    "max_connections",
+    "reap_ttl",
+    "acquire_timeout",
+    "native_idle",
+    "container_ttl",
+    "run_id",
+    "teardown",
+];
+
+impl Settings {
+    /// Loads settings for the workspace that contains the current test or command.
+    pub fn load() -> Result<Settings, Error> {
+        let root = workspace::find_root()?;
+        Settings::load_from(&root, std::env::vars())
+    }
+
+    /// Loads settings from `root/pgharness.toml` and the given environment.
+    pub fn load_from(
+        root: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, Error> {
+        let mut values: BTreeMap<String, (String, Origin)> = BTreeMap::new();
+        let file = root.join("pgharness.toml");
+        if file.exists() {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Error::io("failed to read", &file, e))?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Setting {
+                name: "pgharness.toml".into(),
+                origin: file.display().to_string(),
+                problem: e.message().to_owned(),
+                fix: "fix the TOML syntax".into(),
+            })?;
+            for (key, value) in table {
+                if !KEYS.contains(&key.as_str()) {
+                    return Err(unknown_key(&key, &format!("{}", file.display())));
+                }
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    other => {
+                        return Err(Error::Setting {
+                            name: key,
+                            origin: file.display().to_string(),
+                            problem: format!("expected a string or a number, found {}", other.type_str()),
+                            fix: "write it as `key = \"value\"`".into(),
+                        });
+                    }
+                };
+                values.insert(key, (text, Origin(file.display().to_string())));
+            }
+        }
+        let mut nextest_run_id = None;
+        for (name, value) in env {
+            if name == "NEXTEST_RUN_ID" {
+                nextest_run_id = Some(value);
+                continue;
+            }
+            let Some(key) = name.strip_prefix("PGHARNESS_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if key.starts_with("rds") || key == "ca_bundle" {
+                continue; // read by the RDS backend's own settings
+            }
+            if !KEYS.contains(&key.as_str()) {
+                return Err(unknown_key(&key, &name));
+            }
+            values.insert(key, (value, Origin(name)));
+        }
+
+        let state_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .map(|dir| if dir.is_absolute() { dir } else { root.join(dir) })
+            .unwrap_or_else(|| root.join("target"))
+            .join("pgharness");
+        let get = |key: &str| values.get(key).map(|(v, o)| (v.as_str(), o.clone()));
+        let settings = Settings {
+            root: root.to_path_buf(),
+            state_dir,
+            backend: parse(get("backend"), "backend", BackendKind::Auto, str::parse)?,
+            url: get("url").map(|(v, _)| SecretUrl::new(v)),
+            image: get("image").map(|(v, _)| v.to_owned()),
+            pg_bin: get("pg_bin").map(|(v, _)| PathBuf::from(v)),
+            migrations: parse(get("migrations"), "migrations", root.join("sql"), |v| {
+                Ok(root.join(v))
+            })?,
+            fixtures: parse(get("fixtures"), "fixtures", root.join("fixtures"), |v| {
+                Ok(root.join(v))
+            })?,
+            keep: parse(get("keep"), "keep", KeepPolicy::OnFailure, str::parse)?,
+            pool_size: parse(get("pool_size"), "pool_size", 2, |v| {
+                match v.parse::<usize>() {
+                    Ok(n) if (1..=64).contains(&n) => Ok(n),
+                    _ => Err(format!("`{v}` is not a whole number from 1 to 64")),
+                }
+            })?,
+            max_connections: parse(get("max_connections"), "max_connections", 100, |v| {
+                match v.parse::<u32>() {
+                    Ok(n) if n >= 10 => Ok(n),
+                    _ => Err(format!("`{v}` is not a whole number of at least 10")),
+                }
+            })?,
+            reap_ttl: parse(get("reap_ttl"), "reap_ttl", Duration::from_secs(3600), parse_duration)?,
+            acquire_timeout: parse(
+                get("acquire_timeout"),
+                "acquire_timeout",
+                Duration::from_secs(60),
+                parse_duration,
+            )?,
+            native_idle: parse(get("native_idle"), "native_idle", Duration::from_secs(600), parse_duration)?,
+            container_ttl: parse(
+                get("container_ttl"),
+                "container_ttl",
+                Duration::from_secs(8 * 3600),
+                parse_duration,
+            )?,
+            run_id: get("run_id").map(|(v, _)| v.to_owned()).or(nextest_run_id),
+            teardown: parse(get("teardown"), "teardown", Teardown::Inline, |v| match v {
+                "inline" => Ok(Teardown::Inline),
+                "deferred" => Ok(Teardown::Deferred),
+                other => Err(format!("unknown teardown `{other}`; use inline or deferred")),
+            })?,
+        };
+        if settings.backend == BackendKind::Url && settings.url.is_none() {
+            return Err(Error::Setting {
+                name: "backend".into(),
+                origin: get("backend").map_or("default".into(), |(_, o)| o.0),
+                problem: "the url backend needs a server URL".into(),
+                fix: "set PGHARNESS_URL=postgres://user:password@host:port/database".into(),
+            });
+        }
+        Ok(settings)
+    }
+}
+
+fn unknown_key(key: &str, origin: &str) -> Error {
+    Error::Setting {
+        name: key.to_owned(),
+        origin: origin.to_owned(),
+        problem: "no such setting".into(),
+        fix: format!("use one of: {}", KEYS.join(", ")),
+    }
+}
+
+fn parse<T>(
+    value: Option<(&str, Origin)>,
+    name: &str,
+    default: T,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<T, Error> {
+    match value {
+        None => Ok(default),
+        Some((text, origin)) => parse(text.trim()).map_err(|problem| Error::Setting {
+            name: name.to_owned(),
+            origin: origin.0,
+            fix: format!("set it to a valid value (see the settings table in README.md)"),
+            problem,
+        }),
+    }
+}
+
+/// Parses `500ms`, `90s`, `15m`, `2h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, Error> {
+        let dir = std::env::temp_dir().join(format!("pgharness-settings-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(text) = file {
+            std::fs::write(dir.join("pgharness.toml"), text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let result = Settings::load_from(&dir, env);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let settings = load(Some("pool_size = 3\nkeep = \"always\""), &[("PGHARNESS_POOL_SIZE", "5")]).unwrap();
+        assert_eq!(settings.pool_size, 5);
+        assert_eq!(settings.keep, KeepPolicy::Always);
+    }
+
+    #[test]
+    fn unknown_environment_variable_is_named_with_the_fix() {
+        let error = load(None, &[("PGHARNESS_BAKCEND", "native")]).unwrap_err().to_string();
+        assert!(error.contains("`bakcend`"), "{error}");
+        assert!(error.contains("PGHARNESS_BAKCEND"), "{error}");
+        assert!(error.contains("backend, url"), "{error}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_rejected() {
+        let error = load(Some("pool = 3"), &[]).unwrap_err().to_string();
+        assert!(error.contains("`pool`") && error.contains("pgharness.toml"), "{error}");
+    }
+
+    #[test]
+    fn bad_value_names_setting_and_origin() {
+        let error = load(None, &[("PGHARNESS_BACKEND", "docker")]).unwrap_err().to_string();
+        assert!(error.contains("setting `backend` (from PGHARNESS_BACKEND)"), "{error}");
+        assert!(error.contains("unknown backend `docker`"), "{error}");
+        let error = load(None, &[("PGHARNESS_POOL_SIZE", "0")]).unwrap_err().to_string();
+        assert!(error.contains("pool_size"), "{error}");
+    }
+
+    #[test]
+    fn url_backend_without_url_says_how_to_fix() {
+        let error = load(None, &[("PGHARNESS_BACKEND", "url")]).unwrap_err().to_string();
+        assert!(error.contains("PGHARNESS_URL="), "{error}");
+    }
+
+    #[test]
+    fn run_id_prefers_pgharness_over_nextest() {
+        let settings = load(None, &[("NEXTEST_RUN_ID", "n"), ("PGHARNESS_RUN_ID", "p")]).unwrap();
+        assert_eq!(settings.run_id.as_deref(), Some("p"));
+        let settings = load(None, &[("NEXTEST_RUN_ID", "n")]).unwrap();
+        assert_eq!(settings.run_id.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let url = SecretUrl::new("postgres://app:hunter2@db:5432/app?sslmode=require");
+        assert_eq!(url.to_string(), "postgres://app:***@db:5432/app?sslmode=require");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(redact_url("host=db password=hunter2 user=x"), "host=db password=*** user=x");
+        assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
+    }
+}
