@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask`: starts the test database once per run, runs cargo-nextest, reports and
+//! tears down. One module per command, each with a `run`.
+
+mod ci;
+mod image;
+mod nextest;
+mod reap;
+mod servers;
+mod test;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgharness::BackendKind;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "pgharness developer tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the backend, run cargo-nextest, print a summary, tear down.
+    Test(test::Test),
+    /// Start (or join) the backend's server and leave it running.
+    Up(servers::Up),
+    /// Stop the servers pgharness started for this workspace.
+    Down(servers::Down),
+    /// Drop schemas of finished or dead runs, and remove expired containers.
+    Reap(reap::Reap),
+    /// Build the Postgres image `pgharness/postgres:17` from Debian packages (no registry needed).
+    Image(image::Image),
+    /// Everything CI checks: formatting, lints, and the tests on the container and native backends.
+    Ci(ci::Ci),
+}
+
+/// The workspace root, from xtask's own manifest directory.
+pub(crate) fn project_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Settings for this workspace, with a backend chosen on the command line.
+pub(crate) fn settings(backend: Option<BackendKind>) -> anyhow::Result<pgharness::Settings> {
+    let mut settings = pgharness::Settings::load_from(&project_root(), std::env::vars())?;
+    if let Some(backend) = backend {
+        settings.backend = backend;
+    }
+    Ok(settings)
+}
+
+pub(crate) fn parse_backend(text: &str) -> Result<BackendKind, String> {
+    text.parse()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XTASK_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Test(command) => command.run().await,
+            Command::Up(command) => command.run().await,
+            Command::Down(command) => command.run().await,
+            Command::Reap(command) => command.run().await,
+            Command::Image(command) => command.run().await,
+            Command::Ci(command) => command.run().await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

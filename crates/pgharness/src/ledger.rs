@@ -81,6 +81,8 @@ pub(crate) fn mark(name: &str) -> String {
 /// What one run did, read from the ledger.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunSummary {
+    /// Distinct tests that asked for a database.
+    pub tests: u64,
     /// Schemas created by the run.
     pub created: u64,
     /// Schemas dropped (by their test or the janitor).
@@ -110,7 +112,8 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
     }
     let row = client
         .query_one(
-            "SELECT count(*),
+            "SELECT count(DISTINCT test_name),
+                    count(*),
                     count(*) FILTER (WHERE status = 'dropped'),
                     count(*) FILTER (WHERE status = 'kept'),
                     count(*) FILTER (WHERE status IN ('active', 'passed')),
@@ -132,13 +135,14 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
         .map_err(|e| Error::postgres("failed to read kept schemas", e))?;
     let count = |i: usize| row.get::<_, i64>(i) as u64;
     Ok(RunSummary {
-        created: count(0),
-        dropped: count(1),
-        kept: count(2),
-        pending: count(3),
-        acquire_p50_ms: row.get(4),
-        acquire_p95_ms: row.get(5),
-        drop_p50_ms: row.get(6),
+        tests: count(0),
+        created: count(1),
+        dropped: count(2),
+        kept: count(3),
+        pending: count(4),
+        acquire_p50_ms: row.get(5),
+        acquire_p95_ms: row.get(6),
+        drop_p50_ms: row.get(7),
         kept_schemas: kept.iter().map(|r| (r.get(0), r.get(1))).collect(),
     })
 }
@@ -153,6 +157,10 @@ pub enum ReapScope {
     Stale {
         /// How long kept and abandoned schemas are left for debugging.
         ttl: Duration,
+        /// A run none of whose tests holds a lock still counts as live for this long after
+        /// its last schema was created or ended (the gap between two tests of a plain
+        /// `cargo nextest run`, which has no run lock). `cargo xtask reap` uses 30 s.
+        run_grace: Duration,
     },
 }
 
@@ -190,7 +198,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
               ORDER BY created_at",
             quote_literal(run_id)
         ),
-        ReapScope::Stale { ttl } => format!(
+        ReapScope::Stale { ttl, run_grace } => format!(
             "WITH held AS ({held}),
              live_runs AS (
                SELECT run_id FROM pgharness.ledger l
@@ -198,7 +206,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
                HAVING bool_or(EXISTS (SELECT 1 FROM held WHERE held.space = {SCHEMA_LOCK_SPACE} AND held.key = l.lock_key))
                    OR bool_or(EXISTS (SELECT 1 FROM held WHERE held.space = {RUN_LOCK_SPACE}
                                         AND held.key = ('x' || substr(md5(l.run_id), 1, 8))::bit(32)::int & 2147483647))
-                   OR max(coalesce(ended_at, created_at)) > now() - interval '30 seconds'
+                   OR max(coalesce(ended_at, created_at)) > now() - make_interval(secs => {})
              )
              SELECT schema_name, lock_key FROM pgharness.ledger l
               WHERE status IN ('active', 'passed', 'kept')
@@ -206,6 +214,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
                 AND {owner_gone}
                 AND (status = 'passed' OR coalesce(ended_at, created_at) < now() - make_interval(secs => {}))
               ORDER BY created_at",
+            run_grace.as_secs_f64(),
             ttl.as_secs_f64()
         ),
     };

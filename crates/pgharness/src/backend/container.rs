@@ -125,6 +125,24 @@ pub fn container_name(settings: &Settings, image: &str) -> String {
     format!("pgharness-{}", hex::encode(&hasher.finalize()[..5]))
 }
 
+/// Whether this workspace's container exists and runs (never pulls or creates anything).
+pub async fn is_running(settings: &Settings) -> bool {
+    let Ok(docker) = docker().await else { return false };
+    let candidates = match &settings.image {
+        Some(image) => vec![image.clone()],
+        None => vec![DEFAULT_IMAGE.to_owned(), LOCAL_IMAGE.to_owned()],
+    };
+    for image in candidates {
+        let name = container_name(settings, &image);
+        if let Ok(info) = docker.inspect_container(&name, None).await {
+            if info.state.and_then(|s| s.running).unwrap_or(false) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Starts the shared container, or joins it if it exists, and waits until Postgres
 /// answers `SELECT 1`.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {

@@ -60,6 +60,15 @@ fn url(settings: &Settings) -> Result<Server, Error> {
     Server::from_url(BackendKind::Url, url)
 }
 
+/// Whether the server of this (resolved) backend already runs; `url` servers always "run".
+pub async fn is_running(settings: &Settings, kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Container => container::is_running(settings).await,
+        BackendKind::Native => native::is_running(settings),
+        BackendKind::Url | BackendKind::Auto => true,
+    }
+}
+
 /// Stops the server of one backend if pgharness started it; returns what it stopped.
 pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>, Error> {
     match kind {

@@ -143,6 +143,12 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     Ok(server)
 }
 
+/// Whether this workspace's native server runs.
+pub fn is_running(settings: &Settings) -> bool {
+    let Ok(bindir) = find_bindir(settings) else { return false };
+    read_state(&paths(settings, &bindir).state).is_some_and(|state| alive(&state))
+}
+
 /// Stops this workspace's native servers (for `cargo xtask down`).
 pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
     let mut stopped = Vec::new();

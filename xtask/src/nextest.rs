@@ -1,0 +1,71 @@
+//! Running cargo-nextest: the generated tool config (the DB test group sized from the
+//! server's connection budget) and the child process.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use anyhow::Context;
+use pgharness::Settings;
+use tokio_postgres::Client;
+
+/// Nextest's name for the group of tests that use a database.
+pub(crate) const DB_GROUP: &str = "@tool:pgharness:db";
+
+/// How many DB tests may run at once on this server.
+pub(crate) async fn budget(client: &Client, pool_size: usize) -> anyhow::Result<(u32, u32)> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_connections')::int,
+                    current_setting('superuser_reserved_connections')::int,
+                    (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend')",
+            &[],
+        )
+        .await
+        .context("failed to read max_connections")?;
+    let (max, reserved, in_use): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    let threads = pgharness::budget::max_parallel_tests(max as u32, reserved as u32, in_use as u32, pool_size);
+    Ok((threads, max as u32))
+}
+
+/// Writes the tool config that puts every integration test of a crate that depends on
+/// pgharness into the DB group, for the default and ci profiles.
+pub(crate) fn write_tool_config(settings: &Settings, threads: u32) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(&settings.state_dir)?;
+    let path = settings.state_dir.join("nextest-tool.toml");
+    let mut text = format!(
+        "# Written by `cargo xtask test`: the DB test group, sized from the server's max_connections.\n\
+         [test-groups.\"{DB_GROUP}\"]\nmax-threads = {threads}\n"
+    );
+    for profile in ["default", "ci"] {
+        text.push_str(&format!(
+            "\n[[profile.{profile}.overrides]]\nfilter = \"rdeps(pgharness) & kind(test)\"\ntest-group = \"{DB_GROUP}\"\n"
+        ));
+    }
+    std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Runs `cargo nextest run` with the tool config and environment; returns its status.
+/// Ctrl-C reaches nextest directly (same process group); we wait for it to finish.
+pub(crate) async fn run(root: &Path, tool_config: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<ExitStatus> {
+    let mut command = tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(root)
+        .args(["nextest", "run", "--tool-config-file"])
+        .arg(format!("pgharness:{}", tool_config.display()));
+    if args.is_empty() {
+        command.arg("--workspace");
+    } else {
+        command.args(args);
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    let mut child = command.spawn().context("failed to start `cargo nextest run` (is cargo-nextest installed?)")?;
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.context("failed to wait for cargo nextest"),
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("xtask: interrupted; waiting for nextest to stop, then cleaning up");
+            }
+        }
+    }
+}

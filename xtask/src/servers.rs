@@ -1,0 +1,97 @@
+//! `cargo xtask up` and `cargo xtask down`, and the server start shared with `test`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use pgharness::{BackendKind, Server, Settings};
+use tokio_postgres::Client;
+
+use crate::ui::Progress;
+
+/// Starts (or joins) the server; says whether this call started it.
+pub(crate) async fn start(settings: &Settings) -> anyhow::Result<(Server, BackendKind, bool)> {
+    let progress = Progress::start(&format!("looking for a Postgres server ({} backend)", settings.backend));
+    let sink = |event| progress.event(event);
+    let kind = pgharness::backend::resolve(settings, &sink).await?;
+    let mut settings = settings.clone();
+    settings.backend = kind;
+    let was_running = pgharness::backend::is_running(&settings, kind).await;
+    let server = pgharness::backend::ensure(&settings, &sink)
+        .await
+        .with_context(|| format!("failed to start the {kind} backend"))?;
+    progress.finish(&format!("postgres ready: {server}"));
+    Ok((server, kind, !was_running))
+}
+
+/// An admin connection to the server, driven in the background.
+pub(crate) async fn admin_client(server: &Server) -> anyhow::Result<Client> {
+    let (client, connection) = server
+        .config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("failed to connect to {}", server.describe()))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "admin connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The file `up` writes: the run's connection settings as `KEY=value` lines.
+pub(crate) fn env_file(settings: &Settings) -> std::path::PathBuf {
+    settings.state_dir.join("env")
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Up {
+    /// Which backend to start.
+    #[arg(long, value_parser = crate::parse_backend)]
+    backend: Option<BackendKind>,
+}
+
+impl Up {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let settings = crate::settings(self.backend)?;
+        let (server, kind, _) = start(&settings).await?;
+        std::fs::create_dir_all(&settings.state_dir)?;
+        let path = env_file(&settings);
+        // Local servers trust 127.0.0.1 and have no password; a url server's URL is the
+        // user's own setting and is not copied into a file.
+        let url = if server.has_password() { "(see PGHARNESS_URL)".to_owned() } else { server.url().expose().to_owned() };
+        std::fs::write(&path, format!("PGHARNESS_BACKEND={kind}\nDATABASE_URL={url}\n"))
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        println!("PGHARNESS_BACKEND={kind}");
+        println!("DATABASE_URL={url}");
+        eprintln!("xtask: wrote {}; stop with `cargo xtask down`", path.display());
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Down {}
+
+impl Down {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let settings = crate::settings(None)?;
+        let stopped = stop_all(&settings).await?;
+        if stopped.is_empty() {
+            eprintln!("xtask: nothing was running");
+        }
+        for what in stopped {
+            eprintln!("xtask: stopped {what}");
+        }
+        let _ = std::fs::remove_file(env_file(&settings));
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Stops the container and native servers of this workspace, whichever run.
+pub(crate) async fn stop_all(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let mut stopped = Vec::new();
+    stopped.extend(pgharness::backend::stop(settings, BackendKind::Native).await?);
+    if pgharness::backend::container::docker().await.is_ok() {
+        stopped.extend(pgharness::backend::stop(settings, BackendKind::Container).await?);
+    }
+    Ok(stopped)
+}

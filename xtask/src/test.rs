@@ -1,0 +1,138 @@
+//! `cargo xtask test`: backend up once → nextest → summary → teardown.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgharness::ledger::{self, ReapScope, RunSummary};
+use pgharness::{BackendKind, Server, Settings};
+
+use crate::{image, nextest, servers};
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct Test {
+    /// auto (default), container, native or url.
+    #[arg(long, value_parser = crate::parse_backend)]
+    pub(crate) backend: Option<BackendKind>,
+    /// Leave the server running afterwards (it is stopped only if this run started it).
+    #[arg(long)]
+    pub(crate) keep_server: bool,
+    /// Arguments for `cargo nextest run` (default: --workspace).
+    #[arg(last = true)]
+    pub(crate) nextest_args: Vec<String>,
+}
+
+impl Test {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let settings = crate::settings(self.backend)?;
+        let (server, kind, started) = start_or_build(&settings).await?;
+        let outcome = self.run_on(&settings, &server, kind).await;
+        if started && !self.keep_server {
+            let mut settings = settings.clone();
+            settings.backend = kind;
+            for what in pgharness::backend::stop(&settings, kind).await? {
+                eprintln!("xtask: stopped {what}");
+            }
+        }
+        outcome
+    }
+
+    async fn run_on(&self, settings: &Settings, server: &Server, kind: BackendKind) -> anyhow::Result<ExitCode> {
+        let run_id = format!("xtask-{}", uuid_like());
+        let admin = Arc::new(servers::admin_client(server).await?);
+        ledger::hold_run_lock(&admin, &run_id).await?;
+        let stale = ledger::reap(&admin, &ReapScope::Stale { ttl: settings.reap_ttl, run_grace: Duration::from_secs(30) })
+            .await
+            .context("failed to reap schemas of earlier runs")?;
+        if !stale.dropped.is_empty() {
+            eprintln!("xtask: reaped {} schema(s) left by earlier runs", stale.dropped.len());
+        }
+        let (threads, max_connections) = nextest::budget(&admin, settings.pool_size).await?;
+        eprintln!(
+            "xtask: max_connections={max_connections}, pool_size={}: at most {threads} database tests at once",
+            settings.pool_size
+        );
+        let tool_config = nextest::write_tool_config(settings, threads)?;
+
+        let janitor = {
+            let admin = admin.clone();
+            let scope = ReapScope::FinishedInRun(run_id.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(error) = ledger::reap(&admin, &scope).await {
+                        tracing::warn!(%error, "janitor pass failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        };
+        let mut env = vec![
+            ("PGHARNESS_BACKEND".to_owned(), kind.to_string()),
+            ("PGHARNESS_RUN_ID".to_owned(), run_id.clone()),
+            ("PGHARNESS_TEARDOWN".to_owned(), "deferred".to_owned()),
+        ];
+        if let Some(image) = &settings.image {
+            env.push(("PGHARNESS_IMAGE".to_owned(), image.clone()));
+        }
+        let status = nextest::run(&settings.root, &tool_config, &self.nextest_args, &env).await;
+        janitor.abort();
+        let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
+        tracing::debug!(dropped = finished.dropped.len(), "final janitor pass");
+        let summary = ledger::run_summary(&admin, &run_id).await?;
+        print_summary(&summary, server);
+        let status = status?;
+        Ok(match status.code() {
+            Some(0) => ExitCode::SUCCESS,
+            Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            None => ExitCode::FAILURE,
+        })
+    }
+}
+
+/// Starts the backend; when the only thing missing is a Postgres image that cannot be
+/// pulled, builds one from Debian packages and tries again.
+pub(crate) async fn start_or_build(settings: &Settings) -> anyhow::Result<(Server, BackendKind, bool)> {
+    match servers::start(settings).await {
+        Ok(started) => Ok(started),
+        Err(error) if image::worth_building(settings).await => {
+            eprintln!("xtask: {error:#}");
+            eprintln!("xtask: building {} from Debian packages instead (once)", pgharness::backend::container::LOCAL_IMAGE);
+            image::build(pgharness::backend::container::LOCAL_IMAGE).await?;
+            servers::start(settings).await
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{:x}-{:x}", nanos, std::process::id())
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or("-".into(), |v| format!("{v:.1} ms"))
+}
+
+pub(crate) fn print_summary(summary: &RunSummary, server: &Server) {
+    eprintln!(
+        "pgharness summary: {} tests used a database; schemas: {} created, {} dropped, {} kept, {} pending; \
+         acquire p50 {} p95 {}; drop p50 {}",
+        summary.tests,
+        summary.created,
+        summary.dropped,
+        summary.kept,
+        summary.pending,
+        ms(summary.acquire_p50_ms),
+        ms(summary.acquire_p95_ms),
+        ms(summary.drop_p50_ms),
+    );
+    for (schema, test) in &summary.kept_schemas {
+        let target = if server.has_password() {
+            format!("PGOPTIONS='-csearch_path={schema},public' psql \"$PGHARNESS_URL\"")
+        } else {
+            format!("psql '{}'", server.url_for_schema(schema))
+        };
+        eprintln!("  kept {schema} (test `{test}`): {target}");
+    }
+}
