@@ -15,10 +15,20 @@ use crate::driver;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
 
+/// What a connection attempt waits out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Patience {
+    /// A server still starting (refused, reset, 57P03) and full connection slots (53300).
+    StartingOrFull,
+    /// A server still starting only: "too many clients" means it is up.
+    Starting,
+}
+
 /// Whether waiting could help after this failure.
-fn transient(error: &tokio_postgres::Error) -> bool {
+fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
     match error.code() {
-        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW || code == &SqlState::TOO_MANY_CONNECTIONS,
+        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => patience == Patience::StartingOrFull,
+        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW,
         // No SQLSTATE: refused, reset, closed before the startup finished.
         None => true,
     }
@@ -41,6 +51,7 @@ async fn connect_once(config: tokio_postgres::Config) -> Result<(Client, JoinHan
 async fn connect_patiently(
     config: &tokio_postgres::Config,
     deadline: Instant,
+    patience: Patience,
     mut waiting: impl FnMut(&tokio_postgres::Error, Duration),
 ) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
     let started = Instant::now();
@@ -52,7 +63,7 @@ async fn connect_patiently(
             Err(error) => error,
         };
         let now = Instant::now();
-        if !transient(&error) || now + delay > deadline {
+        if !transient(&error, patience) || now + delay > deadline {
             return Err(error);
         }
         if now.duration_since(last_report) >= Duration::from_secs(1) {
@@ -68,18 +79,19 @@ async fn connect_patiently(
 pub(crate) async fn connect(
     config: &tokio_postgres::Config,
     deadline: Instant,
+    patience: Patience,
     sink: EventSink<'_>,
     what: &str,
 ) -> Result<Client, Error> {
     let started = Instant::now();
-    let result = connect_patiently(config, deadline, |error, waited| {
+    let result = connect_patiently(config, deadline, patience, |error, waited| {
         let reason = crate::error::pg_message(error);
         emit(sink, Event::WaitingForServer { reason, waited });
     })
     .await;
     match result {
         Ok((client, _handle)) => Ok(client),
-        Err(error) if transient(&error) && error.code() != Some(&SqlState::TOO_MANY_CONNECTIONS) => {
+        Err(error) if transient(&error, Patience::Starting) => {
             Err(Error::Timeout {
                 what: format!(
                     "waiting to connect to {what} (last error: {})",
@@ -93,7 +105,8 @@ pub(crate) async fn connect(
     }
 }
 
-/// Connects and runs `SELECT 1`: the readiness check for servers pgharness starts.
+/// Connects and runs `SELECT 1`: the readiness check for servers pgharness starts. A
+/// server that answers "too many clients" is up, so that counts as ready too.
 pub(crate) async fn wait_ready(
     config: &tokio_postgres::Config,
     timeout: Duration,
@@ -101,11 +114,16 @@ pub(crate) async fn wait_ready(
     what: &str,
 ) -> Result<(), Error> {
     let started = Instant::now();
-    let client = connect(config, started + timeout, sink, what).await?;
-    client
-        .simple_query("SELECT 1")
-        .await
-        .map_err(|e| Error::postgres(format!("failed to run SELECT 1 on {what}"), e))?;
+    match connect(config, started + timeout, Patience::Starting, sink, what).await {
+        Ok(client) => {
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| Error::postgres(format!("failed to run SELECT 1 on {what}"), e))?;
+        }
+        Err(error) if error.is_too_many_clients() => {}
+        Err(error) => return Err(error),
+    }
     emit(sink, Event::ServerReady { after: started.elapsed() });
     Ok(())
 }
@@ -126,7 +144,7 @@ impl deadpool_postgres::Connect for PatientConnect {
         let config = pg_config.clone();
         let deadline = Instant::now() + self.timeout;
         Box::pin(async move {
-            connect_patiently(&config, deadline, |error, waited| {
+            connect_patiently(&config, deadline, Patience::StartingOrFull, |error, waited| {
                 tracing::info!(%error, ?waited, "pgharness pool: waiting for a connection slot");
             })
             .await

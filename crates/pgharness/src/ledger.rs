@@ -56,6 +56,9 @@ pub(crate) fn ensure_sql() -> String {
       drop_ms double precision
     );
     CREATE INDEX IF NOT EXISTS ledger_run ON pgharness.ledger (run_id);
+    -- Any role that may create schemas may use the ledger (test databases only).
+    GRANT USAGE ON SCHEMA pgharness TO PUBLIC;
+    GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger TO PUBLIC;
   END IF;
 END $pgh$;"
     )

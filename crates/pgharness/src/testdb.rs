@@ -10,7 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
-use crate::connect::{self, PatientConnect};
+use crate::connect::{self, PatientConnect, Patience};
 use crate::error::Error;
 use crate::events::log_only;
 use crate::ledger::{self, SCHEMA_LOCK_SPACE, status};
@@ -141,7 +141,7 @@ impl TestDbBuilder {
 
         let connect_started = Instant::now();
         let deadline = connect_started + settings.acquire_timeout;
-        let client = connect::connect(&config, deadline, &log_only, &server.describe()).await?;
+        let client = connect::connect(&config, deadline, Patience::StartingOrFull, &log_only, &server.describe()).await?;
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
         let key = naming::lock_key(&schema);
@@ -280,7 +280,7 @@ impl TestDb {
     /// Opens one more connection to the test's schema.
     pub async fn connect(&self) -> Result<Client, Error> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        connect::connect(&self.config, deadline, &log_only, &self.server.describe()).await
+        connect::connect(&self.config, deadline, Patience::StartingOrFull, &log_only, &self.server.describe()).await
     }
 
     /// Loads `fixtures/<name>.sql` into the schema, in one transaction.

@@ -170,7 +170,7 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
             let pid = Pid::from_raw(state.watchdog_pid);
             if kill(pid, Signal::SIGTERM).is_ok() {
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while Path::new(&format!("/proc/{}", state.watchdog_pid)).exists() && Instant::now() < deadline {
+                while process_alive(state.watchdog_pid) && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -201,8 +201,16 @@ fn read_state(path: &Path) -> Option<State> {
     serde_json::from_str(&text).ok()
 }
 
+/// Whether a process runs (a zombie, exited but not yet reaped by its parent, does not).
+fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state is the first field after the parenthesised command name.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
 fn alive(state: &State) -> bool {
-    Path::new(&format!("/proc/{}", state.watchdog_pid)).exists()
+    process_alive(state.watchdog_pid)
         && TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, state.port).into(), Duration::from_secs(1)).is_ok()
 }
 

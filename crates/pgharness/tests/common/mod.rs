@@ -1,0 +1,57 @@
+//! Helpers for pgharness' own integration tests: the configured server, an admin client,
+//! settings for servers of a test's own, and the child test process.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::PathBuf;
+
+use pgharness::{BackendKind, Server, Settings};
+use tokio_postgres::Client;
+
+/// The server the run is configured for (what `cargo xtask test` started).
+pub(crate) async fn configured_server() -> Server {
+    let settings = Settings::load().expect("settings");
+    pgharness::backend::ensure(&settings, &pgharness::events::log_only)
+        .await
+        .expect("the configured backend starts")
+}
+
+pub(crate) async fn admin(server: &Server) -> Client {
+    connect(server.config()).await
+}
+
+pub(crate) async fn connect(config: tokio_postgres::Config) -> Client {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("admin connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// Settings for a server of this test's own: a fresh root, so its container or native
+/// server is not the run's shared one. Remove it with `pgharness::backend::stop`.
+pub(crate) fn isolated_settings(backend: BackendKind, label: &str) -> Settings {
+    let root = std::env::temp_dir().join(format!("pgharness-it-{label}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&root).expect("temp root");
+    let env = std::env::vars().filter(|(k, _)| k == "PGHARNESS_IMAGE");
+    let mut settings = Settings::load_from(&root, env).expect("settings");
+    settings.backend = backend;
+    settings
+}
+
+pub(crate) fn child_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pgharness-selftest-child"))
+}
+
+pub(crate) async fn schema_exists(client: &Client, schema: &str) -> bool {
+    client
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])
+        .await
+        .expect("query")
+        .get(0)
+}
+
+pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {
+    client
+        .query_opt("SELECT status FROM pgharness.ledger WHERE schema_name = $1", &[&schema])
+        .await
+        .expect("query")
+        .map(|row| row.get(0))
+}
