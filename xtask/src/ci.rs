@@ -16,10 +16,11 @@ pub(crate) struct Ci {
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("xtask ci: cargo {}", args.join(" "));
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(crate::project_root())
-        .args(args)
-        .status()?;
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::project_root())
+            .args(args)
+            .status()?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
@@ -27,7 +28,10 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
-    eprintln!("xtask ci: tests on the {backend} backend: nextest {}", args.join(" "));
+    eprintln!(
+        "xtask ci: tests on the {backend} backend: nextest {}",
+        args.join(" ")
+    );
     let test = Test {
         backend: Some(backend),
         keep_server: false,
@@ -39,17 +43,56 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs what the native leg and the tests need when it is missing and we may
+/// (root with apt-get): the Postgres server and psql.
+fn prerequisites() -> anyhow::Result<()> {
+    let settings = crate::settings(Some(BackendKind::Native))?;
+    let mut missing = Vec::new();
+    if pgharness::backend::native::find_bindir(&settings).is_err() {
+        missing.push("postgresql");
+    }
+    if std::process::Command::new("psql").arg("--version").output().is_err() {
+        missing.push("postgresql-client");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("missing {}: install them (`sudo apt-get install {}`)", missing.join(", "), missing.join(" "));
+    }
+    eprintln!("xtask ci: installing {}", missing.join(", "));
+    for args in [vec!["update", "-q"], [vec!["install", "-y", "-q", "--no-install-recommends"], missing].concat()] {
+        let status = std::process::Command::new("apt-get").args(&args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+        if !status.success() {
+            bail!("`apt-get {}` failed ({status})", args.join(" "));
+        }
+    }
+    Ok(())
+}
+
 impl Ci {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        prerequisites()?;
         if !self.no_lint {
             cargo(&["fmt", "--all", "--", "--check"])?;
-            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
         }
         // Every test of the workspace on a container.
         tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
         // The example suite on the native backend, 32 tests at once against
         // max_connections=100: the DB group keeps it inside the connection budget.
-        tests(BackendKind::Native, &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"]).await?;
+        tests(
+            BackendKind::Native,
+            &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"],
+        )
+        .await?;
         eprintln!("xtask ci: all green");
         Ok(ExitCode::SUCCESS)
     }

@@ -41,10 +41,14 @@ impl Image {
 
 /// True when starting failed only for want of an image that this machine can build.
 pub(crate) async fn worth_building(settings: &Settings) -> bool {
-    if !matches!(settings.backend, BackendKind::Auto | BackendKind::Container) || settings.image.is_some() {
+    if !matches!(settings.backend, BackendKind::Auto | BackendKind::Container)
+        || settings.image.is_some()
+    {
         return false;
     }
-    let Ok(docker) = container::docker().await else { return false };
+    let Ok(docker) = container::docker().await else {
+        return false;
+    };
     for image in [DEFAULT_IMAGE, LOCAL_IMAGE] {
         if docker.inspect_image(image).await.is_ok() {
             return false;
@@ -67,15 +71,23 @@ fn mirror() -> String {
     if let Ok(mirror) = std::env::var("DEBIAN_MIRROR") {
         return mirror;
     }
-    let sources = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let sources =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     sources
         .lines()
-        .find_map(|line| line.strip_prefix("URIs:").map(|uris| uris.split_whitespace().next().unwrap_or("").to_owned()))
+        .find_map(|line| {
+            line.strip_prefix("URIs:")
+                .map(|uris| uris.split_whitespace().next().unwrap_or("").to_owned())
+        })
         .filter(|uri| uri.ends_with("/debian"))
         .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
 }
 
-async fn run_step(progress: &Progress, what: &str, command: &mut tokio::process::Command) -> anyhow::Result<()> {
+async fn run_step(
+    progress: &Progress,
+    what: &str,
+    command: &mut tokio::process::Command,
+) -> anyhow::Result<()> {
     progress.say(what.to_owned());
     let mut child = command
         .stdin(Stdio::null())
@@ -111,15 +123,24 @@ async fn run_step(progress: &Progress, what: &str, command: &mut tokio::process:
 /// Builds `tag` from Debian packages (needs root, Docker and the Debian mirror).
 pub(crate) async fn build(tag: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("building the image needs root (debootstrap); run `sudo cargo xtask image`, or set PGHARNESS_IMAGE to an image you have");
+        bail!(
+            "building the image needs root (debootstrap); run `sudo cargo xtask image`, or set PGHARNESS_IMAGE to an image you have"
+        );
     }
     let progress = Progress::start(&format!("building {tag} from Debian packages"));
     if !which("debootstrap") {
-        run_step(&progress, "apt-get update", tokio::process::Command::new("apt-get").args(["update", "-q"])).await?;
+        run_step(
+            &progress,
+            "apt-get update",
+            tokio::process::Command::new("apt-get").args(["update", "-q"]),
+        )
+        .await?;
         run_step(
             &progress,
             "apt-get install debootstrap",
-            tokio::process::Command::new("apt-get").args(["install", "-y", "-q", "debootstrap"]).env("DEBIAN_FRONTEND", "noninteractive"),
+            tokio::process::Command::new("apt-get")
+                .args(["install", "-y", "-q", "debootstrap"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
         )
         .await?;
     }
@@ -145,7 +166,10 @@ async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Resu
     .with_context(|| format!("debootstrap of Debian {SUITE} from {mirror} failed (set DEBIAN_MIRROR to another mirror)"))?;
     let entrypoint = rootfs.join("usr/local/bin/docker-entrypoint.sh");
     std::fs::write(&entrypoint, ENTRYPOINT)?;
-    std::fs::set_permissions(&entrypoint, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(
+        &entrypoint,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let _ = std::fs::remove_dir_all(rootfs.join("var/cache/apt/archives"));
     let _ = std::fs::remove_dir_all(rootfs.join("var/lib/apt/lists"));
     let script = format!(
@@ -157,5 +181,10 @@ async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Resu
            --change 'EXPOSE 5432' - '{tag}'",
         rootfs.display()
     );
-    run_step(progress, "docker import", tokio::process::Command::new("sh").args(["-c", &script])).await
+    run_step(
+        progress,
+        "docker import",
+        tokio::process::Command::new("sh").args(["-c", &script]),
+    )
+    .await
 }

@@ -23,7 +23,12 @@ pub(crate) async fn budget(client: &Client, pool_size: usize) -> anyhow::Result<
         .await
         .context("failed to read max_connections")?;
     let (max, reserved, in_use): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
-    let threads = pgharness::budget::max_parallel_tests(max as u32, reserved as u32, in_use as u32, pool_size);
+    let threads = pgharness::budget::max_parallel_tests(
+        max as u32,
+        reserved as u32,
+        in_use as u32,
+        pool_size,
+    );
     Ok((threads, max as u32))
 }
 
@@ -47,8 +52,14 @@ pub(crate) fn write_tool_config(settings: &Settings, threads: u32) -> anyhow::Re
 
 /// Runs `cargo nextest run` with the tool config and environment; returns its status.
 /// Ctrl-C reaches nextest directly (same process group); we wait for it to finish.
-pub(crate) async fn run(root: &Path, tool_config: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<ExitStatus> {
-    let mut command = tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+pub(crate) async fn run(
+    root: &Path,
+    tool_config: &Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<ExitStatus> {
+    let mut command =
+        tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
         .current_dir(root)
         .args(["nextest", "run", "--tool-config-file"])
@@ -59,7 +70,9 @@ pub(crate) async fn run(root: &Path, tool_config: &Path, args: &[String], env: &
         command.args(args);
     }
     command.envs(env.iter().map(|(k, v)| (k, v)));
-    let mut child = command.spawn().context("failed to start `cargo nextest run` (is cargo-nextest installed?)")?;
+    let mut child = command
+        .spawn()
+        .context("failed to start `cargo nextest run` (is cargo-nextest installed?)")?;
     loop {
         tokio::select! {
             status = child.wait() => return status.context("failed to wait for cargo nextest"),

@@ -22,7 +22,10 @@ pub(crate) struct Reap {
 impl Reap {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         let settings = crate::settings(None)?;
-        let scope = ReapScope::Stale { ttl: self.ttl.unwrap_or(settings.reap_ttl), run_grace: self.run_grace };
+        let scope = ReapScope::Stale {
+            ttl: self.ttl.unwrap_or(settings.reap_ttl),
+            run_grace: self.run_grace,
+        };
         let mut kinds = Vec::new();
         if settings.url.is_some() {
             kinds.push(BackendKind::Url);
@@ -37,10 +40,15 @@ impl Reap {
         for kind in kinds {
             let mut settings = settings.clone();
             settings.backend = kind;
-            let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
+            let server =
+                pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
             let client = servers::admin_client(&server).await?;
             let report = ledger::reap(&client, &scope).await?;
-            eprintln!("xtask: {kind}: dropped {} schema(s), {} still owned", report.dropped.len(), report.skipped);
+            eprintln!(
+                "xtask: {kind}: dropped {} schema(s), {} still owned",
+                report.dropped.len(),
+                report.skipped
+            );
             for schema in report.dropped {
                 eprintln!("  dropped {schema}");
             }

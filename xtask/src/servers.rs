@@ -10,7 +10,10 @@ use crate::ui::Progress;
 
 /// Starts (or joins) the server; says whether this call started it.
 pub(crate) async fn start(settings: &Settings) -> anyhow::Result<(Server, BackendKind, bool)> {
-    let progress = Progress::start(&format!("looking for a Postgres server ({} backend)", settings.backend));
+    let progress = Progress::start(&format!(
+        "looking for a Postgres server ({} backend)",
+        settings.backend
+    ));
     let sink = |event| progress.event(event);
     let kind = pgharness::backend::resolve(settings, &sink).await?;
     let mut settings = settings.clone();
@@ -58,12 +61,22 @@ impl Up {
         let path = env_file(&settings);
         // Local servers trust 127.0.0.1 and have no password; a url server's URL is the
         // user's own setting and is not copied into a file.
-        let url = if server.has_password() { "(see PGHARNESS_URL)".to_owned() } else { server.url().expose().to_owned() };
-        std::fs::write(&path, format!("PGHARNESS_BACKEND={kind}\nDATABASE_URL={url}\n"))
-            .with_context(|| format!("failed to write {}", path.display()))?;
+        let url = if server.has_password() {
+            "(see PGHARNESS_URL)".to_owned()
+        } else {
+            server.url().expose().to_owned()
+        };
+        std::fs::write(
+            &path,
+            format!("PGHARNESS_BACKEND={kind}\nDATABASE_URL={url}\n"),
+        )
+        .with_context(|| format!("failed to write {}", path.display()))?;
         println!("PGHARNESS_BACKEND={kind}");
         println!("DATABASE_URL={url}");
-        eprintln!("xtask: wrote {}; stop with `cargo xtask down`", path.display());
+        eprintln!(
+            "xtask: wrote {}; stop with `cargo xtask down`",
+            path.display()
+        );
         Ok(ExitCode::SUCCESS)
     }
 }

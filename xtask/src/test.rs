@@ -38,15 +38,29 @@ impl Test {
         outcome
     }
 
-    async fn run_on(&self, settings: &Settings, server: &Server, kind: BackendKind) -> anyhow::Result<ExitCode> {
+    async fn run_on(
+        &self,
+        settings: &Settings,
+        server: &Server,
+        kind: BackendKind,
+    ) -> anyhow::Result<ExitCode> {
         let run_id = format!("xtask-{}", uuid_like());
         let admin = Arc::new(servers::admin_client(server).await?);
         ledger::hold_run_lock(&admin, &run_id).await?;
-        let stale = ledger::reap(&admin, &ReapScope::Stale { ttl: settings.reap_ttl, run_grace: Duration::from_secs(30) })
-            .await
-            .context("failed to reap schemas of earlier runs")?;
+        let stale = ledger::reap(
+            &admin,
+            &ReapScope::Stale {
+                ttl: settings.reap_ttl,
+                run_grace: Duration::from_secs(30),
+            },
+        )
+        .await
+        .context("failed to reap schemas of earlier runs")?;
         if !stale.dropped.is_empty() {
-            eprintln!("xtask: reaped {} schema(s) left by earlier runs", stale.dropped.len());
+            eprintln!(
+                "xtask: reaped {} schema(s) left by earlier runs",
+                stale.dropped.len()
+            );
         }
         let (threads, max_connections) = nextest::budget(&admin, settings.pool_size).await?;
         eprintln!(
@@ -92,12 +106,17 @@ impl Test {
 
 /// Starts the backend; when the only thing missing is a Postgres image that cannot be
 /// pulled, builds one from Debian packages and tries again.
-pub(crate) async fn start_or_build(settings: &Settings) -> anyhow::Result<(Server, BackendKind, bool)> {
+pub(crate) async fn start_or_build(
+    settings: &Settings,
+) -> anyhow::Result<(Server, BackendKind, bool)> {
     match servers::start(settings).await {
         Ok(started) => Ok(started),
         Err(error) if image::worth_building(settings).await => {
             eprintln!("xtask: {error:#}");
-            eprintln!("xtask: building {} from Debian packages instead (once)", pgharness::backend::container::LOCAL_IMAGE);
+            eprintln!(
+                "xtask: building {} from Debian packages instead (once)",
+                pgharness::backend::container::LOCAL_IMAGE
+            );
             image::build(pgharness::backend::container::LOCAL_IMAGE).await?;
             servers::start(settings).await
         }
@@ -106,7 +125,10 @@ pub(crate) async fn start_or_build(settings: &Settings) -> anyhow::Result<(Serve
 }
 
 fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     format!("{:x}-{:x}", nanos, std::process::id())
 }
 

@@ -38,14 +38,18 @@ impl Progress {
     pub(crate) fn event(&self, event: Event) {
         let message = match event {
             Event::Probing { backend } => format!("checking the {backend} backend"),
-            Event::CreatingContainer { name, image } => format!("starting container {name} from {image}"),
+            Event::CreatingContainer { name, image } => {
+                format!("starting container {name} from {image}")
+            }
             Event::JoinedContainer { name } => format!("using running container {name}"),
             Event::InitialisingCluster { data_dir } => format!("initdb {data_dir}"),
             Event::StartingServer { port } => format!("starting postgres on 127.0.0.1:{port}"),
             Event::WaitingForServer { reason, waited } => {
                 format!("waiting for the server ({}s): {reason}", waited.as_secs())
             }
-            Event::ServerReady { after } => format!("server ready after {:.1}s", after.as_secs_f64()),
+            Event::ServerReady { after } => {
+                format!("server ready after {:.1}s", after.as_secs_f64())
+            }
             other => format!("{other:?}"),
         };
         self.say(message);

@@ -27,14 +27,18 @@ pub(crate) enum Patience {
 /// Whether waiting could help after this failure.
 fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
     match error.code() {
-        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => patience == Patience::StartingOrFull,
+        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => {
+            patience == Patience::StartingOrFull
+        }
         Some(code) => code == &SqlState::CANNOT_CONNECT_NOW,
         // No SQLSTATE: refused, reset, closed before the startup finished.
         None => true,
     }
 }
 
-async fn connect_once(config: tokio_postgres::Config) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+async fn connect_once(
+    config: tokio_postgres::Config,
+) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
     driver::run(async move {
         let (client, connection) = config.connect(NoTls).await?;
         let handle = tokio::spawn(async move {
@@ -124,7 +128,12 @@ pub(crate) async fn wait_ready(
         Err(error) if error.is_too_many_clients() => {}
         Err(error) => return Err(error),
     }
-    emit(sink, Event::ServerReady { after: started.elapsed() });
+    emit(
+        sink,
+        Event::ServerReady {
+            after: started.elapsed(),
+        },
+    );
     Ok(())
 }
 

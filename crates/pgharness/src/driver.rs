@@ -16,7 +16,9 @@ fn runtime() -> &'static Runtime {
             .thread_name("pgharness-driver")
             .enable_all()
             .build()
-            .unwrap_or_else(|error| panic!("pgharness: failed to start its driver runtime: {error}"))
+            .unwrap_or_else(|error| {
+                panic!("pgharness: failed to start its driver runtime: {error}")
+            })
     })
 }
 

@@ -73,7 +73,9 @@ pub(crate) fn elapsed_ms(from: &str, to: &str) -> String {
 
 /// Milliseconds from a `mark()` until now.
 pub(crate) fn ms_since(from: &str) -> String {
-    format!("1000 * extract(epoch from (clock_timestamp() - current_setting('pgharness.{from}')::timestamptz))")
+    format!(
+        "1000 * extract(epoch from (clock_timestamp() - current_setting('pgharness.{from}')::timestamptz))"
+    )
 }
 
 /// Records the current time under `pgharness.<name>` for this transaction.
@@ -230,7 +232,10 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
         let schema: String = row.get(0);
         let key: i32 = row.get(1);
         let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&SCHEMA_LOCK_SPACE, &key])
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&SCHEMA_LOCK_SPACE, &key],
+            )
             .await
             .map_err(|e| Error::postgres("failed to take a schema lock", e))?
             .get(0);
@@ -240,7 +245,10 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
         }
         let result = drop_schema(client, &schema).await;
         client
-            .query_one("SELECT pg_advisory_unlock($1, $2)", &[&SCHEMA_LOCK_SPACE, &key])
+            .query_one(
+                "SELECT pg_advisory_unlock($1, $2)",
+                &[&SCHEMA_LOCK_SPACE, &key],
+            )
             .await
             .map_err(|e| Error::postgres("failed to release a schema lock", e))?;
         result?;

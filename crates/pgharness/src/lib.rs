@@ -37,7 +37,9 @@ mod workspace;
 pub use error::Error;
 pub use fixture::test_db;
 pub use server::Server;
-pub use settings::{BackendKind, KeepPolicy, SecretUrl, Settings, Teardown, parse_duration, redact_url};
+pub use settings::{
+    BackendKind, KeepPolicy, SecretUrl, Settings, Teardown, parse_duration, redact_url,
+};
 pub use testdb::{TestDb, TestDbBuilder};
 
 /// Re-exported so that tests need no direct dependency to use the client and pool types.

@@ -50,7 +50,11 @@ fn slug(test_name: &str) -> String {
         }
     }
     let out = out.trim_matches('_').to_owned();
-    if out.is_empty() { "test".to_owned() } else { out }
+    if out.is_empty() {
+        "test".to_owned()
+    } else {
+        out
+    }
 }
 
 /// How many databases each test name has asked for in this process so far.
@@ -81,7 +85,10 @@ mod tests {
     fn short_names_read_naturally() {
         let name = schema_name("run-1", "api::creates_a_todo", 1, 0);
         assert_eq!(name, format!("t_{}_api_creates_a_todo_1", run_tag("run-1")));
-        assert_eq!(schema_name("run-1", "x", 2, 1), format!("t_{}_x_2_1", run_tag("run-1")));
+        assert_eq!(
+            schema_name("run-1", "x", 2, 1),
+            format!("t_{}_x_2_1", run_tag("run-1"))
+        );
     }
 
     #[test]
@@ -89,12 +96,25 @@ mod tests {
         let long = "tests::a_module_with_a_rather_long_name::a_test_whose_name_goes_on_and_on_and_on_forever";
         for attempt in [1, 10, 999] {
             let name = schema_name("0190f1e2-aaaa-bbbb-cccc-0123456789ab", long, attempt, 3);
-            assert!(name.len() <= MAX_IDENTIFIER, "{name} is {} bytes", name.len());
-            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{name}");
+            assert!(
+                name.len() <= MAX_IDENTIFIER,
+                "{name} is {} bytes",
+                name.len()
+            );
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
             assert!(name.starts_with("t_"), "{name}");
         }
         let weird = schema_name("r", "Ünïcode & Spaces -- 'quotes'", 1, 0);
-        assert!(weird.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{weird}");
+        assert!(
+            weird
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{weird}"
+        );
     }
 
     #[test]
@@ -102,14 +122,21 @@ mod tests {
         let a = format!("m::{}_end", "a".repeat(80));
         let b = format!("m::{}_end", "b".repeat(80));
         let c = format!("n::{}_end", "a".repeat(80));
-        let names = [schema_name("r", &a, 1, 0), schema_name("r", &b, 1, 0), schema_name("r", &c, 1, 0)];
+        let names = [
+            schema_name("r", &a, 1, 0),
+            schema_name("r", &b, 1, 0),
+            schema_name("r", &c, 1, 0),
+        ];
         assert_ne!(names[0], names[1]);
         assert_ne!(names[0], names[2]);
     }
 
     #[test]
     fn different_runs_give_different_names() {
-        assert_ne!(schema_name("run-a", "t", 1, 0), schema_name("run-b", "t", 1, 0));
+        assert_ne!(
+            schema_name("run-a", "t", 1, 0),
+            schema_name("run-b", "t", 1, 0)
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@ impl Migrations {
     pub(crate) fn load(dir: &Path) -> Result<Migrations, Error> {
         let mut files = Vec::new();
         if dir.exists() {
-            let entries =
-                std::fs::read_dir(dir).map_err(|e| Error::io("failed to list migrations in", dir, e))?;
+            let entries = std::fs::read_dir(dir)
+                .map_err(|e| Error::io("failed to list migrations in", dir, e))?;
             let mut paths: Vec<PathBuf> = entries
                 .filter_map(|entry| entry.ok().map(|e| e.path()))
                 .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
@@ -74,7 +74,10 @@ pub(crate) fn load_fixtures(dir: &Path, names: &[String]) -> Result<Vec<SqlFile>
                     Error::Setting {
                         name: "fixture".into(),
                         origin: "TestDb::builder().fixtures(..)".into(),
-                        problem: format!("there is no fixture `{name}` ({} does not exist)", path.display()),
+                        problem: format!(
+                            "there is no fixture `{name}` ({} does not exist)",
+                            path.display()
+                        ),
                         fix: format!("create it, or use one of the files in {}", dir.display()),
                     }
                 } else {
@@ -164,7 +167,11 @@ impl Batch {
                 source: error,
             };
         }
-        let files: Vec<String> = self.spans.iter().map(|s| s.path.display().to_string()).collect();
+        let files: Vec<String> = self
+            .spans
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect();
         if files.is_empty() {
             Error::postgres(action, error)
         } else {
@@ -217,11 +224,21 @@ mod tests {
     #[test]
     fn missing_fixture_names_the_file_and_the_directory() {
         let dir = temp_dir(&[("users.sql", "select 1")]);
-        let error = load_fixtures(&dir, &["nope".into()]).unwrap_err().to_string();
-        assert!(error.contains("no fixture `nope`") && error.contains("nope.sql"), "{error}");
-        let error = load_fixtures(&dir, &["../etc/passwd".into()]).unwrap_err().to_string();
+        let error = load_fixtures(&dir, &["nope".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("no fixture `nope`") && error.contains("nope.sql"),
+            "{error}"
+        );
+        let error = load_fixtures(&dir, &["../etc/passwd".into()])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("not a fixture name"), "{error}");
-        assert_eq!(load_fixtures(&dir, &["users".into()]).unwrap()[0].text, "select 1");
+        assert_eq!(
+            load_fixtures(&dir, &["users".into()]).unwrap()[0].text,
+            "select 1"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -41,7 +41,11 @@ impl Server {
         if config.get_user().is_none() {
             return Err(problem(format!("`{url}` names no user")));
         }
-        Ok(Server { backend, url, config })
+        Ok(Server {
+            backend,
+            url,
+            config,
+        })
     }
 
     /// A server on 127.0.0.1 that trusts local connections (what the container and native
@@ -54,7 +58,11 @@ impl Server {
             .port(port)
             .user("postgres")
             .dbname("postgres");
-        Server { backend, url, config }
+        Server {
+            backend,
+            url,
+            config,
+        }
     }
 
     /// Which backend provides it.
@@ -156,7 +164,9 @@ mod tests {
             ("postgres://u@db/app?options=-cfoo%3Dbar", "sets `options`"),
             ("postgres://u@db:notaport/app", "does not parse"),
         ] {
-            let error = Server::from_url(BackendKind::Url, SecretUrl::new(url)).unwrap_err().to_string();
+            let error = Server::from_url(BackendKind::Url, SecretUrl::new(url))
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(expected), "{url}: {error}");
         }
     }

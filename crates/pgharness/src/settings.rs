@@ -247,7 +247,10 @@ impl Settings {
                         return Err(Error::Setting {
                             name: key,
                             origin: file.display().to_string(),
-                            problem: format!("expected a string or a number, found {}", other.type_str()),
+                            problem: format!(
+                                "expected a string or a number, found {}",
+                                other.type_str()
+                            ),
                             fix: "write it as `key = \"value\"`".into(),
                         });
                     }
@@ -276,7 +279,13 @@ impl Settings {
 
         let state_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .map(|dir| if dir.is_absolute() { dir } else { root.join(dir) })
+            .map(|dir| {
+                if dir.is_absolute() {
+                    dir
+                } else {
+                    root.join(dir)
+                }
+            })
             .unwrap_or_else(|| root.join("target"))
             .join("pgharness");
         let get = |key: &str| values.get(key).map(|(v, o)| (v.as_str(), o.clone()));
@@ -300,20 +309,30 @@ impl Settings {
                     _ => Err(format!("`{v}` is not a whole number from 1 to 64")),
                 }
             })?,
-            max_connections: parse(get("max_connections"), "max_connections", 100, |v| {
-                match v.parse::<u32>() {
-                    Ok(n) if n >= 10 => Ok(n),
-                    _ => Err(format!("`{v}` is not a whole number of at least 10")),
-                }
+            max_connections: parse(get("max_connections"), "max_connections", 100, |v| match v
+                .parse::<u32>()
+            {
+                Ok(n) if n >= 10 => Ok(n),
+                _ => Err(format!("`{v}` is not a whole number of at least 10")),
             })?,
-            reap_ttl: parse(get("reap_ttl"), "reap_ttl", Duration::from_secs(3600), parse_duration)?,
+            reap_ttl: parse(
+                get("reap_ttl"),
+                "reap_ttl",
+                Duration::from_secs(3600),
+                parse_duration,
+            )?,
             acquire_timeout: parse(
                 get("acquire_timeout"),
                 "acquire_timeout",
                 Duration::from_secs(60),
                 parse_duration,
             )?,
-            native_idle: parse(get("native_idle"), "native_idle", Duration::from_secs(600), parse_duration)?,
+            native_idle: parse(
+                get("native_idle"),
+                "native_idle",
+                Duration::from_secs(600),
+                parse_duration,
+            )?,
             container_ttl: parse(
                 get("container_ttl"),
                 "container_ttl",
@@ -324,7 +343,9 @@ impl Settings {
             teardown: parse(get("teardown"), "teardown", Teardown::Inline, |v| match v {
                 "inline" => Ok(Teardown::Inline),
                 "deferred" => Ok(Teardown::Deferred),
-                other => Err(format!("unknown teardown `{other}`; use inline or deferred")),
+                other => Err(format!(
+                    "unknown teardown `{other}`; use inline or deferred"
+                )),
             })?,
         };
         if settings.backend == BackendKind::Url && settings.url.is_none() {
@@ -359,7 +380,7 @@ fn parse<T>(
         Some((text, origin)) => parse(text.trim()).map_err(|problem| Error::Setting {
             name: name.to_owned(),
             origin: origin.0,
-            fix: format!("set it to a valid value (see the settings table in README.md)"),
+            fix: "set it to a valid value (see the settings table in README.md)".to_owned(),
             problem,
         }),
     }
@@ -368,7 +389,9 @@ fn parse<T>(
 /// Parses `500ms`, `90s`, `15m`, `2h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -378,7 +401,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number * 60)),
         "h" => Ok(Duration::from_secs(number * 3600)),
-        _ => Err(format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h")),
+        _ => Err(format!(
+            "`{text}` is not a duration like 500ms, 90s, 15m or 2h"
+        )),
     }
 }
 
@@ -400,14 +425,20 @@ mod tests {
 
     #[test]
     fn environment_wins_over_the_file() {
-        let settings = load(Some("pool_size = 3\nkeep = \"always\""), &[("PGHARNESS_POOL_SIZE", "5")]).unwrap();
+        let settings = load(
+            Some("pool_size = 3\nkeep = \"always\""),
+            &[("PGHARNESS_POOL_SIZE", "5")],
+        )
+        .unwrap();
         assert_eq!(settings.pool_size, 5);
         assert_eq!(settings.keep, KeepPolicy::Always);
     }
 
     #[test]
     fn unknown_environment_variable_is_named_with_the_fix() {
-        let error = load(None, &[("PGHARNESS_BAKCEND", "native")]).unwrap_err().to_string();
+        let error = load(None, &[("PGHARNESS_BAKCEND", "native")])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("`bakcend`"), "{error}");
         assert!(error.contains("PGHARNESS_BAKCEND"), "{error}");
         assert!(error.contains("backend, url"), "{error}");
@@ -416,21 +447,33 @@ mod tests {
     #[test]
     fn unknown_file_key_is_rejected() {
         let error = load(Some("pool = 3"), &[]).unwrap_err().to_string();
-        assert!(error.contains("`pool`") && error.contains("pgharness.toml"), "{error}");
+        assert!(
+            error.contains("`pool`") && error.contains("pgharness.toml"),
+            "{error}"
+        );
     }
 
     #[test]
     fn bad_value_names_setting_and_origin() {
-        let error = load(None, &[("PGHARNESS_BACKEND", "docker")]).unwrap_err().to_string();
-        assert!(error.contains("setting `backend` (from PGHARNESS_BACKEND)"), "{error}");
+        let error = load(None, &[("PGHARNESS_BACKEND", "docker")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("setting `backend` (from PGHARNESS_BACKEND)"),
+            "{error}"
+        );
         assert!(error.contains("unknown backend `docker`"), "{error}");
-        let error = load(None, &[("PGHARNESS_POOL_SIZE", "0")]).unwrap_err().to_string();
+        let error = load(None, &[("PGHARNESS_POOL_SIZE", "0")])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("pool_size"), "{error}");
     }
 
     #[test]
     fn url_backend_without_url_says_how_to_fix() {
-        let error = load(None, &[("PGHARNESS_BACKEND", "url")]).unwrap_err().to_string();
+        let error = load(None, &[("PGHARNESS_BACKEND", "url")])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PGHARNESS_URL="), "{error}");
     }
 
@@ -455,9 +498,15 @@ mod tests {
     #[test]
     fn passwords_never_show() {
         let url = SecretUrl::new("postgres://app:hunter2@db:5432/app?sslmode=require");
-        assert_eq!(url.to_string(), "postgres://app:***@db:5432/app?sslmode=require");
+        assert_eq!(
+            url.to_string(),
+            "postgres://app:***@db:5432/app?sslmode=require"
+        );
         assert!(!format!("{url:?}").contains("hunter2"));
-        assert_eq!(redact_url("host=db password=hunter2 user=x"), "host=db password=*** user=x");
+        assert_eq!(
+            redact_url("host=db password=hunter2 user=x"),
+            "host=db password=*** user=x"
+        );
         assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
     }
 }

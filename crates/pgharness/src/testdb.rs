@@ -10,7 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
-use crate::connect::{self, PatientConnect, Patience};
+use crate::connect::{self, Patience, PatientConnect};
 use crate::error::Error;
 use crate::events::log_only;
 use crate::ledger::{self, SCHEMA_LOCK_SPACE, status};
@@ -121,18 +121,25 @@ impl TestDbBuilder {
             false => process_server(&settings).await?,
         };
         let test_name = self.test_name.clone().unwrap_or_else(current_test_name);
-        let run_id = settings.run_id.clone().unwrap_or_else(|| process_run_id().to_owned());
+        let run_id = settings
+            .run_id
+            .clone()
+            .unwrap_or_else(|| process_run_id().to_owned());
         let attempt = std::env::var("NEXTEST_ATTEMPT")
             .ok()
             .and_then(|a| a.parse().ok())
             .unwrap_or(1);
-        let schema = naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
+        let schema =
+            naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
         let migrations = match &self.migrations {
             Some(None) => None,
             Some(Some(dir)) => Some(load_migrations(dir)?),
             None => Some(load_migrations(&settings.migrations)?),
         };
-        let fixtures_dir = self.fixtures_dir.clone().unwrap_or_else(|| settings.fixtures.clone());
+        let fixtures_dir = self
+            .fixtures_dir
+            .clone()
+            .unwrap_or_else(|| settings.fixtures.clone());
         let fixtures = script::load_fixtures(&fixtures_dir, &self.fixtures)?;
 
         let mut config = server.config();
@@ -141,18 +148,30 @@ impl TestDbBuilder {
 
         let connect_started = Instant::now();
         let deadline = connect_started + settings.acquire_timeout;
-        let client = connect::connect(&config, deadline, Patience::StartingOrFull, &log_only, &server.describe()).await?;
+        let client = connect::connect(
+            &config,
+            deadline,
+            Patience::StartingOrFull,
+            &log_only,
+            &server.describe(),
+        )
+        .await?;
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
         let key = naming::lock_key(&schema);
         let host = hostname();
         let mut batch = Batch::default();
-        batch.push(&format!("SELECT pg_advisory_lock({SCHEMA_LOCK_SPACE}, {key});"));
+        batch.push(&format!(
+            "SELECT pg_advisory_lock({SCHEMA_LOCK_SPACE}, {key});"
+        ));
         batch.push("BEGIN;");
         batch.push(&ledger::ensure_sql());
         batch.push(&ledger::mark("t0"));
         batch.push(&format!("CREATE SCHEMA {};", quote_ident(&schema)));
-        batch.push(&format!("SET LOCAL search_path TO {}, public;", quote_ident(&schema)));
+        batch.push(&format!(
+            "SET LOCAL search_path TO {}, public;",
+            quote_ident(&schema)
+        ));
         batch.push(&ledger::mark("t1"));
         if let Some(migrations) = &migrations {
             for file in migrations.files.iter() {
@@ -280,7 +299,14 @@ impl TestDb {
     /// Opens one more connection to the test's schema.
     pub async fn connect(&self) -> Result<Client, Error> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        connect::connect(&self.config, deadline, Patience::StartingOrFull, &log_only, &self.server.describe()).await
+        connect::connect(
+            &self.config,
+            deadline,
+            Patience::StartingOrFull,
+            &log_only,
+            &self.server.describe(),
+        )
+        .await
     }
 
     /// Loads `fixtures/<name>.sql` into the schema, in one transaction.
@@ -340,7 +366,9 @@ impl Drop for TestDb {
         };
         // Close the pool first, so that its sessions release their locks before the drop.
         self.pool.close();
-        let Some(client) = self.client.take() else { return };
+        let Some(client) = self.client.take() else {
+            return;
+        };
         let literal = quote_literal(&self.schema);
         let acquire_ms = self.acquire.as_secs_f64() * 1000.0;
         let finish = |status: &str| {
@@ -354,16 +382,25 @@ impl Drop for TestDb {
         } else if self.teardown == Teardown::Deferred {
             finish(status::PASSED)
         } else {
-            format!("{}\nSET lock_timeout = '10s';\n{}", finish(status::PASSED), ledger::drop_sql(&self.schema))
+            format!(
+                "{}\nSET lock_timeout = '10s';\n{}",
+                finish(status::PASSED),
+                ledger::drop_sql(&self.schema)
+            )
         };
         let schema = self.schema.clone();
-        let outcome = driver::block_on(async move { client.batch_execute(&sql).await }, Duration::from_secs(60));
+        let outcome = driver::block_on(
+            async move { client.batch_execute(&sql).await },
+            Duration::from_secs(60),
+        );
         match outcome {
             Some(Ok(())) => {}
             Some(Err(error)) => {
                 tracing::warn!(%schema, error = %crate::error::pg_message(&error), "pgharness: teardown failed; the reaper will drop the schema");
             }
-            None => tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will drop the schema"),
+            None => {
+                tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will drop the schema")
+            }
         }
         if keep {
             let message = self.kept_message();
@@ -440,4 +477,3 @@ fn load_migrations(dir: &std::path::Path) -> Result<Arc<Migrations>, Error> {
     cache.insert(dir.to_path_buf(), migrations.clone());
     Ok(migrations)
 }
-

@@ -23,10 +23,10 @@ pub(crate) fn root_from(start: &Path) -> PathBuf {
             return dir.to_path_buf();
         }
         let manifest = dir.join("Cargo.toml");
-        if let Ok(text) = std::fs::read_to_string(&manifest) {
-            if text.lines().any(|line| line.trim() == "[workspace]") {
-                workspace = Some(dir.to_path_buf());
-            }
+        if let Ok(text) = std::fs::read_to_string(&manifest)
+            && text.lines().any(|line| line.trim() == "[workspace]")
+        {
+            workspace = Some(dir.to_path_buf());
         }
     }
     workspace.unwrap_or_else(|| start.to_path_buf())
@@ -40,6 +40,10 @@ mod tests {
     fn finds_this_workspace_from_a_member() {
         let member = Path::new(env!("CARGO_MANIFEST_DIR"));
         let root = root_from(member);
-        assert!(root.join("crates/pgharness/Cargo.toml").is_file(), "{}", root.display());
+        assert!(
+            root.join("crates/pgharness/Cargo.toml").is_file(),
+            "{}",
+            root.display()
+        );
     }
 }

@@ -19,26 +19,46 @@ async fn racing_starters_share_one_container_until_it_is_stopped() {
         backend::ensure(&settings, &log_only),
         backend::ensure(&settings, &log_only),
     );
-    let ports: Vec<String> = [a, b, c, d].into_iter().map(|s| s.expect("the container starts").describe()).collect();
+    let ports: Vec<String> = [a, b, c, d]
+        .into_iter()
+        .map(|s| s.expect("the container starts").describe())
+        .collect();
     assert!(ports.windows(2).all(|w| w[0] == w[1]), "{ports:?}");
     assert!(backend::is_running(&settings, BackendKind::Container).await);
 
     let docker = container::docker().await.unwrap();
     let image = container::resolve_image(&docker, &settings).await.unwrap();
-    let info = docker.inspect_container(&container::container_name(&settings, &image), None).await.unwrap();
+    let info = docker
+        .inspect_container(&container::container_name(&settings, &image), None)
+        .await
+        .unwrap();
     let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
-    assert_eq!(labels.get(container::LABEL_MANAGED).map(String::as_str), Some("true"));
+    assert_eq!(
+        labels.get(container::LABEL_MANAGED).map(String::as_str),
+        Some("true")
+    );
     let deadline: u64 = labels[container::LABEL_DEADLINE].parse().unwrap();
-    assert!(deadline > std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    assert!(
+        deadline
+            > std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+    );
     let mounts = info.host_config.and_then(|h| h.tmpfs).unwrap_or_default();
-    assert!(mounts.contains_key("/var/lib/postgresql/data"), "data must be on tmpfs: {mounts:?}");
+    assert!(
+        mounts.contains_key("/var/lib/postgresql/data"),
+        "data must be on tmpfs: {mounts:?}"
+    );
 
     let server = backend::ensure(&settings, &log_only).await.unwrap();
     let client = common::admin(&server).await;
     let fsync: String = client.query_one("SHOW fsync", &[]).await.unwrap().get(0);
     assert_eq!(fsync, "off");
 
-    let stopped = backend::stop(&settings, BackendKind::Container).await.unwrap();
+    let stopped = backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
     assert_eq!(stopped.len(), 1, "{stopped:?}");
     assert!(!backend::is_running(&settings, BackendKind::Container).await);
 }
@@ -47,36 +67,62 @@ async fn racing_starters_share_one_container_until_it_is_stopped() {
 async fn a_missing_image_says_how_to_get_one() {
     let mut settings = isolated_settings(BackendKind::Container, "noimage");
     settings.image = Some("pgharness/does-not-exist:0".into());
-    let error = backend::ensure(&settings, &log_only).await.unwrap_err().to_string();
-    assert!(error.contains("pgharness/does-not-exist:0") && error.contains("could not be pulled"), "{error}");
+    let error = backend::ensure(&settings, &log_only)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("pgharness/does-not-exist:0") && error.contains("could not be pulled"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn native_starters_share_one_server_until_it_is_stopped() {
     let settings = isolated_settings(BackendKind::Native, "native");
-    let (a, b) = tokio::join!(backend::ensure(&settings, &log_only), backend::ensure(&settings, &log_only));
+    let (a, b) = tokio::join!(
+        backend::ensure(&settings, &log_only),
+        backend::ensure(&settings, &log_only)
+    );
     let (a, b) = (a.expect("native starts"), b.expect("native starts"));
     assert_eq!(a.describe(), b.describe());
     assert!(backend::is_running(&settings, BackendKind::Native).await);
     let client = common::admin(&a).await;
-    let row = client.query_one("SELECT current_setting('fsync'), current_setting('data_directory')", &[]).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_setting('fsync'), current_setting('data_directory')",
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "off");
     let data_dir: String = row.get(1);
-    assert!(data_dir.starts_with("/dev/shm/"), "data should be on tmpfs: {data_dir}");
+    assert!(
+        data_dir.starts_with("/dev/shm/"),
+        "data should be on tmpfs: {data_dir}"
+    );
     drop(client);
 
     let stopped = backend::stop(&settings, BackendKind::Native).await.unwrap();
     assert_eq!(stopped.len(), 1, "{stopped:?}");
     assert!(!backend::is_running(&settings, BackendKind::Native).await);
-    assert!(a.config().connect(tokio_postgres::NoTls).await.is_err(), "the server still answers");
-    assert!(!std::path::Path::new(&data_dir).exists(), "data directory left behind");
+    assert!(
+        a.config().connect(tokio_postgres::NoTls).await.is_err(),
+        "the server still answers"
+    );
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "data directory left behind"
+    );
 }
 
 #[tokio::test]
 async fn an_idle_native_server_stops_by_itself() {
     let mut settings = isolated_settings(BackendKind::Native, "idle");
     settings.native_idle = Duration::from_secs(1);
-    backend::ensure(&settings, &log_only).await.expect("native starts");
+    backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
     let deadline = Instant::now() + Duration::from_secs(30);
     while backend::is_running(&settings, BackendKind::Native).await {
         assert!(Instant::now() < deadline, "the idle server did not stop");
@@ -90,8 +136,18 @@ async fn auto_without_any_backend_lists_what_it_tried() {
     let mut settings = isolated_settings(BackendKind::Auto, "nothing");
     settings.image = Some("pgharness/does-not-exist:0".into());
     settings.pg_bin = Some("/nonexistent/bin".into());
-    let error = backend::ensure(&settings, &log_only).await.unwrap_err().to_string();
-    for expected in ["url: PGHARNESS_URL is not set", "container:", "native: PGHARNESS_PG_BIN=/nonexistent/bin"] {
-        assert!(error.contains(expected), "missing `{expected}` in:\n{error}");
+    let error = backend::ensure(&settings, &log_only)
+        .await
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "url: PGHARNESS_URL is not set",
+        "container:",
+        "native: PGHARNESS_PG_BIN=/nonexistent/bin",
+    ] {
+        assert!(
+            error.contains(expected),
+            "missing `{expected}` in:\n{error}"
+        );
     }
 }

@@ -20,7 +20,11 @@ async fn fill_all_slots(config: &tokio_postgres::Config) -> Vec<tokio_postgres::
                 held.push(client);
             }
             Err(error) => {
-                assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS), "{error}");
+                assert_eq!(
+                    error.code(),
+                    Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+                    "{error}"
+                );
                 return held;
             }
         }
@@ -32,23 +36,41 @@ async fn fill_all_slots(config: &tokio_postgres::Config) -> Vec<tokio_postgres::
 async fn a_full_server_is_waited_for_and_a_hopeless_wait_says_what_to_change() {
     let mut settings = isolated_settings(BackendKind::Native, "slots");
     settings.max_connections = 10;
-    let server = backend::ensure(&settings, &log_only).await.expect("native starts");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
     let mut held = fill_all_slots(&server.config()).await;
 
     // Nothing frees up: the error names the cause and the settings to change.
     settings.acquire_timeout = Duration::from_millis(800);
-    let error = TestDb::builder().settings(settings.clone()).without_migrations().build().await.unwrap_err();
+    let error = TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .unwrap_err();
     assert!(error.is_too_many_clients(), "{error}");
     let message = error.to_string();
-    assert!(message.contains("53300") && message.contains("PGHARNESS_POOL_SIZE"), "{message}");
+    assert!(
+        message.contains("53300") && message.contains("PGHARNESS_POOL_SIZE"),
+        "{message}"
+    );
 
     // A slot frees up while the test waits: it gets its database.
     settings.acquire_timeout = Duration::from_secs(30);
-    let waiting = tokio::spawn(TestDb::builder().settings(settings.clone()).without_migrations().build());
+    let waiting = tokio::spawn(
+        TestDb::builder()
+            .settings(settings.clone())
+            .without_migrations()
+            .build(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "it cannot have a connection yet");
     held.pop();
-    let db = waiting.await.unwrap().expect("the test gets a slot once one frees up");
+    let db = waiting
+        .await
+        .unwrap()
+        .expect("the test gets a slot once one frees up");
     db.client().simple_query("SELECT 1").await.unwrap();
     drop(db);
     drop(held);
@@ -62,7 +84,10 @@ async fn a_role_with_only_connect_and_create_is_enough_and_its_password_never_sh
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let (database, role) = (format!("pgh_priv_{suffix}"), format!("pgh_app_{suffix}"));
     let password = format!("pw-{suffix}-secret");
-    admin.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .unwrap();
     admin
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOCREATEDB NOCREATEROLE;
@@ -73,22 +98,47 @@ async fn a_role_with_only_connect_and_create_is_enough_and_its_password_never_sh
     let port = server.config().get_ports()[0];
     let mut settings = pgharness::Settings::load().unwrap();
     settings.backend = BackendKind::Url;
-    settings.url = Some(SecretUrl::new(format!("postgres://{role}:{password}@127.0.0.1:{port}/{database}")));
+    settings.url = Some(SecretUrl::new(format!(
+        "postgres://{role}:{password}@127.0.0.1:{port}/{database}"
+    )));
 
-    let db = TestDb::builder().settings(settings).build().await.expect("CONNECT + CREATE suffice");
+    let db = TestDb::builder()
+        .settings(settings)
+        .build()
+        .await
+        .expect("CONNECT + CREATE suffice");
     let row = db
         .client()
         .query_one("SELECT rolsuper, rolcreatedb, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
         .await
         .unwrap();
-    assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, String>(2)), (false, false, role.clone()));
-    db.client().execute("INSERT INTO users (email, name) VALUES ('a@b.c', 'A')", &[]).await.unwrap();
+    assert_eq!(
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, String>(2)
+        ),
+        (false, false, role.clone())
+    );
+    db.client()
+        .execute("INSERT INTO users (email, name) VALUES ('a@b.c', 'A')", &[])
+        .await
+        .unwrap();
     let shown = format!("{db:?} {} {:?}", db.server(), db.server());
     assert!(!shown.contains(&password), "password leaked: {shown}");
-    assert!(db.connection_string().contains(&password), "the connection string is for clients and carries it");
+    assert!(
+        db.connection_string().contains(&password),
+        "the connection string is for clients and carries it"
+    );
     drop(db);
 
     let other = connect(server.config()).await;
-    other.batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)")).await.unwrap();
-    other.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
+    other
+        .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    other
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .unwrap();
 }

@@ -26,10 +26,16 @@ impl From<tokio_postgres::Error> for AppError {
     fn from(error: tokio_postgres::Error) -> Self {
         match error.code() {
             Some(code) if code == &SqlState::UNIQUE_VIOLATION => {
-                let what = error
-                    .as_db_error()
-                    .and_then(|db| db.constraint())
-                    .map_or("a unique value", |c| if c.contains("email") { "that email" } else { "that title" });
+                let what = error.as_db_error().and_then(|db| db.constraint()).map_or(
+                    "a unique value",
+                    |c| {
+                        if c.contains("email") {
+                            "that email"
+                        } else {
+                            "that title"
+                        }
+                    },
+                );
                 AppError::Conflict(format!("{what} is already taken"))
             }
             Some(code) if code == &SqlState::CHECK_VIOLATION => AppError::Invalid(
@@ -63,6 +69,10 @@ impl IntoResponse for AppError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }

@@ -11,7 +11,10 @@ pub use error::AppError;
 pub use routes::{NewTodo, NewUser, Todo, User, UserSummary, router};
 
 /// Applies `dir/*.sql` in name order, once each, recording them in `schema_migrations`.
-pub async fn migrate(client: &mut tokio_postgres::Client, dir: &std::path::Path) -> anyhow::Result<usize> {
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    dir: &std::path::Path,
+) -> anyhow::Result<usize> {
     use anyhow::Context;
     client
         .batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
@@ -25,7 +28,11 @@ pub async fn migrate(client: &mut tokio_postgres::Client, dir: &std::path::Path)
     paths.sort();
     let mut applied = 0;
     for path in paths {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let done = client
             .query_opt("SELECT 1 FROM schema_migrations WHERE name = $1", &[&name])
             .await?
@@ -33,10 +40,14 @@ pub async fn migrate(client: &mut tokio_postgres::Client, dir: &std::path::Path)
         if done {
             continue;
         }
-        let sql = std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))?;
+        let sql = std::fs::read_to_string(&path)
+            .with_context(|| format!("failed to read {}", path.display()))?;
         let tx = client.transaction().await?;
-        tx.batch_execute(&sql).await.with_context(|| format!("migration {name} failed"))?;
-        tx.execute("INSERT INTO schema_migrations (name) VALUES ($1)", &[&name]).await?;
+        tx.batch_execute(&sql)
+            .await
+            .with_context(|| format!("migration {name} failed"))?;
+        tx.execute("INSERT INTO schema_migrations (name) VALUES ($1)", &[&name])
+            .await?;
         tx.commit().await?;
         applied += 1;
     }

@@ -119,7 +119,10 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(user(&row))))
 }
 
-async fn get_user(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<Json<UserSummary>, AppError> {
+async fn get_user(
+    State(pool): State<Pool>,
+    Path(id): Path<i64>,
+) -> Result<Json<UserSummary>, AppError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
@@ -137,9 +140,15 @@ async fn get_user(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<Json<
     }))
 }
 
-async fn delete_user(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<StatusCode, AppError> {
+async fn delete_user(
+    State(pool): State<Pool>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, AppError> {
     let client = pool.get().await?;
-    match client.execute("DELETE FROM users WHERE id = $1", &[&id]).await? {
+    match client
+        .execute("DELETE FROM users WHERE id = $1", &[&id])
+        .await?
+    {
         0 => Err(AppError::NotFound("user")),
         _ => Ok(StatusCode::NO_CONTENT),
     }
@@ -169,7 +178,11 @@ async fn list_todos(
     Query(filter): Query<TodoFilter>,
 ) -> Result<Json<Vec<Todo>>, AppError> {
     let client = pool.get().await?;
-    if client.query_opt("SELECT 1 FROM users WHERE id = $1", &[&user_id]).await?.is_none() {
+    if client
+        .query_opt("SELECT 1 FROM users WHERE id = $1", &[&user_id])
+        .await?
+        .is_none()
+    {
         return Err(AppError::NotFound("user"));
     }
     let rows = client
@@ -185,7 +198,10 @@ async fn list_todos(
 
 /// Completing spans three tables in one transaction: the todo, the user's counter and
 /// the audit trail. Either all change or none.
-async fn complete_todo(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<Json<Todo>, AppError> {
+async fn complete_todo(
+    State(pool): State<Pool>,
+    Path(id): Path<i64>,
+) -> Result<Json<Todo>, AppError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let row = tx
@@ -196,7 +212,10 @@ async fn complete_todo(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<
         )
         .await?;
     let Some(row) = row else {
-        let exists = tx.query_opt("SELECT 1 FROM todos WHERE id = $1", &[&id]).await?.is_some();
+        let exists = tx
+            .query_opt("SELECT 1 FROM todos WHERE id = $1", &[&id])
+            .await?
+            .is_some();
         return Err(if exists {
             AppError::Conflict("todo is already completed".into())
         } else {
@@ -218,9 +237,15 @@ async fn complete_todo(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<
     Ok(Json(todo))
 }
 
-async fn delete_todo(State(pool): State<Pool>, Path(id): Path<i64>) -> Result<StatusCode, AppError> {
+async fn delete_todo(
+    State(pool): State<Pool>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, AppError> {
     let client = pool.get().await?;
-    match client.execute("DELETE FROM todos WHERE id = $1", &[&id]).await? {
+    match client
+        .execute("DELETE FROM todos WHERE id = $1", &[&id])
+        .await?
+    {
         0 => Err(AppError::NotFound("todo")),
         _ => Ok(StatusCode::NO_CONTENT),
     }

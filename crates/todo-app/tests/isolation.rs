@@ -16,7 +16,12 @@ async fn same_unique_key_in_one_test(#[future] test_db: TestDb) {
     let app = todo_app::router(db.pool().clone());
     create_user(&app, "shared@example.com").await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await; // overlap with the twin
-    let count: i64 = db.client().query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    let count: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 1);
 }
 
@@ -27,7 +32,12 @@ async fn same_unique_key_in_another_test(#[future] test_db: TestDb) {
     let app = todo_app::router(db.pool().clone());
     create_user(&app, "shared@example.com").await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let count: i64 = db.client().query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    let count: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 1);
 }
 
@@ -54,8 +64,19 @@ async fn two_databases_in_one_test_write_the_same_key_concurrently() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_ne!(a.schema(), b.schema());
     let insert = "INSERT INTO users (email, name) VALUES ('same@example.com', 'S') RETURNING id";
-    let (ra, rb) = tokio::join!(a.client().query_one(insert, &[]), b.client().query_one(insert, &[]));
-    assert_eq!((ra.unwrap().get::<_, i64>(0), rb.unwrap().get::<_, i64>(0)), (1, 1));
-    let seen_by_a: i64 = a.client().query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    let (ra, rb) = tokio::join!(
+        a.client().query_one(insert, &[]),
+        b.client().query_one(insert, &[])
+    );
+    assert_eq!(
+        (ra.unwrap().get::<_, i64>(0), rb.unwrap().get::<_, i64>(0)),
+        (1, 1)
+    );
+    let seen_by_a: i64 = a
+        .client()
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(seen_by_a, 1);
 }

@@ -36,12 +36,28 @@ async fn migrations_create_the_tables_in_the_tests_own_schema(#[future] test_db:
 async fn every_connection_lands_in_the_schema(#[future] test_db: TestDb) {
     let db = test_db.await;
     let expected = format!("{},public", db.schema());
-    let from_client: String = db.client().query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    let from_client: String = db
+        .client()
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
     let pooled = db.pool().get().await.unwrap();
-    let from_pool: String = pooled.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    let from_pool: String = pooled
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
     let fresh = db.connect().await.unwrap();
-    let from_fresh: String = fresh.query_one("SHOW search_path", &[]).await.unwrap().get(0);
-    assert_eq!([from_client, from_pool, from_fresh], [expected.clone(), expected.clone(), expected]);
+    let from_fresh: String = fresh
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        [from_client, from_pool, from_fresh],
+        [expected.clone(), expected.clone(), expected]
+    );
 }
 
 #[rstest]
@@ -54,7 +70,11 @@ async fn the_connection_string_works_for_another_client(#[future] test_db: TestD
     let config: tokio_postgres::Config = db.connection_string().parse().unwrap();
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    let email: String = client.query_one("SELECT email FROM users", &[]).await.unwrap().get(0);
+    let email: String = client
+        .query_one("SELECT email FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(email, "other@example.com");
 }
 
@@ -62,22 +82,42 @@ async fn the_connection_string_works_for_another_client(#[future] test_db: TestD
 #[tokio::test]
 async fn psql_accepts_the_connection_string(#[future] test_db: TestDb) {
     let db = test_db.await;
-    db.client().execute("INSERT INTO users (email, name) VALUES ('p@q.r', 'P')", &[]).await.unwrap();
+    db.client()
+        .execute("INSERT INTO users (email, name) VALUES ('p@q.r', 'P')", &[])
+        .await
+        .unwrap();
     let output = std::process::Command::new("psql")
         .arg(db.connection_string())
-        .args(["-XAtc", "SELECT current_schema() || ' ' || count(*) FROM users"])
+        .args([
+            "-XAtc",
+            "SELECT current_schema() || ' ' || count(*) FROM users",
+        ])
         .output()
         .expect("psql is installed (see .ci/run)");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), format!("{} 1", db.schema()));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("{} 1", db.schema())
+    );
 }
 
 #[tokio::test]
 async fn fixtures_load_in_order() {
-    let db = TestDb::builder().fixtures(["users", "todos"]).build().await.unwrap();
+    let db = TestDb::builder()
+        .fixtures(["users", "todos"])
+        .build()
+        .await
+        .unwrap();
     let row = db
         .client()
-        .query_one("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM todos WHERE done)", &[])
+        .query_one(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM todos WHERE done)",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (2, 1));
@@ -89,7 +129,13 @@ async fn a_fixture_can_be_loaded_later(#[future] test_db: TestDb) {
     let db = test_db.await;
     let app = todo_app::router(db.pool().clone());
     db.load_fixture("users").await.unwrap();
-    let (status, body) = call(&app, "POST", "/users", serde_json::json!({"email": "ada@example.com", "name": "A"}).into()).await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/users",
+        serde_json::json!({"email": "ada@example.com", "name": "A"}).into(),
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 }
 
@@ -97,7 +143,11 @@ async fn a_fixture_can_be_loaded_later(#[future] test_db: TestDb) {
 #[tokio::test]
 async fn a_missing_fixture_is_named(#[future] test_db: TestDb) {
     let db = test_db.await;
-    let error = db.load_fixture("no_such_fixture").await.unwrap_err().to_string();
+    let error = db
+        .load_fixture("no_such_fixture")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("no fixture `no_such_fixture`"), "{error}");
 }
 
@@ -109,12 +159,18 @@ async fn completion_is_all_or_nothing(#[future] test_db: TestDb) {
     let user = create_user(&app, "atomic@example.com").await;
     let todo = create_todo(&app, user, "half done").await;
     // Break the last step of the transaction, in this test's schema only.
-    db.client().batch_execute("DROP TABLE todo_events").await.unwrap();
+    db.client()
+        .batch_execute("DROP TABLE todo_events")
+        .await
+        .unwrap();
     let (status, _) = call(&app, "POST", &format!("/todos/{todo}/complete"), None).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     let row = db
         .client()
-        .query_one("SELECT done, (SELECT completed_count FROM users) FROM todos WHERE id = $1", &[&todo])
+        .query_one(
+            "SELECT done, (SELECT completed_count FROM users) FROM todos WHERE id = $1",
+            &[&todo],
+        )
         .await
         .unwrap();
     assert_eq!((row.get::<_, bool>(0), row.get::<_, i32>(1)), (false, 0));
@@ -125,8 +181,17 @@ async fn a_broken_migration_names_file_and_line() {
     let dir = std::env::temp_dir().join(format!("todo-app-bad-migrations-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("0001_ok.sql"), "CREATE TABLE a (id int);\n").unwrap();
-    std::fs::write(dir.join("0002_bad.sql"), "-- a comment\nCREATE TABLE b (id int);\nCREATE TABEL c (id int);\n").unwrap();
-    let error = TestDb::builder().migrations(&dir).build().await.unwrap_err().to_string();
+    std::fs::write(
+        dir.join("0002_bad.sql"),
+        "-- a comment\nCREATE TABLE b (id int);\nCREATE TABEL c (id int);\n",
+    )
+    .unwrap();
+    let error = TestDb::builder()
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap_err()
+        .to_string();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(error.contains("migration"), "{error}");
     assert!(error.contains("0002_bad.sql:3"), "{error}");

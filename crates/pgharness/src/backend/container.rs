@@ -76,7 +76,10 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
         Some((name, tag)) if !tag.contains('/') => (name, tag),
         _ => (image, "latest"),
     };
-    let options = CreateImageOptionsBuilder::new().from_image(name).tag(tag).build();
+    let options = CreateImageOptionsBuilder::new()
+        .from_image(name)
+        .tag(tag)
+        .build();
     let mut stream = docker.create_image(Some(options), None, None);
     while let Some(item) = stream.next().await {
         item.map_err(|e| e.to_string())?;
@@ -127,17 +130,19 @@ pub fn container_name(settings: &Settings, image: &str) -> String {
 
 /// Whether this workspace's container exists and runs (never pulls or creates anything).
 pub async fn is_running(settings: &Settings) -> bool {
-    let Ok(docker) = docker().await else { return false };
+    let Ok(docker) = docker().await else {
+        return false;
+    };
     let candidates = match &settings.image {
         Some(image) => vec![image.clone()],
         None => vec![DEFAULT_IMAGE.to_owned(), LOCAL_IMAGE.to_owned()],
     };
     for image in candidates {
         let name = container_name(settings, &image);
-        if let Ok(info) = docker.inspect_container(&name, None).await {
-            if info.state.and_then(|s| s.running).unwrap_or(false) {
-                return true;
-            }
+        if let Ok(info) = docker.inspect_container(&name, None).await
+            && info.state.and_then(|s| s.running).unwrap_or(false)
+        {
+            return true;
         }
     }
     false
@@ -147,7 +152,9 @@ pub async fn is_running(settings: &Settings) -> bool {
 /// answers `SELECT 1`.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
     let docker = docker().await.map_err(backend_error)?;
-    let image = resolve_image(&docker, settings).await.map_err(backend_error)?;
+    let image = resolve_image(&docker, settings)
+        .await
+        .map_err(backend_error)?;
     let name = container_name(settings, &image);
     let mut created = false;
     let port = loop {
@@ -170,16 +177,35 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
                     }
                 }
             }
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-                emit(sink, Event::CreatingContainer { name: name.clone(), image: image.clone() });
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                emit(
+                    sink,
+                    Event::CreatingContainer {
+                        name: name.clone(),
+                        image: image.clone(),
+                    },
+                );
                 match create(&docker, settings, &name, &image).await {
                     Ok(()) => created = true,
                     // Another test process won the race: join its container.
-                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
-                    Err(e) => return Err(backend_error(format!("failed to create container `{name}`: {e}"))),
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409,
+                        ..
+                    }) => {}
+                    Err(e) => {
+                        return Err(backend_error(format!(
+                            "failed to create container `{name}`: {e}"
+                        )));
+                    }
                 }
             }
-            Err(e) => return Err(backend_error(format!("failed to inspect container `{name}`: {e}"))),
+            Err(e) => {
+                return Err(backend_error(format!(
+                    "failed to inspect container `{name}`: {e}"
+                )));
+            }
         }
     };
     let server = Server::local(BackendKind::Container, port);
@@ -194,8 +220,12 @@ async fn start(docker: &Docker, name: &str) -> Result<(), Error> {
     match docker.start_container(name, None).await {
         Ok(()) => Ok(()),
         // 304: already started (by a racing process).
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
-        Err(e) => Err(backend_error(format!("failed to start container `{name}`: {e}"))),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(backend_error(format!(
+            "failed to start container `{name}`: {e}"
+        ))),
     }
 }
 
@@ -243,7 +273,10 @@ async fn create(
                     host_port: Some(String::new()),
                 }]),
             )])),
-            tmpfs: Some(HashMap::from([(PGDATA.to_owned(), "rw,mode=0700".to_owned())])),
+            tmpfs: Some(HashMap::from([(
+                PGDATA.to_owned(),
+                "rw,mode=0700".to_owned(),
+            )])),
             shm_size: Some(256 * 1024 * 1024),
             ..Default::default()
         }),
@@ -252,7 +285,10 @@ async fn create(
     let options = CreateContainerOptionsBuilder::new().name(name).build();
     docker.create_container(Some(options), body).await?;
     match docker.start_container(name, None).await {
-        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -283,7 +319,10 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
 /// Removes every pgharness container whose deadline label has passed (for `cargo xtask reap`).
 pub async fn reap_expired() -> Result<Vec<String>, Error> {
     let docker = docker().await.map_err(backend_error)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let mut removed = Vec::new();
     for summary in managed(&docker).await? {
         let deadline = summary
@@ -302,7 +341,10 @@ pub async fn reap_expired() -> Result<Vec<String>, Error> {
 
 async fn managed(docker: &Docker) -> Result<Vec<bollard::models::ContainerSummary>, Error> {
     let filters = HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true")])]);
-    let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
     docker
         .list_containers(Some(options))
         .await
@@ -320,9 +362,17 @@ fn first_name(summary: &bollard::models::ContainerSummary) -> String {
 }
 
 async fn remove(docker: &Docker, name: &str) -> Result<(), Error> {
-    let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+    let options = RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build();
     match docker.remove_container(name, Some(options)).await {
-        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-        Err(e) => Err(backend_error(format!("failed to remove container `{name}`: {e}"))),
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(e) => Err(backend_error(format!(
+            "failed to remove container `{name}`: {e}"
+        ))),
     }
 }

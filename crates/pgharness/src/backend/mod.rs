@@ -29,8 +29,16 @@ pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<Backend
     if settings.url.is_some() {
         return Ok(BackendKind::Url);
     }
-    attempts.push(("url".to_owned(), "PGHARNESS_URL is not set (set it to use an existing server)".to_owned()));
-    emit(sink, Event::Probing { backend: "container" });
+    attempts.push((
+        "url".to_owned(),
+        "PGHARNESS_URL is not set (set it to use an existing server)".to_owned(),
+    ));
+    emit(
+        sink,
+        Event::Probing {
+            backend: "container",
+        },
+    );
     match container::probe(settings).await {
         Ok(_) => return Ok(BackendKind::Container),
         Err(why) => attempts.push(("container".to_owned(), why)),

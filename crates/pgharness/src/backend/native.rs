@@ -145,7 +145,9 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
 
 /// Whether this workspace's native server runs.
 pub fn is_running(settings: &Settings) -> bool {
-    let Ok(bindir) = find_bindir(settings) else { return false };
+    let Ok(bindir) = find_bindir(settings) else {
+        return false;
+    };
     read_state(&paths(settings, &bindir).state).is_some_and(|state| alive(&state))
 }
 
@@ -191,9 +193,13 @@ async fn lock(path: &Path) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::io("failed to open lock file", &path, e))?;
-    tokio::task::spawn_blocking(move || file.lock().map(|()| file).map_err(|e| Error::io("failed to lock", &path, e)))
-        .await
-        .map_err(|e| backend_error(format!("lock task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        file.lock()
+            .map(|()| file)
+            .map_err(|e| Error::io("failed to lock", &path, e))
+    })
+    .await
+    .map_err(|e| backend_error(format!("lock task failed: {e}")))?
 }
 
 fn read_state(path: &Path) -> Option<State> {
@@ -203,15 +209,23 @@ fn read_state(path: &Path) -> Option<State> {
 
 /// Whether a process runs (a zombie, exited but not yet reaped by its parent, does not).
 fn process_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
     // The state is the first field after the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
 fn alive(state: &State) -> bool {
     process_alive(state.watchdog_pid)
-        && TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, state.port).into(), Duration::from_secs(1)).is_ok()
+        && TcpStream::connect_timeout(
+            &(Ipv4Addr::LOCALHOST, state.port).into(),
+            Duration::from_secs(1),
+        )
+        .is_ok()
 }
 
 /// The user the server runs as: ourselves, or an unprivileged one when we are root.
@@ -246,7 +260,12 @@ fn as_user(command: &mut Command, user: &Option<User>) {
     }
 }
 
-fn start(settings: &Settings, bindir: &Path, paths: &Paths, sink: EventSink<'_>) -> Result<u16, Error> {
+fn start(
+    settings: &Settings,
+    bindir: &Path,
+    paths: &Paths,
+    sink: EventSink<'_>,
+) -> Result<u16, Error> {
     let user = server_user()?;
     let base = &paths.base;
     let data = base.join("data");
@@ -260,12 +279,24 @@ fn start(settings: &Settings, bindir: &Path, paths: &Paths, sink: EventSink<'_>)
                 .map_err(|e| Error::io("failed to hand over", dir, e))?;
         }
     }
-    emit(sink, Event::InitialisingCluster { data_dir: data.display().to_string() });
+    emit(
+        sink,
+        Event::InitialisingCluster {
+            data_dir: data.display().to_string(),
+        },
+    );
     let mut initdb = Command::new(bindir.join("initdb"));
     initdb
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .current_dir(base)
         .stdin(Stdio::null());
     as_user(&mut initdb, &user);
@@ -299,11 +330,17 @@ fn start(settings: &Settings, bindir: &Path, paths: &Paths, sink: EventSink<'_>)
         .env("PGH_DATA", &data)
         .env("PGH_SOCK", base.join("sock"))
         .env("PGH_PORT", port.to_string())
-        .env("PGH_IDLE", settings.native_idle.as_secs().max(1).to_string())
+        .env(
+            "PGH_IDLE",
+            settings.native_idle.as_secs().max(1).to_string(),
+        )
         .env("PGH_MAX_CONNECTIONS", settings.max_connections.to_string())
         .current_dir(base)
         .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| Error::io("failed to open", &log_path, e))?)
+        .stdout(
+            log.try_clone()
+                .map_err(|e| Error::io("failed to open", &log_path, e))?,
+        )
         .stderr(log)
         // Its own process group: Ctrl-C in the terminal and nextest's cleanup of a test's
         // process group leave the shared server alone.
@@ -319,7 +356,8 @@ fn start(settings: &Settings, bindir: &Path, paths: &Paths, sink: EventSink<'_>)
         bindir: bindir.to_path_buf(),
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-    std::fs::write(&paths.state, text).map_err(|e| Error::io("failed to write", &paths.state, e))?;
+    std::fs::write(&paths.state, text)
+        .map_err(|e| Error::io("failed to write", &paths.state, e))?;
     tracing::info!(port, data = %data.display(), "started native Postgres");
     Ok(port)
 }
@@ -333,6 +371,9 @@ mod tests {
         let mut settings = Settings::load_from(Path::new("/nonexistent"), Vec::new()).unwrap();
         settings.pg_bin = Some(PathBuf::from("/nonexistent/bin"));
         let error = find_bindir(&settings).unwrap_err();
-        assert!(error.contains("PGHARNESS_PG_BIN=/nonexistent/bin"), "{error}");
+        assert!(
+            error.contains("PGHARNESS_PG_BIN=/nonexistent/bin"),
+            "{error}"
+        );
     }
 }

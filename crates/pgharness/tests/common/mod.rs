@@ -20,7 +20,10 @@ pub(crate) async fn admin(server: &Server) -> Client {
 }
 
 pub(crate) async fn connect(config: tokio_postgres::Config) -> Client {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("admin connection");
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
     tokio::spawn(connection);
     client
 }
@@ -42,7 +45,10 @@ pub(crate) fn child_binary() -> PathBuf {
 
 pub(crate) async fn schema_exists(client: &Client, schema: &str) -> bool {
     client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
         .await
         .expect("query")
         .get(0)
@@ -50,7 +56,10 @@ pub(crate) async fn schema_exists(client: &Client, schema: &str) -> bool {
 
 pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {
     client
-        .query_opt("SELECT status FROM pgharness.ledger WHERE schema_name = $1", &[&schema])
+        .query_opt(
+            "SELECT status FROM pgharness.ledger WHERE schema_name = $1",
+            &[&schema],
+        )
         .await
         .expect("query")
         .map(|row| row.get(0))
