@@ -51,18 +51,36 @@ fn prerequisites() -> anyhow::Result<()> {
     if pgharness::backend::native::find_bindir(&settings).is_err() {
         missing.push("postgresql");
     }
-    if std::process::Command::new("psql").arg("--version").output().is_err() {
+    if std::process::Command::new("psql")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         missing.push("postgresql-client");
     }
     if missing.is_empty() {
         return Ok(());
     }
     if !nix::unistd::geteuid().is_root() {
-        bail!("missing {}: install them (`sudo apt-get install {}`)", missing.join(", "), missing.join(" "));
+        bail!(
+            "missing {}: install them (`sudo apt-get install {}`)",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("xtask ci: installing {}", missing.join(", "));
-    for args in [vec!["update", "-q"], [vec!["install", "-y", "-q", "--no-install-recommends"], missing].concat()] {
-        let status = std::process::Command::new("apt-get").args(&args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+    for args in [
+        vec!["update", "-q"],
+        [
+            vec!["install", "-y", "-q", "--no-install-recommends"],
+            missing,
+        ]
+        .concat(),
+    ] {
+        let status = std::process::Command::new("apt-get")
+            .args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?;
         if !status.success() {
             bail!("`apt-get {}` failed ({status})", args.join(" "));
         }

@@ -7,6 +7,8 @@ mod nextest;
 mod reap;
 mod servers;
 mod test;
+#[cfg(test)]
+mod tidy;
 mod ui;
 
 use std::path::PathBuf;

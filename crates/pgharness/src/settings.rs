@@ -195,7 +195,8 @@ pub struct Settings {
 #[derive(Clone)]
 struct Origin(String);
 
-const KEYS: &[&str] = &[
+/// The name of every setting (`PGHARNESS_<NAME>` in the environment).
+pub const SETTING_NAMES: &[&str] = &[
     "backend",
     "url",
     "image",
@@ -237,7 +238,7 @@ impl Settings {
                 fix: "fix the TOML syntax".into(),
             })?;
             for (key, value) in table {
-                if !KEYS.contains(&key.as_str()) {
+                if !SETTING_NAMES.contains(&key.as_str()) {
                     return Err(unknown_key(&key, &format!("{}", file.display())));
                 }
                 let text = match value {
@@ -271,7 +272,7 @@ impl Settings {
             if key.starts_with("rds") || key == "ca_bundle" {
                 continue; // read by the RDS backend's own settings
             }
-            if !KEYS.contains(&key.as_str()) {
+            if !SETTING_NAMES.contains(&key.as_str()) {
                 return Err(unknown_key(&key, &name));
             }
             values.insert(key, (value, Origin(name)));
@@ -365,7 +366,7 @@ fn unknown_key(key: &str, origin: &str) -> Error {
         name: key.to_owned(),
         origin: origin.to_owned(),
         problem: "no such setting".into(),
-        fix: format!("use one of: {}", KEYS.join(", ")),
+        fix: format!("use one of: {}", SETTING_NAMES.join(", ")),
     }
 }
 
