@@ -1,0 +1,99 @@
+//! The crate's one error type.
+
+/// What went wrong; messages read after "failed to …" and name the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is missing or wrong.
+    #[error("setting `{name}`: {problem}; {fix}")]
+    Config {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+    /// No AWS credentials could be found or refreshed.
+    #[error("no AWS credentials: {0}; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run `aws sso login`")]
+    Credentials(String),
+    /// Signing a token failed.
+    #[error("failed to sign an IAM auth token: {0}")]
+    Token(String),
+    /// The CA bundle or TLS setup is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The socket could not be opened or broke.
+    #[error("{action}: {source}")]
+    Io {
+        /// What we were doing.
+        action: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused us.
+    #[error("{action}: {}", describe_db(.source))]
+    Postgres {
+        /// What we were doing.
+        action: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The server answered with an error during a raw handshake (proxy, wake-up).
+    #[error("the server refused the connection: {severity} {code}: {message}")]
+    Refused {
+        /// `FATAL`, `ERROR`.
+        severity: String,
+        /// SQLSTATE.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The database did not become available within the wake-up deadline.
+    #[error("the database did not accept connections within {waited:?} (last: {last}); if it is an Aurora Serverless cluster that pauses, raise the wake deadline")]
+    WakeTimeout {
+        /// How long we waited.
+        waited: std::time::Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    pub(crate) fn config(name: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Error {
+        Error::Config { name, problem: problem.into(), fix: fix.into() }
+    }
+
+    pub(crate) fn io(action: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io { action: action.into(), source }
+    }
+
+    /// The SQLSTATE of a server refusal, if this is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Refused { code, .. } => Some(code),
+            Error::Postgres { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+fn describe_db(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(inner) = source {
+                text.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            text
+        }
+    }
+}

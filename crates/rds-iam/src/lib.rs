@@ -1,0 +1,5 @@
+//! RDS IAM authentication.
+mod error;
+pub mod token;
+
+pub use error::Error;
