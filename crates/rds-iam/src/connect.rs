@@ -1,0 +1,229 @@
+//! Connecting to RDS: a stream from a `Dialer`, TLS verified against the endpoint name, an
+//! IAM token as the password, and patience while an Aurora Serverless cluster resumes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::Client;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::cache::TokenCache;
+use crate::dialer::{BoxStream, Dialer};
+use crate::error::Error;
+use crate::tls;
+use crate::token::TokenRequest;
+use crate::wire;
+
+/// Where to log in and how.
+#[derive(Clone, Debug)]
+pub struct RdsTarget {
+    /// Endpoint, port, IAM user and region: what the token and certificate are for.
+    pub endpoint: TokenRequest,
+    /// The database to connect to.
+    pub database: String,
+    /// TLS configuration (see `tls::client_config`).
+    pub tls: Arc<ClientConfig>,
+    /// How long to wait for a resuming (or unreachable) database. Default 60 s.
+    pub wake_deadline: Duration,
+}
+
+/// Progress while waiting for the database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// Time spent so far.
+    pub waited: Duration,
+    /// The last failure, e.g. `FATAL 28000: no pg_hba.conf entry …`.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "waiting for the database to resume… {}s ({})", self.waited.as_secs(), self.reason)
+    }
+}
+
+/// Whether a failure is one a resuming Aurora cluster (or a tunnel coming up) produces.
+pub fn is_transient(error: &Error) -> bool {
+    match error {
+        Error::Io { source, .. } => io_transient(source),
+        Error::Refused { code, message, .. } => code == "57P03" || (code == "28000" && message.contains("no pg_hba.conf entry")),
+        Error::Postgres { source, .. } => match source.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                code == "57P03" || (code == "28000" && db.message().contains("no pg_hba.conf entry"))
+            }
+            // No server answer: transient unless TLS itself rejected the server.
+            None => !chain_has_tls_error(source),
+        },
+        _ => false,
+    }
+}
+
+fn io_transient(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    if error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        return false;
+    }
+    matches!(error.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | UnexpectedEof | BrokenPipe | NotConnected)
+}
+
+fn chain_has_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// Retries `attempt` while it fails transiently, until `deadline`, reporting once a second.
+pub(crate) async fn with_wake<T, F, Fut>(deadline: Duration, on_wait: &(dyn Fn(Waiting) + Send + Sync), mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let mut last_report = started;
+    loop {
+        let error = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        if !is_transient(&error) {
+            return Err(error);
+        }
+        let waited = started.elapsed();
+        if waited + delay > deadline {
+            return Err(Error::WakeTimeout { waited, last: error.to_string() });
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) || waited < delay {
+            last_report = Instant::now();
+            let waiting = Waiting { waited, reason: error.to_string() };
+            tracing::info!("{waiting}");
+            on_wait(waiting);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// A tokio-postgres client logged in with an IAM token over verified TLS, waiting out a
+/// resuming cluster. `options` are startup options such as `-csearch_path=…`.
+pub async fn connect(
+    target: &RdsTarget,
+    options: Option<&str>,
+    dialer: &dyn Dialer,
+    tokens: &TokenCache,
+    on_wait: &(dyn Fn(Waiting) + Send + Sync),
+) -> Result<Client, Error> {
+    with_wake(target.wake_deadline, on_wait, || async {
+        let stream = dialer.dial().await.map_err(|e| Error::io("failed to open a stream to the database", e))?;
+        let token = tokens.token(&target.endpoint).await?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&target.endpoint.host)
+            .port(target.endpoint.port)
+            .user(&target.endpoint.user)
+            .dbname(&target.database)
+            .password(token.expose())
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        if let Some(options) = options {
+            config.options(options);
+        }
+        let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
+        let tls = tokio_postgres::tls::MakeTlsConnect::<BoxStream>::make_tls_connect(&mut make, &target.endpoint.host)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let (client, connection) = config
+            .connect_raw(stream, tls)
+            .await
+            .map_err(|e| Error::Postgres { action: format!("failed to log in to {} as {}", target.endpoint.host, target.endpoint.user), source: e })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "RDS connection ended");
+            }
+        });
+        Ok(client)
+    })
+    .await
+}
+
+/// A raw, authenticated upstream connection for the proxy: TLS verified, StartupMessage
+/// sent with `params` (user and database are the target's), the IAM token given. What the
+/// server says next (AuthenticationOk, or an error) is left unread for the caller to relay.
+pub(crate) async fn open_raw(
+    target: &RdsTarget,
+    params: &[(String, String)],
+    dialer: &dyn Dialer,
+    tokens: &TokenCache,
+    on_wait: &(dyn Fn(Waiting) + Send + Sync),
+) -> Result<TlsStream<BoxStream>, Error> {
+    with_wake(target.wake_deadline, on_wait, || async {
+        let mut stream = tls_stream(target, dialer).await?;
+        let mut startup = vec![
+            ("user".to_owned(), target.endpoint.user.clone()),
+            ("database".to_owned(), target.database.clone()),
+        ];
+        startup.extend(params.iter().filter(|(k, _)| k != "user" && k != "database").cloned());
+        let io = |e| Error::io("failed to talk to the database", e);
+        stream.write_all(&wire::startup_message(&startup)).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        let (tag, body) = wire::read_message(&mut stream).await.map_err(|e| match e {
+            wire::WireError::Io(e) => io(e),
+            other => Error::Protocol(other.to_string()),
+        })?;
+        match (tag, body.get(..4)) {
+            (b'R', Some([0, 0, 0, 3])) => {
+                let token = tokens.token(&target.endpoint).await?;
+                stream.write_all(&wire::password_message(token.expose())).await.map_err(io)?;
+                stream.flush().await.map_err(io)?;
+                Ok(stream)
+            }
+            (b'R', Some(code)) => Err(Error::Protocol(format!(
+                "the server asked for authentication method {} instead of a password: does `{}` have the rds_iam role?",
+                u32::from_be_bytes([code[0], code[1], code[2], code[3]]),
+                target.endpoint.user
+            ))),
+            (b'E', _) => {
+                let (severity, code, message) = wire::parse_error(&body);
+                Err(Error::Refused { severity, code, message })
+            }
+            (other, _) => Err(Error::Protocol(format!("unexpected message '{}' before authentication", other as char))),
+        }
+    })
+    .await
+}
+
+/// A TLS stream to the database: SSLRequest, then a handshake verified against the endpoint.
+pub(crate) async fn tls_stream(target: &RdsTarget, dialer: &dyn Dialer) -> Result<TlsStream<BoxStream>, Error> {
+    let io = |e| Error::io("failed to start TLS with the database", e);
+    let mut stream = dialer.dial().await.map_err(|e| Error::io("failed to open a stream to the database", e))?;
+    stream.write_all(&wire::ssl_request()).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    match stream.read_u8().await.map_err(io)? {
+        b'S' => {}
+        b'N' => return Err(Error::Tls("the server does not offer TLS; RDS IAM authentication requires it".into())),
+        other => return Err(Error::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
+    }
+    let name = tls::server_name(&target.endpoint.host)?;
+    TlsConnector::from(target.tls.clone()).connect(name, stream).await.map_err(|e| {
+        if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            Error::Tls(format!(
+                "the server's certificate is not valid for {}: {e} (is the CA bundle right? is the host the cluster endpoint?)",
+                target.endpoint.host
+            ))
+        } else {
+            io(e)
+        }
+    })
+}

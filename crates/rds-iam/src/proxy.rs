@@ -1,0 +1,175 @@
+//! The local auth proxy: a plain Postgres endpoint on 127.0.0.1 for any client (psql, sqlx,
+//! the app), guarded by a per-run random password (SCRAM-SHA-256), that logs in upstream
+//! with verified TLS and a fresh IAM token for each client connection and then relays bytes.
+//! A session through it can outlive any token: only the login needs one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::io::{AsyncWriteExt, copy_bidirectional};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::cache::TokenCache;
+use crate::connect::{RdsTarget, open_raw, tls_stream};
+use crate::dialer::Dialer;
+use crate::error::Error;
+use crate::scram::{self, ScramVerifier};
+use crate::wire::{self, Startup};
+
+/// The proxy's password. `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyPassword(String);
+
+impl ProxyPassword {
+    /// 32 random hex digits.
+    pub fn random() -> ProxyPassword {
+        let mut bytes = [0; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        ProxyPassword(hex::encode(bytes))
+    }
+
+    /// A given password (for a proxy whose password is stored elsewhere).
+    pub fn new(password: impl Into<String>) -> ProxyPassword {
+        ProxyPassword(password.into())
+    }
+
+    /// The password, for handing to a client. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ProxyPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyPassword(***)")
+    }
+}
+
+/// A running proxy. Dropping it stops accepting new clients; `shutdown` also ends the
+/// sessions in flight.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    user: String,
+    database: String,
+    password: ProxyPassword,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Where clients connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The password clients must give.
+    pub fn password(&self) -> &ProxyPassword {
+        &self.password
+    }
+
+    /// A URL for clients, with the password. Never log it.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            crate::token::encode_query_value(&self.user),
+            self.password.expose(),
+            self.addr.ip(),
+            self.addr.port(),
+            self.database
+        )
+    }
+
+    /// Stops accepting clients.
+    pub fn shutdown(self) {
+        self.accept.abort();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Starts a proxy on `listener` (bind 127.0.0.1:0 for an ephemeral port).
+pub fn serve(listener: TcpListener, target: RdsTarget, password: ProxyPassword, dialer: Arc<dyn Dialer>, tokens: Arc<TokenCache>) -> Result<Proxy, Error> {
+    let addr = listener.local_addr().map_err(|e| Error::io("failed to read the proxy's address", e))?;
+    let verifier = Arc::new(ScramVerifier::new(password.expose()));
+    let target = Arc::new(target);
+    let (user, database) = (target.endpoint.user.clone(), target.database.clone());
+    let accept = tokio::spawn(async move {
+        loop {
+            let (client, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "proxy: accept failed");
+                    continue;
+                }
+            };
+            let (target, verifier, dialer, tokens) = (target.clone(), verifier.clone(), dialer.clone(), tokens.clone());
+            tokio::spawn(async move {
+                if let Err(error) = session(client, &target, &verifier, dialer.as_ref(), &tokens).await {
+                    tracing::info!(%peer, %error, "proxy: session ended with an error");
+                }
+            });
+        }
+    });
+    tracing::info!(%addr, endpoint = %user, "local auth proxy listening");
+    Ok(Proxy { addr, user, database, password, accept })
+}
+
+async fn refuse(client: &mut TcpStream, code: &str, message: &str) -> Result<(), Error> {
+    client
+        .write_all(&wire::error_response("FATAL", code, message))
+        .await
+        .map_err(|e| Error::io("failed to answer the client", e))
+}
+
+async fn session(mut client: TcpStream, target: &RdsTarget, verifier: &ScramVerifier, dialer: &dyn Dialer, tokens: &TokenCache) -> Result<(), Error> {
+    client.set_nodelay(true).ok();
+    let protocol = |e: wire::WireError| Error::Protocol(e.to_string());
+    let params = loop {
+        match wire::read_startup(&mut client).await.map_err(protocol)? {
+            // The hop to the proxy is loopback; TLS is for the hop to RDS.
+            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await.map_err(|e| Error::io("failed to answer the client", e))?,
+            Startup::Cancel(packet) => return forward_cancel(target, dialer, &packet).await,
+            Startup::Startup(params) => break params,
+        }
+    };
+    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or("");
+    if user != target.endpoint.user {
+        let message = format!("this proxy logs in as \"{}\"; connect as that user (not \"{user}\")", target.endpoint.user);
+        return refuse(&mut client, "28000", &message).await;
+    }
+    if !scram::authenticate(&mut client, verifier).await? {
+        return refuse(&mut client, "28P01", &format!("password authentication failed for user \"{user}\"")).await;
+    }
+    let mut params = params;
+    if let Some(database) = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone()) {
+        params.retain(|(k, _)| k != "database");
+        params.push(("database".into(), database));
+    }
+    let mut target = target.clone();
+    if let Some((_, database)) = params.iter().find(|(k, _)| k == "database") {
+        target.database = database.clone();
+    }
+    let mut upstream = match open_raw(&target, &params, dialer, tokens, &|waiting| tracing::info!("proxy: {waiting}")).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            refuse(&mut client, "08006", &format!("the proxy could not log in to {}: {error}", target.endpoint.host)).await?;
+            return Err(error);
+        }
+    };
+    copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| Error::io("relay", e))?;
+    Ok(())
+}
+
+async fn forward_cancel(target: &RdsTarget, dialer: &dyn Dialer, packet: &[u8]) -> Result<(), Error> {
+    let mut upstream = tls_stream(target, dialer).await?;
+    upstream.write_all(packet).await.map_err(|e| Error::io("failed to forward a cancel request", e))?;
+    upstream.shutdown().await.ok();
+    Ok(())
+}

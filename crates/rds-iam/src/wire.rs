@@ -1,0 +1,228 @@
+//! Just enough of the Postgres wire protocol (v3) for an authenticating proxy and for the
+//! RDS front in fake-aws: startup packets, typed messages, errors and auth requests.
+//! Frames are length-prefixed, so reads are `read_exact` of a validated length; malformed
+//! input is an error, never a panic.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Protocol version 3.0 in a StartupMessage.
+pub const PROTOCOL_3_0: u32 = 196_608;
+/// SSLRequest's code.
+pub const SSL_REQUEST: u32 = 80_877_103;
+/// GSSENCRequest's code.
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+/// CancelRequest's code.
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+
+const MAX_STARTUP: usize = 10_000;
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// What a malformed or truncated peer did.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed or closed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not valid protocol.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// The first packet of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Startup {
+    /// SSLRequest: answer `S` and start TLS, or `N`.
+    Ssl,
+    /// GSSENCRequest: answer `N`.
+    GssEnc,
+    /// CancelRequest: the whole packet, to forward as is.
+    Cancel(Vec<u8>),
+    /// StartupMessage with its parameters in order.
+    Startup(Vec<(String, String)>),
+}
+
+impl Startup {
+    /// A parameter of a StartupMessage.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            Startup::Startup(params) => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the first packet of a connection.
+pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startup, WireError> {
+    let length = reader.read_u32().await? as usize;
+    if !(8..=MAX_STARTUP).contains(&length) {
+        return Err(WireError::Malformed(format!("startup packet of {length} bytes")));
+    }
+    let mut body = vec![0; length - 4];
+    reader.read_exact(&mut body).await?;
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    match code {
+        SSL_REQUEST => Ok(Startup::Ssl),
+        GSSENC_REQUEST => Ok(Startup::GssEnc),
+        CANCEL_REQUEST => {
+            let mut packet = (length as u32).to_be_bytes().to_vec();
+            packet.extend_from_slice(&body);
+            Ok(Startup::Cancel(packet))
+        }
+        PROTOCOL_3_0 => parse_params(&body[4..]).map(Startup::Startup),
+        other => Err(WireError::Malformed(format!("unsupported protocol version {}.{}", other >> 16, other & 0xffff))),
+    }
+}
+
+fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, WireError> {
+    let mut params = Vec::new();
+    loop {
+        let key = take_cstring(&mut rest)?;
+        if key.is_empty() {
+            return Ok(params);
+        }
+        let value = take_cstring(&mut rest)?;
+        params.push((key, value));
+    }
+}
+
+/// Takes a NUL-terminated UTF-8 string off the front of `rest`.
+pub fn take_cstring(rest: &mut &[u8]) -> Result<String, WireError> {
+    let end = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| WireError::Malformed("a string without its terminating NUL".into()))?;
+    let text = std::str::from_utf8(&rest[..end])
+        .map_err(|_| WireError::Malformed("a string that is not UTF-8".into()))?
+        .to_owned();
+    *rest = &rest[end + 1..];
+    Ok(text)
+}
+
+/// Encodes a StartupMessage.
+pub fn startup_message(params: &[(String, String)]) -> Vec<u8> {
+    let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+    for (key, value) in params {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Encodes an SSLRequest.
+pub fn ssl_request() -> Vec<u8> {
+    let mut packet = 8u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+    packet
+}
+
+/// Reads one typed message: its tag and body.
+pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+    let tag = reader.read_u8().await?;
+    let length = reader.read_u32().await? as usize;
+    if !(4..=MAX_MESSAGE).contains(&length) {
+        return Err(WireError::Malformed(format!("message '{}' of {length} bytes", tag as char)));
+    }
+    let mut body = vec![0; length - 4];
+    reader.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// Encodes a typed message.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(tag);
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Encodes an Authentication request (`R`) with its code and data.
+pub fn auth_request(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    message(b'R', &body)
+}
+
+/// Encodes a PasswordMessage.
+pub fn password_message(password: &str) -> Vec<u8> {
+    let mut body = password.as_bytes().to_vec();
+    body.push(0);
+    message(b'p', &body)
+}
+
+/// Encodes an ErrorResponse.
+pub fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', text)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    message(b'E', &body)
+}
+
+/// The severity, SQLSTATE and message of an ErrorResponse body.
+pub fn parse_error(body: &[u8]) -> (String, String, String) {
+    let (mut severity, mut code, mut text) = (String::new(), String::new(), String::new());
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        rest = tail;
+        let Ok(value) = take_cstring(&mut rest) else { break };
+        match field {
+            b'S' => severity = value,
+            b'C' => code = value,
+            b'M' => text = value,
+            _ => {}
+        }
+    }
+    (severity, code, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn startup_round_trips() {
+        let params = vec![("user".to_owned(), "app".to_owned()), ("options".to_owned(), "-csearch_path=x".to_owned())];
+        let packet = startup_message(&params);
+        let startup = read_startup(&mut packet.as_slice()).await.unwrap();
+        assert_eq!(startup, Startup::Startup(params));
+        assert_eq!(startup.param("user"), Some("app"));
+        assert_eq!(read_startup(&mut ssl_request().as_slice()).await.unwrap(), Startup::Ssl);
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_an_error_not_a_panic() {
+        for bytes in [
+            vec![0, 0, 0, 3],
+            vec![0, 0, 0xff, 0xff, 0, 3, 0, 0],
+            vec![0, 0, 0, 8, 0, 3, 0, 0],
+            vec![0, 0, 0, 10, 0, 3, 0, 0, b'a', b'b'],
+            vec![0, 0, 0, 9, 0, 9, 0, 0, 0],
+            vec![],
+        ] {
+            assert!(read_startup(&mut bytes.as_slice()).await.is_err(), "{bytes:?}");
+        }
+        assert!(read_message(&mut [b'R', 0, 0, 0, 2].as_slice()).await.is_err());
+        assert!(read_message(&mut [b'R', 0, 0, 0, 9, 1].as_slice()).await.is_err());
+    }
+
+    #[test]
+    fn errors_round_trip() {
+        let encoded = error_response("FATAL", "28000", "PAM authentication failed for user \"app\"");
+        assert_eq!(encoded[0], b'E');
+        let (severity, code, text) = parse_error(&encoded[5..]);
+        assert_eq!((severity.as_str(), code.as_str(), text.as_str()), ("FATAL", "28000", "PAM authentication failed for user \"app\""));
+        assert_eq!(parse_error(&[b'S', b'x']), (String::new(), String::new(), String::new()));
+    }
+}
