@@ -1,0 +1,112 @@
+//! `fake-aws`: runs the offline AWS stand-in and prints what clients need as `KEY=value`
+//! lines (also written to `--env-file`), then serves until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fake_aws::rds::{PauseConfig, RdsFront, RdsFrontConfig};
+use fake_aws::{CredentialStore, KeyPair};
+
+#[derive(Parser)]
+#[command(name = "fake-aws", about = "An offline stand-in for AWS RDS IAM auth (and SSM)")]
+struct Cli {
+    /// The real Postgres that IAM logins are relayed to (it must trust local connections).
+    #[arg(long)]
+    backend: SocketAddr,
+    /// The RDS endpoint name (certificate and tokens).
+    #[arg(long, default_value = "aurora-test.cluster-c0ffee.eu-west-2.rds.amazonaws.com")]
+    hostname: String,
+    /// The endpoint port tokens must be signed for.
+    #[arg(long, default_value_t = 5432)]
+    port: u16,
+    /// The region tokens must be signed for.
+    #[arg(long, default_value = "eu-west-2")]
+    region: String,
+    /// A user with the rds_iam grant (repeat for more).
+    #[arg(long = "user", default_value = "iam_app")]
+    users: Vec<String>,
+    /// How long tokens are accepted (e.g. 15m, 30s).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    token_ttl: Duration,
+    /// Pause the cluster after this long idle (Aurora Serverless v2 with min capacity 0).
+    #[arg(long, value_parser = parse_duration)]
+    pause_after: Option<Duration>,
+    /// How long a resume takes.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    resume_takes: Duration,
+    /// Where the endpoint listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Where the CA bundle is written.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Also write the KEY=value lines here.
+    #[arg(long)]
+    env_file: Option<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 30s or 15m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(format!("`{text}` is not a duration like 30s or 15m")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FAKE_AWS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let keys = KeyPair::random_temporary();
+    let mut config = RdsFrontConfig::new(cli.backend, cli.users.clone());
+    config.hostname = cli.hostname;
+    config.port = cli.port;
+    config.region = cli.region;
+    config.token_ttl = cli.token_ttl;
+    config.listen = cli.listen;
+    config.pause = cli.pause_after.map(|idle_after| PauseConfig { idle_after, resume_takes: cli.resume_takes });
+    if let Some(dir) = cli.state_dir {
+        config.state_dir = dir;
+    }
+    let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()]))).await?;
+    // Test credentials of this fake only; they grant nothing anywhere else.
+    let lines = [
+        format!("FAKE_AWS_RDS_ADDR={}", front.local_addr()),
+        format!("FAKE_AWS_RDS_HOST={}", front.hostname()),
+        format!("FAKE_AWS_RDS_PORT={}", front.port()),
+        format!("FAKE_AWS_RDS_USERS={}", cli.users.join(",")),
+        format!("AWS_REGION={}", front.region()),
+        format!("AWS_ACCESS_KEY_ID={}", keys.access_key_id),
+        format!("AWS_SECRET_ACCESS_KEY={}", keys.secret_access_key),
+        format!("AWS_SESSION_TOKEN={}", keys.session_token.clone().unwrap_or_default()),
+        format!("PGHARNESS_CA_BUNDLE={}", front.ca_bundle().display()),
+    ];
+    let text = lines.join("\n") + "\n";
+    if let Some(path) = &cli.env_file {
+        std::fs::write(path, &text).with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    // A closed stdout (a background run) is not an error.
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!(logins = front.logins(), refused = front.refused(), "fake-aws stopping");
+    Ok(())
+}
