@@ -132,9 +132,10 @@ pub fn mint(request: &TokenRequest, credentials: &Credentials, time: SystemTime)
         .into();
     let signable = SignableRequest::new("GET", &url, std::iter::empty(), SignableBody::Bytes(&[]))
         .map_err(|e| Error::Token(format!("cannot sign {}:{}: {e}", request.host, request.port)))?;
-    let (instructions, _signature) = sign(signable, &params)
-        .map_err(|e| Error::Token(format!("signing failed: {e}")))?
-        .into_parts();
+    // aws-sigv4 logs the canonical request at trace level, session token included: sign
+    // with logging off so that no subscriber, at any level, ever sees it.
+    let signed = tracing::dispatcher::with_default(&tracing::Dispatch::none(), || sign(signable, &params));
+    let (instructions, _signature) = signed.map_err(|e| Error::Token(format!("signing failed: {e}")))?.into_parts();
     // The signature last, as botocore writes it
     // (aws-sigv4 lists X-Amz-Security-Token after the signature; RDS accepts both).
     let mut params: Vec<(&str, String)> =
