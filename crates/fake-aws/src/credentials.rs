@@ -35,7 +35,11 @@ impl KeyPair {
         KeyPair {
             access_key_id: format!("ASIAFAKE{}", hex::encode_upper(&bytes[..6])),
             secret_access_key: hex::encode(&bytes[6..26]),
-            session_token: Some(format!("FwoGZXIvYXdzEFAKE/{}+{}==", hex::encode(&bytes[26..33]), hex::encode(&bytes[33..]))),
+            session_token: Some(format!(
+                "FwoGZXIvYXdzEFAKE/{}+{}==",
+                hex::encode(&bytes[26..33]),
+                hex::encode(&bytes[33..])
+            )),
         }
     }
 
@@ -60,7 +64,12 @@ pub struct CredentialStore {
 impl CredentialStore {
     /// A store with these keys.
     pub fn new(keys: impl IntoIterator<Item = KeyPair>) -> CredentialStore {
-        CredentialStore { keys: keys.into_iter().map(|k| (k.access_key_id.clone(), k)).collect() }
+        CredentialStore {
+            keys: keys
+                .into_iter()
+                .map(|k| (k.access_key_id.clone(), k))
+                .collect(),
+        }
     }
 
     /// The key with this id.

@@ -12,13 +12,19 @@ use fake_aws::rds::{PauseConfig, RdsFront, RdsFrontConfig};
 use fake_aws::{CredentialStore, KeyPair};
 
 #[derive(Parser)]
-#[command(name = "fake-aws", about = "An offline stand-in for AWS RDS IAM auth (and SSM)")]
+#[command(
+    name = "fake-aws",
+    about = "An offline stand-in for AWS RDS IAM auth (and SSM)"
+)]
 struct Cli {
     /// The real Postgres that IAM logins are relayed to (it must trust local connections).
     #[arg(long)]
     backend: SocketAddr,
     /// The RDS endpoint name (certificate and tokens).
-    #[arg(long, default_value = "aurora-test.cluster-c0ffee.eu-west-2.rds.amazonaws.com")]
+    #[arg(
+        long,
+        default_value = "aurora-test.cluster-c0ffee.eu-west-2.rds.amazonaws.com"
+    )]
     hostname: String,
     /// The endpoint port tokens must be signed for.
     #[arg(long, default_value_t = 5432)]
@@ -50,9 +56,13 @@ struct Cli {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 30s or 15m"))?;
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30s or 15m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "" | "s" => Ok(Duration::from_secs(number)),
@@ -65,7 +75,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FAKE_AWS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FAKE_AWS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -76,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
     config.region = cli.region;
     config.token_ttl = cli.token_ttl;
     config.listen = cli.listen;
-    config.pause = cli.pause_after.map(|idle_after| PauseConfig { idle_after, resume_takes: cli.resume_takes });
+    config.pause = cli.pause_after.map(|idle_after| PauseConfig {
+        idle_after,
+        resume_takes: cli.resume_takes,
+    });
     if let Some(dir) = cli.state_dir {
         config.state_dir = dir;
     }
@@ -90,23 +106,33 @@ async fn main() -> anyhow::Result<()> {
         format!("AWS_REGION={}", front.region()),
         format!("AWS_ACCESS_KEY_ID={}", keys.access_key_id),
         format!("AWS_SECRET_ACCESS_KEY={}", keys.secret_access_key),
-        format!("AWS_SESSION_TOKEN={}", keys.session_token.clone().unwrap_or_default()),
+        format!(
+            "AWS_SESSION_TOKEN={}",
+            keys.session_token.clone().unwrap_or_default()
+        ),
         format!("PGHARNESS_CA_BUNDLE={}", front.ca_bundle().display()),
     ];
     let text = lines.join("\n") + "\n";
     if let Some(path) = &cli.env_file {
-        std::fs::write(path, &text).with_context(|| format!("failed to write {}", path.display()))?;
+        std::fs::write(path, &text)
+            .with_context(|| format!("failed to write {}", path.display()))?;
     }
     use std::io::Write;
     let mut stdout = std::io::stdout();
     // A closed stdout (a background run) is not an error.
-    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!(logins = front.logins(), refused = front.refused(), "fake-aws stopping");
+    tracing::info!(
+        logins = front.logins(),
+        refused = front.refused(),
+        "fake-aws stopping"
+    );
     Ok(())
 }

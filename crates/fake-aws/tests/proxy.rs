@@ -14,13 +14,23 @@ use tokio::net::TcpListener;
 async fn proxy_for(env: &common::Env, reuse_for: Duration) -> rds_iam::Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tokens = Arc::new(env.tokens_with(Arc::new(rds_iam::clock::SystemClock), reuse_for));
-    serve(listener, env.target.clone(), ProxyPassword::random(), Arc::new(env.dialer.clone()), tokens).unwrap()
+    serve(
+        listener,
+        env.target.clone(),
+        ProxyPassword::random(),
+        Arc::new(env.dialer.clone()),
+        tokens,
+    )
+    .unwrap()
 }
 
 fn psql(proxy: &rds_iam::Proxy, password: &str, sql: &[&str]) -> std::process::Output {
     let mut command = Command::new("psql");
     command
-        .arg(format!("host=127.0.0.1 port={} user={USER} dbname=postgres", proxy.local_addr().port()))
+        .arg(format!(
+            "host=127.0.0.1 port={} user={USER} dbname=postgres",
+            proxy.local_addr().port()
+        ))
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "20");
@@ -36,13 +46,27 @@ async fn psql_keeps_a_session_longer_than_the_token_ttl() {
     let proxy = proxy_for(&env, Duration::from_secs(1)).await;
     let password = proxy.password().expose().to_owned();
     let output = tokio::task::spawn_blocking(move || {
-        psql(&proxy, &password, &["SELECT pg_sleep(3)", "SELECT current_user || ' ' || now()::date::text"])
+        psql(
+            &proxy,
+            &password,
+            &[
+                "SELECT pg_sleep(3)",
+                "SELECT current_user || ' ' || now()::date::text",
+            ],
+        )
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.lines().any(|l| l.starts_with(&format!("{USER} "))), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!("{USER} "))),
+        "{stdout}"
+    );
     assert_eq!(env.front.logins(), 1, "one login for the whole session");
 }
 
@@ -52,8 +76,14 @@ async fn new_sessions_after_the_ttl_log_in_with_fresh_tokens() {
     let proxy = Arc::new(proxy_for(&env, Duration::from_secs(1)).await);
     for _ in 0..2 {
         let (proxy, password) = (proxy.clone(), proxy.password().expose().to_owned());
-        let output = tokio::task::spawn_blocking(move || psql(&proxy, &password, &["SELECT 1"])).await.unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let output = tokio::task::spawn_blocking(move || psql(&proxy, &password, &["SELECT 1"]))
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         tokio::time::sleep(Duration::from_millis(2500)).await;
     }
     assert_eq!((env.front.logins(), env.front.refused()), (2, 0));
@@ -63,10 +93,18 @@ async fn new_sessions_after_the_ttl_log_in_with_fresh_tokens() {
 async fn a_wrong_password_is_refused() {
     let env = env(|_| {}).await;
     let proxy = proxy_for(&env, Duration::from_secs(60)).await;
-    let output = tokio::task::spawn_blocking(move || psql(&proxy, "not-the-password", &["SELECT 1"])).await.unwrap();
+    let output =
+        tokio::task::spawn_blocking(move || psql(&proxy, "not-the-password", &["SELECT 1"]))
+            .await
+            .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("password authentication failed for user \"{USER}\"")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "password authentication failed for user \"{USER}\""
+        )),
+        "{stderr}"
+    );
     assert_eq!(env.front.logins(), 0, "nothing reached RDS");
 }
 
@@ -75,10 +113,23 @@ async fn another_user_is_told_which_user_to_use() {
     let env = env(|_| {}).await;
     let proxy = proxy_for(&env, Duration::from_secs(60)).await;
     let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(proxy.local_addr().port()).user("someone_else").dbname("postgres").password(proxy.password().expose());
-    let error = config.connect(tokio_postgres::NoTls).await.err().expect("refused");
-    let message = error.as_db_error().map(|db| db.message().to_owned()).unwrap_or_default();
-    assert!(message.contains(&format!("this proxy logs in as \"{USER}\"")), "{error}");
+    config
+        .host("127.0.0.1")
+        .port(proxy.local_addr().port())
+        .user("someone_else")
+        .dbname("postgres")
+        .password(proxy.password().expose());
+    let Err(error) = config.connect(tokio_postgres::NoTls).await else {
+        panic!("refused")
+    };
+    let message = error
+        .as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&format!("this proxy logs in as \"{USER}\"")),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -86,13 +137,22 @@ async fn cancel_requests_reach_the_database() {
     let env = env(|_| {}).await;
     let proxy = proxy_for(&env, Duration::from_secs(60)).await;
     let config: tokio_postgres::Config = proxy.url().parse().unwrap();
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("through the proxy");
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("through the proxy");
     tokio::spawn(connection);
     let cancel = client.cancel_token();
     let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    cancel.cancel_query(tokio_postgres::NoTls).await.expect("the cancel request is sent");
-    let result = tokio::time::timeout(Duration::from_secs(10), query).await.expect("cancelled in time").unwrap();
-    let error = result.err().expect("the query was cancelled");
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("the cancel request is sent");
+    let result = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("cancelled in time")
+        .unwrap();
+    let error = result.expect_err("the query was cancelled");
     assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error}");
 }

@@ -15,8 +15,14 @@ use rds_iam::{TokenRequest, connect};
 async fn a_fresh_token_logs_in_over_verified_tls() {
     let env = env(|_| {}).await;
     let tokens = env.tokens();
-    let client = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits).await.expect("IAM login");
-    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let client = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .expect("IAM login");
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(user, USER);
     assert_eq!((env.front.logins(), env.front.refused()), (1, 0));
 }
@@ -25,11 +31,22 @@ async fn a_fresh_token_logs_in_over_verified_tls() {
 async fn a_connection_without_tls_gets_the_rds_answer() {
     let env = env(|_| {}).await;
     let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(env.front.local_addr().port()).user(USER).dbname("postgres").password("x");
-    let error = config.connect(tokio_postgres::NoTls).await.err().expect("refused");
+    config
+        .host("127.0.0.1")
+        .port(env.front.local_addr().port())
+        .user(USER)
+        .dbname("postgres")
+        .password("x");
+    let Err(error) = config.connect(tokio_postgres::NoTls).await else {
+        panic!("refused")
+    };
     let db = error.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "28000");
-    assert!(db.message().contains("no pg_hba.conf entry") && db.message().ends_with("no encryption"), "{}", db.message());
+    assert!(
+        db.message().contains("no pg_hba.conf entry") && db.message().ends_with("no encryption"),
+        "{}",
+        db.message()
+    );
 }
 
 #[tokio::test]
@@ -38,11 +55,21 @@ async fn an_expired_token_is_refused_with_the_rds_error() {
     let sixteen_minutes_ago = ManualClock::new(SystemTime::now() - Duration::from_secs(16 * 60));
     let tokens = env.tokens_with(Arc::new(sixteen_minutes_ago), Duration::from_secs(60));
     let started = Instant::now();
-    let error = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits).await.err().expect("refused");
+    let error = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .expect_err("refused");
     assert_eq!(error.code(), Some("28000"), "{error}");
-    assert!(error.to_string().contains(&format!("PAM authentication failed for user \"{USER}\"")), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("PAM authentication failed for user \"{USER}\"")),
+        "{error}"
+    );
     assert!(!is_transient(&error));
-    assert!(started.elapsed() < Duration::from_secs(10), "an auth failure must not be retried");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an auth failure must not be retried"
+    );
     assert_eq!(env.front.refused(), 1);
 }
 
@@ -51,21 +78,40 @@ async fn after_the_token_ttl_a_new_connection_gets_a_fresh_token() {
     let clock = ManualClock::new(SystemTime::now());
     let env = env(|config| config.clock = Arc::new(clock.clone())).await;
     let tokens = env.tokens_with(Arc::new(clock.clone()), rds_iam::cache::DEFAULT_REUSE);
-    let first = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits).await.unwrap();
+    let first = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .unwrap();
     let first_token = tokens.token(&env.target.endpoint).await.unwrap();
     clock.advance(Duration::from_secs(15 * 60 + 30));
     // The first session outlives its token…
-    first.simple_query("SELECT 1").await.expect("an open session does not need its token again");
+    first
+        .simple_query("SELECT 1")
+        .await
+        .expect("an open session does not need its token again");
     // …the old token no longer logs in…
     let mut config = tokio_postgres::Config::new();
-    config.user(USER).dbname("postgres").password(first_token.expose()).ssl_mode(tokio_postgres::config::SslMode::Require);
+    config
+        .user(USER)
+        .dbname("postgres")
+        .password(first_token.expose())
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
     let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*env.target.tls).clone());
-    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, env.front.hostname()).unwrap();
-    let stream = tokio::net::TcpStream::connect(env.front.local_addr()).await.unwrap();
-    let error = config.connect_raw(stream, tls).await.err().expect("the old token is refused");
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut make,
+        env.front.hostname(),
+    )
+    .unwrap();
+    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
+        .await
+        .unwrap();
+    let Err(error) = config.connect_raw(stream, tls).await else {
+        panic!("the old token is refused")
+    };
     assert_eq!(error.code().map(|c| c.code()), Some("28000"));
     // …and a new connection gets a fresh one.
-    let second = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits).await.expect("a fresh token logs in");
+    let second = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .expect("a fresh token logs in");
     second.simple_query("SELECT 1").await.unwrap();
     assert_eq!(tokens.minted(), 2);
 }
@@ -74,13 +120,24 @@ async fn after_the_token_ttl_a_new_connection_gets_a_fresh_token() {
 async fn a_certificate_for_another_name_is_refused_at_once() {
     let env = env(|_| {}).await;
     let mut target = env.target.clone();
-    target.endpoint = TokenRequest::new("other.cluster-c0ffee.eu-west-2.rds.amazonaws.com", 5432, USER, None).unwrap();
+    target.endpoint = TokenRequest::new(
+        "other.cluster-c0ffee.eu-west-2.rds.amazonaws.com",
+        5432,
+        USER,
+        None,
+    )
+    .unwrap();
     let tokens = env.tokens();
     let started = Instant::now();
-    let error = connect(&target, None, &env.dialer, &tokens, &ignore_waits).await.err().expect("refused");
+    let error = connect(&target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .expect_err("refused");
     let text = format!("{error}");
     assert!(!is_transient(&error), "{text}");
-    assert!(text.to_lowercase().contains("certificate") || text.contains("NotValidForName"), "{text}");
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("NotValidForName"),
+        "{text}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(env.front.logins(), 0);
 }
@@ -94,7 +151,10 @@ async fn a_token_minted_by_botocore_is_accepted() {
         "session_token": env.keys.session_token,
         "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
     });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../rds-iam/tests/botocore_tokens.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../rds-iam/tests/botocore_tokens.py"
+    );
     let mut child = std::process::Command::new("python3")
         .arg(script)
         .stdin(std::process::Stdio::piped())
@@ -104,15 +164,31 @@ async fn a_token_minted_by_botocore_is_accepted() {
     use std::io::Write;
     writeln!(child.stdin.take().unwrap(), "{case}").unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "botocore failed (pip install botocore)");
+    assert!(
+        output.status.success(),
+        "botocore failed (pip install botocore)"
+    );
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
 
     let mut config = tokio_postgres::Config::new();
-    config.user(USER).dbname("postgres").password(&token).ssl_mode(tokio_postgres::config::SslMode::Require);
+    config
+        .user(USER)
+        .dbname("postgres")
+        .password(&token)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
     let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*env.target.tls).clone());
-    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, env.front.hostname()).unwrap();
-    let stream = tokio::net::TcpStream::connect(env.front.local_addr()).await.unwrap();
-    let (client, connection) = config.connect_raw(stream, tls).await.expect("botocore's token logs in");
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut make,
+        env.front.hostname(),
+    )
+    .unwrap();
+    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
+        .await
+        .unwrap();
+    let (client, connection) = config
+        .connect_raw(stream, tls)
+        .await
+        .expect("botocore's token logs in");
     tokio::spawn(connection);
     client.simple_query("SELECT 1").await.unwrap();
 }
@@ -120,7 +196,10 @@ async fn a_token_minted_by_botocore_is_accepted() {
 #[tokio::test]
 async fn a_paused_cluster_is_waited_out_with_visible_progress() {
     let env = env(|config| {
-        config.pause = Some(fake_aws::rds::PauseConfig { idle_after: Duration::from_secs(3600), resume_takes: Duration::from_secs(3) })
+        config.pause = Some(fake_aws::rds::PauseConfig {
+            idle_after: Duration::from_secs(3600),
+            resume_takes: Duration::from_secs(3),
+        })
     })
     .await;
     env.front.pause_now();
@@ -131,25 +210,42 @@ async fn a_paused_cluster_is_waited_out_with_visible_progress() {
         move |waiting: rds_iam::Waiting| seen.lock().unwrap().push(waiting.to_string())
     };
     let started = Instant::now();
-    let client = connect(&env.target, None, &env.dialer, &tokens, &record).await.expect("the cluster resumes");
+    let client = connect(&env.target, None, &env.dialer, &tokens, &record)
+        .await
+        .expect("the cluster resumes");
     client.simple_query("SELECT 1").await.unwrap();
-    assert!(started.elapsed() >= Duration::from_secs(2), "it did wait for the resume");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it did wait for the resume"
+    );
     let seen = seen.lock().unwrap();
     assert!(!seen.is_empty(), "no progress was shown");
-    assert!(seen.iter().all(|line| line.starts_with("waiting for the database to resume…")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|line| line.starts_with("waiting for the database to resume…")),
+        "{seen:?}"
+    );
     assert_eq!(env.front.resumes(), 1);
 }
 
 #[tokio::test]
 async fn a_cluster_that_never_resumes_is_a_clear_timeout() {
     let env = env(|config| {
-        config.pause = Some(fake_aws::rds::PauseConfig { idle_after: Duration::from_secs(3600), resume_takes: Duration::from_secs(600) })
+        config.pause = Some(fake_aws::rds::PauseConfig {
+            idle_after: Duration::from_secs(3600),
+            resume_takes: Duration::from_secs(600),
+        })
     })
     .await;
     env.front.pause_now();
     let mut target = env.target.clone();
     target.wake_deadline = Duration::from_secs(2);
-    let error = connect(&target, None, &env.dialer, &env.tokens(), &ignore_waits).await.err().expect("gives up");
+    let error = connect(&target, None, &env.dialer, &env.tokens(), &ignore_waits)
+        .await
+        .expect_err("gives up");
     let text = error.to_string();
-    assert!(text.contains("did not accept connections within") && text.contains("wake deadline"), "{text}");
+    assert!(
+        text.contains("did not accept connections within") && text.contains("wake deadline"),
+        "{text}"
+    );
 }

@@ -37,19 +37,32 @@ async fn no_secret_reaches_the_logs() {
 
     let env = env(|_| {}).await;
     let tokens = env.tokens();
-    let client = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits).await.unwrap();
+    let client = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
+        .await
+        .unwrap();
     client.simple_query("SELECT 1").await.unwrap();
     let token = tokens.token(&env.target.endpoint).await.unwrap();
 
     // A refused (expired) login logs its reason.
     let old = ManualClock::new(SystemTime::now() - Duration::from_secs(3600));
     let stale = env.tokens_with(Arc::new(old), Duration::from_secs(60));
-    assert!(connect(&env.target, None, &env.dialer, &stale, &ignore_waits).await.is_err());
+    assert!(
+        connect(&env.target, None, &env.dialer, &stale, &ignore_waits)
+            .await
+            .is_err()
+    );
 
     // The proxy, with a right and a wrong password.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let password = ProxyPassword::random();
-    let proxy = serve(listener, env.target.clone(), password.clone(), Arc::new(env.dialer.clone()), Arc::new(env.tokens())).unwrap();
+    let proxy = serve(
+        listener,
+        env.target.clone(),
+        password.clone(),
+        Arc::new(env.dialer.clone()),
+        Arc::new(env.tokens()),
+    )
+    .unwrap();
     let config: tokio_postgres::Config = proxy.url().parse().unwrap();
     let (proxied, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -62,20 +75,40 @@ async fn no_secret_reaches_the_logs() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("refused an IAM login"), "the capture works: {logs}");
+    assert!(
+        logs.contains("refused an IAM login"),
+        "the capture works: {logs}"
+    );
     assert!(logs.contains("minted an IAM auth token"), "{logs}");
-    let signature = token.expose().rsplit("X-Amz-Signature=").next().unwrap().to_owned();
+    let signature = token
+        .expose()
+        .rsplit("X-Amz-Signature=")
+        .next()
+        .unwrap()
+        .to_owned();
     let secrets = [
         ("the token's signature", signature.as_str()),
         ("the token", token.expose()),
         ("the proxy password", password.expose()),
         ("the secret key", env.keys.secret_access_key.as_str()),
-        ("the session token", env.keys.session_token.as_deref().unwrap()),
-        ("the encoded session token", &rds_iam::token::encode_query_value(env.keys.session_token.as_deref().unwrap())),
+        (
+            "the session token",
+            env.keys.session_token.as_deref().unwrap(),
+        ),
+        (
+            "the encoded session token",
+            &rds_iam::token::encode_query_value(env.keys.session_token.as_deref().unwrap()),
+        ),
     ];
     for (what, secret) in secrets {
-        let line = logs.lines().find(|l| l.contains(secret)).unwrap_or_default();
+        let line = logs
+            .lines()
+            .find(|l| l.contains(secret))
+            .unwrap_or_default();
         assert!(!logs.contains(secret), "{what} appears in the logs: {line}");
     }
-    assert!(!logs.contains("X-Amz-Signature="), "a signed URL appears in the logs");
+    assert!(
+        !logs.contains("X-Amz-Signature="),
+        "a signed URL appears in the logs"
+    );
 }

@@ -38,7 +38,11 @@ impl TokenCache {
     }
 
     /// A cache with its own clock and reuse period (capped at the token lifetime).
-    pub fn with_clock(source: Arc<dyn CredentialSource>, clock: Arc<dyn Clock>, reuse_for: Duration) -> TokenCache {
+    pub fn with_clock(
+        source: Arc<dyn CredentialSource>,
+        clock: Arc<dyn Clock>,
+        reuse_for: Duration,
+    ) -> TokenCache {
         TokenCache {
             source,
             clock,
@@ -62,10 +66,15 @@ impl TokenCache {
         });
         if !fresh {
             let credentials = self.source.credentials().await?;
-            tracing::debug!(access_key_id = credentials.access_key_id(), "loaded AWS credentials");
+            tracing::debug!(
+                access_key_id = credentials.access_key_id(),
+                "loaded AWS credentials"
+            );
             *cached = Some(credentials);
         }
-        cached.clone().ok_or_else(|| Error::Credentials("no credentials were loaded".into()))
+        cached
+            .clone()
+            .ok_or_else(|| Error::Credentials("no credentials were loaded".into()))
     }
 
     /// A token for `request`: the cached one while it is fresh, else a new one.
@@ -107,7 +116,9 @@ mod tests {
     use crate::credentials::StaticCredentials;
 
     fn cache(clock: &ManualClock) -> TokenCache {
-        let source = Arc::new(StaticCredentials(Credentials::new("AKID", "secret", None, None, "test")));
+        let source = Arc::new(StaticCredentials(Credentials::new(
+            "AKID", "secret", None, None, "test",
+        )));
         TokenCache::with_clock(source, Arc::new(clock.clone()), DEFAULT_REUSE)
     }
 
@@ -159,11 +170,21 @@ mod tests {
     struct Expiring(std::sync::atomic::AtomicU32, ManualClock);
 
     impl CredentialSource for Expiring {
-        fn credentials(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Credentials, Error>> + Send + '_>> {
+        fn credentials(
+            &self,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Credentials, Error>> + Send + '_>,
+        > {
             Box::pin(async move {
                 let n = self.0.fetch_add(1, Ordering::Relaxed);
                 let expiry = self.1.now() + Duration::from_secs(600);
-                Ok(Credentials::new(format!("ASIA{n}"), "s", Some("t".into()), Some(expiry), "test"))
+                Ok(Credentials::new(
+                    format!("ASIA{n}"),
+                    "s",
+                    Some("t".into()),
+                    Some(expiry),
+                    "test",
+                ))
             })
         }
     }
@@ -177,7 +198,10 @@ mod tests {
         assert!(first.expose().contains("ASIA0"));
         clock.advance(Duration::from_secs(6 * 60)); // credentials now within 5 min of expiry
         let second = cache.token(&request("app")).await.unwrap();
-        assert!(second.expose().contains("ASIA1"), "credentials were not refreshed");
+        assert!(
+            second.expose().contains("ASIA1"),
+            "credentials were not refreshed"
+        );
         assert_eq!(source.0.load(Ordering::Relaxed), 2);
     }
 }

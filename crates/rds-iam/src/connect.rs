@@ -41,7 +41,12 @@ pub struct Waiting {
 
 impl std::fmt::Display for Waiting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "waiting for the database to resume… {}s ({})", self.waited.as_secs(), self.reason)
+        write!(
+            f,
+            "waiting for the database to resume… {}s ({})",
+            self.waited.as_secs(),
+            self.reason
+        )
     }
 }
 
@@ -49,11 +54,14 @@ impl std::fmt::Display for Waiting {
 pub fn is_transient(error: &Error) -> bool {
     match error {
         Error::Io { source, .. } => io_transient(source),
-        Error::Refused { code, message, .. } => code == "57P03" || (code == "28000" && message.contains("no pg_hba.conf entry")),
+        Error::Refused { code, message, .. } => {
+            code == "57P03" || (code == "28000" && message.contains("no pg_hba.conf entry"))
+        }
         Error::Postgres { source, .. } => match source.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
-                code == "57P03" || (code == "28000" && db.message().contains("no pg_hba.conf entry"))
+                code == "57P03"
+                    || (code == "28000" && db.message().contains("no pg_hba.conf entry"))
             }
             // No server answer: transient unless TLS itself rejected the server.
             None => !chain_has_tls_error(source),
@@ -64,10 +72,22 @@ pub fn is_transient(error: &Error) -> bool {
 
 fn io_transient(error: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    if error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+    if error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+    {
         return false;
     }
-    matches!(error.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | UnexpectedEof | BrokenPipe | NotConnected)
+    matches!(
+        error.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | TimedOut
+            | UnexpectedEof
+            | BrokenPipe
+            | NotConnected
+    )
 }
 
 fn chain_has_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -77,7 +97,9 @@ fn chain_has_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
         {
             return true;
         }
@@ -87,7 +109,11 @@ fn chain_has_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Retries `attempt` while it fails transiently, until `deadline`, reporting once a second.
-pub(crate) async fn with_wake<T, F, Fut>(deadline: Duration, on_wait: &(dyn Fn(Waiting) + Send + Sync), mut attempt: F) -> Result<T, Error>
+pub(crate) async fn with_wake<T, F, Fut>(
+    deadline: Duration,
+    on_wait: &(dyn Fn(Waiting) + Send + Sync),
+    mut attempt: F,
+) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
@@ -105,11 +131,17 @@ where
         }
         let waited = started.elapsed();
         if waited + delay > deadline {
-            return Err(Error::WakeTimeout { waited, last: error.to_string() });
+            return Err(Error::WakeTimeout {
+                waited,
+                last: error.to_string(),
+            });
         }
         if last_report.elapsed() >= Duration::from_secs(1) || waited < delay {
             last_report = Instant::now();
-            let waiting = Waiting { waited, reason: error.to_string() };
+            let waiting = Waiting {
+                waited,
+                reason: error.to_string(),
+            };
             tracing::info!("{waiting}");
             on_wait(waiting);
         }
@@ -128,7 +160,10 @@ pub async fn connect(
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<Client, Error> {
     with_wake(target.wake_deadline, on_wait, || async {
-        let stream = dialer.dial().await.map_err(|e| Error::io("failed to open a stream to the database", e))?;
+        let stream = dialer
+            .dial()
+            .await
+            .map_err(|e| Error::io("failed to open a stream to the database", e))?;
         let token = tokens.token(&target.endpoint).await?;
         let mut config = tokio_postgres::Config::new();
         config
@@ -142,12 +177,22 @@ pub async fn connect(
             config.options(options);
         }
         let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
-        let tls = tokio_postgres::tls::MakeTlsConnect::<BoxStream>::make_tls_connect(&mut make, &target.endpoint.host)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let (client, connection) = config
-            .connect_raw(stream, tls)
-            .await
-            .map_err(|e| Error::Postgres { action: format!("failed to log in to {} as {}", target.endpoint.host, target.endpoint.user), source: e })?;
+        let tls = tokio_postgres::tls::MakeTlsConnect::<BoxStream>::make_tls_connect(
+            &mut make,
+            &target.endpoint.host,
+        )
+        .map_err(|e| Error::Tls(e.to_string()))?;
+        let (client, connection) =
+            config
+                .connect_raw(stream, tls)
+                .await
+                .map_err(|e| Error::Postgres {
+                    action: format!(
+                        "failed to log in to {} as {}",
+                        target.endpoint.host, target.endpoint.user
+                    ),
+                    source: e,
+                })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(error = %error, "RDS connection ended");
@@ -205,15 +250,29 @@ pub(crate) async fn open_raw(
 }
 
 /// A TLS stream to the database: SSLRequest, then a handshake verified against the endpoint.
-pub(crate) async fn tls_stream(target: &RdsTarget, dialer: &dyn Dialer) -> Result<TlsStream<BoxStream>, Error> {
+pub(crate) async fn tls_stream(
+    target: &RdsTarget,
+    dialer: &dyn Dialer,
+) -> Result<TlsStream<BoxStream>, Error> {
     let io = |e| Error::io("failed to start TLS with the database", e);
-    let mut stream = dialer.dial().await.map_err(|e| Error::io("failed to open a stream to the database", e))?;
+    let mut stream = dialer
+        .dial()
+        .await
+        .map_err(|e| Error::io("failed to open a stream to the database", e))?;
     stream.write_all(&wire::ssl_request()).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
     match stream.read_u8().await.map_err(io)? {
         b'S' => {}
-        b'N' => return Err(Error::Tls("the server does not offer TLS; RDS IAM authentication requires it".into())),
-        other => return Err(Error::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
+        b'N' => {
+            return Err(Error::Tls(
+                "the server does not offer TLS; RDS IAM authentication requires it".into(),
+            ));
+        }
+        other => {
+            return Err(Error::Protocol(format!(
+                "unexpected answer {other:#x} to SSLRequest"
+            )));
+        }
     }
     let name = tls::server_name(&target.endpoint.host)?;
     TlsConnector::from(target.tls.clone()).connect(name, stream).await.map_err(|e| {

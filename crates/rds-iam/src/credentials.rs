@@ -38,9 +38,9 @@ impl DefaultChain {
     /// Loads the chain the AWS CLI and SDKs use (honours `AWS_PROFILE`, `AWS_REGION`, …).
     pub async fn load() -> Result<DefaultChain, Error> {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let provider = config
-            .credentials_provider()
-            .ok_or_else(|| Error::Credentials("the AWS configuration has no credential provider".into()))?;
+        let provider = config.credentials_provider().ok_or_else(|| {
+            Error::Credentials("the AWS configuration has no credential provider".into())
+        })?;
         Ok(DefaultChain { provider })
     }
 }

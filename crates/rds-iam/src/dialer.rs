@@ -33,7 +33,9 @@ pub struct TcpDialer {
 impl TcpDialer {
     /// Dials `address`.
     pub fn new(address: impl Into<String>) -> TcpDialer {
-        TcpDialer { address: address.into() }
+        TcpDialer {
+            address: address.into(),
+        }
     }
 }
 

@@ -15,7 +15,9 @@ pub enum Error {
         fix: String,
     },
     /// No AWS credentials could be found or refreshed.
-    #[error("no AWS credentials: {0}; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run `aws sso login`")]
+    #[error(
+        "no AWS credentials: {0}; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run `aws sso login`"
+    )]
     Credentials(String),
     /// Signing a token failed.
     #[error("failed to sign an IAM auth token: {0}")]
@@ -52,7 +54,9 @@ pub enum Error {
         message: String,
     },
     /// The database did not become available within the wake-up deadline.
-    #[error("the database did not accept connections within {waited:?} (last: {last}); if it is an Aurora Serverless cluster that pauses, raise the wake deadline")]
+    #[error(
+        "the database did not accept connections within {waited:?} (last: {last}); if it is an Aurora Serverless cluster that pauses, raise the wake deadline"
+    )]
     WakeTimeout {
         /// How long we waited.
         waited: std::time::Duration,
@@ -65,12 +69,23 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(name: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Error {
-        Error::Config { name, problem: problem.into(), fix: fix.into() }
+    pub(crate) fn config(
+        name: &'static str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Error {
+        Error::Config {
+            name,
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub(crate) fn io(action: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { action: action.into(), source }
+        Error::Io {
+            action: action.into(),
+            source,
+        }
     }
 
     /// The SQLSTATE of a server refusal, if this is one.

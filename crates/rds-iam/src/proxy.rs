@@ -95,8 +95,16 @@ impl Drop for Proxy {
 }
 
 /// Starts a proxy on `listener` (bind 127.0.0.1:0 for an ephemeral port).
-pub fn serve(listener: TcpListener, target: RdsTarget, password: ProxyPassword, dialer: Arc<dyn Dialer>, tokens: Arc<TokenCache>) -> Result<Proxy, Error> {
-    let addr = listener.local_addr().map_err(|e| Error::io("failed to read the proxy's address", e))?;
+pub fn serve(
+    listener: TcpListener,
+    target: RdsTarget,
+    password: ProxyPassword,
+    dialer: Arc<dyn Dialer>,
+    tokens: Arc<TokenCache>,
+) -> Result<Proxy, Error> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("failed to read the proxy's address", e))?;
     let verifier = Arc::new(ScramVerifier::new(password.expose()));
     let target = Arc::new(target);
     let (user, database) = (target.endpoint.user.clone(), target.database.clone());
@@ -109,16 +117,29 @@ pub fn serve(listener: TcpListener, target: RdsTarget, password: ProxyPassword, 
                     continue;
                 }
             };
-            let (target, verifier, dialer, tokens) = (target.clone(), verifier.clone(), dialer.clone(), tokens.clone());
+            let (target, verifier, dialer, tokens) = (
+                target.clone(),
+                verifier.clone(),
+                dialer.clone(),
+                tokens.clone(),
+            );
             tokio::spawn(async move {
-                if let Err(error) = session(client, &target, &verifier, dialer.as_ref(), &tokens).await {
+                if let Err(error) =
+                    session(client, &target, &verifier, dialer.as_ref(), &tokens).await
+                {
                     tracing::info!(%peer, %error, "proxy: session ended with an error");
                 }
             });
         }
     });
     tracing::info!(%addr, endpoint = %user, "local auth proxy listening");
-    Ok(Proxy { addr, user, database, password, accept })
+    Ok(Proxy {
+        addr,
+        user,
+        database,
+        password,
+        accept,
+    })
 }
 
 async fn refuse(client: &mut TcpStream, code: &str, message: &str) -> Result<(), Error> {
@@ -128,27 +149,52 @@ async fn refuse(client: &mut TcpStream, code: &str, message: &str) -> Result<(),
         .map_err(|e| Error::io("failed to answer the client", e))
 }
 
-async fn session(mut client: TcpStream, target: &RdsTarget, verifier: &ScramVerifier, dialer: &dyn Dialer, tokens: &TokenCache) -> Result<(), Error> {
+async fn session(
+    mut client: TcpStream,
+    target: &RdsTarget,
+    verifier: &ScramVerifier,
+    dialer: &dyn Dialer,
+    tokens: &TokenCache,
+) -> Result<(), Error> {
     client.set_nodelay(true).ok();
     let protocol = |e: wire::WireError| Error::Protocol(e.to_string());
     let params = loop {
         match wire::read_startup(&mut client).await.map_err(protocol)? {
             // The hop to the proxy is loopback; TLS is for the hop to RDS.
-            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await.map_err(|e| Error::io("failed to answer the client", e))?,
+            Startup::Ssl | Startup::GssEnc => client
+                .write_all(b"N")
+                .await
+                .map_err(|e| Error::io("failed to answer the client", e))?,
             Startup::Cancel(packet) => return forward_cancel(target, dialer, &packet).await,
             Startup::Startup(params) => break params,
         }
     };
-    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or("");
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
     if user != target.endpoint.user {
-        let message = format!("this proxy logs in as \"{}\"; connect as that user (not \"{user}\")", target.endpoint.user);
+        let message = format!(
+            "this proxy logs in as \"{}\"; connect as that user (not \"{user}\")",
+            target.endpoint.user
+        );
         return refuse(&mut client, "28000", &message).await;
     }
     if !scram::authenticate(&mut client, verifier).await? {
-        return refuse(&mut client, "28P01", &format!("password authentication failed for user \"{user}\"")).await;
+        return refuse(
+            &mut client,
+            "28P01",
+            &format!("password authentication failed for user \"{user}\""),
+        )
+        .await;
     }
     let mut params = params;
-    if let Some(database) = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone()) {
+    if let Some(database) = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map(|(_, v)| v.clone())
+    {
         params.retain(|(k, _)| k != "database");
         params.push(("database".into(), database));
     }
@@ -156,20 +202,41 @@ async fn session(mut client: TcpStream, target: &RdsTarget, verifier: &ScramVeri
     if let Some((_, database)) = params.iter().find(|(k, _)| k == "database") {
         target.database = database.clone();
     }
-    let mut upstream = match open_raw(&target, &params, dialer, tokens, &|waiting| tracing::info!("proxy: {waiting}")).await {
+    let mut upstream = match open_raw(&target, &params, dialer, tokens, &|waiting| {
+        tracing::info!("proxy: {waiting}")
+    })
+    .await
+    {
         Ok(upstream) => upstream,
         Err(error) => {
-            refuse(&mut client, "08006", &format!("the proxy could not log in to {}: {error}", target.endpoint.host)).await?;
+            refuse(
+                &mut client,
+                "08006",
+                &format!(
+                    "the proxy could not log in to {}: {error}",
+                    target.endpoint.host
+                ),
+            )
+            .await?;
             return Err(error);
         }
     };
-    copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| Error::io("relay", e))?;
+    copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .map_err(|e| Error::io("relay", e))?;
     Ok(())
 }
 
-async fn forward_cancel(target: &RdsTarget, dialer: &dyn Dialer, packet: &[u8]) -> Result<(), Error> {
+async fn forward_cancel(
+    target: &RdsTarget,
+    dialer: &dyn Dialer,
+    packet: &[u8],
+) -> Result<(), Error> {
     let mut upstream = tls_stream(target, dialer).await?;
-    upstream.write_all(packet).await.map_err(|e| Error::io("failed to forward a cancel request", e))?;
+    upstream
+        .write_all(packet)
+        .await
+        .map_err(|e| Error::io("failed to forward a cancel request", e))?;
     upstream.shutdown().await.ok();
     Ok(())
 }

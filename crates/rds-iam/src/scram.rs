@@ -16,7 +16,8 @@ type HmacSha256 = Hmac<Sha256>;
 const ITERATIONS: u32 = 4096;
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = HmacSha256::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -65,49 +66,77 @@ impl ScramVerifier {
 }
 
 fn attribute<'a>(message: &'a str, name: &str) -> Option<&'a str> {
-    message.split(',').find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
+    message
+        .split(',')
+        .find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
 }
 
 async fn read_sasl<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, Error> {
-    let (tag, body) = wire::read_message(stream).await.map_err(|e| Error::Protocol(e.to_string()))?;
+    let (tag, body) = wire::read_message(stream)
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?;
     if tag != b'p' {
-        return Err(Error::Protocol(format!("expected a SASL response, got '{}'", tag as char)));
+        return Err(Error::Protocol(format!(
+            "expected a SASL response, got '{}'",
+            tag as char
+        )));
     }
     Ok(body)
 }
 
 /// Runs the exchange on `stream` (after the StartupMessage). `Ok(true)` when the client
 /// proved it knows the password; the caller then sends (or relays) AuthenticationOk.
-pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, verifier: &ScramVerifier) -> Result<bool, Error> {
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    verifier: &ScramVerifier,
+) -> Result<bool, Error> {
     let io = |e: std::io::Error| Error::io("SCRAM exchange", e);
-    stream.write_all(&wire::auth_request(10, b"SCRAM-SHA-256\0\0")).await.map_err(io)?;
+    stream
+        .write_all(&wire::auth_request(10, b"SCRAM-SHA-256\0\0"))
+        .await
+        .map_err(io)?;
     stream.flush().await.map_err(io)?;
 
     let body = read_sasl(stream).await?;
     let mut rest = body.as_slice();
     let mechanism = wire::take_cstring(&mut rest).map_err(|e| Error::Protocol(e.to_string()))?;
     if mechanism != "SCRAM-SHA-256" {
-        return Err(Error::Protocol(format!("client chose {mechanism}, only SCRAM-SHA-256 is offered")));
+        return Err(Error::Protocol(format!(
+            "client chose {mechanism}, only SCRAM-SHA-256 is offered"
+        )));
     }
     if rest.len() < 4 {
         return Err(Error::Protocol("truncated SASLInitialResponse".into()));
     }
-    let client_first = std::str::from_utf8(&rest[4..]).map_err(|_| Error::Protocol("client-first is not UTF-8".into()))?;
-    let (gs2_header, client_first_bare) = match client_first.strip_prefix("n,,").or_else(|| client_first.strip_prefix("y,,")) {
+    let client_first = std::str::from_utf8(&rest[4..])
+        .map_err(|_| Error::Protocol("client-first is not UTF-8".into()))?;
+    let (gs2_header, client_first_bare) = match client_first
+        .strip_prefix("n,,")
+        .or_else(|| client_first.strip_prefix("y,,"))
+    {
         Some(bare) => (&client_first[..3], bare.to_owned()),
-        None => return Err(Error::Protocol("channel binding is not supported by this proxy".into())),
+        None => {
+            return Err(Error::Protocol(
+                "channel binding is not supported by this proxy".into(),
+            ));
+        }
     };
-    let client_nonce = attribute(&client_first_bare, "r").ok_or_else(|| Error::Protocol("client-first without a nonce".into()))?;
+    let client_nonce = attribute(&client_first_bare, "r")
+        .ok_or_else(|| Error::Protocol("client-first without a nonce".into()))?;
 
     let mut server_random = [0; 18];
     rand::rng().fill_bytes(&mut server_random);
     let nonce = format!("{client_nonce}{}", B64.encode(server_random));
     let server_first = format!("r={nonce},s={},i={ITERATIONS}", B64.encode(verifier.salt));
-    stream.write_all(&wire::auth_request(11, server_first.as_bytes())).await.map_err(io)?;
+    stream
+        .write_all(&wire::auth_request(11, server_first.as_bytes()))
+        .await
+        .map_err(io)?;
     stream.flush().await.map_err(io)?;
 
     let body = read_sasl(stream).await?;
-    let client_final = std::str::from_utf8(&body).map_err(|_| Error::Protocol("client-final is not UTF-8".into()))?;
+    let client_final = std::str::from_utf8(&body)
+        .map_err(|_| Error::Protocol("client-final is not UTF-8".into()))?;
     let (without_proof, proof) = client_final
         .rsplit_once(",p=")
         .ok_or_else(|| Error::Protocol("client-final without a proof".into()))?;
@@ -117,7 +146,9 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, ver
     if attribute(without_proof, "c") != Some(B64.encode(gs2_header).as_str()) {
         return Ok(false);
     }
-    let Ok(proof) = B64.decode(proof) else { return Ok(false) };
+    let Ok(proof) = B64.decode(proof) else {
+        return Ok(false);
+    };
     if proof.len() != 32 {
         return Ok(false);
     }
@@ -126,12 +157,20 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, ver
     let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
     let matches: [u8; 32] = Sha256::digest(&client_key).into();
     // Compare without an early exit.
-    if matches.iter().zip(verifier.stored_key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+    if matches
+        .iter()
+        .zip(verifier.stored_key)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        != 0
+    {
         return Ok(false);
     }
     let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
     let server_final = format!("v={}", B64.encode(server_signature));
-    stream.write_all(&wire::auth_request(12, server_final.as_bytes())).await.map_err(io)?;
+    stream
+        .write_all(&wire::auth_request(12, server_final.as_bytes()))
+        .await
+        .map_err(io)?;
     stream.flush().await.map_err(io)?;
     Ok(true)
 }
@@ -149,9 +188,19 @@ mod tests {
         let stored_key = Sha256::digest(client_key);
         let auth_message = "n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
         let signature = hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
-        assert_eq!(B64.encode(proof), "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        assert_eq!(
+            B64.encode(proof),
+            "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+        );
         let server_key = hmac(&salted, b"Server Key");
-        assert_eq!(B64.encode(hmac(&server_key, auth_message.as_bytes())), "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        assert_eq!(
+            B64.encode(hmac(&server_key, auth_message.as_bytes())),
+            "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
     }
 }

@@ -37,9 +37,12 @@ pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
             path.display()
         ))
     })?;
-    let certs: Vec<_> = iter
-        .collect::<Result<_, _>>()
-        .map_err(|e| Error::Tls(format!("the CA bundle {} is not valid PEM: {e}", path.display())))?;
+    let certs: Vec<_> = iter.collect::<Result<_, _>>().map_err(|e| {
+        Error::Tls(format!(
+            "the CA bundle {} is not valid PEM: {e}",
+            path.display()
+        ))
+    })?;
     if certs.is_empty() {
         return Err(Error::Tls(format!(
             "the CA bundle {} holds no certificates (download the RDS bundle for your region, or the global one)",
@@ -82,7 +85,8 @@ pub fn client_config(policy: &TlsPolicy) -> Result<Arc<ClientConfig>, Error> {
 
 /// The name the certificate must carry.
 pub fn server_name(endpoint: &str) -> Result<ServerName<'static>, Error> {
-    ServerName::try_from(endpoint.to_owned()).map_err(|e| Error::Tls(format!("`{endpoint}` is not a valid TLS name: {e}")))
+    ServerName::try_from(endpoint.to_owned())
+        .map_err(|e| Error::Tls(format!("`{endpoint}` is not a valid TLS name: {e}")))
 }
 
 #[derive(Debug)]
@@ -97,7 +101,10 @@ impl ServerCertVerifier for AcceptAnything {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        tracing::warn!(?server_name, "accepting a server certificate WITHOUT checking it");
+        tracing::warn!(
+            ?server_name,
+            "accepting a server certificate WITHOUT checking it"
+        );
         Ok(ServerCertVerified::assertion())
     }
 
@@ -107,7 +114,12 @@ impl ServerCertVerifier for AcceptAnything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -116,7 +128,12 @@ impl ServerCertVerifier for AcceptAnything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -130,11 +147,19 @@ mod tests {
 
     #[test]
     fn a_missing_or_empty_bundle_says_what_to_do() {
-        let error = client_config(&TlsPolicy::VerifyFull { ca_bundle: "/nonexistent/bundle.pem".into() }).unwrap_err().to_string();
+        let error = client_config(&TlsPolicy::VerifyFull {
+            ca_bundle: "/nonexistent/bundle.pem".into(),
+        })
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("PGHARNESS_CA_BUNDLE"), "{error}");
         let empty = std::env::temp_dir().join(format!("rds-iam-empty-{}.pem", std::process::id()));
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        let error = client_config(&TlsPolicy::VerifyFull { ca_bundle: empty.clone() }).unwrap_err().to_string();
+        let error = client_config(&TlsPolicy::VerifyFull {
+            ca_bundle: empty.clone(),
+        })
+        .unwrap_err()
+        .to_string();
         std::fs::remove_file(empty).unwrap();
         assert!(error.contains("holds no certificates"), "{error}");
     }

@@ -7,7 +7,9 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign};
+use aws_sigv4::http_request::{
+    SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign,
+};
 use aws_sigv4::sign::v4;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
@@ -17,7 +19,11 @@ use crate::error::Error;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 
 /// SigV4's "unreserved" characters stay as they are; everything else is percent-encoded.
-const SIGV4_ENCODE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const SIGV4_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Percent-encodes a query value the way SigV4 canonicalises it.
 pub fn encode_query_value(value: &str) -> String {
@@ -39,13 +45,30 @@ pub struct TokenRequest {
 
 impl TokenRequest {
     /// A request whose region is given, or read from an `*.rds.amazonaws.com` host name.
-    pub fn new(host: &str, port: u16, user: &str, region: Option<&str>) -> Result<TokenRequest, Error> {
-        let host = host.trim().trim_start_matches("https://").trim_end_matches('/').to_owned();
+    pub fn new(
+        host: &str,
+        port: u16,
+        user: &str,
+        region: Option<&str>,
+    ) -> Result<TokenRequest, Error> {
+        let host = host
+            .trim()
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
         if host.is_empty() || host.contains(['/', ' ', '?', '#']) {
-            return Err(Error::config("host", format!("`{host}` is not a host name"), "give the cluster endpoint, e.g. db.cluster-abc.eu-west-2.rds.amazonaws.com"));
+            return Err(Error::config(
+                "host",
+                format!("`{host}` is not a host name"),
+                "give the cluster endpoint, e.g. db.cluster-abc.eu-west-2.rds.amazonaws.com",
+            ));
         }
         if user.is_empty() {
-            return Err(Error::config("user", "the database user is empty", "set the IAM database user"));
+            return Err(Error::config(
+                "user",
+                "the database user is empty",
+                "set the IAM database user",
+            ));
         }
         let region = match region.filter(|r| !r.is_empty()) {
             Some(region) => region.to_owned(),
@@ -57,7 +80,12 @@ impl TokenRequest {
                 )
             })?,
         };
-        Ok(TokenRequest { host, port, user: user.to_owned(), region })
+        Ok(TokenRequest {
+            host,
+            port,
+            user: user.to_owned(),
+            region,
+        })
     }
 }
 
@@ -69,7 +97,10 @@ pub fn region_from_host(host: &str) -> Option<String> {
         return None;
     }
     let region = labels[rds - 1];
-    let looks_like_region = region.split('-').count() >= 3 && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let looks_like_region = region.split('-').count() >= 3
+        && region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     looks_like_region.then(|| region.to_owned())
 }
 
@@ -99,7 +130,10 @@ impl AuthToken {
 
 impl fmt::Debug for AuthToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthToken").field("value", &"***").field("signed_at", &self.signed_at).finish()
+        f.debug_struct("AuthToken")
+            .field("value", &"***")
+            .field("signed_at", &self.signed_at)
+            .finish()
     }
 }
 
@@ -110,7 +144,11 @@ impl fmt::Display for AuthToken {
 }
 
 /// Signs a token for `request` with `credentials` at `time`.
-pub fn mint(request: &TokenRequest, credentials: &Credentials, time: SystemTime) -> Result<AuthToken, Error> {
+pub fn mint(
+    request: &TokenRequest,
+    credentials: &Credentials,
+    time: SystemTime,
+) -> Result<AuthToken, Error> {
     let url = format!(
         "https://{}:{}/?Action=connect&DBUser={}",
         request.host,
@@ -131,15 +169,26 @@ pub fn mint(request: &TokenRequest, credentials: &Credentials, time: SystemTime)
         .map_err(|e| Error::Token(format!("invalid signing parameters: {e}")))?
         .into();
     let signable = SignableRequest::new("GET", &url, std::iter::empty(), SignableBody::Bytes(&[]))
-        .map_err(|e| Error::Token(format!("cannot sign {}:{}: {e}", request.host, request.port)))?;
+        .map_err(|e| {
+            Error::Token(format!(
+                "cannot sign {}:{}: {e}",
+                request.host, request.port
+            ))
+        })?;
     // aws-sigv4 logs the canonical request at trace level, session token included: sign
     // with logging off so that no subscriber, at any level, ever sees it.
-    let signed = tracing::dispatcher::with_default(&tracing::Dispatch::none(), || sign(signable, &params));
-    let (instructions, _signature) = signed.map_err(|e| Error::Token(format!("signing failed: {e}")))?.into_parts();
+    let signed =
+        tracing::dispatcher::with_default(&tracing::Dispatch::none(), || sign(signable, &params));
+    let (instructions, _signature) = signed
+        .map_err(|e| Error::Token(format!("signing failed: {e}")))?
+        .into_parts();
     // The signature last, as botocore writes it
     // (aws-sigv4 lists X-Amz-Security-Token after the signature; RDS accepts both).
-    let mut params: Vec<(&str, String)> =
-        instructions.params().iter().map(|(name, value)| (*name, encode_query_value(value))).collect();
+    let mut params: Vec<(&str, String)> = instructions
+        .params()
+        .iter()
+        .map(|(name, value)| (*name, encode_query_value(value)))
+        .collect();
     params.sort_by_key(|(name, _)| *name == "X-Amz-Signature");
     let mut value = url.trim_start_matches("https://").to_owned();
     for (name, param) in params {
@@ -148,7 +197,10 @@ pub fn mint(request: &TokenRequest, credentials: &Credentials, time: SystemTime)
         value.push('=');
         value.push_str(&param);
     }
-    Ok(AuthToken { value, signed_at: time })
+    Ok(AuthToken {
+        value,
+        signed_at: time,
+    })
 }
 
 #[cfg(test)]
@@ -161,7 +213,13 @@ mod tests {
 
     #[test]
     fn golden_vector_matches_byte_for_byte() {
-        let request = TokenRequest::new("prod-instance.us-east-1.rds.amazonaws.com", 3306, "peccy", Some("us-east-1")).unwrap();
+        let request = TokenRequest::new(
+            "prod-instance.us-east-1.rds.amazonaws.com",
+            3306,
+            "peccy",
+            Some("us-east-1"),
+        )
+        .unwrap();
         let credentials = Credentials::new("akid", "secret", None, None, "test");
         let token = mint(&request, &credentials, at(1724709600)).unwrap();
         assert_eq!(
@@ -172,33 +230,76 @@ mod tests {
 
     #[test]
     fn session_tokens_are_signed_into_the_query() {
-        let request = TokenRequest::new("db.cluster-x.eu-west-2.rds.amazonaws.com", 5432, "app", None).unwrap();
-        let credentials = Credentials::new("ASIAX", "secret", Some("session/token+=".into()), None, "test");
+        let request = TokenRequest::new(
+            "db.cluster-x.eu-west-2.rds.amazonaws.com",
+            5432,
+            "app",
+            None,
+        )
+        .unwrap();
+        let credentials = Credentials::new(
+            "ASIAX",
+            "secret",
+            Some("session/token+=".into()),
+            None,
+            "test",
+        );
         let token = mint(&request, &credentials, at(1724709600)).unwrap();
-        assert!(token.expose().contains("&X-Amz-Security-Token=session%2Ftoken%2B%3D"), "{}", token.expose());
-        assert!(token.expose().contains("%2Feu-west-2%2Frds-db%2F"), "region from the host");
+        assert!(
+            token
+                .expose()
+                .contains("&X-Amz-Security-Token=session%2Ftoken%2B%3D"),
+            "{}",
+            token.expose()
+        );
+        assert!(
+            token.expose().contains("%2Feu-west-2%2Frds-db%2F"),
+            "region from the host"
+        );
     }
 
     #[test]
     fn users_are_percent_encoded() {
         let request = TokenRequest::new("h.example", 5432, "a+b&c#d é", Some("us-east-1")).unwrap();
-        let token = mint(&request, &Credentials::new("a", "s", None, None, "t"), at(0)).unwrap();
-        assert!(token.expose().contains("DBUser=a%2Bb%26c%23d%20%C3%A9&"), "{}", token.expose());
+        let token = mint(
+            &request,
+            &Credentials::new("a", "s", None, None, "t"),
+            at(0),
+        )
+        .unwrap();
+        assert!(
+            token.expose().contains("DBUser=a%2Bb%26c%23d%20%C3%A9&"),
+            "{}",
+            token.expose()
+        );
     }
 
     #[test]
     fn region_comes_from_the_host_or_an_error_says_how_to_set_it() {
-        assert_eq!(region_from_host("a.cluster-c0ffee.eu-west-2.rds.amazonaws.com").as_deref(), Some("eu-west-2"));
-        assert_eq!(region_from_host("a.b.cn-north-1.rds.amazonaws.com.cn").as_deref(), Some("cn-north-1"));
+        assert_eq!(
+            region_from_host("a.cluster-c0ffee.eu-west-2.rds.amazonaws.com").as_deref(),
+            Some("eu-west-2")
+        );
+        assert_eq!(
+            region_from_host("a.b.cn-north-1.rds.amazonaws.com.cn").as_deref(),
+            Some("cn-north-1")
+        );
         assert_eq!(region_from_host("localhost"), None);
-        let error = TokenRequest::new("db.internal", 5432, "u", None).unwrap_err().to_string();
+        let error = TokenRequest::new("db.internal", 5432, "u", None)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PGHARNESS_RDS_REGION"), "{error}");
     }
 
     #[test]
     fn tokens_never_show_in_debug_or_display() {
         let request = TokenRequest::new("h.example", 5432, "u", Some("us-east-1")).unwrap();
-        let token = mint(&request, &Credentials::new("a", "s", None, None, "t"), at(0)).unwrap();
+        let token = mint(
+            &request,
+            &Credentials::new("a", "s", None, None, "t"),
+            at(0),
+        )
+        .unwrap();
         let shown = format!("{token} {token:?}");
         assert!(!shown.contains("X-Amz-Signature"), "{shown}");
     }

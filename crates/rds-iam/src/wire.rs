@@ -45,7 +45,10 @@ impl Startup {
     /// A parameter of a StartupMessage.
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            Startup::Startup(params) => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+            Startup::Startup(params) => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -55,7 +58,9 @@ impl Startup {
 pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startup, WireError> {
     let length = reader.read_u32().await? as usize;
     if !(8..=MAX_STARTUP).contains(&length) {
-        return Err(WireError::Malformed(format!("startup packet of {length} bytes")));
+        return Err(WireError::Malformed(format!(
+            "startup packet of {length} bytes"
+        )));
     }
     let mut body = vec![0; length - 4];
     reader.read_exact(&mut body).await?;
@@ -69,7 +74,11 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
             Ok(Startup::Cancel(packet))
         }
         PROTOCOL_3_0 => parse_params(&body[4..]).map(Startup::Startup),
-        other => Err(WireError::Malformed(format!("unsupported protocol version {}.{}", other >> 16, other & 0xffff))),
+        other => Err(WireError::Malformed(format!(
+            "unsupported protocol version {}.{}",
+            other >> 16,
+            other & 0xffff
+        ))),
     }
 }
 
@@ -121,11 +130,16 @@ pub fn ssl_request() -> Vec<u8> {
 }
 
 /// Reads one typed message: its tag and body.
-pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+pub async fn read_message<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<(u8, Vec<u8>), WireError> {
     let tag = reader.read_u8().await?;
     let length = reader.read_u32().await? as usize;
     if !(4..=MAX_MESSAGE).contains(&length) {
-        return Err(WireError::Malformed(format!("message '{}' of {length} bytes", tag as char)));
+        return Err(WireError::Malformed(format!(
+            "message '{}' of {length} bytes",
+            tag as char
+        )));
     }
     let mut body = vec![0; length - 4];
     reader.read_exact(&mut body).await?;
@@ -158,7 +172,12 @@ pub fn password_message(password: &str) -> Vec<u8> {
 /// Encodes an ErrorResponse.
 pub fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', text)] {
+    for (field, value) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', text),
+    ] {
         body.push(field);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
@@ -176,7 +195,9 @@ pub fn parse_error(body: &[u8]) -> (String, String, String) {
             break;
         }
         rest = tail;
-        let Ok(value) = take_cstring(&mut rest) else { break };
+        let Ok(value) = take_cstring(&mut rest) else {
+            break;
+        };
         match field {
             b'S' => severity = value,
             b'C' => code = value,
@@ -193,12 +214,18 @@ mod tests {
 
     #[tokio::test]
     async fn startup_round_trips() {
-        let params = vec![("user".to_owned(), "app".to_owned()), ("options".to_owned(), "-csearch_path=x".to_owned())];
+        let params = vec![
+            ("user".to_owned(), "app".to_owned()),
+            ("options".to_owned(), "-csearch_path=x".to_owned()),
+        ];
         let packet = startup_message(&params);
         let startup = read_startup(&mut packet.as_slice()).await.unwrap();
         assert_eq!(startup, Startup::Startup(params));
         assert_eq!(startup.param("user"), Some("app"));
-        assert_eq!(read_startup(&mut ssl_request().as_slice()).await.unwrap(), Startup::Ssl);
+        assert_eq!(
+            read_startup(&mut ssl_request().as_slice()).await.unwrap(),
+            Startup::Ssl
+        );
     }
 
     #[tokio::test]
@@ -211,18 +238,43 @@ mod tests {
             vec![0, 0, 0, 9, 0, 9, 0, 0, 0],
             vec![],
         ] {
-            assert!(read_startup(&mut bytes.as_slice()).await.is_err(), "{bytes:?}");
+            assert!(
+                read_startup(&mut bytes.as_slice()).await.is_err(),
+                "{bytes:?}"
+            );
         }
-        assert!(read_message(&mut [b'R', 0, 0, 0, 2].as_slice()).await.is_err());
-        assert!(read_message(&mut [b'R', 0, 0, 0, 9, 1].as_slice()).await.is_err());
+        assert!(
+            read_message(&mut [b'R', 0, 0, 0, 2].as_slice())
+                .await
+                .is_err()
+        );
+        assert!(
+            read_message(&mut [b'R', 0, 0, 0, 9, 1].as_slice())
+                .await
+                .is_err()
+        );
     }
 
     #[test]
     fn errors_round_trip() {
-        let encoded = error_response("FATAL", "28000", "PAM authentication failed for user \"app\"");
+        let encoded = error_response(
+            "FATAL",
+            "28000",
+            "PAM authentication failed for user \"app\"",
+        );
         assert_eq!(encoded[0], b'E');
         let (severity, code, text) = parse_error(&encoded[5..]);
-        assert_eq!((severity.as_str(), code.as_str(), text.as_str()), ("FATAL", "28000", "PAM authentication failed for user \"app\""));
-        assert_eq!(parse_error(&[b'S', b'x']), (String::new(), String::new(), String::new()));
+        assert_eq!(
+            (severity.as_str(), code.as_str(), text.as_str()),
+            (
+                "FATAL",
+                "28000",
+                "PAM authentication failed for user \"app\""
+            )
+        );
+        assert_eq!(
+            parse_error(b"Sx"),
+            (String::new(), String::new(), String::new())
+        );
     }
 }

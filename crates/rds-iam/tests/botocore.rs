@@ -11,8 +11,17 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rds_iam::token::{TokenRequest, mint};
 
-const USER_CHARS: &[&str] = &["a", "Z", "0", "_", "-", ".", "~", "+", "&", "#", " ", "=", "/", "%", "é", "ß", "数", "🙂", "'", "\""];
-const REGIONS: &[&str] = &["us-east-1", "eu-west-2", "ap-southeast-2", "sa-east-1", "us-gov-west-1"];
+const USER_CHARS: &[&str] = &[
+    "a", "Z", "0", "_", "-", ".", "~", "+", "&", "#", " ", "=", "/", "%", "é", "ß", "数", "🙂",
+    "'", "\"",
+];
+const REGIONS: &[&str] = &[
+    "us-east-1",
+    "eu-west-2",
+    "ap-southeast-2",
+    "sa-east-1",
+    "us-gov-west-1",
+];
 
 fn random_case(rng: &mut StdRng) -> serde_json::Value {
     let region = REGIONS[rng.random_range(0..REGIONS.len())];
@@ -21,8 +30,12 @@ fn random_case(rng: &mut StdRng) -> serde_json::Value {
         rng.random_range(0..1000),
         rng.random_range(0..0xffffff)
     );
-    let user: String = (0..rng.random_range(1..12)).map(|_| USER_CHARS[rng.random_range(0..USER_CHARS.len())]).collect();
-    let session_token = rng.random_bool(0.5).then(|| format!("IQoJb3JpZ2luX2VjE+/{}==", rng.random_range(0..u64::MAX)));
+    let user: String = (0..rng.random_range(1..12))
+        .map(|_| USER_CHARS[rng.random_range(0..USER_CHARS.len())])
+        .collect();
+    let session_token = rng
+        .random_bool(0.5)
+        .then(|| format!("IQoJb3JpZ2luX2VjE+/{}==", rng.random_range(0..u64::MAX)));
     serde_json::json!({
         "host": host,
         "port": rng.random_range(1..=65535u16),
@@ -59,7 +72,11 @@ fn botocore_mints_the_same_tokens() {
         "botocore failed (install it: `pip install botocore`; .ci/run does):\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let theirs: Vec<String> = String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned).collect();
+    let theirs: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     assert_eq!(theirs.len(), cases.len());
     let mut with_session = 0;
     for (case, theirs) in cases.iter().zip(theirs) {
@@ -83,5 +100,8 @@ fn botocore_mints_the_same_tokens() {
         let ours = mint(&request, &credentials, time).unwrap();
         assert_eq!(ours.expose(), theirs, "case {case}");
     }
-    assert!(with_session > 50 && with_session < 190, "both kinds of credentials are covered: {with_session}");
+    assert!(
+        with_session > 50 && with_session < 190,
+        "both kinds of credentials are covered: {with_session}"
+    );
 }

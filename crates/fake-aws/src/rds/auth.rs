@@ -24,10 +24,19 @@ fn parse_amz_date(text: &str) -> Result<SystemTime, String> {
     if text.len() != 16 || &text[8..9] != "T" || !text.ends_with('Z') {
         return Err(bad());
     }
-    let number = |range: std::ops::Range<usize>| text.get(range).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
+    let number = |range: std::ops::Range<usize>| {
+        text.get(range)
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(bad)
+    };
     let (year, month, day) = (number(0..4)?, number(4..6)?, number(6..8)?);
     let (hour, minute, second) = (number(9..11)?, number(11..13)?, number(13..15)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return Err(bad());
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -39,16 +48,25 @@ fn parse_amz_date(text: &str) -> Result<SystemTime, String> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
-    u64::try_from(seconds).map(|s| UNIX_EPOCH + Duration::from_secs(s)).map_err(|_| bad())
+    u64::try_from(seconds)
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        .map_err(|_| bad())
 }
 
 /// `Ok(())` when the token lets `expect.user` in; otherwise why not (for the log; the
 /// client only ever hears "PAM authentication failed").
-pub(crate) fn check(token: &str, store: &CredentialStore, expect: &Expect<'_>) -> Result<(), String> {
+pub(crate) fn check(
+    token: &str,
+    store: &CredentialStore,
+    expect: &Expect<'_>,
+) -> Result<(), String> {
     let token = Presigned::parse(token).map_err(|e| format!("not a presigned URL: {e}"))?;
     let expected_authority = format!("{}:{}", expect.hostname, expect.port);
     if !token.authority.eq_ignore_ascii_case(&expected_authority) {
-        return Err(format!("signed for {}, not {expected_authority}", token.authority));
+        return Err(format!(
+            "signed for {}, not {expected_authority}",
+            token.authority
+        ));
     }
     if token.path != "/" {
         return Err(format!("path {} is not /", token.path));
@@ -58,7 +76,10 @@ pub(crate) fn check(token: &str, store: &CredentialStore, expect: &Expect<'_>) -
     }
     let db_user = token.param("DBUser")?;
     if db_user != expect.user {
-        return Err(format!("signed for DBUser {db_user}, but the login is for {}", expect.user));
+        return Err(format!(
+            "signed for DBUser {db_user}, but the login is for {}",
+            expect.user
+        ));
     }
     if token.param("X-Amz-Algorithm")? != "AWS4-HMAC-SHA256" {
         return Err("X-Amz-Algorithm is not AWS4-HMAC-SHA256".into());
@@ -67,15 +88,22 @@ pub(crate) fn check(token: &str, store: &CredentialStore, expect: &Expect<'_>) -
         return Err("X-Amz-SignedHeaders is not host".into());
     }
     let credential = token.param("X-Amz-Credential")?;
-    let (access_key, scope) = credential.split_once('/').ok_or("X-Amz-Credential has no scope")?;
+    let (access_key, scope) = credential
+        .split_once('/')
+        .ok_or("X-Amz-Credential has no scope")?;
     let scope_parts: Vec<&str> = scope.split('/').collect();
     let [date, region, "rds-db", "aws4_request"] = scope_parts.as_slice() else {
         return Err(format!("credential scope {scope} is not for rds-db"));
     };
     if *region != expect.region {
-        return Err(format!("signed for region {region}, the database is in {}", expect.region));
+        return Err(format!(
+            "signed for region {region}, the database is in {}",
+            expect.region
+        ));
     }
-    let keys = store.get(access_key).ok_or_else(|| format!("unknown access key {access_key}"))?;
+    let keys = store
+        .get(access_key)
+        .ok_or_else(|| format!("unknown access key {access_key}"))?;
     match (&keys.session_token, token.optional("X-Amz-Security-Token")) {
         (Some(expected), Some(given)) if constant_time_eq(expected, given) => {}
         (Some(_), Some(_)) => return Err("the session token does not match".into()),
@@ -85,10 +113,15 @@ pub(crate) fn check(token: &str, store: &CredentialStore, expect: &Expect<'_>) -
     }
     let amz_date = token.param("X-Amz-Date")?;
     if !amz_date.starts_with(date) {
-        return Err(format!("X-Amz-Date {amz_date} is not on the scope's date {date}"));
+        return Err(format!(
+            "X-Amz-Date {amz_date} is not on the scope's date {date}"
+        ));
     }
     let signed_at = parse_amz_date(amz_date)?;
-    let expires: u64 = token.param("X-Amz-Expires")?.parse().map_err(|_| "X-Amz-Expires is not a number")?;
+    let expires: u64 = token
+        .param("X-Amz-Expires")?
+        .parse()
+        .map_err(|_| "X-Amz-Expires is not a number")?;
     if expires > 900 {
         return Err(format!("X-Amz-Expires {expires} is over 900"));
     }
@@ -97,7 +130,10 @@ pub(crate) fn check(token: &str, store: &CredentialStore, expect: &Expect<'_>) -
         return Err("signed in the future (clock skew)".into());
     }
     if expect.now > signed_at + lifetime {
-        return Err(format!("expired: signed {:?} ago, valid for {lifetime:?}", expect.now.duration_since(signed_at).unwrap_or_default()));
+        return Err(format!(
+            "expired: signed {:?} ago, valid for {lifetime:?}",
+            expect.now.duration_since(signed_at).unwrap_or_default()
+        ));
     }
     let signature = token.signature(&keys.secret_access_key, amz_date, scope)?;
     if !constant_time_eq(&signature, token.param("X-Amz-Signature")?) {
@@ -116,9 +152,17 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(parse_amz_date("20240826T220000Z").unwrap(), UNIX_EPOCH + Duration::from_secs(1_724_709_600));
+        assert_eq!(
+            parse_amz_date("20240826T220000Z").unwrap(),
+            UNIX_EPOCH + Duration::from_secs(1_724_709_600)
+        );
         assert_eq!(parse_amz_date("19700101T000000Z").unwrap(), UNIX_EPOCH);
-        for bad in ["2024-08-26T22:00:00Z", "20241326T220000Z", "20240826T220000", ""] {
+        for bad in [
+            "2024-08-26T22:00:00Z",
+            "20241326T220000Z",
+            "20240826T220000",
+            "",
+        ] {
             assert!(parse_amz_date(bad).is_err(), "{bad}");
         }
     }
@@ -126,7 +170,11 @@ mod tests {
     #[test]
     fn the_golden_token_is_accepted_only_as_signed() {
         let golden = "prod-instance.us-east-1.rds.amazonaws.com:3306/?Action=connect&DBUser=peccy&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=akid%2F20240826%2Fus-east-1%2Frds-db%2Faws4_request&X-Amz-Date=20240826T220000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=dd0cba843009474347af724090233265628ace491ea17ce3eb3da098b983ad89";
-        let store = CredentialStore::new([KeyPair { access_key_id: "akid".into(), secret_access_key: "secret".into(), session_token: None }]);
+        let store = CredentialStore::new([KeyPair {
+            access_key_id: "akid".into(),
+            secret_access_key: "secret".into(),
+            session_token: None,
+        }]);
         let users = vec!["peccy".to_owned()];
         let expect = Expect {
             hostname: "prod-instance.us-east-1.rds.amazonaws.com",
@@ -139,19 +187,61 @@ mod tests {
             max_skew: Duration::from_secs(300),
         };
         assert_eq!(check(golden, &store, &expect), Ok(()));
-        let expired = Expect { now: expect.now + Duration::from_secs(900), ..expect.clone() };
-        assert!(check(golden, &store, &expired).unwrap_err().contains("expired"));
-        let short_ttl = Expect { token_ttl: Duration::from_secs(30), ..expect.clone() };
-        assert!(check(golden, &store, &short_ttl).unwrap_err().contains("expired"));
-        let other_port = Expect { port: 5432, ..expect.clone() };
-        assert!(check(golden, &store, &other_port).unwrap_err().contains("signed for"));
-        let other_user = Expect { user: "admin", ..expect.clone() };
-        assert!(check(golden, &store, &other_user).unwrap_err().contains("DBUser"));
-        let no_grant = Expect { allowed_users: &[], ..expect.clone() };
-        assert!(check(golden, &store, &no_grant).unwrap_err().contains("rds_iam"));
+        let expired = Expect {
+            now: expect.now + Duration::from_secs(900),
+            ..expect.clone()
+        };
+        assert!(
+            check(golden, &store, &expired)
+                .unwrap_err()
+                .contains("expired")
+        );
+        let short_ttl = Expect {
+            token_ttl: Duration::from_secs(30),
+            ..expect.clone()
+        };
+        assert!(
+            check(golden, &store, &short_ttl)
+                .unwrap_err()
+                .contains("expired")
+        );
+        let other_port = Expect {
+            port: 5432,
+            ..expect.clone()
+        };
+        assert!(
+            check(golden, &store, &other_port)
+                .unwrap_err()
+                .contains("signed for")
+        );
+        let other_user = Expect {
+            user: "admin",
+            ..expect.clone()
+        };
+        assert!(
+            check(golden, &store, &other_user)
+                .unwrap_err()
+                .contains("DBUser")
+        );
+        let no_grant = Expect {
+            allowed_users: &[],
+            ..expect.clone()
+        };
+        assert!(
+            check(golden, &store, &no_grant)
+                .unwrap_err()
+                .contains("rds_iam")
+        );
         let tampered = golden.replace("DBUser=peccy", "DBUser=peccy&Action=connect");
         assert!(check(&tampered, &store, &expect).is_err());
-        let wrong_secret = CredentialStore::new([KeyPair { access_key_id: "akid".into(), secret_access_key: "nope".into(), session_token: None }]);
-        assert_eq!(check(golden, &wrong_secret, &expect).unwrap_err(), "signature mismatch");
+        let wrong_secret = CredentialStore::new([KeyPair {
+            access_key_id: "akid".into(),
+            secret_access_key: "nope".into(),
+            session_token: None,
+        }]);
+        assert_eq!(
+            check(golden, &wrong_secret, &expect).unwrap_err(),
+            "signature mismatch"
+        );
     }
 }

@@ -62,7 +62,11 @@ impl RdsFrontConfig {
             max_skew: Duration::from_secs(300),
             clock: Arc::new(SystemClock),
             pause: None,
-            state_dir: std::env::temp_dir().join(format!("fake-aws-{}-{}", std::process::id(), rand::random::<u32>())),
+            state_dir: std::env::temp_dir().join(format!(
+                "fake-aws-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            )),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
@@ -92,7 +96,10 @@ pub struct RdsFront {
 
 impl std::fmt::Debug for RdsFront {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdsFront").field("addr", &self.addr).field("hostname", &self.shared.config.hostname).finish()
+        f.debug_struct("RdsFront")
+            .field("addr", &self.addr)
+            .field("hostname", &self.shared.config.hostname)
+            .finish()
     }
 }
 
@@ -104,9 +111,15 @@ impl Drop for RdsFront {
 
 impl RdsFront {
     /// Generates the certificates, binds, and starts serving.
-    pub async fn start(config: RdsFrontConfig, credentials: Arc<CredentialStore>) -> anyhow::Result<RdsFront> {
-        let tls = certs::generate(&config.hostname, &config.state_dir).context("failed to make the fake RDS certificates")?;
-        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("failed to bind {}", config.listen))?;
+    pub async fn start(
+        config: RdsFrontConfig,
+        credentials: Arc<CredentialStore>,
+    ) -> anyhow::Result<RdsFront> {
+        let tls = certs::generate(&config.hostname, &config.state_dir)
+            .context("failed to make the fake RDS certificates")?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("failed to bind {}", config.listen))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             pauser: Pauser::new(config.pause),
@@ -117,7 +130,12 @@ impl RdsFront {
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%addr, hostname = %shared.config.hostname, "fake RDS endpoint listening");
-        Ok(RdsFront { addr, bundle: tls.bundle, shared, task })
+        Ok(RdsFront {
+            addr,
+            bundle: tls.bundle,
+            shared,
+            task,
+        })
     }
 
     /// Where it listens.
@@ -200,13 +218,15 @@ async fn connection(mut tcp: TcpStream, peer: IpAddr, shared: &Shared) -> anyhow
             Startup::Startup(params) => {
                 let startup = Startup::Startup(params);
                 let message = no_pg_hba(peer, &startup, "no encryption");
-                tcp.write_all(&wire::error_response("FATAL", "28000", &message)).await?;
+                tcp.write_all(&wire::error_response("FATAL", "28000", &message))
+                    .await?;
                 return Ok(());
             }
             Startup::Ssl => {
                 let admission = shared.pauser.admit(Instant::now());
                 if admission == Admission::Reset {
-                    #[allow(deprecated)] // SO_LINGER 0: close with RST, as a resuming cluster's proxy does
+                    #[allow(deprecated)]
+                    // SO_LINGER 0: close with RST, as a resuming cluster's proxy does
                     tcp.set_linger(Some(Duration::ZERO)).ok();
                     return Ok(());
                 }
@@ -223,11 +243,19 @@ fn no_pg_hba(peer: IpAddr, startup: &Startup, encryption: &str) -> String {
     format!(
         "no pg_hba.conf entry for host \"{peer}\", user \"{}\", database \"{}\", {encryption}",
         startup.param("user").unwrap_or(""),
-        startup.param("database").or(startup.param("user")).unwrap_or("")
+        startup
+            .param("database")
+            .or(startup.param("user"))
+            .unwrap_or("")
     )
 }
 
-async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: IpAddr, shared: &Shared, admission: Admission) -> anyhow::Result<()> {
+async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: S,
+    peer: IpAddr,
+    shared: &Shared,
+    admission: Admission,
+) -> anyhow::Result<()> {
     let startup = wire::read_startup(&mut client).await?;
     let params = match &startup {
         Startup::Cancel(packet) => return forward_cancel(shared.config.backend, packet).await,
@@ -236,7 +264,9 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: 
     };
     if admission == Admission::PgHba {
         let message = no_pg_hba(peer, &startup, "SSL encryption");
-        client.write_all(&wire::error_response("FATAL", "28000", &message)).await?;
+        client
+            .write_all(&wire::error_response("FATAL", "28000", &message))
+            .await?;
         return Ok(());
     }
     let user = startup.param("user").unwrap_or("").to_owned();
@@ -244,7 +274,11 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: 
     client.flush().await?;
     let (tag, body) = wire::read_message(&mut client).await?;
     let mut rest = body.as_slice();
-    let token = if tag == b'p' { wire::take_cstring(&mut rest).unwrap_or_default() } else { String::new() };
+    let token = if tag == b'p' {
+        wire::take_cstring(&mut rest).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let expect = Expect {
         hostname: &shared.config.hostname,
         port: shared.config.port,
@@ -259,14 +293,21 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: 
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%user, %reason, "fake RDS: refused an IAM login");
         let message = format!("PAM authentication failed for user \"{user}\"");
-        client.write_all(&wire::error_response("FATAL", "28000", &message)).await?;
+        client
+            .write_all(&wire::error_response("FATAL", "28000", &message))
+            .await?;
         return Ok(());
     }
     shared.stats.logins.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%user, "fake RDS: IAM login accepted");
     let mut backend = TcpStream::connect(shared.config.backend)
         .await
-        .with_context(|| format!("failed to reach the backend Postgres at {}", shared.config.backend))?;
+        .with_context(|| {
+            format!(
+                "failed to reach the backend Postgres at {}",
+                shared.config.backend
+            )
+        })?;
     backend.set_nodelay(true).ok();
     backend.write_all(&wire::startup_message(&params)).await?;
     copy_bidirectional(&mut client, &mut backend).await?;

@@ -40,7 +40,16 @@ pub(crate) struct Pauser {
 
 impl Pauser {
     pub(crate) fn new(config: Option<PauseConfig>) -> Pauser {
-        Pauser { config, state: Mutex::new((State::Running { idle_since: Some(Instant::now()) }, 0, 0)) }
+        Pauser {
+            config,
+            state: Mutex::new((
+                State::Running {
+                    idle_since: Some(Instant::now()),
+                },
+                0,
+                0,
+            )),
+        }
     }
 
     /// Decides for a new connection at `now`; admitted connections must call `closed`.
@@ -52,15 +61,23 @@ impl Pauser {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (state, open, resumes) = &mut *guard;
         match state {
-            State::Running { idle_since: Some(since) } if *open == 0 && now.duration_since(*since) >= config.idle_after => {
-                *state = State::Resuming { until: now + config.resume_takes };
+            State::Running {
+                idle_since: Some(since),
+            } if *open == 0 && now.duration_since(*since) >= config.idle_after => {
+                *state = State::Resuming {
+                    until: now + config.resume_takes,
+                };
                 *resumes += 1;
                 tracing::info!(takes = ?config.resume_takes, "fake Aurora: paused cluster starts resuming");
                 Admission::Reset
             }
             State::Resuming { until } if now < *until => {
                 // Alternate the two ways a resuming cluster turns clients away.
-                if (until.duration_since(now).as_millis() / 250) % 2 == 0 { Admission::PgHba } else { Admission::Reset }
+                if (until.duration_since(now).as_millis() / 250) % 2 == 0 {
+                    Admission::PgHba
+                } else {
+                    Admission::Reset
+                }
             }
             _ => {
                 *state = State::Running { idle_since: None };
@@ -75,7 +92,9 @@ impl Pauser {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         guard.1 = guard.1.saturating_sub(1);
         if guard.1 == 0 {
-            guard.0 = State::Running { idle_since: Some(now) };
+            guard.0 = State::Running {
+                idle_since: Some(now),
+            };
         }
     }
 
@@ -83,8 +102,12 @@ impl Pauser {
     pub(crate) fn pause_now(&self) {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if guard.1 == 0 {
-            let long_ago = Instant::now().checked_sub(Duration::from_secs(86_400)).unwrap_or_else(Instant::now);
-            guard.0 = State::Running { idle_since: Some(long_ago) };
+            let long_ago = Instant::now()
+                .checked_sub(Duration::from_secs(86_400))
+                .unwrap_or_else(Instant::now);
+            guard.0 = State::Running {
+                idle_since: Some(long_ago),
+            };
         }
     }
 
@@ -100,23 +123,47 @@ mod tests {
 
     #[test]
     fn idle_pause_resume_cycle() {
-        let config = PauseConfig { idle_after: Duration::from_secs(10), resume_takes: Duration::from_secs(5) };
+        let config = PauseConfig {
+            idle_after: Duration::from_secs(10),
+            resume_takes: Duration::from_secs(5),
+        };
         let pauser = Pauser::new(Some(config));
         let t0 = Instant::now();
-        assert_eq!(pauser.admit(t0), Admission::Admit, "not idle long enough yet");
+        assert_eq!(
+            pauser.admit(t0),
+            Admission::Admit,
+            "not idle long enough yet"
+        );
         pauser.closed(t0);
         let later = t0 + Duration::from_secs(11);
-        assert_eq!(pauser.admit(later), Admission::Reset, "the first connection after idling starts a resume");
-        assert_ne!(pauser.admit(later + Duration::from_secs(2)), Admission::Admit);
-        assert_eq!(pauser.admit(later + Duration::from_secs(6)), Admission::Admit);
+        assert_eq!(
+            pauser.admit(later),
+            Admission::Reset,
+            "the first connection after idling starts a resume"
+        );
+        assert_ne!(
+            pauser.admit(later + Duration::from_secs(2)),
+            Admission::Admit
+        );
+        assert_eq!(
+            pauser.admit(later + Duration::from_secs(6)),
+            Admission::Admit
+        );
         assert_eq!(pauser.resumes(), 1);
-        assert_eq!(pauser.admit(later + Duration::from_secs(60)), Admission::Admit, "busy clusters do not pause");
+        assert_eq!(
+            pauser.admit(later + Duration::from_secs(60)),
+            Admission::Admit,
+            "busy clusters do not pause"
+        );
     }
 
     #[test]
     fn without_config_it_never_pauses() {
         let pauser = Pauser::new(None);
         pauser.pause_now();
-        assert_eq!(pauser.admit(Instant::now() + Duration::from_secs(1_000_000)), Admission::Admit);
+        assert_eq!(
+            pauser.admit(Instant::now() + Duration::from_secs(1_000_000)),
+            Admission::Admit
+        );
     }
 }

@@ -24,14 +24,28 @@ pub(crate) struct Env {
 /// The run's Postgres (container or native, as configured), with the IAM user created.
 pub(crate) async fn backend() -> SocketAddr {
     let settings = pgharness::Settings::load().expect("settings");
-    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only).await.expect("a Postgres server");
+    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
+        .await
+        .expect("a Postgres server");
     let config = server.config();
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("admin connection");
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
     tokio::spawn(connection);
     // Concurrent test processes race to create it; losing the race is fine.
-    if let Err(error) = client.batch_execute(&format!("CREATE ROLE {USER} LOGIN")).await {
-        let code = error.code().map(|c| c.code().to_owned()).unwrap_or_default();
-        assert!(code == "42710" || code == "23505", "creating {USER}: {error}");
+    if let Err(error) = client
+        .batch_execute(&format!("CREATE ROLE {USER} LOGIN"))
+        .await
+    {
+        let code = error
+            .code()
+            .map(|c| c.code().to_owned())
+            .unwrap_or_default();
+        assert!(
+            code == "42710" || code == "23505",
+            "creating {USER}: {error}"
+        );
     }
     SocketAddr::from(([127, 0, 0, 1], config.get_ports()[0]))
 }
@@ -41,16 +55,28 @@ pub(crate) async fn env(configure: impl FnOnce(&mut RdsFrontConfig)) -> Env {
     let keys = KeyPair::random_temporary();
     let mut config = RdsFrontConfig::new(backend, vec![USER.to_owned()]);
     configure(&mut config);
-    let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()]))).await.expect("the fake RDS starts");
-    let tls = rds_iam::tls::client_config(&TlsPolicy::VerifyFull { ca_bundle: front.ca_bundle().to_owned() }).unwrap();
+    let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()])))
+        .await
+        .expect("the fake RDS starts");
+    let tls = rds_iam::tls::client_config(&TlsPolicy::VerifyFull {
+        ca_bundle: front.ca_bundle().to_owned(),
+    })
+    .unwrap();
     let target = RdsTarget {
-        endpoint: TokenRequest::new(front.hostname(), front.port(), USER, Some(front.region())).unwrap(),
+        endpoint: TokenRequest::new(front.hostname(), front.port(), USER, Some(front.region()))
+            .unwrap(),
         database: "postgres".into(),
         tls,
         wake_deadline: Duration::from_secs(30),
     };
     let dialer = TcpDialer::new(front.local_addr().to_string());
-    Env { front, keys, target, dialer, backend }
+    Env {
+        front,
+        keys,
+        target,
+        dialer,
+        backend,
+    }
 }
 
 impl Env {
@@ -59,7 +85,11 @@ impl Env {
     }
 
     pub(crate) fn tokens_with(&self, clock: Arc<dyn Clock>, reuse_for: Duration) -> TokenCache {
-        TokenCache::with_clock(Arc::new(StaticCredentials(self.keys.to_credentials())), clock, reuse_for)
+        TokenCache::with_clock(
+            Arc::new(StaticCredentials(self.keys.to_credentials())),
+            clock,
+            reuse_for,
+        )
     }
 }
 
