@@ -43,54 +43,9 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs what the native leg and the tests need when it is missing and we may
-/// (root with apt-get): the Postgres server and psql.
-fn prerequisites() -> anyhow::Result<()> {
-    let settings = crate::settings(Some(BackendKind::Native))?;
-    let mut missing = Vec::new();
-    if pgharness::backend::native::find_bindir(&settings).is_err() {
-        missing.push("postgresql");
-    }
-    if std::process::Command::new("psql")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        missing.push("postgresql-client");
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "missing {}: install them (`sudo apt-get install {}`)",
-            missing.join(", "),
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask ci: installing {}", missing.join(", "));
-    for args in [
-        vec!["update", "-q"],
-        [
-            vec!["install", "-y", "-q", "--no-install-recommends"],
-            missing,
-        ]
-        .concat(),
-    ] {
-        let status = std::process::Command::new("apt-get")
-            .args(&args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()?;
-        if !status.success() {
-            bail!("`apt-get {}` failed ({status})", args.join(" "));
-        }
-    }
-    Ok(())
-}
-
 impl Ci {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
-        prerequisites()?;
+        crate::prereq::install_missing(&[crate::prereq::PSQL, crate::prereq::SERVER])?;
         if !self.no_lint {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&[

@@ -4,6 +4,7 @@
 mod ci;
 mod image;
 mod nextest;
+mod prereq;
 mod reap;
 mod servers;
 mod test;

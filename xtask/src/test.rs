@@ -18,14 +18,16 @@ pub(crate) struct Test {
     /// Leave the server running afterwards (it is stopped only if this run started it).
     #[arg(long)]
     pub(crate) keep_server: bool,
-    /// Arguments for `cargo nextest run` (default: --workspace).
-    #[arg(last = true)]
+    /// Arguments for `cargo nextest run` (default: --workspace), e.g. `-p todo-app`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub(crate) nextest_args: Vec<String>,
 }
 
 impl Test {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         let settings = crate::settings(self.backend)?;
+        // The example suite and pgharness' own tests run psql.
+        crate::prereq::install_missing(&[crate::prereq::PSQL])?;
         let (server, kind, started) = start_or_build(&settings).await?;
         let outcome = self.run_on(&settings, &server, kind).await;
         if started && !self.keep_server {
