@@ -249,3 +249,56 @@ async fn a_cluster_that_never_resumes_is_a_clear_timeout() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn turning_verification_off_works_but_is_logged_loudly() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let env = env(|_| {}).await;
+    let mut target = env.target.clone();
+    target.tls =
+        rds_iam::tls::client_config(&rds_iam::TlsPolicy::InsecureAcceptAnyCertificate).unwrap();
+    // The certificate is for another name, and still accepted.
+    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut make,
+        "other.example",
+    )
+    .unwrap();
+    let token = env.tokens().token(&target.endpoint).await.unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(USER)
+        .dbname("postgres")
+        .password(token.expose())
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
+        .await
+        .unwrap();
+    let (client, connection) = config
+        .connect_raw(stream, tls)
+        .await
+        .expect("accepted without checking");
+    tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.unwrap();
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("TLS CERTIFICATE CHECKING IS OFF"), "{logs}");
+    assert!(logs.contains("WITHOUT checking it"), "{logs}");
+}
