@@ -37,12 +37,7 @@ proptest! {
         let mut decoder = Decoder::default();
         for chunk in chunks {
             decoder.push(&chunk);
-            loop {
-                match decoder.next_frame() {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = decoder.next_frame() {}
         }
     }
 
