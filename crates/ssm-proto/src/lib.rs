@@ -1,8 +1,9 @@
 //! The SSM Session Manager data channel for port forwarding, as spoken on the wire
 //! (`shared/ssm-protocol.md`), without any I/O: a codec for the binary messages, smux v1
-//! frames and the JSON payloads. It knows nothing of tokio, sockets, clocks or credentials.
+//! frames, the JSON payloads and the reliability layer (`channel`). It knows nothing of tokio, sockets, clocks or credentials.
 #![warn(missing_docs)]
 
+pub mod channel;
 pub mod message;
 pub mod payload;
 pub mod smux;
