@@ -288,11 +288,7 @@ impl DataChannel {
         if !sent.resent {
             // Karn: only messages sent once give RTT samples.
             let sample = now.saturating_duration_since(sent.sent_at);
-            let delta = if self.rtt > sample {
-                self.rtt - sample
-            } else {
-                sample - self.rtt
-            };
+            let delta = self.rtt.abs_diff(sample);
             self.rttvar = self.rttvar * 3 / 4 + delta / 4;
             self.rtt = self.rtt * 7 / 8 + sample / 8;
             self.rto = (self.rtt + (self.rttvar * 4).max(MIN_RTTVAR_TERM)).min(MAX_RTO);
