@@ -19,12 +19,14 @@ struct Faults {
     reorder: f64,
 }
 
+/// A frame on the wire: (deliver at, tie-breaker, to the agent?, bytes).
+type InFlight = Reverse<(Instant, u64, bool, Vec<u8>)>;
+
 struct Sim {
     now: Instant,
     rng: StdRng,
     faults: Faults,
-    // (deliver at, tie-breaker, to_agent, frame)
-    wire: BinaryHeap<Reverse<(Instant, u64, bool, Vec<u8>)>>,
+    wire: BinaryHeap<InFlight>,
     counter: u64,
     client: DataChannel,
     agent: DataChannel,
