@@ -4,7 +4,9 @@
 #![warn(missing_docs)]
 
 pub mod channel;
+pub mod handshake;
 pub mod message;
+pub mod mux;
 pub mod payload;
 pub mod smux;
 
