@@ -1,0 +1,29 @@
+//! Faults the fake SSM session can inject, per session, in both directions.
+
+use std::time::Duration;
+
+/// What goes wrong on a session's data channel (all off by default).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Added one-way delay per message (half an RTT).
+    pub latency: Duration,
+    /// Probability a message is dropped.
+    pub loss: f64,
+    /// Probability a message is delivered twice.
+    pub duplicate: f64,
+    /// Probability a message is held back 1–40 ms (reordering it).
+    pub reorder: f64,
+    /// Close the first websocket with `1000 Bye` after this many bytes (client→agent).
+    pub bye_after_bytes: Option<u64>,
+    /// Close the first websocket with `1000 Bye` after this long.
+    pub bye_after: Option<Duration>,
+    /// Wait this long before sending the handshake request.
+    pub slow_handshake: Duration,
+}
+
+impl Faults {
+    /// Whether any per-message fault is on.
+    pub(crate) fn lossy(&self) -> bool {
+        self.loss > 0.0 || self.duplicate > 0.0 || self.reorder > 0.0 || !self.latency.is_zero()
+    }
+}
