@@ -260,13 +260,38 @@ async fn data_channel(
 
 async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    // The first frame is a text frame: the open-data-channel request with the token.
-    let open = match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-        Ok(Some(Ok(WsMessage::Text(text)))) => {
-            serde_json::from_str::<OpenDataChannel>(text.as_str()).ok()
+    // The first data frame is a text frame: the open-data-channel request with the token.
+    // Pings (the official client sends one on open) may come before it.
+    let first_text = async {
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(WsMessage::Text(text)) => {
+                    let parsed = serde_json::from_str::<OpenDataChannel>(text.as_str());
+                    if let Err(error) = &parsed {
+                        tracing::warn!(%error, "fake SSM: the open-data-channel frame does not parse");
+                    }
+                    return parsed.ok();
+                }
+                Ok(WsMessage::Ping(_) | WsMessage::Pong(_)) => continue,
+                Ok(other) => {
+                    tracing::warn!(
+                        ?other,
+                        "fake SSM: expected the open-data-channel text frame"
+                    );
+                    return None;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "fake SSM: the websocket failed before its open frame");
+                    return None;
+                }
+            }
         }
-        _ => None,
+        None
     };
+    let open = tokio::time::timeout(Duration::from_secs(30), first_text)
+        .await
+        .ok()
+        .flatten();
     let accepted = {
         let sessions = state.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match (&open, sessions.get(&id)) {
@@ -286,7 +311,12 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
         }
     };
     let Some((attach, faults, first_connection)) = accepted else {
-        tracing::warn!(session = %id, "fake SSM: refused a data channel (bad or stale token)");
+        let known = state
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id);
+        tracing::warn!(session = %id, known, opened = open.is_some(), "fake SSM: refused a data channel (unknown session, or a bad or stale token)");
         let _ = sink
             .send(WsMessage::Close(Some(CloseFrame {
                 code: 1008,

@@ -1,0 +1,502 @@
+//! The session driver: one task that owns the websocket and pumps the sans-IO core
+//! (`ssm_proto::channel`, `handshake`, `mux`). Handles talk to it over channels.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use ssm_proto::channel::{DataChannel, Event, Role};
+use ssm_proto::handshake::{self, Mode, PortSession};
+use ssm_proto::message::PayloadType;
+use ssm_proto::mux::{Mux, MuxEvent};
+use ssm_proto::payload::{Flag, HandshakeRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::control::{self, SessionGrant};
+use crate::error::Error;
+use crate::stream::TunnelStream;
+use crate::websocket::{self, Ws};
+
+/// What handles ask of the driver.
+pub(crate) enum Command {
+    Open(oneshot::Sender<Result<TunnelStream, Error>>),
+    Close(oneshot::Sender<()>),
+}
+
+enum Local {
+    Data(u32, Vec<u8>),
+    Eof(u32),
+}
+
+struct Stream {
+    to_local: mpsc::UnboundedSender<Vec<u8>>,
+    refused: Arc<AtomicBool>,
+}
+
+/// Counters a test or the CLI can read.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Websocket reconnects (ResumeSession).
+    pub(crate) reconnects: std::sync::atomic::AtomicU64,
+    /// Streams opened.
+    pub(crate) streams: std::sync::atomic::AtomicU64,
+    /// Why the session ended, once it has.
+    pub(crate) ended: std::sync::Mutex<Option<String>>,
+}
+
+pub(crate) struct Driver {
+    pub(crate) ssm: aws_sdk_ssm::Client,
+    pub(crate) grant: SessionGrant,
+    pub(crate) client_id: String,
+    pub(crate) ws: Ws,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) ready: Option<oneshot::Sender<Result<PortSession, Error>>>,
+    pub(crate) chunk_size: usize,
+    pub(crate) target: Arc<str>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) pending_session: Option<PortSession>,
+}
+
+struct State {
+    channel: DataChannel,
+    mux: Mux,
+    mode: Option<Mode>,
+    streams: HashMap<u32, Stream>,
+    pending: VecDeque<(PayloadType, Vec<u8>)>,
+    local_tx: mpsc::Sender<Local>,
+    basic_active: Option<u32>,
+    basic_waiting: VecDeque<oneshot::Sender<Result<TunnelStream, Error>>>,
+    next_basic_id: u32,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl State {
+    fn queue(&mut self, payload_type: PayloadType, bytes: &[u8], chunk: usize) {
+        for piece in bytes.chunks(chunk.max(1)) {
+            self.pending.push_back((payload_type, piece.to_vec()));
+        }
+    }
+
+    fn send_pending(&mut self) {
+        while self.channel.can_send() {
+            let Some((payload_type, payload)) = self.pending.pop_front() else {
+                break;
+            };
+            let _ = self.channel.send(Instant::now(), payload_type, payload);
+        }
+    }
+
+    /// A stream for the user; its bytes come back to the driver as `Local` events.
+    fn attach(&mut self, id: u32, target: &Arc<str>) -> TunnelStream {
+        let (user, driver) = tokio::io::duplex(256 * 1024);
+        let (mut read, mut write) = tokio::io::split(driver);
+        let (to_local, mut from_driver) = mpsc::unbounded_channel::<Vec<u8>>();
+        let refused = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            while let Some(bytes) = from_driver.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = write.shutdown().await;
+        });
+        let local_tx = self.local_tx.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 32 * 1024];
+            loop {
+                match read.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if local_tx
+                            .send(Local::Data(id, buffer[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = local_tx.send(Local::Eof(id)).await;
+        });
+        self.streams.insert(
+            id,
+            Stream {
+                to_local,
+                refused: refused.clone(),
+            },
+        );
+        TunnelStream::new(user, refused, target.clone())
+    }
+}
+
+impl Driver {
+    async fn flush(
+        &mut self,
+        state: &mut State,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let mut any = false;
+        while let Some(frame) = state.channel.poll_transmit() {
+            self.ws.feed(Message::Binary(frame.into())).await?;
+            any = true;
+        }
+        if any {
+            self.ws.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// ResumeSession and a new websocket; unacknowledged data is resent in order.
+    async fn reconnect(&mut self, state: &mut State) -> Result<(), Error> {
+        let mut last = String::new();
+        for attempt in 0..8u32 {
+            tokio::time::sleep(Duration::from_millis(100 * (1 << attempt.min(5)))).await;
+            let grant = match control::resume(&self.ssm, &self.grant.session_id).await {
+                Ok(grant) => grant,
+                Err(error) if error.api_code() == Some("Unreachable") => {
+                    last = error.to_string();
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if grant.token.is_empty() {
+                return Err(Error::SessionClosed(format!(
+                    "Session: {} timed out.",
+                    self.grant.session_id
+                )));
+            }
+            // Use the returned StreamUrl when there is one (the official client does not).
+            let url = if grant.stream_url.is_empty() {
+                self.grant.stream_url.clone()
+            } else {
+                grant.stream_url.clone()
+            };
+            match websocket::open(
+                &url,
+                &grant.token,
+                &self.client_id,
+                handshake::CLIENT_VERSION,
+            )
+            .await
+            {
+                Ok(ws) => {
+                    self.ws = ws;
+                    self.grant = SessionGrant {
+                        stream_url: url,
+                        ..grant
+                    };
+                    state.channel.reconnected(Instant::now());
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(session = %self.grant.session_id, "data channel resumed");
+                    return Ok(());
+                }
+                Err(error) => last = error.to_string(),
+            }
+        }
+        Err(Error::Channel(format!(
+            "could not resume the session: {last}"
+        )))
+    }
+
+    fn open_stream(
+        &mut self,
+        state: &mut State,
+        reply: oneshot::Sender<Result<TunnelStream, Error>>,
+    ) {
+        match state.mode {
+            Some(Mode::Mux { .. }) => {
+                let id = state.mux.open();
+                let stream = state.attach(id, &self.target);
+                self.stats.streams.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(Ok(stream));
+            }
+            Some(Mode::Basic) if state.basic_active.is_none() => {
+                state.next_basic_id += 1;
+                let id = state.next_basic_id;
+                state.basic_active = Some(id);
+                let stream = state.attach(id, &self.target);
+                self.stats.streams.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(Ok(stream));
+            }
+            Some(Mode::Basic) => state.basic_waiting.push_back(reply),
+            None => {
+                let _ = reply.send(Err(Error::Channel(
+                    "the handshake has not completed".into(),
+                )));
+            }
+        }
+    }
+
+    fn handle_local(&mut self, state: &mut State, local: Local) {
+        match (state.mode, local) {
+            (Some(Mode::Mux { .. }), Local::Data(id, bytes)) => state.mux.write(id, &bytes),
+            (Some(Mode::Mux { .. }), Local::Eof(id)) => {
+                state.mux.close(id);
+                state.streams.remove(&id);
+            }
+            (Some(Mode::Basic), Local::Data(id, bytes)) if state.basic_active == Some(id) => {
+                state.queue(PayloadType::Output, &bytes, self.chunk_size)
+            }
+            (Some(Mode::Basic), Local::Eof(id)) if state.basic_active == Some(id) => {
+                state.streams.remove(&id);
+                state.basic_active = None;
+                state.queue(
+                    PayloadType::Flag,
+                    &Flag::DisconnectToPort.to_payload(),
+                    self.chunk_size,
+                );
+                if let Some(next) = state.basic_waiting.pop_front() {
+                    self.open_stream(state, next);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles what the agent said; `Err` ends the session.
+    fn handle_events(&mut self, state: &mut State) -> Result<(), Error> {
+        while let Some(event) = state.channel.poll_event() {
+            match event {
+                Event::Stream {
+                    payload_type: PayloadType::HandshakeRequest,
+                    payload,
+                } => {
+                    let request: HandshakeRequest = serde_json::from_slice(&payload)
+                        .map_err(|e| Error::Channel(format!("bad handshake request: {e}")))?;
+                    let (response, session) = handshake::respond(&request);
+                    state.queue(
+                        PayloadType::HandshakeResponse,
+                        &serde_json::to_vec(&response).unwrap_or_default(),
+                        usize::MAX,
+                    );
+                    match session {
+                        Ok(session) => {
+                            state.mode = Some(session.mode);
+                            // Ready is announced on HandshakeComplete.
+                            self.pending_session = Some(session);
+                        }
+                        Err(error) => {
+                            return Err(Error::Channel(format!(
+                                "the agent asked for something else than port forwarding: {error}"
+                            )));
+                        }
+                    }
+                }
+                Event::Stream {
+                    payload_type: PayloadType::HandshakeComplete,
+                    payload,
+                } => {
+                    let complete: ssm_proto::payload::HandshakeComplete = serde_json::from_slice(
+                        &payload,
+                    )
+                    .unwrap_or(ssm_proto::payload::HandshakeComplete {
+                        handshake_time_to_complete: 0,
+                        customer_message: String::new(),
+                    });
+                    if !complete.customer_message.is_empty() {
+                        tracing::info!(message = %complete.customer_message, "message from the SSM agent");
+                    }
+                    if let (Some(ready), Some(session)) =
+                        (self.ready.take(), self.pending_session.clone())
+                    {
+                        let _ = ready.send(Ok(session));
+                    }
+                }
+                Event::Stream {
+                    payload_type: PayloadType::Output,
+                    payload,
+                } => match state.mode {
+                    Some(Mode::Mux { .. }) => {
+                        let events = state.mux.handle_input(&payload).map_err(|e| {
+                            Error::Channel(format!("broken smux stream from the agent: {e}"))
+                        })?;
+                        for event in events {
+                            match event {
+                                MuxEvent::Data(id, bytes) => {
+                                    if let Some(stream) = state.streams.get(&id) {
+                                        let _ = stream.to_local.send(bytes);
+                                    }
+                                }
+                                MuxEvent::Closed(id) => {
+                                    state.streams.remove(&id);
+                                }
+                                MuxEvent::Refused(id) => {
+                                    if let Some(stream) = state.streams.remove(&id) {
+                                        stream.refused.store(true, Ordering::Release);
+                                    }
+                                }
+                                MuxEvent::Opened(_) | MuxEvent::Nop => {}
+                            }
+                        }
+                    }
+                    Some(Mode::Basic) => {
+                        if let Some(stream) =
+                            state.basic_active.and_then(|id| state.streams.get(&id))
+                        {
+                            let _ = stream.to_local.send(payload);
+                        }
+                    }
+                    None => {}
+                },
+                Event::Stream {
+                    payload_type: PayloadType::Flag,
+                    payload,
+                } => {
+                    if Flag::from_payload(&payload) == Some(Flag::ConnectToPortError) {
+                        match state.mode {
+                            Some(Mode::Basic) => {
+                                if let Some(stream) =
+                                    state.basic_active.and_then(|id| state.streams.remove(&id))
+                                {
+                                    stream.refused.store(true, Ordering::Release);
+                                }
+                            }
+                            _ => state.mux.connect_error(),
+                        }
+                    }
+                }
+                Event::ChannelClosed(closed) => {
+                    let reason = if closed.output.is_empty() {
+                        format!("Exiting session with sessionId: {}.", closed.session_id)
+                    } else {
+                        closed.output
+                    };
+                    return Err(Error::SessionClosed(reason));
+                }
+                Event::Malformed(error) => {
+                    tracing::debug!(%error, "dropped a malformed message from the agent")
+                }
+                Event::Stream { .. } | Event::PausePublication | Event::StartPublication => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the session: Flag TerminateSession as stream data, then the TerminateSession API.
+    async fn terminate(&mut self, state: &mut State) {
+        state.pending.clear();
+        let _ = state.channel.send(
+            Instant::now(),
+            PayloadType::Flag,
+            Flag::TerminateSession.to_payload(),
+        );
+        let _ = self.flush(state).await;
+        if let Err(error) = control::terminate(&self.ssm, &self.grant.session_id).await {
+            tracing::warn!(%error, "TerminateSession failed");
+        }
+        let _ = self.ws.close(None).await;
+    }
+
+    pub(crate) async fn run(mut self) {
+        let (local_tx, mut local_rx) = mpsc::channel(64);
+        let mut state = State {
+            channel: DataChannel::new(Role::Client, Instant::now(), unix_ms(), rand_seed(), 1024),
+            mux: Mux::default(),
+            mode: None,
+            streams: HashMap::new(),
+            pending: VecDeque::new(),
+            local_tx,
+            basic_active: None,
+            basic_waiting: VecDeque::new(),
+            next_basic_id: 0,
+        };
+        let mut keepalive = tokio::time::interval(Duration::from_secs(10));
+        let mut ping = tokio::time::interval(Duration::from_secs(300));
+        let outcome: Result<(), Error> = loop {
+            if self.flush(&mut state).await.is_err() {
+                if let Err(error) = self.reconnect(&mut state).await {
+                    break Err(error);
+                }
+                continue;
+            }
+            let timer = state
+                .channel
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let may_take_local =
+                state.pending.is_empty() && state.channel.can_send() && state.mode.is_some();
+            let keepalive_on = matches!(state.mode, Some(Mode::Mux { keepalive: true }));
+            tokio::select! {
+                frame = self.ws.next() => match frame {
+                    Some(Ok(Message::Binary(bytes))) => state.channel.handle_frame(Instant::now(), &bytes),
+                    Some(Ok(Message::Close(frame))) => {
+                        tracing::info!(?frame, "the data channel websocket was closed; resuming");
+                        if let Err(error) = self.reconnect(&mut state).await {
+                            break Err(error);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::info!(%error, "the data channel websocket failed; resuming");
+                        if let Err(error) = self.reconnect(&mut state).await {
+                            break Err(error);
+                        }
+                    }
+                    None => {
+                        if let Err(error) = self.reconnect(&mut state).await {
+                            break Err(error);
+                        }
+                    }
+                },
+                command = self.commands.recv() => match command {
+                    Some(Command::Open(reply)) => self.open_stream(&mut state, reply),
+                    Some(Command::Close(reply)) => {
+                        self.terminate(&mut state).await;
+                        let _ = reply.send(());
+                        break Ok(());
+                    }
+                    None => {
+                        self.terminate(&mut state).await;
+                        break Ok(());
+                    }
+                },
+                Some(local) = local_rx.recv(), if may_take_local => self.handle_local(&mut state, local),
+                _ = async { tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)).await }, if timer.is_some() => {
+                    state.channel.handle_timeout(Instant::now());
+                }
+                _ = keepalive.tick(), if keepalive_on => state.mux.keepalive(),
+                _ = ping.tick() => {
+                    let _ = self.ws.send(Message::Ping(b"keepalive".to_vec().into())).await;
+                }
+            }
+            if let Err(error) = self.handle_events(&mut state) {
+                break Err(error);
+            }
+            let output = state.mux.take_output();
+            state.queue(PayloadType::Output, &output, self.chunk_size);
+            state.send_pending();
+        };
+        let reason = match &outcome {
+            Ok(()) => "closed".to_owned(),
+            Err(error) => error.to_string(),
+        };
+        *self.stats.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        if let Err(error) = outcome {
+            tracing::warn!(%error, session = %self.grant.session_id, "the SSM session ended");
+            if let Some(ready) = self.ready.take() {
+                let _ = ready.send(Err(error));
+            }
+            for (_, stream) in state.streams.drain() {
+                drop(stream);
+            }
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    nanos ^ (std::process::id() as u64).rotate_left(32)
+}

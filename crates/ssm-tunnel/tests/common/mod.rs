@@ -1,0 +1,95 @@
+//! fake-aws's SSM service in front of the run's real Postgres, and an SSM client for it.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fake_aws::ssm::{SsmConfig, SsmService};
+use fake_aws::{CredentialStore, KeyPair};
+
+pub(crate) const TARGET: &str = "i-0fake0jumphost0";
+pub(crate) const DB_HOST: &str = "db.internal.example";
+
+pub(crate) struct Env {
+    pub(crate) ssm: SsmService,
+    pub(crate) keys: KeyPair,
+    pub(crate) postgres: SocketAddr,
+}
+
+pub(crate) async fn postgres() -> SocketAddr {
+    let settings = pgharness::Settings::load().expect("settings");
+    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
+        .await
+        .expect("a Postgres server");
+    SocketAddr::from(([127, 0, 0, 1], server.config().get_ports()[0]))
+}
+
+pub(crate) async fn env(configure: impl FnOnce(&mut SsmConfig)) -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
+    let postgres = postgres().await;
+    let keys = KeyPair::random_temporary();
+    let mut config = SsmConfig::default();
+    config.host_map.insert(DB_HOST.into(), postgres);
+    configure(&mut config);
+    let ssm = SsmService::start(config, Arc::new(CredentialStore::new([keys.clone()])))
+        .await
+        .expect("fake SSM starts");
+    Env {
+        ssm,
+        keys,
+        postgres,
+    }
+}
+
+impl Env {
+    pub(crate) fn client(&self) -> aws_sdk_ssm::Client {
+        let config = aws_sdk_ssm::Config::builder()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
+            .endpoint_url(self.ssm.endpoint_url())
+            .credentials_provider(self.keys.to_credentials())
+            .build();
+        aws_sdk_ssm::Client::from_conf(config)
+    }
+
+    /// Environment variables for a child process (the CLI) to use this fake.
+    pub(crate) fn child_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_SSM".into(), self.ssm.endpoint_url()),
+            ("AWS_ACCESS_KEY_ID".into(), self.keys.access_key_id.clone()),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                self.keys.secret_access_key.clone(),
+            ),
+            (
+                "AWS_SESSION_TOKEN".into(),
+                self.keys.session_token.clone().unwrap_or_default(),
+            ),
+            ("AWS_REGION".into(), "eu-west-2".into()),
+            ("AWS_CONFIG_FILE".into(), "/nonexistent".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+}
+
+/// Runs `SELECT` over a stream through the tunnel (plain protocol; the local server trusts).
+pub(crate) async fn query_over<S>(stream: S) -> Result<String, tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut config = tokio_postgres::Config::new();
+    config.user("postgres").dbname("postgres");
+    let (client, connection) = config.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT 'through ' || current_setting('server_version_num')",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
