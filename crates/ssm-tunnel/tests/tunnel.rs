@@ -46,3 +46,203 @@ async fn twenty_concurrent_connections_share_one_session() {
     );
     assert_eq!(env.ssm.sessions()[0].connections, 1, "over one websocket");
 }
+
+/// An echo server: what the tunnel carries comes back, so transfers can be checked exactly.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through a tunnel stream to the echo server and reads it all back.
+async fn round_trip(tunnel: &Tunnel, data: Vec<u8>) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tunnel.connect().await.unwrap();
+    let (mut read, mut write) = tokio::io::split(stream);
+    let len = data.len();
+    let writer = tokio::spawn(async move {
+        write.write_all(&data).await.unwrap();
+        write.flush().await.unwrap();
+        write
+    });
+    let mut back = vec![0; len];
+    read.read_exact(&mut back)
+        .await
+        .expect("all the bytes come back");
+    drop(writer.await.unwrap());
+    back
+}
+
+#[tokio::test]
+async fn ten_megabytes_survive_loss_duplication_and_reordering() {
+    let echo = echo_server().await;
+    let env = env(|config| {
+        config.host_map.insert("echo.internal".into(), echo);
+        config.pacing = false;
+        config.faults = fake_aws::ssm::Faults {
+            loss: 0.05,
+            duplicate: 0.05,
+            reorder: 0.05,
+            latency: std::time::Duration::from_millis(2),
+            ..Default::default()
+        };
+    })
+    .await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, "echo.internal", 7), env.client())
+        .await
+        .expect("opens despite faults");
+    let data = pattern(10 * 1024 * 1024, 42);
+    let back = tokio::time::timeout(
+        std::time::Duration::from_secs(240),
+        round_trip(&tunnel, data.clone()),
+    )
+    .await
+    .expect("in time");
+    assert!(back == data, "the bytes came back corrupted");
+    tunnel.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bye_close_mid_transfer_is_resumed_without_corruption() {
+    let echo = echo_server().await;
+    let env = env(|config| {
+        config.host_map.insert("echo.internal".into(), echo);
+        config.pacing = false;
+        config.faults = fake_aws::ssm::Faults {
+            bye_after_bytes: Some(1024 * 1024),
+            ..Default::default()
+        };
+    })
+    .await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, "echo.internal", 7), env.client())
+        .await
+        .unwrap();
+    let data = pattern(4 * 1024 * 1024, 7);
+    let back = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        round_trip(&tunnel, data.clone()),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        back == data,
+        "the bytes came back corrupted across the resume"
+    );
+    assert!(tunnel.reconnects() >= 1, "the websocket was replaced");
+    assert_eq!(
+        env.ssm.sessions()[0].connections,
+        2,
+        "ResumeSession and a second websocket"
+    );
+    assert_eq!(env.ssm.start_session_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_dial_fails_only_its_own_stream() {
+    let env = env(|_| {}).await;
+    // Port 9 on 127.0.0.1: nothing listens there.
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, "127.0.0.1", 9), env.client())
+        .await
+        .unwrap();
+    let mut refused = tunnel.connect().await.unwrap();
+    let mut buffer = [0u8; 16];
+    use tokio::io::AsyncReadExt;
+    let error = refused
+        .read(&mut buffer)
+        .await
+        .expect_err("the stream reports the refusal");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+    assert!(error.to_string().contains("127.0.0.1:9"), "{error}");
+    assert!(tunnel.ended().is_none(), "the session survives");
+}
+
+#[tokio::test]
+async fn old_agents_get_basic_mode_one_connection_at_a_time() {
+    let env = env(|config| config.agent_version = "3.0.196.0".into()).await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
+        .await
+        .unwrap();
+    assert_eq!(tunnel.mode(), Mode::Basic);
+    for _ in 0..3 {
+        let answer = query_over(tunnel.connect().await.unwrap())
+            .await
+            .expect("a query in basic mode");
+        assert!(answer.starts_with("through "));
+    }
+}
+
+#[tokio::test]
+async fn a_disconnected_target_is_a_clear_error_and_no_session_is_left() {
+    let env = env(|_| {}).await;
+    let error = Tunnel::open_with(
+        TunnelConfig::new("i-0notconnected0000", DB_HOST, 5432),
+        env.client(),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(error.api_code(), Some("TargetNotConnected"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("is the SSM agent on the instance running"),
+        "{error}"
+    );
+    env.ssm
+        .reconfigure(|config| config.refuse_start = Some("AccessDeniedException".into()));
+    let error = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
+        .await
+        .expect_err("refused");
+    assert_eq!(error.api_code(), Some("AccessDeniedException"), "{error}");
+    assert_eq!(env.ssm.open_sessions(), 0);
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_by_the_signature_check() {
+    let env = env(|_| {}).await;
+    let mut keys = env.keys.clone();
+    keys.secret_access_key = "not-the-secret".into();
+    let config = aws_sdk_ssm::Config::builder()
+        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+        .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
+        .endpoint_url(env.ssm.endpoint_url())
+        .credentials_provider(keys.to_credentials())
+        .build();
+    let error = Tunnel::open_with(
+        TunnelConfig::new(TARGET, DB_HOST, 5432),
+        aws_sdk_ssm::Client::from_conf(config),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(
+        error.api_code(),
+        Some("InvalidSignatureException"),
+        "{error}"
+    );
+}

@@ -289,6 +289,7 @@ impl SessionTask {
         let mut mode = Mode::Basic;
         let mut mux = Mux::default();
         let mut streams: HashMap<u32, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+        let mut basic_id: u32 = 0;
         let mut last_activity = Instant::now();
         let mut idle_check = tokio::time::interval(Duration::from_secs(1));
 
@@ -341,8 +342,18 @@ impl SessionTask {
                             agent.queue(PayloadType::Flag, &Flag::ConnectToPortError.to_payload());
                             mux.close(id);
                         }
-                        (Mode::Basic, Remote::Data(_, bytes)) => agent.queue(PayloadType::Output, &bytes),
-                        (Mode::Basic, Remote::Closed(_) | Remote::DialFailed(_)) => { streams.clear(); }
+                        (Mode::Basic, Remote::Data(id, bytes)) => {
+                            // Bytes from a connection the client already disconnected are dropped.
+                            if streams.contains_key(&id) {
+                                agent.queue(PayloadType::Output, &bytes);
+                            }
+                        }
+                        (Mode::Basic, Remote::Closed(id)) => { streams.remove(&id); }
+                        (Mode::Basic, Remote::DialFailed(id)) => {
+                            if streams.remove(&id).is_some() {
+                                agent.queue(PayloadType::Flag, &Flag::ConnectToPortError.to_payload());
+                            }
+                        }
                     }
                     let output = mux.take_output();
                     agent.queue(PayloadType::Output, &output);
@@ -456,16 +467,23 @@ impl SessionTask {
                             }
                         }
                         Mode::Basic => {
-                            let writer = streams.entry(0).or_insert_with(|| {
-                                open_remote(
-                                    0,
+                            // One remote connection at a time, dialed on the first data after a
+                            // DisconnectToPort; each gets its own id so late events of the
+                            // previous one cannot touch it.
+                            if streams.is_empty() {
+                                basic_id += 1;
+                                let writer = open_remote(
+                                    basic_id,
                                     self.config.host_map.clone(),
                                     self.host.clone(),
                                     self.port,
                                     remote_tx.clone(),
-                                )
-                            });
-                            let _ = writer.send(payload);
+                                );
+                                streams.insert(basic_id, writer);
+                            }
+                            if let Some(writer) = streams.get(&basic_id) {
+                                let _ = writer.send(payload);
+                            }
                         }
                     },
                     PayloadType::Flag => match Flag::from_payload(&payload) {

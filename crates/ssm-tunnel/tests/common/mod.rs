@@ -27,7 +27,7 @@ pub(crate) async fn postgres() -> SocketAddr {
 pub(crate) async fn env(configure: impl FnOnce(&mut SsmConfig)) -> Env {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter("info")
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
         .try_init();
     let postgres = postgres().await;
     let keys = KeyPair::random_temporary();
