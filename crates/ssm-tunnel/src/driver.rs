@@ -46,6 +46,8 @@ pub(crate) struct Stats {
     pub(crate) streams: std::sync::atomic::AtomicU64,
     /// Why the session ended, once it has.
     pub(crate) ended: std::sync::Mutex<Option<String>>,
+    /// Woken when it ends.
+    pub(crate) ended_notify: tokio::sync::Notify,
 }
 
 pub(crate) struct Driver {
@@ -481,6 +483,7 @@ impl Driver {
             Err(error) => error.to_string(),
         };
         *self.stats.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.stats.ended_notify.notify_waiters();
         if let Err(error) = outcome {
             tracing::warn!(%error, session = %self.grant.session_id, "the SSM session ended");
             if let Some(ready) = self.ready.take() {

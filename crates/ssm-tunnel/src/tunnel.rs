@@ -177,6 +177,18 @@ impl Tunnel {
             .clone()
     }
 
+    /// Waits until the session ends by itself (idle timeout, terminated elsewhere, lost);
+    /// returns why.
+    pub async fn closed(&self) -> String {
+        loop {
+            let notified = self.stats.ended_notify.notified();
+            if let Some(reason) = self.ended() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
     fn gone(&self) -> Error {
         Error::SessionClosed(
             self.ended()
