@@ -66,6 +66,10 @@ impl Ci {
             &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"],
         )
         .await?;
+        // The SSM protocol decoders under a bounded fuzz run.
+        if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
+            bail!("fuzzing failed");
+        }
         eprintln!("xtask ci: all green");
         Ok(ExitCode::SUCCESS)
     }

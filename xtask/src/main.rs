@@ -2,6 +2,7 @@
 //! tears down. One module per command, each with a `run`.
 
 mod ci;
+mod fuzz;
 mod image;
 mod nextest;
 mod prereq;
@@ -37,8 +38,10 @@ enum Command {
     Reap(reap::Reap),
     /// Build the Postgres image `pgharness/postgres:17` from Debian packages (no registry needed).
     Image(image::Image),
-    /// Everything CI checks: formatting, lints, and the tests on the container and native backends.
+    /// Everything CI checks: formatting, lints, the tests on the container and native backends, a bounded fuzz run.
     Ci(ci::Ci),
+    /// A bounded cargo-fuzz run of the SSM protocol decoders.
+    Fuzz(fuzz::Fuzz),
 }
 
 /// The workspace root, from xtask's own manifest directory.
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             Command::Reap(command) => command.run().await,
             Command::Image(command) => command.run().await,
             Command::Ci(command) => command.run().await,
+            Command::Fuzz(command) => command.run().await,
         }
     });
     match result {
