@@ -179,5 +179,23 @@ async fn refusals_and_missing_settings_exit_with_their_codes() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let mut command = Command::new(binary());
+    command
+        .args(["--target", TARGET, "--host", DB_HOST, "--port", "5432"])
+        .envs(env.child_env());
+    for variable in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        command.env_remove(variable);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("NoCredentials") && stderr.contains("AWS_PROFILE"),
+        "{stderr}"
+    );
     assert_eq!(env.ssm.open_sessions(), 0);
 }

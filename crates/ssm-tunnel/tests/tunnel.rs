@@ -246,3 +246,60 @@ async fn bad_credentials_are_refused_by_the_signature_check() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_session_ends_with_channel_closed_and_says_why() {
+    let env = env(|config| config.idle_timeout = std::time::Duration::from_secs(2)).await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(15), tunnel.closed())
+        .await
+        .expect("the agent closes it");
+    assert!(reason.contains("timed out"), "{reason}");
+    let error = tunnel.connect().await.expect_err("no more connections");
+    assert!(
+        matches!(error, ssm_tunnel::Error::SessionClosed(_)),
+        "{error}"
+    );
+    assert_eq!(env.ssm.open_sessions(), 0);
+}
+
+#[tokio::test]
+async fn a_slow_handshake_is_waited_for_within_the_timeout_and_not_beyond() {
+    let env =
+        env(|config| config.faults.slow_handshake = std::time::Duration::from_millis(800)).await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
+        .await
+        .expect("800 ms is fine");
+    tunnel.close().await.unwrap();
+    let mut config = TunnelConfig::new(TARGET, DB_HOST, 5432);
+    config.handshake_timeout = std::time::Duration::from_millis(200);
+    let error = Tunnel::open_with(config, env.client())
+        .await
+        .expect_err("too slow");
+    assert!(
+        error.to_string().contains("no handshake from the agent"),
+        "{error}"
+    );
+    assert_eq!(
+        env.ssm.open_sessions(),
+        0,
+        "the half-open session was terminated"
+    );
+}
+
+#[tokio::test]
+async fn describe_instance_information_lists_the_online_target() {
+    let env = env(|_| {}).await;
+    let output = env
+        .client()
+        .describe_instance_information()
+        .send()
+        .await
+        .expect("DescribeInstanceInformation");
+    let list = output.instance_information_list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id(), Some(TARGET));
+    assert_eq!(list[0].ping_status().map(|s| s.as_str()), Some("Online"));
+}
