@@ -24,6 +24,9 @@ pub enum BackendKind {
     Native,
     /// An existing server given by `PGHARNESS_URL`.
     Url,
+    /// RDS/Aurora through the run's local auth proxy (started by `cargo xtask up --backend rds`):
+    /// IAM tokens, verify-full TLS, and an SSM tunnel when `[rds.ssm] target` is set.
+    Rds,
 }
 
 impl BackendKind {
@@ -34,6 +37,7 @@ impl BackendKind {
             BackendKind::Container => "container",
             BackendKind::Native => "native",
             BackendKind::Url => "url",
+            BackendKind::Rds => "rds",
         }
     }
 }
@@ -52,8 +56,9 @@ impl FromStr for BackendKind {
             "container" => Ok(BackendKind::Container),
             "native" => Ok(BackendKind::Native),
             "url" => Ok(BackendKind::Url),
+            "rds" => Ok(BackendKind::Rds),
             other => Err(format!(
-                "unknown backend `{other}`; use one of auto, container, native, url"
+                "unknown backend `{other}`; use one of auto, container, native, url, rds"
             )),
         }
     }
@@ -189,6 +194,8 @@ pub struct Settings {
     pub run_id: Option<String>,
     /// `PGHARNESS_TEARDOWN` (`inline` or `deferred`; set by `cargo xtask test`).
     pub teardown: Teardown,
+    /// `[rds]` and `[rds.ssm]`.
+    pub rds: RdsSettings,
 }
 
 /// Where a value came from, for error messages.
@@ -212,7 +219,56 @@ pub const SETTING_NAMES: &[&str] = &[
     "container_ttl",
     "run_id",
     "teardown",
+    "rds_host",
+    "rds_port",
+    "rds_region",
+    "rds_database",
+    "rds_user",
+    "rds_ca_bundle",
+    "rds_wake_deadline",
+    "rds_idle",
+    "rds_ssm_target",
 ];
+
+/// The `[rds]` and `[rds.ssm]` settings (`PGHARNESS_RDS_*`), as given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RdsSettings {
+    /// `[rds] host`: the cluster (or instance) endpoint.
+    pub host: Option<String>,
+    /// `[rds] port` (default 5432).
+    pub port: u16,
+    /// `[rds] region` (else parsed from the host name, else `AWS_REGION`).
+    pub region: Option<String>,
+    /// `[rds] database` (default `postgres`).
+    pub database: String,
+    /// `[rds] user`: the database user with the `rds_iam` role.
+    pub user: Option<String>,
+    /// `[rds] ca_bundle` (also `PGHARNESS_CA_BUNDLE`): the RDS CA bundle (PEM).
+    pub ca_bundle: Option<PathBuf>,
+    /// `[rds] wake_deadline`: how long to wait for a resuming Aurora cluster (default 60s).
+    pub wake_deadline: Duration,
+    /// `[rds] idle`: the background proxy exits after this long without clients (default 30m).
+    pub idle: Duration,
+    /// `[rds.ssm] target`: the jumphost's instance id; without it the host is dialed directly.
+    pub ssm_target: Option<String>,
+}
+
+impl RdsSettings {
+    /// Host, user and CA bundle, which the rds backend cannot do without, or an error naming
+    /// the missing one.
+    pub fn require(&self) -> Result<(String, String, PathBuf), Error> {
+        let missing = |name: &str, env: &str, example: &str| Error::Setting {
+            name: format!("rds.{name}"),
+            origin: "pgharness.toml [rds] or the environment".into(),
+            problem: "it is not set".into(),
+            fix: format!("set `{name} = \"{example}\"` under [rds] in pgharness.toml, or {env}={example}"),
+        };
+        let host = self.host.clone().ok_or_else(|| missing("host", "PGHARNESS_RDS_HOST", "db.cluster-abc.eu-west-2.rds.amazonaws.com"))?;
+        let user = self.user.clone().ok_or_else(|| missing("user", "PGHARNESS_RDS_USER", "app_iam"))?;
+        let bundle = self.ca_bundle.clone().ok_or_else(|| missing("ca_bundle", "PGHARNESS_RDS_CA_BUNDLE", "certs/global-bundle.pem"))?;
+        Ok((host, user, bundle))
+    }
+}
 
 impl Settings {
     /// Loads settings for the workspace that contains the current test or command.
@@ -237,13 +293,14 @@ impl Settings {
                 problem: e.message().to_owned(),
                 fix: "fix the TOML syntax".into(),
             })?;
-            for (key, value) in table {
+            for (key, value) in flatten(table) {
                 if !SETTING_NAMES.contains(&key.as_str()) {
                     return Err(unknown_key(&key, &format!("{}", file.display())));
                 }
                 let text = match value {
                     toml::Value::String(s) => s,
                     toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
                     other => {
                         return Err(Error::Setting {
                             name: key,
@@ -268,9 +325,9 @@ impl Settings {
             let Some(key) = name.strip_prefix("PGHARNESS_") else {
                 continue;
             };
-            let key = key.to_ascii_lowercase();
-            if key.starts_with("rds") || key == "ca_bundle" {
-                continue; // read by the RDS backend's own settings
+            let mut key = key.to_ascii_lowercase();
+            if key == "ca_bundle" {
+                key = "rds_ca_bundle".into(); // PGHARNESS_CA_BUNDLE, as rds-iam names it
             }
             if !SETTING_NAMES.contains(&key.as_str()) {
                 return Err(unknown_key(&key, &name));
@@ -348,6 +405,19 @@ impl Settings {
                     "unknown teardown `{other}`; use inline or deferred"
                 )),
             })?,
+            rds: RdsSettings::default(),
+        };
+        let mut settings = settings;
+        settings.rds = RdsSettings {
+            host: get("rds_host").map(|(v, _)| v.to_owned()),
+            port: parse(get("rds_port"), "rds.port", 5432, |v| v.parse().map_err(|_| format!("`{v}` is not a port")))?,
+            region: get("rds_region").map(|(v, _)| v.to_owned()),
+            database: get("rds_database").map_or_else(|| "postgres".to_owned(), |(v, _)| v.to_owned()),
+            user: get("rds_user").map(|(v, _)| v.to_owned()),
+            ca_bundle: get("rds_ca_bundle").map(|(v, _)| root.join(v)),
+            wake_deadline: parse(get("rds_wake_deadline"), "rds.wake_deadline", Duration::from_secs(60), parse_duration)?,
+            idle: parse(get("rds_idle"), "rds.idle", Duration::from_secs(30 * 60), parse_duration)?,
+            ssm_target: get("rds_ssm_target").map(|(v, _)| v.to_owned()),
         };
         if settings.backend == BackendKind::Url && settings.url.is_none() {
             return Err(Error::Setting {
@@ -359,6 +429,20 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// `[rds] host = …` and `[rds.ssm] target = …` become `rds_host` and `rds_ssm_target`.
+fn flatten(table: toml::Table) -> Vec<(String, toml::Value)> {
+    let mut out = Vec::new();
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(inner) => {
+                out.extend(flatten(inner).into_iter().map(|(k, v)| (format!("{key}_{k}"), v)));
+            }
+            other => out.push((key, other)),
+        }
+    }
+    out
 }
 
 fn unknown_key(key: &str, origin: &str) -> Error {
@@ -484,6 +568,24 @@ mod tests {
         assert_eq!(settings.run_id.as_deref(), Some("p"));
         let settings = load(None, &[("NEXTEST_RUN_ID", "n")]).unwrap();
         assert_eq!(settings.run_id.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn rds_settings_from_file_sections_and_environment() {
+        let settings = load(
+            Some("[rds]\nhost = \"db.cluster-x.eu-west-2.rds.amazonaws.com\"\nuser = \"app\"\n[rds.ssm]\ntarget = \"i-0abc\"\n"),
+            &[("PGHARNESS_RDS_PORT", "6432"), ("PGHARNESS_CA_BUNDLE", "certs/b.pem")],
+        )
+        .unwrap();
+        assert_eq!(settings.rds.host.as_deref(), Some("db.cluster-x.eu-west-2.rds.amazonaws.com"));
+        assert_eq!(settings.rds.ssm_target.as_deref(), Some("i-0abc"));
+        assert_eq!(settings.rds.port, 6432);
+        assert!(settings.rds.ca_bundle.as_ref().unwrap().ends_with("certs/b.pem"));
+        assert_eq!(settings.rds.database, "postgres");
+        let error = load(Some("[rds]\nhost = \"h\"\n"), &[]).unwrap().rds.require().unwrap_err().to_string();
+        assert!(error.contains("rds.user") && error.contains("PGHARNESS_RDS_USER"), "{error}");
+        let error = load(Some("[rds]\nhots = \"h\"\n"), &[]).unwrap_err().to_string();
+        assert!(error.contains("`rds_hots`"), "{error}");
     }
 
     #[test]

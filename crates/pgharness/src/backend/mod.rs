@@ -3,6 +3,7 @@
 
 pub mod container;
 pub mod native;
+pub mod rds;
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
@@ -16,6 +17,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         BackendKind::Url => url(settings),
         BackendKind::Container => container::ensure(settings, sink).await,
         BackendKind::Native => native::ensure(settings, sink).await,
+        BackendKind::Rds => rds::ensure(settings),
         BackendKind::Auto => auto(settings, sink).await,
     }
 }
@@ -73,6 +75,7 @@ pub async fn is_running(settings: &Settings, kind: BackendKind) -> bool {
     match kind {
         BackendKind::Container => container::is_running(settings).await,
         BackendKind::Native => native::is_running(settings),
+        BackendKind::Rds => rds::is_running(settings),
         BackendKind::Url | BackendKind::Auto => true,
     }
 }
@@ -82,6 +85,7 @@ pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>,
     match kind {
         BackendKind::Container => container::stop(settings).await,
         BackendKind::Native => native::stop(settings).await,
-        BackendKind::Url | BackendKind::Auto => Ok(Vec::new()),
+        // The RDS proxy is a process of xtask's; `cargo xtask down` stops it.
+        BackendKind::Url | BackendKind::Auto | BackendKind::Rds => Ok(Vec::new()),
     }
 }

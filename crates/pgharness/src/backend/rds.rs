@@ -1,0 +1,111 @@
+//! The `rds` backend, as test processes see it: the run's local auth proxy, started by
+//! `cargo xtask up --backend rds` (or `cargo xtask test --backend rds`), described in
+//! `target/pgharness/env`. Test processes never open SSM sessions or mint tokens
+//! themselves; the one background process does, for the whole run.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::server::Server;
+use crate::settings::{BackendKind, SecretUrl, Settings};
+
+/// What `cargo xtask up` wrote: `KEY=value` lines. `Debug` hides the URL's password.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvFile {
+    /// `PGHARNESS_BACKEND`.
+    pub backend: String,
+    /// `DATABASE_URL`: where clients connect (the local auth proxy for rds).
+    pub url: Option<SecretUrl>,
+    /// `PGHARNESS_RDS_PROXY_PID`: the background process.
+    pub proxy_pid: Option<i32>,
+    /// `PGHARNESS_RDS_SESSION`: its SSM session, if it tunnels.
+    pub session: Option<String>,
+}
+
+/// `target/pgharness/env`.
+pub fn env_file_path(settings: &Settings) -> PathBuf {
+    settings.state_dir.join("env")
+}
+
+impl EnvFile {
+    /// Reads the env file, if there is one.
+    pub fn read(settings: &Settings) -> Result<Option<EnvFile>, Error> {
+        let path = env_file_path(settings);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("failed to read", &path, e)),
+        };
+        let mut file = EnvFile::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            match key {
+                "PGHARNESS_BACKEND" => file.backend = value.to_owned(),
+                "DATABASE_URL" => file.url = Some(SecretUrl::new(value)),
+                "PGHARNESS_RDS_PROXY_PID" => file.proxy_pid = value.parse().ok(),
+                "PGHARNESS_RDS_SESSION" => file.session = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        Ok(Some(file))
+    }
+
+    /// Writes it readable by its owner only (it holds the proxy's password).
+    pub fn write(&self, settings: &Settings) -> Result<(), Error> {
+        std::fs::create_dir_all(&settings.state_dir).map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+        let path = env_file_path(settings);
+        let mut text = format!("PGHARNESS_BACKEND={}\n", self.backend);
+        if let Some(url) = &self.url {
+            text.push_str(&format!("DATABASE_URL={}\n", url.expose()));
+        }
+        if let Some(pid) = self.proxy_pid {
+            text.push_str(&format!("PGHARNESS_RDS_PROXY_PID={pid}\n"));
+        }
+        if let Some(session) = &self.session {
+            text.push_str(&format!("PGHARNESS_RDS_SESSION={session}\n"));
+        }
+        let temporary = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(|e| Error::io("failed to create", &temporary, e))?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| Error::io("failed to write", &temporary, e))?;
+        std::fs::rename(&temporary, &path).map_err(|e| Error::io("failed to write", &path, e))
+    }
+
+    /// Whether its background proxy still runs.
+    pub fn proxy_alive(&self) -> bool {
+        self.proxy_pid.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
+                .is_some_and(|state| !matches!(state, Some('Z') | Some('X')))
+        })
+    }
+}
+
+/// The server the run's RDS proxy serves.
+pub(crate) fn ensure(settings: &Settings) -> Result<Server, Error> {
+    let fix = "start it with `cargo xtask up --backend rds` (or run the tests with `cargo xtask test --backend rds`)";
+    let file = EnvFile::read(settings)?.filter(|f| f.backend == "rds").ok_or_else(|| Error::Backend {
+        backend: "rds",
+        message: format!("no RDS proxy is running for this workspace ({} has none); {fix}", env_file_path(settings).display()),
+    })?;
+    if !file.proxy_alive() {
+        return Err(Error::Backend {
+            backend: "rds",
+            message: format!("the RDS proxy (pid {}) is no longer running; {fix}", file.proxy_pid.unwrap_or_default()),
+        });
+    }
+    let url = file.url.ok_or_else(|| Error::Backend { backend: "rds", message: format!("the env file has no DATABASE_URL; {fix}") })?;
+    Server::from_url(BackendKind::Rds, url)
+}
+
+/// Whether the run's RDS proxy runs.
+pub(crate) fn is_running(settings: &Settings) -> bool {
+    matches!(EnvFile::read(settings), Ok(Some(file)) if file.backend == "rds" && file.proxy_alive())
+}
