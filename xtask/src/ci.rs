@@ -35,6 +35,11 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     let test = Test {
         backend: Some(backend),
         keep_server: false,
+        emulated: backend == BackendKind::Rds,
+        emulator: crate::emulator::EmulatorOptions {
+            rtt: Some(std::time::Duration::from_millis(10)),
+            ..Default::default()
+        },
         nextest_args: args.iter().map(|s| s.to_string()).collect(),
     };
     if test.run().await? != ExitCode::SUCCESS {
@@ -66,6 +71,9 @@ impl Ci {
             &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"],
         )
         .await?;
+        // The example suite through the whole emulated RDS path: SSM tunnel, smux, TLS,
+        // IAM tokens, the local auth proxy; one SSM session for the run.
+        tests(BackendKind::Rds, &["-p", "todo-app", "--profile", "ci"]).await?;
         // The SSM protocol decoders under a bounded fuzz run.
         if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
             bail!("fuzzing failed");

@@ -2,10 +2,12 @@
 //! tears down. One module per command, each with a `run`.
 
 mod ci;
+mod emulator;
 mod fuzz;
 mod image;
 mod nextest;
 mod prereq;
+mod rds;
 mod reap;
 mod servers;
 mod test;
@@ -42,6 +44,11 @@ enum Command {
     Ci(ci::Ci),
     /// A bounded cargo-fuzz run of the SSM protocol decoders.
     Fuzz(fuzz::Fuzz),
+    /// Start fake-aws (SSM service and agent, RDS IAM front) in front of a local Postgres.
+    Emulate(emulator::Emulate),
+    /// The background RDS proxy (started by `up --backend rds`; not for direct use).
+    #[command(name = "__rds-proxy", hide = true)]
+    RdsProxy,
 }
 
 /// The workspace root, from xtask's own manifest directory.
@@ -91,6 +98,8 @@ fn main() -> ExitCode {
             Command::Image(command) => command.run().await,
             Command::Ci(command) => command.run().await,
             Command::Fuzz(command) => command.run().await,
+            Command::Emulate(command) => command.run().await,
+            Command::RdsProxy => rds::proxy_main().await,
         }
     });
     match result {

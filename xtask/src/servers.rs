@@ -35,7 +35,7 @@ pub(crate) async fn admin_client(server: &Server) -> anyhow::Result<Client> {
         .with_context(|| format!("failed to connect to {}", server.describe()))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::warn!(%error, "admin connection ended");
+            tracing::debug!(%error, "admin connection ended");
         }
     });
     Ok(client)
@@ -48,14 +48,30 @@ pub(crate) fn env_file(settings: &Settings) -> std::path::PathBuf {
 
 #[derive(clap::Args)]
 pub(crate) struct Up {
-    /// Which backend to start.
+    /// Which backend to start (auto, container, native, url, rds).
     #[arg(long, value_parser = crate::parse_backend)]
     backend: Option<BackendKind>,
+    /// With `--backend rds`: against the emulator (fake-aws), started if needed.
+    #[arg(long)]
+    emulated: bool,
+    #[command(flatten)]
+    emulator: crate::emulator::EmulatorOptions,
 }
 
 impl Up {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         let settings = crate::settings(self.backend)?;
+        if settings.backend == BackendKind::Rds {
+            crate::rds::up(&settings, self.emulated, &self.emulator).await?;
+            let path = env_file(&settings);
+            println!("PGHARNESS_BACKEND=rds");
+            eprintln!(
+                "xtask: tests pick up {} by themselves; psql: psql \"$(sed -n 's/^DATABASE_URL=//p' {})\"; stop with `cargo xtask down`",
+                path.display(),
+                path.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         let (server, kind, _) = start(&settings).await?;
         std::fs::create_dir_all(&settings.state_dir)?;
         let path = env_file(&settings);
@@ -102,6 +118,8 @@ impl Down {
 /// Stops the container and native servers of this workspace, whichever run.
 pub(crate) async fn stop_all(settings: &Settings) -> anyhow::Result<Vec<String>> {
     let mut stopped = Vec::new();
+    stopped.extend(crate::rds::down(settings).await?);
+    stopped.extend(crate::emulator::stop(settings).await?);
     stopped.extend(pgharness::backend::stop(settings, BackendKind::Native).await?);
     if pgharness::backend::container::docker().await.is_ok() {
         stopped.extend(pgharness::backend::stop(settings, BackendKind::Container).await?);

@@ -18,6 +18,11 @@ pub(crate) struct Test {
     /// Leave the server running afterwards (it is stopped only if this run started it).
     #[arg(long)]
     pub(crate) keep_server: bool,
+    /// With `--backend rds`: the emulated AWS path (fake-aws in front of a local Postgres).
+    #[arg(long)]
+    pub(crate) emulated: bool,
+    #[command(flatten)]
+    pub(crate) emulator: crate::emulator::EmulatorOptions,
     /// Arguments for `cargo nextest run` (default: --workspace), e.g. `-p todo-app`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub(crate) nextest_args: Vec<String>,
@@ -28,6 +33,9 @@ impl Test {
         let settings = crate::settings(self.backend)?;
         // The example suite and pgharness' own tests run psql.
         crate::prereq::install_missing(&[crate::prereq::PSQL])?;
+        if settings.backend == BackendKind::Rds {
+            return self.run_rds(settings).await;
+        }
         let (server, kind, started) = start_or_build(&settings).await?;
         let outcome = self.run_on(&settings, &server, kind).await;
         if started && !self.keep_server {
@@ -35,6 +43,43 @@ impl Test {
             settings.backend = kind;
             for what in pgharness::backend::stop(&settings, kind).await? {
                 eprintln!("xtask: stopped {what}");
+            }
+        }
+        outcome
+    }
+
+    /// up (proxy, tunnel, and the emulator if asked) → nextest → down, whatever happens.
+    async fn run_rds(&self, settings: Settings) -> anyhow::Result<ExitCode> {
+        let up = tokio::select! {
+            up = crate::rds::up(&settings, self.emulated, &self.emulator) => up,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while starting")),
+        };
+        let outcome = match up {
+            Ok(_) => {
+                match pgharness::backend::ensure(&settings, &pgharness::events::log_only).await {
+                    Ok(server) => self.run_on(&settings, &server, BackendKind::Rds).await,
+                    Err(error) => Err(error.into()),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        // Teardown runs after failures and Ctrl-C too.
+        let emulator_values = crate::emulator::running(&settings);
+        if let Some(what) = crate::rds::down(&settings).await? {
+            eprintln!("xtask: stopped {what}");
+        }
+        if let Some(values) = emulator_values.filter(|_| self.emulated) {
+            let (start_sessions, open) = crate::emulator::stats(&values)?;
+            eprintln!(
+                "xtask: fake-aws saw {start_sessions} StartSession call(s); {open} session(s) open after down"
+            );
+            if let Some(what) = crate::emulator::stop(&settings).await? {
+                eprintln!("xtask: stopped {what}");
+            }
+            if outcome.is_ok() && (start_sessions > 1 || open > 0) {
+                anyhow::bail!(
+                    "the run must use at most one SSM session and leave none open (StartSession: {start_sessions}, open: {open})"
+                );
             }
         }
         outcome

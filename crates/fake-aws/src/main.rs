@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use fake_aws::rds::{PauseConfig, RdsFront, RdsFrontConfig};
+use fake_aws::ssm::{Faults, SsmConfig, SsmService};
 use fake_aws::{CredentialStore, KeyPair};
 
 #[derive(Parser)]
@@ -53,6 +54,24 @@ struct Cli {
     /// Also write the KEY=value lines here.
     #[arg(long)]
     env_file: Option<PathBuf>,
+    /// Also run the SSM service and agent; sessions to the RDS host reach the RDS endpoint.
+    #[arg(long)]
+    ssm: bool,
+    /// The jumphost's instance id (SSM).
+    #[arg(long, default_value = "i-0fake0jumphost0")]
+    ssm_target: String,
+    /// The agent version the handshake announces (3.0.196.0 or older: basic mode).
+    #[arg(long, default_value = "3.3.987.0")]
+    agent_version: String,
+    /// Round-trip time to emulate on the data channel (e.g. 30ms).
+    #[arg(long, value_parser = parse_duration)]
+    rtt: Option<Duration>,
+    /// Turn off the agent's 1 ms pacing per message.
+    #[arg(long)]
+    no_pacing: bool,
+    /// Loss, duplication and reordering probability on the data channel (e.g. 0.05).
+    #[arg(long, default_value_t = 0.0)]
+    faults: f64,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -96,9 +115,31 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.state_dir {
         config.state_dir = dir;
     }
-    let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()]))).await?;
+    let credentials = Arc::new(CredentialStore::new([keys.clone()]));
+    let front = RdsFront::start(config, credentials.clone()).await?;
+    let ssm = if cli.ssm {
+        let mut config = SsmConfig {
+            online_targets: vec![cli.ssm_target.clone()],
+            agent_version: cli.agent_version.clone(),
+            pacing: !cli.no_pacing,
+            ..SsmConfig::default()
+        };
+        config
+            .host_map
+            .insert(front.hostname().to_owned(), front.local_addr());
+        config.faults = Faults {
+            latency: cli.rtt.map_or(Duration::ZERO, |rtt| rtt / 2),
+            loss: cli.faults,
+            duplicate: cli.faults,
+            reorder: cli.faults,
+            ..Faults::default()
+        };
+        Some(SsmService::start(config, credentials).await?)
+    } else {
+        None
+    };
     // Test credentials of this fake only; they grant nothing anywhere else.
-    let lines = [
+    let mut lines = vec![
         format!("FAKE_AWS_RDS_ADDR={}", front.local_addr()),
         format!("FAKE_AWS_RDS_HOST={}", front.hostname()),
         format!("FAKE_AWS_RDS_PORT={}", front.port()),
@@ -111,7 +152,12 @@ async fn main() -> anyhow::Result<()> {
             keys.session_token.clone().unwrap_or_default()
         ),
         format!("PGHARNESS_CA_BUNDLE={}", front.ca_bundle().display()),
+        format!("FAKE_AWS_PID={}", std::process::id()),
     ];
+    if let Some(ssm) = &ssm {
+        lines.push(format!("AWS_ENDPOINT_URL_SSM={}", ssm.endpoint_url()));
+        lines.push(format!("FAKE_AWS_SSM_TARGET={}", cli.ssm_target));
+    }
     let text = lines.join("\n") + "\n";
     if let Some(path) = &cli.env_file {
         std::fs::write(path, &text)
@@ -134,5 +180,12 @@ async fn main() -> anyhow::Result<()> {
         refused = front.refused(),
         "fake-aws stopping"
     );
+    if let Some(ssm) = &ssm {
+        tracing::info!(
+            start_session_calls = ssm.start_session_calls(),
+            open_sessions = ssm.open_sessions(),
+            "fake SSM stopping"
+        );
+    }
     Ok(())
 }

@@ -38,8 +38,8 @@ pub use error::Error;
 pub use fixture::test_db;
 pub use server::Server;
 pub use settings::{
-    BackendKind, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings, Teardown, parse_duration,
-    redact_url,
+    BackendKind, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings, Teardown,
+    parse_duration, redact_url,
 };
 pub use testdb::{TestDb, TestDbBuilder};
 

@@ -261,11 +261,28 @@ impl RdsSettings {
             name: format!("rds.{name}"),
             origin: "pgharness.toml [rds] or the environment".into(),
             problem: "it is not set".into(),
-            fix: format!("set `{name} = \"{example}\"` under [rds] in pgharness.toml, or {env}={example}"),
+            fix: format!(
+                "set `{name} = \"{example}\"` under [rds] in pgharness.toml, or {env}={example}"
+            ),
         };
-        let host = self.host.clone().ok_or_else(|| missing("host", "PGHARNESS_RDS_HOST", "db.cluster-abc.eu-west-2.rds.amazonaws.com"))?;
-        let user = self.user.clone().ok_or_else(|| missing("user", "PGHARNESS_RDS_USER", "app_iam"))?;
-        let bundle = self.ca_bundle.clone().ok_or_else(|| missing("ca_bundle", "PGHARNESS_RDS_CA_BUNDLE", "certs/global-bundle.pem"))?;
+        let host = self.host.clone().ok_or_else(|| {
+            missing(
+                "host",
+                "PGHARNESS_RDS_HOST",
+                "db.cluster-abc.eu-west-2.rds.amazonaws.com",
+            )
+        })?;
+        let user = self
+            .user
+            .clone()
+            .ok_or_else(|| missing("user", "PGHARNESS_RDS_USER", "app_iam"))?;
+        let bundle = self.ca_bundle.clone().ok_or_else(|| {
+            missing(
+                "ca_bundle",
+                "PGHARNESS_RDS_CA_BUNDLE",
+                "certs/global-bundle.pem",
+            )
+        })?;
         Ok((host, user, bundle))
     }
 }
@@ -410,13 +427,26 @@ impl Settings {
         let mut settings = settings;
         settings.rds = RdsSettings {
             host: get("rds_host").map(|(v, _)| v.to_owned()),
-            port: parse(get("rds_port"), "rds.port", 5432, |v| v.parse().map_err(|_| format!("`{v}` is not a port")))?,
+            port: parse(get("rds_port"), "rds.port", 5432, |v| {
+                v.parse().map_err(|_| format!("`{v}` is not a port"))
+            })?,
             region: get("rds_region").map(|(v, _)| v.to_owned()),
-            database: get("rds_database").map_or_else(|| "postgres".to_owned(), |(v, _)| v.to_owned()),
+            database: get("rds_database")
+                .map_or_else(|| "postgres".to_owned(), |(v, _)| v.to_owned()),
             user: get("rds_user").map(|(v, _)| v.to_owned()),
             ca_bundle: get("rds_ca_bundle").map(|(v, _)| root.join(v)),
-            wake_deadline: parse(get("rds_wake_deadline"), "rds.wake_deadline", Duration::from_secs(60), parse_duration)?,
-            idle: parse(get("rds_idle"), "rds.idle", Duration::from_secs(30 * 60), parse_duration)?,
+            wake_deadline: parse(
+                get("rds_wake_deadline"),
+                "rds.wake_deadline",
+                Duration::from_secs(60),
+                parse_duration,
+            )?,
+            idle: parse(
+                get("rds_idle"),
+                "rds.idle",
+                Duration::from_secs(30 * 60),
+                parse_duration,
+            )?,
             ssm_target: get("rds_ssm_target").map(|(v, _)| v.to_owned()),
         };
         if settings.backend == BackendKind::Url && settings.url.is_none() {
@@ -437,7 +467,11 @@ fn flatten(table: toml::Table) -> Vec<(String, toml::Value)> {
     for (key, value) in table {
         match value {
             toml::Value::Table(inner) => {
-                out.extend(flatten(inner).into_iter().map(|(k, v)| (format!("{key}_{k}"), v)));
+                out.extend(
+                    flatten(inner)
+                        .into_iter()
+                        .map(|(k, v)| (format!("{key}_{k}"), v)),
+                );
             }
             other => out.push((key, other)),
         }
@@ -577,14 +611,34 @@ mod tests {
             &[("PGHARNESS_RDS_PORT", "6432"), ("PGHARNESS_CA_BUNDLE", "certs/b.pem")],
         )
         .unwrap();
-        assert_eq!(settings.rds.host.as_deref(), Some("db.cluster-x.eu-west-2.rds.amazonaws.com"));
+        assert_eq!(
+            settings.rds.host.as_deref(),
+            Some("db.cluster-x.eu-west-2.rds.amazonaws.com")
+        );
         assert_eq!(settings.rds.ssm_target.as_deref(), Some("i-0abc"));
         assert_eq!(settings.rds.port, 6432);
-        assert!(settings.rds.ca_bundle.as_ref().unwrap().ends_with("certs/b.pem"));
+        assert!(
+            settings
+                .rds
+                .ca_bundle
+                .as_ref()
+                .unwrap()
+                .ends_with("certs/b.pem")
+        );
         assert_eq!(settings.rds.database, "postgres");
-        let error = load(Some("[rds]\nhost = \"h\"\n"), &[]).unwrap().rds.require().unwrap_err().to_string();
-        assert!(error.contains("rds.user") && error.contains("PGHARNESS_RDS_USER"), "{error}");
-        let error = load(Some("[rds]\nhots = \"h\"\n"), &[]).unwrap_err().to_string();
+        let error = load(Some("[rds]\nhost = \"h\"\n"), &[])
+            .unwrap()
+            .rds
+            .require()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("rds.user") && error.contains("PGHARNESS_RDS_USER"),
+            "{error}"
+        );
+        let error = load(Some("[rds]\nhots = \"h\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("`rds_hots`"), "{error}");
     }
 

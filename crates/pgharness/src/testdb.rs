@@ -38,6 +38,7 @@ pub struct TestDb {
     teardown: Teardown,
     reap_ttl: Duration,
     acquire: Duration,
+    lock_key: i32,
 }
 
 /// Options for one test's database. Start from [`TestDb::builder`].
@@ -236,6 +237,7 @@ impl TestDbBuilder {
             teardown: settings.teardown,
             reap_ttl: settings.reap_ttl,
             acquire,
+            lock_key: key,
         })
     }
 }
@@ -371,10 +373,14 @@ impl Drop for TestDb {
         };
         let literal = quote_literal(&self.schema);
         let acquire_ms = self.acquire.as_secs_f64() * 1000.0;
+        let key = self.lock_key;
+        // The owner lock is released in the same round trip: a janitor must not wait for
+        // the server to notice the closed connection.
         let finish = |status: &str| {
             format!(
                 "UPDATE pgharness.ledger SET status = '{status}', ended_at = now(), acquire_ms = {acquire_ms}
-                  WHERE schema_name = {literal};"
+                  WHERE schema_name = {literal};
+                 SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {key});"
             )
         };
         let sql = if keep {

@@ -5,7 +5,9 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tokio::io::{AsyncWriteExt, copy_bidirectional};
@@ -57,6 +59,24 @@ pub struct Proxy {
     database: String,
     password: ProxyPassword,
     accept: JoinHandle<()>,
+    activity: Arc<Activity>,
+}
+
+/// Client sessions in flight and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    sessions: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+/// Counts a session for as long as it lives.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
 }
 
 impl Proxy {
@@ -80,6 +100,23 @@ impl Proxy {
             self.addr.port(),
             self.database
         )
+    }
+
+    /// Client sessions open now.
+    pub fn active_sessions(&self) -> usize {
+        self.activity.sessions.load(Ordering::Relaxed)
+    }
+
+    /// How long no client has been connected (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        if self.active_sessions() > 0 {
+            return Duration::ZERO;
+        }
+        self.activity
+            .last_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     /// Stops accepting clients.
@@ -108,6 +145,11 @@ pub fn serve(
     let verifier = Arc::new(ScramVerifier::new(password.expose()));
     let target = Arc::new(target);
     let (user, database) = (target.endpoint.user.clone(), target.database.clone());
+    let activity = Arc::new(Activity {
+        sessions: AtomicUsize::new(0),
+        last_end: Mutex::new(Instant::now()),
+    });
+    let counted = activity.clone();
     let accept = tokio::spawn(async move {
         loop {
             let (client, peer) = match listener.accept().await {
@@ -123,7 +165,10 @@ pub fn serve(
                 dialer.clone(),
                 tokens.clone(),
             );
+            counted.sessions.fetch_add(1, Ordering::Relaxed);
+            let in_flight = InFlight(counted.clone());
             tokio::spawn(async move {
+                let _in_flight = in_flight;
                 if let Err(error) =
                     session(client, &target, &verifier, dialer.as_ref(), &tokens).await
                 {
@@ -139,6 +184,7 @@ pub fn serve(
         database,
         password,
         accept,
+        activity,
     })
 }
 

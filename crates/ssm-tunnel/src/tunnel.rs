@@ -225,12 +225,18 @@ impl Tunnel {
         }
     }
 
-    /// Ends the session: Flag TerminateSession and the TerminateSession API.
-    pub async fn close(mut self) -> Result<(), Error> {
+    /// Ends the session (Flag TerminateSession and the TerminateSession API) while others
+    /// may still hold the tunnel; their streams end.
+    pub async fn terminate(&self) {
         let (reply, done) = oneshot::channel();
         if self.commands.send(Command::Close(reply)).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
         }
+    }
+
+    /// Ends the session: Flag TerminateSession and the TerminateSession API.
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.terminate().await;
         if let Some(driver) = self.driver.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
         }

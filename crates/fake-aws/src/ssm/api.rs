@@ -25,6 +25,7 @@ pub(crate) fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/", post(json_api))
         .route("/v1/data-channel/{id}", get(data_channel))
+        .route("/_fake/stats", get(stats))
         .with_state(state)
 }
 
@@ -246,6 +247,21 @@ fn describe_instances(state: &Arc<State>) -> Response {
         .map(|id| json!({ "InstanceId": id, "PingStatus": "Online", "AgentVersion": config.agent_version, "PlatformType": "Linux", "PlatformName": "fake-aws" }))
         .collect();
     ok(json!({ "InstanceInformationList": list }))
+}
+
+/// Counters for tests and `cargo xtask` (not an AWS API).
+async fn stats(AxumState(state): AxumState<Arc<State>>) -> Response {
+    let start_sessions = *state
+        .start_sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let sessions = state.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    let open = sessions.values().filter(|s| !s.record.ended).count();
+    let list: Vec<Value> = sessions
+        .values()
+        .map(|s| json!({ "SessionId": s.record.id, "Ended": s.record.ended, "EndReason": s.record.end_reason, "Connections": s.record.connections }))
+        .collect();
+    ok(json!({ "StartSessionCalls": start_sessions, "OpenSessions": open, "Sessions": list }))
 }
 
 async fn data_channel(

@@ -39,7 +39,9 @@ impl EnvFile {
         };
         let mut file = EnvFile::default();
         for line in text.lines() {
-            let Some((key, value)) = line.split_once('=') else { continue };
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
             match key {
                 "PGHARNESS_BACKEND" => file.backend = value.to_owned(),
                 "DATABASE_URL" => file.url = Some(SecretUrl::new(value)),
@@ -53,7 +55,8 @@ impl EnvFile {
 
     /// Writes it readable by its owner only (it holds the proxy's password).
     pub fn write(&self, settings: &Settings) -> Result<(), Error> {
-        std::fs::create_dir_all(&settings.state_dir).map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+        std::fs::create_dir_all(&settings.state_dir)
+            .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
         let path = env_file_path(settings);
         let mut text = format!("PGHARNESS_BACKEND={}\n", self.backend);
         if let Some(url) = &self.url {
@@ -73,7 +76,8 @@ impl EnvFile {
             .mode(0o600)
             .open(&temporary)
             .map_err(|e| Error::io("failed to create", &temporary, e))?;
-        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| Error::io("failed to write", &temporary, e))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .map_err(|e| Error::io("failed to write", &temporary, e))?;
         std::fs::rename(&temporary, &path).map_err(|e| Error::io("failed to write", &path, e))
     }
 
@@ -82,7 +86,10 @@ impl EnvFile {
         self.proxy_pid.is_some_and(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
+                .and_then(|stat| {
+                    stat.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().chars().next())
+                })
                 .is_some_and(|state| !matches!(state, Some('Z') | Some('X')))
         })
     }
@@ -91,17 +98,28 @@ impl EnvFile {
 /// The server the run's RDS proxy serves.
 pub(crate) fn ensure(settings: &Settings) -> Result<Server, Error> {
     let fix = "start it with `cargo xtask up --backend rds` (or run the tests with `cargo xtask test --backend rds`)";
-    let file = EnvFile::read(settings)?.filter(|f| f.backend == "rds").ok_or_else(|| Error::Backend {
-        backend: "rds",
-        message: format!("no RDS proxy is running for this workspace ({} has none); {fix}", env_file_path(settings).display()),
-    })?;
+    let file = EnvFile::read(settings)?
+        .filter(|f| f.backend == "rds")
+        .ok_or_else(|| Error::Backend {
+            backend: "rds",
+            message: format!(
+                "no RDS proxy is running for this workspace ({} has none); {fix}",
+                env_file_path(settings).display()
+            ),
+        })?;
     if !file.proxy_alive() {
         return Err(Error::Backend {
             backend: "rds",
-            message: format!("the RDS proxy (pid {}) is no longer running; {fix}", file.proxy_pid.unwrap_or_default()),
+            message: format!(
+                "the RDS proxy (pid {}) is no longer running; {fix}",
+                file.proxy_pid.unwrap_or_default()
+            ),
         });
     }
-    let url = file.url.ok_or_else(|| Error::Backend { backend: "rds", message: format!("the env file has no DATABASE_URL; {fix}") })?;
+    let url = file.url.ok_or_else(|| Error::Backend {
+        backend: "rds",
+        message: format!("the env file has no DATABASE_URL; {fix}"),
+    })?;
     Server::from_url(BackendKind::Rds, url)
 }
 

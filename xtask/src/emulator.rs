@@ -1,0 +1,263 @@
+//! The emulated AWS side (`cargo xtask emulate`): fake-aws (SSM service and agent, RDS IAM
+//! front) as a background process in front of a local Postgres, described by
+//! `target/pgharness/emulator.env`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pgharness::{BackendKind, Settings};
+
+use crate::ui::Progress;
+
+/// The IAM database user the emulated cluster has.
+pub(crate) const USER: &str = "iam_app";
+
+pub(crate) fn env_path(settings: &Settings) -> PathBuf {
+    settings.state_dir.join("emulator.env")
+}
+
+/// The running emulator's KEY=value lines, if it runs.
+pub(crate) fn running(settings: &Settings) -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(env_path(settings)).ok()?;
+    let values: HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let pid: i32 = values.get("FAKE_AWS_PID")?.parse().ok()?;
+    process_alive(pid).then_some(values)
+}
+
+pub(crate) fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// The environment a client of the emulator needs: its endpoints, test credentials and CA
+/// bundle, and nothing of the user's own AWS configuration.
+pub(crate) fn client_env(values: &HashMap<String, String>) -> Vec<(String, String)> {
+    let get = |k: &str| values.get(k).cloned().unwrap_or_default();
+    vec![
+        ("AWS_ENDPOINT_URL_SSM".into(), get("AWS_ENDPOINT_URL_SSM")),
+        ("AWS_ACCESS_KEY_ID".into(), get("AWS_ACCESS_KEY_ID")),
+        ("AWS_SECRET_ACCESS_KEY".into(), get("AWS_SECRET_ACCESS_KEY")),
+        ("AWS_SESSION_TOKEN".into(), get("AWS_SESSION_TOKEN")),
+        ("AWS_REGION".into(), get("AWS_REGION")),
+        ("AWS_PROFILE".into(), String::new()),
+        ("AWS_CONFIG_FILE".into(), "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ("PGHARNESS_RDS_HOST".into(), get("FAKE_AWS_RDS_HOST")),
+        ("PGHARNESS_RDS_PORT".into(), get("FAKE_AWS_RDS_PORT")),
+        ("PGHARNESS_RDS_REGION".into(), get("AWS_REGION")),
+        ("PGHARNESS_RDS_USER".into(), USER.into()),
+        ("PGHARNESS_RDS_CA_BUNDLE".into(), get("PGHARNESS_CA_BUNDLE")),
+        (
+            "PGHARNESS_RDS_SSM_TARGET".into(),
+            get("FAKE_AWS_SSM_TARGET"),
+        ),
+    ]
+}
+
+/// Options of the emulated cluster.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct EmulatorOptions {
+    /// Round-trip time to emulate on the SSM data channel (e.g. 30ms).
+    #[arg(long, value_parser = pgharness::parse_duration)]
+    pub(crate) rtt: Option<Duration>,
+    /// Loss, duplication and reordering probability on the data channel (e.g. 0.05).
+    #[arg(long)]
+    pub(crate) faults: Option<f64>,
+    /// Where the emulated cluster's data lives: auto, container or native.
+    #[arg(long = "local-backend", value_parser = crate::parse_backend)]
+    pub(crate) local_backend: Option<BackendKind>,
+}
+
+/// Starts the emulator unless it runs; returns its values and whether this call started it.
+pub(crate) async fn ensure(
+    settings: &Settings,
+    options: &EmulatorOptions,
+) -> anyhow::Result<(HashMap<String, String>, bool)> {
+    if let Some(values) = running(settings) {
+        return Ok((values, false));
+    }
+    let progress = Progress::start("starting the emulated AWS (fake-aws) and its Postgres");
+    let mut local = settings.clone();
+    local.backend = options.local_backend.unwrap_or(BackendKind::Auto);
+    let sink = |event| progress.event(event);
+    let server = pgharness::backend::ensure(&local, &sink)
+        .await
+        .context("failed to start the emulated cluster's Postgres")?;
+    let admin = crate::servers::admin_client(&server).await?;
+    // The IAM user as RDS has it: LOGIN, the rds_iam role, CONNECT and CREATE.
+    for statement in [
+        format!("CREATE ROLE {USER} LOGIN"),
+        "CREATE ROLE rds_iam".to_owned(),
+        format!("GRANT rds_iam TO {USER}"),
+        format!("GRANT CONNECT, CREATE ON DATABASE postgres TO {USER}"),
+    ] {
+        if let Err(error) = admin.batch_execute(&statement).await {
+            let code = error.code().map(|c| c.code()).unwrap_or_default();
+            if code != "42710" && code != "23505" {
+                bail!("`{statement}` failed on the emulated cluster's Postgres: {error}");
+            }
+        }
+    }
+    progress.say("building fake-aws".into());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .current_dir(crate::project_root())
+        .args(["build", "--quiet", "-p", "fake-aws", "--bin", "fake-aws"])
+        .status()?;
+    if !status.success() {
+        bail!("building fake-aws failed ({status})");
+    }
+    let binary = target_dir(settings).join("debug/fake-aws");
+    let port = server.config().get_ports()[0];
+    std::fs::create_dir_all(&settings.state_dir)?;
+    let env_file = env_path(settings);
+    let _ = std::fs::remove_file(&env_file);
+    let log = std::fs::File::create(settings.state_dir.join("emulator.log"))?;
+    let mut command = std::process::Command::new(&binary);
+    command
+        .args([
+            "--backend",
+            &format!("127.0.0.1:{port}"),
+            "--user",
+            USER,
+            "--ssm",
+        ])
+        .arg("--state-dir")
+        .arg(settings.state_dir.join("emulator-certs"))
+        .arg("--env-file")
+        .arg(&env_file);
+    if let Some(rtt) = options.rtt {
+        command.args(["--rtt", &format!("{}ms", rtt.as_millis())]);
+    }
+    if let Some(faults) = options.faults {
+        command.args(["--faults", &faults.to_string(), "--no-pacing"]);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(values) = running(settings) {
+            progress.finish(&format!(
+                "emulated AWS ready: SSM {}, RDS {} (RTT {})",
+                values
+                    .get("AWS_ENDPOINT_URL_SSM")
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                values
+                    .get("FAKE_AWS_RDS_HOST")
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                options.rtt.map_or("none".to_owned(), |r| format!("{r:?}"))
+            ));
+            return Ok((values, true));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "fake-aws did not start within 30s; see {}",
+                settings.state_dir.join("emulator.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn target_dir(settings: &Settings) -> PathBuf {
+    settings
+        .state_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::project_root().join("target"))
+}
+
+/// Stops the emulator if it runs.
+pub(crate) async fn stop(settings: &Settings) -> anyhow::Result<Option<String>> {
+    let Some(values) = running(settings) else {
+        let _ = std::fs::remove_file(env_path(settings));
+        return Ok(None);
+    };
+    let pid: i32 = values["FAKE_AWS_PID"].parse()?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(env_path(settings));
+    Ok(Some(format!("fake-aws (pid {pid})")))
+}
+
+/// StartSession calls and open sessions, from fake-aws's stats endpoint.
+pub(crate) fn stats(values: &HashMap<String, String>) -> anyhow::Result<(u64, u64)> {
+    let endpoint = values
+        .get("AWS_ENDPOINT_URL_SSM")
+        .context("the emulator has no SSM endpoint")?;
+    let address = endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address)
+        .with_context(|| format!("fake-aws at {address} does not answer"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /_fake/stats HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).context("no body")?;
+    let json: serde_json::Value = serde_json::from_str(body)?;
+    Ok((
+        json["StartSessionCalls"].as_u64().unwrap_or(0),
+        json["OpenSessions"].as_u64().unwrap_or(0),
+    ))
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Emulate {
+    #[command(flatten)]
+    options: EmulatorOptions,
+    /// Stop the emulator instead.
+    #[arg(long)]
+    stop: bool,
+}
+
+impl Emulate {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let settings = crate::settings(None)?;
+        if self.stop {
+            match stop(&settings).await? {
+                Some(what) => eprintln!("xtask: stopped {what}"),
+                None => eprintln!("xtask: the emulator was not running"),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let (values, _) = ensure(&settings, &self.options).await?;
+        for (key, value) in client_env(&values) {
+            if !key.starts_with("AWS_SECRET") && !key.starts_with("AWS_SESSION") {
+                println!("{key}={value}");
+            }
+        }
+        eprintln!(
+            "xtask: the emulator runs in the background; `cargo xtask up --backend rds --emulated` uses it, `cargo xtask emulate --stop` stops it"
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
