@@ -119,6 +119,11 @@ impl Down {
 pub(crate) async fn stop_all(settings: &Settings) -> anyhow::Result<Vec<String>> {
     let mut stopped = Vec::new();
     stopped.extend(crate::rds::down(settings).await?);
+    if let Some(values) = crate::emulator::running(settings)
+        && let Ok((start_sessions, open)) = crate::emulator::stats(&values)
+    {
+        stopped.push(format!("(fake-aws: {start_sessions} StartSession call(s), {open} session(s) open)"));
+    }
     stopped.extend(crate::emulator::stop(settings).await?);
     stopped.extend(pgharness::backend::stop(settings, BackendKind::Native).await?);
     if pgharness::backend::container::docker().await.is_ok() {

@@ -28,6 +28,10 @@ pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<Backend
         return Ok(settings.backend);
     }
     let mut attempts = Vec::new();
+    // A server brought up by `cargo xtask up --backend rds` serves every run until `down`.
+    if rds::is_running(settings) {
+        return Ok(BackendKind::Rds);
+    }
     if settings.url.is_some() {
         return Ok(BackendKind::Url);
     }
