@@ -122,7 +122,9 @@ pub(crate) async fn stop_all(settings: &Settings) -> anyhow::Result<Vec<String>>
     if let Some(values) = crate::emulator::running(settings)
         && let Ok((start_sessions, open)) = crate::emulator::stats(&values)
     {
-        stopped.push(format!("(fake-aws: {start_sessions} StartSession call(s), {open} session(s) open)"));
+        stopped.push(format!(
+            "(fake-aws: {start_sessions} StartSession call(s), {open} session(s) open)"
+        ));
     }
     stopped.extend(crate::emulator::stop(settings).await?);
     stopped.extend(pgharness::backend::stop(settings, BackendKind::Native).await?);

@@ -50,10 +50,15 @@ impl Test {
 
     /// up (proxy, tunnel, and the emulator if asked) → nextest → down, whatever happens.
     async fn run_rds(&self, settings: Settings) -> anyhow::Result<ExitCode> {
+        // StartSession calls before this run (an emulator may already be running).
+        let before = crate::emulator::running(&settings)
+            .and_then(|v| crate::emulator::stats(&v).ok())
+            .map_or(0, |(calls, _)| calls);
         let up = tokio::select! {
             up = crate::rds::up(&settings, self.emulated, &self.emulator) => up,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while starting")),
         };
+        let started_emulator = up.as_ref().is_ok_and(|up| up.started_emulator);
         let outcome = match up {
             Ok(_) => {
                 match pgharness::backend::ensure(&settings, &pgharness::events::log_only).await {
@@ -69,11 +74,12 @@ impl Test {
             eprintln!("xtask: stopped {what}");
         }
         if let Some(values) = emulator_values.filter(|_| self.emulated) {
-            let (start_sessions, open) = crate::emulator::stats(&values)?;
+            let (calls, open) = crate::emulator::stats(&values)?;
+            let start_sessions = calls.saturating_sub(before);
             eprintln!(
-                "xtask: fake-aws saw {start_sessions} StartSession call(s); {open} session(s) open after down"
+                "xtask: fake-aws saw {start_sessions} StartSession call(s) in this run; {open} session(s) open after down"
             );
-            if let Some(what) = crate::emulator::stop(&settings).await? {
+            if started_emulator && let Some(what) = crate::emulator::stop(&settings).await? {
                 eprintln!("xtask: stopped {what}");
             }
             if outcome.is_ok() && (start_sessions > 1 || open > 0) {
