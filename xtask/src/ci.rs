@@ -149,7 +149,14 @@ impl Ci {
                 "-D",
                 "warnings",
             ])?;
+            actionlint()?;
         }
+        // The SSM protocol decoders under a bounded fuzz run.
+        if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
+            bail!("fuzzing failed");
+        }
+        doctor_checks().await?;
+        interrupt_check().await?;
         // Every test of the workspace on a container.
         tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
         // The example suite on the native backend, 32 tests at once against
@@ -159,16 +166,10 @@ impl Ci {
             &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"],
         )
         .await?;
-        // The example suite through the whole emulated RDS path: SSM tunnel, smux, TLS,
-        // IAM tokens, the local auth proxy; one SSM session for the run.
+        // Last, so that a nextest summary closes the log: the example suite through the
+        // whole emulated RDS path (SSM tunnel, smux, TLS, IAM tokens, the local auth
+        // proxy), with one SSM session for the run.
         tests(BackendKind::Rds, &["-p", "todo-app", "--profile", "ci"]).await?;
-        doctor_checks().await?;
-        interrupt_check().await?;
-        actionlint()?;
-        // The SSM protocol decoders under a bounded fuzz run.
-        if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
-            bail!("fuzzing failed");
-        }
         eprintln!("xtask ci: all green");
         Ok(ExitCode::SUCCESS)
     }
