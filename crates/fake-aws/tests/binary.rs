@@ -32,7 +32,7 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
         .expect("fake-aws starts");
     let mut lines = Vec::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    while lines.len() < 9 {
+    while lines.len() < 10 {
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
@@ -53,6 +53,7 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
         lines.join("\n") + "\n"
     );
     for key in [
+        "FAKE_AWS_PID",
         "FAKE_AWS_RDS_ADDR",
         "FAKE_AWS_RDS_HOST",
         "AWS_REGION",

@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{USER, env, ignore_waits};
+use common::{USER, env, ignore_waits, login_with};
 use rds_iam::clock::ManualClock;
 use rds_iam::connect::is_transient;
 use rds_iam::{TokenRequest, connect};
@@ -89,22 +89,14 @@ async fn after_the_token_ttl_a_new_connection_gets_a_fresh_token() {
         .await
         .expect("an open session does not need its token again");
     // …the old token no longer logs in…
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(USER)
-        .dbname("postgres")
-        .password(first_token.expose())
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*env.target.tls).clone());
-    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
-        &mut make,
+    let Err(error) = login_with(
+        &env,
+        &env.target.tls,
         env.front.hostname(),
+        first_token.expose(),
     )
-    .unwrap();
-    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
-        .await
-        .unwrap();
-    let Err(error) = config.connect_raw(stream, tls).await else {
+    .await
+    else {
         panic!("the old token is refused")
     };
     assert_eq!(error.code().map(|c| c.code()), Some("28000"));
@@ -170,26 +162,9 @@ async fn a_token_minted_by_botocore_is_accepted() {
     );
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
 
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(USER)
-        .dbname("postgres")
-        .password(&token)
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*env.target.tls).clone());
-    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
-        &mut make,
-        env.front.hostname(),
-    )
-    .unwrap();
-    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
-        .await
-        .unwrap();
-    let (client, connection) = config
-        .connect_raw(stream, tls)
+    let client = login_with(&env, &env.target.tls, env.front.hostname(), &token)
         .await
         .expect("botocore's token logs in");
-    tokio::spawn(connection);
     client.simple_query("SELECT 1").await.unwrap();
 }
 
@@ -276,27 +251,10 @@ async fn turning_verification_off_works_but_is_logged_loudly() {
     target.tls =
         rds_iam::tls::client_config(&rds_iam::TlsPolicy::InsecureAcceptAnyCertificate).unwrap();
     // The certificate is for another name, and still accepted.
-    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
-    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
-        &mut make,
-        "other.example",
-    )
-    .unwrap();
     let token = env.tokens().token(&target.endpoint).await.unwrap();
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(USER)
-        .dbname("postgres")
-        .password(token.expose())
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
-        .await
-        .unwrap();
-    let (client, connection) = config
-        .connect_raw(stream, tls)
+    let client = login_with(&env, &target.tls, "other.example", token.expose())
         .await
         .expect("accepted without checking");
-    tokio::spawn(connection);
     client.simple_query("SELECT 1").await.unwrap();
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("TLS CERTIFICATE CHECKING IS OFF"), "{logs}");

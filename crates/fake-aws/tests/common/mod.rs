@@ -94,3 +94,31 @@ impl Env {
 }
 
 pub(crate) fn ignore_waits(_: rds_iam::Waiting) {}
+
+/// Logs in to the fake RDS endpoint with `password` as the IAM token, over TLS configured
+/// by `tls` and checked against `server_name`; the raw path a client other than rds-iam takes.
+pub(crate) async fn login_with(
+    env: &Env,
+    tls: &rustls::ClientConfig,
+    server_name: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(USER)
+        .dbname("postgres")
+        .password(password)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut make,
+        server_name,
+    )
+    .expect("a valid server name");
+    let stream = tokio::net::TcpStream::connect(env.front.local_addr())
+        .await
+        .expect("the front listens");
+    let (client, connection) = config.connect_raw(stream, tls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
