@@ -118,6 +118,52 @@ async fn interrupt_check() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// After `up --backend rds --emulated`, a plain `cargo nextest run` and psql use the RDS path;
+/// `down` leaves fake-aws with no open session.
+async fn up_then_plain_tools_check() -> anyhow::Result<()> {
+    eprintln!(
+        "xtask ci: up --backend rds --emulated, then plain cargo nextest and psql, then down"
+    );
+    let up = xtask(&["up", "--backend", "rds", "--emulated"]).status()?;
+    if !up.success() {
+        bail!("`cargo xtask up --backend rds --emulated` failed");
+    }
+    let settings = crate::settings(None)?;
+    let outcome = async {
+        let nextest =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(crate::project_root())
+                .args(["nextest", "run", "-p", "todo-app", "--profile", "ci"])
+                .env_remove("PGHARNESS_BACKEND")
+                .status()?;
+        if !nextest.success() {
+            bail!("plain `cargo nextest run -p todo-app` failed after `up`");
+        }
+        let url = pgharness::backend::rds::EnvFile::read(&settings)?
+            .and_then(|f| f.url)
+            .ok_or_else(|| anyhow::anyhow!("`up` wrote no DATABASE_URL"))?;
+        let psql = std::process::Command::new("psql")
+            .arg(url.expose())
+            .args(["-XAtc", "SELECT current_user"])
+            .output()?;
+        if String::from_utf8_lossy(&psql.stdout).trim() != crate::emulator::USER {
+            bail!(
+                "psql through the RDS proxy failed: {}",
+                String::from_utf8_lossy(&psql.stderr)
+            );
+        }
+        Ok(())
+    }
+    .await;
+    let down = xtask(&["down"]).output()?;
+    let text = String::from_utf8_lossy(&down.stderr).into_owned();
+    outcome?;
+    if !text.contains("0 session(s) open") {
+        bail!("`down` did not leave fake-aws with zero open sessions:\n{text}");
+    }
+    Ok(())
+}
+
 /// The GitHub Actions workflow passes actionlint.
 fn actionlint() -> anyhow::Result<()> {
     eprintln!("xtask ci: actionlint .github/workflows/ci.yml");
@@ -158,6 +204,7 @@ impl Ci {
         }
         doctor_checks().await?;
         interrupt_check().await?;
+        up_then_plain_tools_check().await?;
         // Every test of the workspace on a container.
         tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
         // The example suite on the native backend, 32 tests at once against
