@@ -1,6 +1,7 @@
 //! `cargo xtask`: starts the test database once per run, runs cargo-nextest, reports and
 //! tears down. One module per command, each with a `run`.
 
+mod bench;
 mod ci;
 mod doctor;
 mod emulator;
@@ -48,6 +49,8 @@ enum Command {
     Fuzz(fuzz::Fuzz),
     /// Start fake-aws (SSM service and agent, RDS IAM front) in front of a local Postgres.
     Emulate(emulator::Emulate),
+    /// Measure acquire latency, token minting and tunnel throughput; prints figures and targets.
+    Bench(bench::Bench),
     /// Check everything a run depends on, with a fix for each failure.
     Doctor(doctor::Doctor),
     /// RDS helpers: `grant-sql` prints the one-time SQL and the IAM policy.
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
             Command::Emulate(command) => command.run().await,
             Command::RdsProxy => rds::proxy_main().await,
             Command::Doctor(command) => command.run().await,
+            Command::Bench(command) => command.run().await,
             Command::Rds(command) => command.run().await,
         }
     });
