@@ -112,14 +112,7 @@ impl Bench {
         config.host_map.insert("echo.bench".into(), echo_addr);
         let target = config.online_targets[0].clone();
         let ssm = SsmService::start(config, Arc::new(CredentialStore::new([keys.clone()]))).await?;
-        let client = aws_sdk_ssm::Client::from_conf(
-            aws_sdk_ssm::Config::builder()
-                .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-                .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
-                .endpoint_url(ssm.endpoint_url())
-                .credentials_provider(keys.to_credentials())
-                .build(),
-        );
+        let client = ssm_client(&ssm, &keys);
         let opened = Instant::now();
         let tunnel = Tunnel::open_with(TunnelConfig::new(&target, "echo.bench", 7), client)
             .await
@@ -202,17 +195,12 @@ impl Bench {
         ssm.reconfigure(|config| {
             config.host_map.insert("sink.bench".into(), sink_addr);
         });
-        let client = aws_sdk_ssm::Client::from_conf(
-            aws_sdk_ssm::Config::builder()
-                .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-                .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
-                .endpoint_url(ssm.endpoint_url())
-                .credentials_provider(keys.to_credentials())
-                .build(),
-        );
-        let tunnel = Tunnel::open_with(TunnelConfig::new(target, "sink.bench", 9), client)
-            .await
-            .context("tunnel")?;
+        let tunnel = Tunnel::open_with(
+            TunnelConfig::new(target, "sink.bench", 9),
+            ssm_client(ssm, keys),
+        )
+        .await
+        .context("tunnel")?;
         let mut stream = tunnel.connect().await?;
         let chunk = vec![0xa5; 64 * 1024];
         let started = Instant::now();
@@ -231,6 +219,18 @@ impl Bench {
         tunnel.close().await?;
         Ok(total as f64 / at.duration_since(started).as_secs_f64() / 1e6)
     }
+}
+
+/// An SSM client for fake-aws with its test keys.
+fn ssm_client(ssm: &SsmService, keys: &KeyPair) -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::Config::builder()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
+            .endpoint_url(ssm.endpoint_url())
+            .credentials_provider(keys.to_credentials())
+            .build(),
+    )
 }
 
 fn token_minting() {

@@ -28,17 +28,7 @@ pub(crate) fn running(settings: &Settings) -> Option<HashMap<String, String>> {
         .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
         .collect();
     let pid: i32 = values.get("FAKE_AWS_PID")?.parse().ok()?;
-    process_alive(pid).then_some(values)
-}
-
-pub(crate) fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-        })
-        .is_some_and(|state| state != 'Z' && state != 'X')
+    pgharness::backend::process_alive(pid).then_some(values)
 }
 
 /// The environment a client of the emulator needs: its endpoints, test credentials and CA
@@ -195,14 +185,7 @@ pub(crate) async fn stop(settings: &Settings) -> anyhow::Result<Option<String>> 
         return Ok(None);
     };
     let pid: i32 = values["FAKE_AWS_PID"].parse()?;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while process_alive(pid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    pgharness::backend::terminate_and_wait(pid, Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(env_path(settings));
     Ok(Some(format!("fake-aws (pid {pid})")))
 }

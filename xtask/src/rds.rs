@@ -254,15 +254,7 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
         let _ = std::fs::remove_file(&path);
         return Ok(None);
     };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while emulator::process_alive(pid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if emulator::process_alive(pid) {
+    if !pgharness::backend::terminate_and_wait(pid, Duration::from_secs(20)).await {
         bail!("the RDS proxy (pid {pid}) did not stop within 20s");
     }
     let _ = std::fs::remove_file(&path);

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use pgharness::{BackendKind, Server, Settings};
+use pgharness::backend::rds::EnvFile;
+use pgharness::{BackendKind, SecretUrl, Server, Settings};
 use tokio_postgres::Client;
 
 use crate::ui::Progress;
@@ -41,11 +42,6 @@ pub(crate) async fn admin_client(server: &Server) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// The file `up` writes: the run's connection settings as `KEY=value` lines.
-pub(crate) fn env_file(settings: &Settings) -> std::path::PathBuf {
-    settings.state_dir.join("env")
-}
-
 #[derive(clap::Args)]
 pub(crate) struct Up {
     /// Which backend to start (auto, container, native, url, rds).
@@ -63,7 +59,7 @@ impl Up {
         let settings = crate::settings(self.backend)?;
         if settings.backend == BackendKind::Rds {
             crate::rds::up(&settings, self.emulated, &self.emulator).await?;
-            let path = env_file(&settings);
+            let path = pgharness::backend::rds::env_file_path(&settings);
             println!("PGHARNESS_BACKEND=rds");
             eprintln!(
                 "xtask: tests pick up {} by themselves; psql: psql \"$(sed -n 's/^DATABASE_URL=//p' {})\"; stop with `cargo xtask down`",
@@ -73,8 +69,7 @@ impl Up {
             return Ok(ExitCode::SUCCESS);
         }
         let (server, kind, _) = start(&settings).await?;
-        std::fs::create_dir_all(&settings.state_dir)?;
-        let path = env_file(&settings);
+        let path = pgharness::backend::rds::env_file_path(&settings);
         // Local servers trust 127.0.0.1 and have no password; a url server's URL is the
         // user's own setting and is not copied into a file.
         let url = if server.has_password() {
@@ -82,11 +77,12 @@ impl Up {
         } else {
             server.url().expose().to_owned()
         };
-        std::fs::write(
-            &path,
-            format!("PGHARNESS_BACKEND={kind}\nDATABASE_URL={url}\n"),
-        )
-        .with_context(|| format!("failed to write {}", path.display()))?;
+        EnvFile {
+            backend: kind.to_string(),
+            url: Some(SecretUrl::new(url.clone())),
+            ..EnvFile::default()
+        }
+        .write(&settings)?;
         println!("PGHARNESS_BACKEND={kind}");
         println!("DATABASE_URL={url}");
         eprintln!(
@@ -110,7 +106,7 @@ impl Down {
         for what in stopped {
             eprintln!("xtask: stopped {what}");
         }
-        let _ = std::fs::remove_file(env_file(&settings));
+        let _ = std::fs::remove_file(pgharness::backend::rds::env_file_path(&settings));
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -290,6 +290,16 @@ impl SessionTask {
         let mut mux = Mux::default();
         let mut streams: HashMap<u32, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
         let mut basic_id: u32 = 0;
+        // Connects a stream to the session's remote host; its bytes come back on `remote_rx`.
+        let dial = |id: u32| {
+            open_remote(
+                id,
+                self.config.host_map.clone(),
+                self.host.clone(),
+                self.port,
+                remote_tx.clone(),
+            )
+        };
         let mut last_activity = Instant::now();
         let mut idle_check = tokio::time::interval(Duration::from_secs(1));
 
@@ -445,14 +455,7 @@ impl SessionTask {
                             for event in events {
                                 match event {
                                     MuxEvent::Opened(id) => {
-                                        let writer = open_remote(
-                                            id,
-                                            self.config.host_map.clone(),
-                                            self.host.clone(),
-                                            self.port,
-                                            remote_tx.clone(),
-                                        );
-                                        streams.insert(id, writer);
+                                        streams.insert(id, dial(id));
                                     }
                                     MuxEvent::Data(id, bytes) => {
                                         if let Some(writer) = streams.get(&id) {
@@ -472,14 +475,7 @@ impl SessionTask {
                             // previous one cannot touch it.
                             if streams.is_empty() {
                                 basic_id += 1;
-                                let writer = open_remote(
-                                    basic_id,
-                                    self.config.host_map.clone(),
-                                    self.host.clone(),
-                                    self.port,
-                                    remote_tx.clone(),
-                                );
-                                streams.insert(basic_id, writer);
+                                streams.insert(basic_id, dial(basic_id));
                             }
                             if let Some(writer) = streams.get(&basic_id) {
                                 let _ = writer.send(payload);

@@ -93,3 +93,29 @@ pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>,
         BackendKind::Url | BackendKind::Auto | BackendKind::Rds => Ok(Vec::new()),
     }
 }
+
+/// Whether a process runs: it is in /proc and is not a zombie (exited but not yet reaped,
+/// as a child of the caller stays until waited for).
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// Sends SIGTERM to `pid` and waits up to `timeout` for it to go; true when it went.
+pub async fn terminate_and_wait(pid: i32, timeout: std::time::Duration) -> bool {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    while process_alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    !process_alive(pid)
+}

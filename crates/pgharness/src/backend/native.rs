@@ -10,10 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::{Pid, User};
+use nix::unistd::User;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -169,13 +168,7 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
         }
         let lock = lock(&path.with_extension("lock")).await?;
         if let Some(state) = read_state(&path) {
-            let pid = Pid::from_raw(state.watchdog_pid);
-            if kill(pid, Signal::SIGTERM).is_ok() {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while process_alive(state.watchdog_pid) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+            super::terminate_and_wait(state.watchdog_pid, Duration::from_secs(30)).await;
             let _ = std::fs::remove_dir_all(&state.base_dir);
             stopped.push(format!("native server on 127.0.0.1:{}", state.port));
         }
@@ -207,20 +200,8 @@ fn read_state(path: &Path) -> Option<State> {
     serde_json::from_str(&text).ok()
 }
 
-/// Whether a process runs (a zombie, exited but not yet reaped by its parent, does not).
-fn process_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state is the first field after the parenthesised command name.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
-}
-
 fn alive(state: &State) -> bool {
-    process_alive(state.watchdog_pid)
+    super::process_alive(state.watchdog_pid)
         && TcpStream::connect_timeout(
             &(Ipv4Addr::LOCALHOST, state.port).into(),
             Duration::from_secs(1),

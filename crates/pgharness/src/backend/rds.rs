@@ -83,15 +83,7 @@ impl EnvFile {
 
     /// Whether its background proxy still runs.
     pub fn proxy_alive(&self) -> bool {
-        self.proxy_pid.is_some_and(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    stat.rsplit_once(')')
-                        .map(|(_, rest)| rest.trim_start().chars().next())
-                })
-                .is_some_and(|state| !matches!(state, Some('Z') | Some('X')))
-        })
+        self.proxy_pid.is_some_and(super::process_alive)
     }
 }
 
