@@ -45,8 +45,9 @@ impl Reap {
             let client = servers::admin_client(&server).await?;
             let report = ledger::reap(&client, &scope).await?;
             eprintln!(
-                "xtask: {kind}: dropped {} schema(s), {} still owned",
+                "xtask: {kind}: dropped {} schema(s), returned {} to the pool, {} still owned",
                 report.dropped.len(),
+                report.recycled.len(),
                 report.skipped
             );
             for schema in report.dropped {

@@ -122,15 +122,26 @@ impl Test {
         );
         let tool_config = nextest::write_tool_config(settings, threads)?;
 
+        // The janitor recycles finished schemas off the tests' critical path and keeps the
+        // pool of the default migration set filled for the run's parallelism, all on its
+        // one connection.
         let janitor = {
             let admin = admin.clone();
             let scope = ReapScope::FinishedInRun(run_id.clone());
+            let migrations = settings.migrations.clone();
+            let target = warm_target(threads, &self.nextest_args);
             tokio::spawn(async move {
                 loop {
                     if let Err(error) = ledger::reap(&admin, &scope).await {
                         tracing::warn!(%error, "janitor pass failed");
                     }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    // One schema per pass, so that finished schemas never wait long.
+                    match pgharness::pool::warm(&admin, &migrations, target, 1).await {
+                        Ok(warmed) if warmed.created > 0 => continue,
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "warming the schema pool failed"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
         };
@@ -145,7 +156,11 @@ impl Test {
         let status = nextest::run(&settings.root, &tool_config, &self.nextest_args, &env).await;
         janitor.abort();
         let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
-        tracing::debug!(dropped = finished.dropped.len(), "final janitor pass");
+        tracing::debug!(
+            recycled = finished.recycled.len(),
+            dropped = finished.dropped.len(),
+            "final janitor pass"
+        );
         let summary = ledger::run_summary(&admin, &run_id).await?;
         print_summary(&summary, server);
         let status = status?;
@@ -177,6 +192,24 @@ pub(crate) async fn start_or_build(
     }
 }
 
+/// How many ready schemas the warmer keeps: one per test that can run at once (nextest's
+/// `--test-threads`/`-j`, else the CPU count, within the DB test group), plus one spare
+/// while finished schemas are being reset.
+fn warm_target(group: u32, nextest_args: &[String]) -> u64 {
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+    let mut args = nextest_args.iter();
+    while let Some(arg) = args.next() {
+        let value = match arg.as_str() {
+            "--test-threads" | "-j" => args.next().cloned(),
+            other => other.strip_prefix("--test-threads=").map(str::to_owned),
+        };
+        if let Some(n) = value.and_then(|v| v.parse::<u64>().ok()) {
+            threads = n;
+        }
+    }
+    threads.min(u64::from(group)) + 1
+}
+
 fn uuid_like() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -191,16 +224,25 @@ fn ms(value: Option<f64>) -> String {
 
 pub(crate) fn print_summary(summary: &RunSummary, server: &Server) {
     eprintln!(
-        "pgharness summary: {} tests used a database; schemas: {} created, {} dropped, {} kept, {} pending; \
-         acquire p50 {} p95 {}; drop p50 {}",
+        "pgharness summary: {} tests used a database; pool: {} hits, {} misses; after the tests: \
+         {} recycled, {} dropped, {} kept, {} pending",
         summary.tests,
+        summary.claimed,
         summary.created,
+        summary.recycled,
         summary.dropped,
         summary.kept,
         summary.pending,
+    );
+    eprintln!(
+        "pgharness acquire: p50 {} p95 {} (from the pool: p50 {} p95 {}; created: p50 {} p95 {}); reset p50 {}",
         ms(summary.acquire_p50_ms),
         ms(summary.acquire_p95_ms),
-        ms(summary.drop_p50_ms),
+        ms(summary.claimed_p50_ms),
+        ms(summary.claimed_p95_ms),
+        ms(summary.created_p50_ms),
+        ms(summary.created_p95_ms),
+        ms(summary.reset_p50_ms),
     );
     for (schema, test) in &summary.kept_schemas {
         let target = if server.has_password() {

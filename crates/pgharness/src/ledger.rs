@@ -20,47 +20,180 @@ pub(crate) const RUN_LOCK_SPACE: i32 = 0x7067_6801;
 /// Advisory-lock namespace for creating the ledger itself.
 const BOOTSTRAP_LOCK_SPACE: i32 = 0x7067_6802;
 
-/// Status of a ledger row.
+/// Status of a ledger row: `ready` (in the pool), `active` (a test owns it), `passed`
+/// (its test passed; the janitor recycles it), `kept`, `dropped`. The SQL of `ledger.sql`
+/// sets the others.
 pub(crate) mod status {
-    pub(crate) const ACTIVE: &str = "active";
-    pub(crate) const PASSED: &str = "passed";
-    pub(crate) const KEPT: &str = "kept";
     pub(crate) const DROPPED: &str = "dropped";
 }
 
-/// SQL that creates the ledger when it is missing, safe to run concurrently. Part of the
-/// first batch of every test, so it costs no extra round trip.
-pub(crate) fn ensure_sql() -> String {
-    format!(
-        "DO $pgh$ BEGIN
-  IF to_regclass('pgharness.ledger') IS NULL THEN
-    PERFORM pg_advisory_xact_lock({BOOTSTRAP_LOCK_SPACE}, 0);
-    CREATE SCHEMA IF NOT EXISTS pgharness;
-    CREATE TABLE IF NOT EXISTS pgharness.ledger (
-      schema_name text PRIMARY KEY,
-      run_id text NOT NULL,
-      test_name text NOT NULL,
-      attempt integer NOT NULL,
-      host text NOT NULL,
-      pid integer NOT NULL,
-      lock_key integer NOT NULL,
-      migrations_hash text NOT NULL,
-      status text NOT NULL,
-      created_at timestamptz NOT NULL DEFAULT now(),
-      ended_at timestamptz,
-      connect_ms double precision,
-      create_ms double precision,
-      migrate_ms double precision,
-      fixtures_ms double precision,
-      acquire_ms double precision,
-      drop_ms double precision
+/// The ledger's tables and the schema pool's functions (`ledger.sql`).
+const LEDGER_SQL: &str = include_str!("ledger.sql");
+
+/// The signature of `pgharness.claim`, which marks the installed version of `ledger.sql`.
+const VERSION_PROBE: &str =
+    "pgharness.claim(text,text,text,integer,text,integer,text,double precision)";
+
+/// Whether a failed statement failed because the ledger (or this version of it) is not
+/// installed yet: then [`bootstrap`] and try again.
+pub(crate) fn is_missing_ledger(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    error.code().is_some_and(|code| {
+        [
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_SCHEMA_NAME,
+        ]
+        .contains(code)
+    })
+}
+
+/// Installs (or upgrades) the ledger and the pool's functions, once per server; safe to
+/// run concurrently. Costs nothing when they are there already except one query.
+pub async fn bootstrap(client: &Client) -> Result<(), Error> {
+    let fail = |e| Error::postgres("failed to install pgharness' ledger", e);
+    client.batch_execute("BEGIN").await.map_err(fail)?;
+    let result = async {
+        client
+            .execute(
+                "SELECT pg_advisory_xact_lock($1, 0)",
+                &[&BOOTSTRAP_LOCK_SPACE],
+            )
+            .await?;
+        let installed: bool = client
+            .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&VERSION_PROBE])
+            .await?
+            .get(0);
+        if !installed {
+            client.batch_execute(LEDGER_SQL).await?;
+        }
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result.map_err(fail)
+}
+
+/// What a test says about itself when it claims or creates a schema.
+pub(crate) struct Claimant<'a> {
+    pub(crate) hash: &'a str,
+    pub(crate) source: &'a str,
+    pub(crate) run_id: &'a str,
+    pub(crate) test_name: &'a str,
+    pub(crate) attempt: u32,
+    pub(crate) host: &'a str,
+    pub(crate) acquire_id: &'a str,
+    pub(crate) connect_ms: f64,
+}
+
+/// One statement that claims a ready schema for the claimant: owner lock and search_path
+/// included. Its one row holds the schema's name, or NULL on a miss. With
+/// `or_raise_on_miss` a miss is an error (`PH001`) instead, so that statements sent after
+/// it in the same round trip (fixtures) never run outside the test's schema.
+pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
+    let call = format!(
+        "pgharness.claim({}, {}, {}, {}, {}, {}, {}, {})",
+        quote_literal(who.hash),
+        quote_literal(who.run_id),
+        quote_literal(who.test_name),
+        who.attempt,
+        quote_literal(who.host),
+        std::process::id(),
+        quote_literal(who.acquire_id),
+        who.connect_ms,
     );
-    CREATE INDEX IF NOT EXISTS ledger_run ON pgharness.ledger (run_id);
-    -- Any role that may create schemas may use the ledger (test databases only).
-    GRANT USAGE ON SCHEMA pgharness TO PUBLIC;
-    GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger TO PUBLIC;
-  END IF;
-END $pgh$;"
+    if or_raise_on_miss {
+        format!("SELECT coalesce({call}, pgharness.miss());")
+    } else {
+        format!("SELECT {call};")
+    }
+}
+
+/// The SQLSTATE of `pgharness.miss()`.
+pub(crate) const MISS_SQLSTATE: &str = "PH001";
+
+/// Records a schema just created and migrated in the caller's transaction: for the
+/// claimant's test (active), or for the pool (`None`: ready at once). Captures the
+/// schema's fresh state, so it runs after the migrations and before any fixture.
+/// `create_ms` and `migrate_ms` are SQL expressions.
+pub(crate) fn register_sql(
+    schema: &str,
+    lock_key: i32,
+    who: &Claimant<'_>,
+    for_test: bool,
+    create_ms: &str,
+    migrate_ms: &str,
+) -> String {
+    let acquire = if for_test {
+        quote_literal(who.acquire_id)
+    } else {
+        "NULL".to_owned()
+    };
+    format!(
+        "SELECT pgharness.register({}, {}, {}, {}, {}, {}, {}, {}, {lock_key}, {acquire}, {}, {create_ms}, {migrate_ms});",
+        quote_literal(schema),
+        quote_literal(who.hash),
+        quote_literal(who.source),
+        quote_literal(who.run_id),
+        quote_literal(who.test_name),
+        who.attempt,
+        quote_literal(who.host),
+        std::process::id(),
+        who.connect_ms,
+    )
+}
+
+/// Adds time spent loading fixtures to an acquire.
+pub(crate) fn fixtures_sql(acquire_id: &str, ms: &str) -> String {
+    format!(
+        "UPDATE pgharness.acquires SET fixtures_ms = coalesce(fixtures_ms, 0) + {ms} WHERE id = {};",
+        quote_literal(acquire_id)
+    )
+}
+
+/// How a test gives its schema back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// Keep it for debugging (renamed to the test's name when that name is free).
+    Keep,
+    /// Passed; the run's janitor recycles it off the critical path.
+    Pass,
+    /// Passed; reset it now and return it to the pool (or drop it if it cannot be reset).
+    Recycle,
+}
+
+/// Ends a test's use of its schema and releases its owner lock, in one round trip. Its
+/// one row says what happened (`kept:<name>`, `passed`, `recycled`, `dropped:<why>`).
+pub(crate) fn finish_sql(
+    schema: &str,
+    acquire_id: &str,
+    acquire_ms: f64,
+    finish: Finish,
+    keep_name: &str,
+    lock_key: i32,
+) -> String {
+    let mode = match finish {
+        Finish::Keep => "keep",
+        Finish::Pass => "pass",
+        Finish::Recycle => "recycle",
+    };
+    // Without a janitor, teardowns recycle what earlier tests could not (still in use then).
+    let sweep = if finish == Finish::Recycle {
+        "\nSELECT pgharness.sweep(2);"
+    } else {
+        ""
+    };
+    format!(
+        "BEGIN;
+SET LOCAL lock_timeout = '10s';
+SELECT pgharness.finish({}, {}, {acquire_ms}, '{mode}', {});
+COMMIT;
+SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {lock_key});{sweep}",
+        quote_literal(schema),
+        quote_literal(acquire_id),
+        quote_literal(keep_name),
     )
 }
 
@@ -83,33 +216,45 @@ pub(crate) fn mark(name: &str) -> String {
     format!("SELECT set_config('pgharness.{name}', clock_timestamp()::text, true);")
 }
 
-/// What one run did, read from the ledger.
+/// What one run did, read from the ledger and the acquire log.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunSummary {
     /// Distinct tests that asked for a database.
     pub tests: u64,
-    /// Schemas created by the run.
+    /// Acquires served by a ready schema from the pool (hits).
+    pub claimed: u64,
+    /// Acquires that found none ready and created their schema (misses).
     pub created: u64,
-    /// Schemas dropped (by their test or the janitor).
+    /// Schemas reset and returned to the pool after their test passed.
+    pub recycled: u64,
+    /// Schemas dropped after their test (their structure changed, or they could not be reset).
     pub dropped: u64,
     /// Schemas kept for debugging (failed tests, or keep = always).
     pub kept: u64,
-    /// Schemas still waiting to be dropped, or whose test did not finish.
+    /// Acquires whose schema is not yet recycled or dropped, or whose test did not finish.
     pub pending: u64,
     /// Median time from asking for a database to having it, in milliseconds.
     pub acquire_p50_ms: Option<f64>,
     /// 95th percentile of the same.
     pub acquire_p95_ms: Option<f64>,
-    /// Median time to drop a schema, in milliseconds.
-    pub drop_p50_ms: Option<f64>,
-    /// Names of kept schemas, with their tests.
+    /// Median acquire of tests served from the pool.
+    pub claimed_p50_ms: Option<f64>,
+    /// 95th percentile of the same.
+    pub claimed_p95_ms: Option<f64>,
+    /// Median acquire of tests that created their schema.
+    pub created_p50_ms: Option<f64>,
+    /// 95th percentile of the same.
+    pub created_p95_ms: Option<f64>,
+    /// Median time to reset a schema for the pool, in milliseconds.
+    pub reset_p50_ms: Option<f64>,
+    /// Kept schemas, with their tests.
     pub kept_schemas: Vec<(String, String)>,
 }
 
 /// Reads the summary of one run. A server that has no ledger yet has an empty summary.
 pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Error> {
     let exists = client
-        .query_one("SELECT to_regclass('pgharness.ledger') IS NOT NULL", &[])
+        .query_one("SELECT to_regclass('pgharness.acquires') IS NOT NULL", &[])
         .await
         .map_err(|e| Error::postgres("failed to look for the ledger", e))?;
     if !exists.get::<_, bool>(0) {
@@ -118,22 +263,28 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
     let row = client
         .query_one(
             "SELECT count(DISTINCT test_name),
-                    count(*),
-                    count(*) FILTER (WHERE status = 'dropped'),
-                    count(*) FILTER (WHERE status = 'kept'),
-                    count(*) FILTER (WHERE status IN ('active', 'passed')),
+                    count(*) FILTER (WHERE path = 'claimed'),
+                    count(*) FILTER (WHERE path = 'created'),
+                    count(*) FILTER (WHERE outcome = 'recycled'),
+                    count(*) FILTER (WHERE outcome LIKE 'dropped%'),
+                    count(*) FILTER (WHERE outcome = 'kept'),
+                    count(*) FILTER (WHERE outcome IS NULL),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms),
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms),
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY drop_ms)
-               FROM pgharness.ledger WHERE run_id = $1",
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'claimed'),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'claimed'),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'created'),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'created'),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY reset_ms) FILTER (WHERE outcome = 'recycled')
+               FROM pgharness.acquires WHERE run_id = $1",
             &[&run_id],
         )
         .await
         .map_err(|e| Error::postgres("failed to read the run summary", e))?;
     let kept = client
         .query(
-            "SELECT schema_name, test_name FROM pgharness.ledger
-              WHERE run_id = $1 AND status = 'kept' ORDER BY created_at",
+            "SELECT schema_name, test_name FROM pgharness.acquires
+              WHERE run_id = $1 AND outcome = 'kept' ORDER BY at",
             &[&run_id],
         )
         .await
@@ -141,26 +292,35 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
     let count = |i: usize| row.get::<_, i64>(i) as u64;
     Ok(RunSummary {
         tests: count(0),
-        created: count(1),
-        dropped: count(2),
-        kept: count(3),
-        pending: count(4),
-        acquire_p50_ms: row.get(5),
-        acquire_p95_ms: row.get(6),
-        drop_p50_ms: row.get(7),
+        claimed: count(1),
+        created: count(2),
+        recycled: count(3),
+        dropped: count(4),
+        kept: count(5),
+        pending: count(6),
+        acquire_p50_ms: row.get(7),
+        acquire_p95_ms: row.get(8),
+        claimed_p50_ms: row.get(9),
+        claimed_p95_ms: row.get(10),
+        created_p50_ms: row.get(11),
+        created_p95_ms: row.get(12),
+        reset_p50_ms: row.get(13),
         kept_schemas: kept.iter().map(|r| (r.get(0), r.get(1))).collect(),
     })
 }
 
-/// Which schemas a reap may drop.
+/// Which schemas a reap may touch.
 #[derive(Clone, Debug)]
 pub enum ReapScope {
-    /// The janitor of a live run: only that run's `passed` schemas whose test has ended.
+    /// The janitor of a live run: that run's `passed` schemas whose test has ended are
+    /// reset and returned to the pool (or dropped when their structure changed).
     FinishedInRun(String),
-    /// Everything of runs that are over: `passed` schemas at once, kept and abandoned
-    /// (test killed) schemas once older than the TTL. Never a live run's schemas.
+    /// Everything of runs that are over: `passed` and abandoned (test killed) schemas are
+    /// recycled or dropped, kept ones dropped once older than the TTL; ready schemas of
+    /// the pool are dropped when a newer migration set of the same source replaced theirs,
+    /// or when unused for longer than the TTL. Never a live run's schemas.
     Stale {
-        /// How long kept and abandoned schemas are left for debugging.
+        /// How long kept, abandoned and unused ready schemas are left.
         ttl: Duration,
         /// A run none of whose tests holds a lock still counts as live for this long after
         /// its last schema was created or ended (the gap between two tests of a plain
@@ -174,15 +334,18 @@ pub enum ReapScope {
 pub struct ReapReport {
     /// Schemas dropped, in order.
     pub dropped: Vec<String>,
+    /// Schemas reset and returned to the pool.
+    pub recycled: Vec<String>,
     /// Schemas that were eligible but whose owner came back (lock taken) and were left.
     pub skipped: u64,
 }
 
-/// Drops the schemas `scope` allows. Each drop first takes the schema's owner lock, so a
-/// schema whose test is alive is never touched, even in a race.
+/// Recycles or drops the schemas `scope` allows. Each one is first locked (its owner
+/// lock, or for a ready schema its ledger row), so a schema whose test is alive, or that a
+/// test is claiming, is never touched, even in a race.
 pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Error> {
     let exists = client
-        .query_one("SELECT to_regclass('pgharness.ledger') IS NOT NULL", &[])
+        .query_one("SELECT to_regclass('pgharness.acquires') IS NOT NULL", &[])
         .await
         .map_err(|e| Error::postgres("failed to look for the ledger", e))?;
     if !exists.get::<_, bool>(0) {
@@ -198,7 +361,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
     let query = match scope {
         ReapScope::FinishedInRun(run_id) => format!(
             "WITH held AS ({held})
-             SELECT schema_name, lock_key FROM pgharness.ledger l
+             SELECT schema_name, lock_key, 'recycle' FROM pgharness.ledger l
               WHERE run_id = {} AND status = 'passed' AND {owner_gone}
               ORDER BY created_at",
             quote_literal(run_id)
@@ -207,20 +370,31 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
             "WITH held AS ({held}),
              live_runs AS (
                SELECT run_id FROM pgharness.ledger l
+                WHERE status <> 'ready'
                 GROUP BY run_id
                HAVING bool_or(EXISTS (SELECT 1 FROM held WHERE held.space = {SCHEMA_LOCK_SPACE} AND held.key = l.lock_key))
                    OR bool_or(EXISTS (SELECT 1 FROM held WHERE held.space = {RUN_LOCK_SPACE}
-                                        AND held.key = ('x' || substr(md5(l.run_id), 1, 8))::bit(32)::int & 2147483647))
-                   OR max(coalesce(ended_at, created_at)) > now() - make_interval(secs => {})
+                                        AND held.key = {}))
+                   OR max(coalesce(ended_at, claimed_at, created_at)) > now() - make_interval(secs => {grace})
              )
-             SELECT schema_name, lock_key FROM pgharness.ledger l
+             SELECT schema_name, lock_key, CASE WHEN status = 'kept' THEN 'drop' ELSE 'recycle' END
+               FROM pgharness.ledger l
               WHERE status IN ('active', 'passed', 'kept')
                 AND run_id NOT IN (SELECT run_id FROM live_runs)
                 AND {owner_gone}
-                AND (status = 'passed' OR coalesce(ended_at, created_at) < now() - make_interval(secs => {}))
-              ORDER BY created_at",
-            run_grace.as_secs_f64(),
-            ttl.as_secs_f64()
+                AND (status <> 'kept' OR coalesce(ended_at, created_at) < now() - make_interval(secs => {ttl}))
+             UNION ALL
+             SELECT schema_name, lock_key, 'discard' FROM pgharness.ledger l
+              WHERE status = 'ready'
+                AND (coalesce(ended_at, created_at) < now() - make_interval(secs => {ttl})
+                     OR EXISTS (SELECT 1 FROM pgharness.ledger newer
+                                 WHERE newer.source = l.source AND newer.source <> ''
+                                   AND newer.migrations_hash <> l.migrations_hash
+                                   AND newer.created_at > l.created_at))
+             ORDER BY 1",
+            run_lock_key_sql("l.run_id"),
+            grace = run_grace.as_secs_f64(),
+            ttl = ttl.as_secs_f64()
         ),
     };
     let candidates = client
@@ -231,6 +405,20 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
     for row in candidates {
         let schema: String = row.get(0);
         let key: i32 = row.get(1);
+        let action: String = row.get(2);
+        if action == "discard" {
+            let dropped: bool = client
+                .query_one("SELECT pgharness.discard($1)", &[&schema])
+                .await
+                .map_err(|e| Error::postgres(format!("failed to drop schema {schema}"), e))?
+                .get(0);
+            if dropped {
+                report.dropped.push(schema);
+            } else {
+                report.skipped += 1;
+            }
+            continue;
+        }
         let taken: bool = client
             .query_one(
                 "SELECT pg_try_advisory_lock($1, $2)",
@@ -243,7 +431,13 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
             report.skipped += 1;
             continue;
         }
-        let result = drop_schema(client, &schema).await;
+        let result = if action == "drop" {
+            drop_schema(client, &schema)
+                .await
+                .map(|()| Recycled::Dropped)
+        } else {
+            recycle_schema(client, &schema).await
+        };
         client
             .query_one(
                 "SELECT pg_advisory_unlock($1, $2)",
@@ -251,18 +445,52 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
             )
             .await
             .map_err(|e| Error::postgres("failed to release a schema lock", e))?;
-        result?;
-        report.dropped.push(schema);
+        match result? {
+            Recycled::Yes => report.recycled.push(schema),
+            Recycled::Dropped => report.dropped.push(schema),
+            Recycled::Busy => report.skipped += 1,
+        }
     }
     // History older than a week goes.
     client
-        .execute(
-            "DELETE FROM pgharness.ledger WHERE status = 'dropped' AND ended_at < now() - interval '7 days'",
-            &[],
+        .batch_execute(
+            "DELETE FROM pgharness.ledger WHERE status = 'dropped' AND ended_at < now() - interval '7 days';
+             DELETE FROM pgharness.acquires WHERE at < now() - interval '7 days';",
         )
         .await
         .map_err(|e| Error::postgres("failed to trim the ledger", e))?;
     Ok(report)
+}
+
+/// Resets a schema whose owner is gone and returns it to the pool, or drops it when it
+/// cannot be reset. The caller holds its owner lock.
+async fn recycle_schema(client: &Client, schema: &str) -> Result<Recycled, Error> {
+    let outcome: String = client
+        .query_one(
+            "SELECT pgharness.finish($1, NULL, NULL, 'recycle', NULL)",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("failed to recycle schema {schema}"), e))?
+        .get(0);
+    Ok(match outcome.as_str() {
+        "recycled" => Recycled::Yes,
+        busy if busy.starts_with("passed") => Recycled::Busy,
+        _ => Recycled::Dropped,
+    })
+}
+
+/// What became of a schema given back to the pool.
+enum Recycled {
+    Yes,
+    Dropped,
+    /// A session of its test is still connected: left for a later pass.
+    Busy,
+}
+
+/// The run lock's key of a run id, as SQL over the expression `run_id`.
+fn run_lock_key_sql(run_id: &str) -> String {
+    format!("('x' || substr(md5({run_id}), 1, 8))::bit(32)::int & 2147483647")
 }
 
 /// Drops one schema and records it; the SQL of a test's own teardown too.
@@ -295,7 +523,7 @@ async fn drop_schema(client: &Client, schema: &str) -> Result<(), Error> {
 pub async fn hold_run_lock(client: &Client, run_id: &str) -> Result<(), Error> {
     client
         .query_one(
-            "SELECT pg_advisory_lock($1, ('x' || substr(md5($2), 1, 8))::bit(32)::int & 2147483647)",
+            &format!("SELECT pg_advisory_lock($1, {})", run_lock_key_sql("$2")),
             &[&RUN_LOCK_SPACE, &run_id],
         )
         .await

@@ -28,6 +28,7 @@ pub mod events;
 mod fixture;
 pub mod ledger;
 mod naming;
+pub mod pool;
 mod script;
 mod server;
 mod settings;

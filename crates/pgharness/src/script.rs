@@ -20,6 +20,8 @@ pub(crate) struct Migrations {
     pub(crate) files: Vec<SqlFile>,
     /// SHA-256 over every file's name and content, hex; identifies the migration set.
     pub(crate) hash: String,
+    /// The directory they came from (the pool tells newer sets of the same source by it).
+    pub(crate) source: String,
 }
 
 impl Migrations {
@@ -51,6 +53,7 @@ impl Migrations {
         Ok(Migrations {
             files,
             hash: hex::encode(&hasher.finalize()[..8]),
+            source: dir.display().to_string(),
         })
     }
 }

@@ -13,11 +13,11 @@ use tokio_postgres::Client;
 use crate::connect::{self, Patience, PatientConnect};
 use crate::error::Error;
 use crate::events::log_only;
-use crate::ledger::{self, SCHEMA_LOCK_SPACE, status};
-use crate::script::{self, Batch, Migrations, quote_ident, quote_literal};
+use crate::ledger::{self, Finish};
+use crate::script::{self, Batch, Migrations};
 use crate::server::Server;
 use crate::settings::{KeepPolicy, Settings, Teardown};
-use crate::{backend, driver, naming};
+use crate::{backend, driver, naming, pool};
 
 /// A test's own schema on a shared server, migrated and ready.
 ///
@@ -39,6 +39,8 @@ pub struct TestDb {
     reap_ttl: Duration,
     acquire: Duration,
     lock_key: i32,
+    acquire_id: String,
+    keep_name: String,
 }
 
 /// Options for one test's database. Start from [`TestDb::builder`].
@@ -130,7 +132,8 @@ impl TestDbBuilder {
             .ok()
             .and_then(|a| a.parse().ok())
             .unwrap_or(1);
-        let schema =
+        // The name a kept schema gets: pool schemas are renamed to it when their test fails.
+        let keep_name =
             naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
         let migrations = match &self.migrations {
             Some(None) => None,
@@ -143,14 +146,10 @@ impl TestDbBuilder {
             .unwrap_or_else(|| settings.fixtures.clone());
         let fixtures = script::load_fixtures(&fixtures_dir, &self.fixtures)?;
 
-        let mut config = server.config();
-        config.options(format!("-csearch_path={schema},public"));
-        config.application_name(&schema);
-
         let connect_started = Instant::now();
         let deadline = connect_started + settings.acquire_timeout;
         let client = connect::connect(
-            &config,
+            &server.config(),
             deadline,
             Patience::StartingOrFull,
             &log_only,
@@ -159,50 +158,45 @@ impl TestDbBuilder {
         .await?;
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
-        let key = naming::lock_key(&schema);
+        let acquire_id = uuid::Uuid::new_v4().to_string();
         let host = hostname();
-        let mut batch = Batch::default();
-        batch.push(&format!(
-            "SELECT pg_advisory_lock({SCHEMA_LOCK_SPACE}, {key});"
-        ));
-        batch.push("BEGIN;");
-        batch.push(&ledger::ensure_sql());
-        batch.push(&ledger::mark("t0"));
-        batch.push(&format!("CREATE SCHEMA {};", quote_ident(&schema)));
-        batch.push(&format!(
-            "SET LOCAL search_path TO {}, public;",
-            quote_ident(&schema)
-        ));
-        batch.push(&ledger::mark("t1"));
-        if let Some(migrations) = &migrations {
-            for file in migrations.files.iter() {
-                batch.push_file("migration", file);
+        let (hash, source) = match &migrations {
+            Some(migrations) => (migrations.hash.as_str(), migrations.source.as_str()),
+            None => ("none", ""),
+        };
+        let who = ledger::Claimant {
+            hash,
+            source,
+            run_id: &run_id,
+            test_name: &test_name,
+            attempt,
+            host: &host,
+            acquire_id: &acquire_id,
+            connect_ms,
+        };
+        let schema = match claim(&client, &who, &fixtures).await? {
+            Some(schema) => schema,
+            None => {
+                let schema = pool::schema_name(hash);
+                let batch = pool::create_batch(
+                    &schema,
+                    naming::lock_key(&schema),
+                    migrations.as_deref(),
+                    &who,
+                    true,
+                    &fixtures,
+                );
+                if let Err(error) = client.batch_execute(batch.text()).await {
+                    return Err(batch.explain(&format!("failed to create schema {schema}"), error));
+                }
+                schema
             }
-        }
-        batch.push(&ledger::mark("t2"));
-        for file in &fixtures {
-            batch.push_file("fixture", file);
-        }
-        batch.push(&ledger::mark("t3"));
-        batch.push(&format!(
-            "INSERT INTO pgharness.ledger (schema_name, run_id, test_name, attempt, host, pid, lock_key,
-                 migrations_hash, status, connect_ms, create_ms, migrate_ms, fixtures_ms)
-             VALUES ({}, {}, {}, {attempt}, {}, {}, {key}, {}, '{}', {connect_ms}, {}, {}, {});",
-            quote_literal(&schema),
-            quote_literal(&run_id),
-            quote_literal(&test_name),
-            quote_literal(&host),
-            std::process::id(),
-            quote_literal(migrations.as_ref().map_or("none", |m| m.hash.as_str())),
-            status::ACTIVE,
-            ledger::elapsed_ms("t0", "t1"),
-            ledger::elapsed_ms("t1", "t2"),
-            ledger::elapsed_ms("t2", "t3"),
-        ));
-        batch.push("COMMIT;");
-        if let Err(error) = client.batch_execute(batch.text()).await {
-            return Err(batch.explain(&format!("failed to create schema {schema}"), error));
-        }
+        };
+        let key = naming::lock_key(&schema);
+
+        let mut config = server.config();
+        config.options(format!("-csearch_path={schema},public"));
+        config.application_name(&schema);
 
         let pool_size = self.pool_size.unwrap_or(settings.pool_size);
         let manager = Manager::from_connect(
@@ -238,7 +232,59 @@ impl TestDbBuilder {
             reap_ttl: settings.reap_ttl,
             acquire,
             lock_key: key,
+            acquire_id,
+            keep_name,
         })
+    }
+}
+
+/// Claims a ready schema of the pool for `who`, and loads the fixtures into it in the same
+/// round trip. `None` on a miss (nothing was changed then). Installs the ledger on a
+/// server that has none yet.
+async fn claim(
+    client: &Client,
+    who: &ledger::Claimant<'_>,
+    fixtures: &[script::SqlFile],
+) -> Result<Option<String>, Error> {
+    let mut batch = Batch::default();
+    batch.push(&ledger::claim_sql(who, !fixtures.is_empty()));
+    if !fixtures.is_empty() {
+        batch.push(&ledger::mark("t3"));
+        for file in fixtures {
+            batch.push_file("fixture", file);
+        }
+        batch.push(&ledger::fixtures_sql(
+            who.acquire_id,
+            &ledger::ms_since("t3"),
+        ));
+    }
+    let mut installed = false;
+    loop {
+        match client.simple_query(batch.text()).await {
+            Ok(messages) => {
+                let schema = messages.iter().find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some(row.get(0).map(str::to_owned))
+                    }
+                    _ => None,
+                });
+                return Ok(schema.flatten());
+            }
+            Err(error) if !installed && ledger::is_missing_ledger(&error) => {
+                ledger::bootstrap(client).await?;
+                installed = true;
+            }
+            Err(error)
+                if error
+                    .code()
+                    .is_some_and(|code| code.code() == ledger::MISS_SQLSTATE) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => {
+                return Err(batch.explain("failed to claim a schema from the pool", error));
+            }
+        }
     }
 }
 
@@ -253,7 +299,8 @@ impl TestDb {
         TestDb::builder().build().await
     }
 
-    /// The test's schema name (`t_<run>_<test>_<attempt>`).
+    /// The test's schema name: a schema of the pool (`p_<migrations hash>_<random>`),
+    /// renamed to `t_<run>_<test>_<attempt>` if the test fails and it is kept.
     pub fn schema(&self) -> &str {
         &self.schema
     }
@@ -318,11 +365,9 @@ impl TestDb {
         batch.push("BEGIN;");
         batch.push(&ledger::mark("f0"));
         batch.push_file("fixture", &files[0]);
-        batch.push(&format!(
-            "UPDATE pgharness.ledger SET fixtures_ms = coalesce(fixtures_ms, 0) + {}
-              WHERE schema_name = {};",
-            ledger::ms_since("f0"),
-            quote_literal(&self.schema)
+        batch.push(&ledger::fixtures_sql(
+            &self.acquire_id,
+            &ledger::ms_since("f0"),
         ));
         batch.push("COMMIT;");
         let client = self.client();
@@ -340,20 +385,17 @@ impl TestDb {
         self.keep = KeepPolicy::Always;
     }
 
-    fn kept_message(&self) -> String {
+    fn kept_message(&self, schema: &str) -> String {
         let command = if self.server.has_password() {
             // Never print the password: reuse the variable the user set it in.
-            format!(
-                "PGOPTIONS='-csearch_path={},public' psql \"$PGHARNESS_URL\"",
-                self.schema
-            )
+            format!("PGOPTIONS='-csearch_path={schema},public' psql \"$PGHARNESS_URL\"")
         } else {
-            format!("psql '{}'", self.server.url_for_schema(&self.schema))
+            format!("psql '{}'", self.server.url_for_schema(schema))
         };
         format!(
-            "pgharness: kept schema {} of test `{}` for debugging; inspect it with:\n    {command}\n\
+            "pgharness: kept schema {schema} of test `{}` for debugging; inspect it with:\n    {command}\n\
              (`cargo xtask reap` drops it once it is older than {:?}; PGHARNESS_KEEP=never drops it at once)",
-            self.schema, self.test_name, self.reap_ttl
+            self.test_name, self.reap_ttl
         )
     }
 }
@@ -366,50 +408,55 @@ impl Drop for TestDb {
             KeepPolicy::Always => true,
             KeepPolicy::Never => false,
         };
-        // Close the pool first, so that its sessions release their locks before the drop.
+        // Close the pool first: a schema is reset only once no other session of its test
+        // is connected (`pgharness.reset` waits briefly for closing ones).
         self.pool.close();
         let Some(client) = self.client.take() else {
             return;
         };
-        let literal = quote_literal(&self.schema);
-        let acquire_ms = self.acquire.as_secs_f64() * 1000.0;
-        let key = self.lock_key;
+        let finish = if keep {
+            Finish::Keep
+        } else if self.teardown == Teardown::Deferred {
+            Finish::Pass
+        } else {
+            Finish::Recycle
+        };
         // The owner lock is released in the same round trip: a janitor must not wait for
         // the server to notice the closed connection.
-        let finish = |status: &str| {
-            format!(
-                "UPDATE pgharness.ledger SET status = '{status}', ended_at = now(), acquire_ms = {acquire_ms}
-                  WHERE schema_name = {literal};
-                 SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {key});"
-            )
-        };
-        let sql = if keep {
-            finish(status::KEPT)
-        } else if self.teardown == Teardown::Deferred {
-            finish(status::PASSED)
-        } else {
-            format!(
-                "{}\nSET lock_timeout = '10s';\n{}",
-                finish(status::PASSED),
-                ledger::drop_sql(&self.schema)
-            )
-        };
+        let sql = ledger::finish_sql(
+            &self.schema,
+            &self.acquire_id,
+            self.acquire.as_secs_f64() * 1000.0,
+            finish,
+            &self.keep_name,
+            self.lock_key,
+        );
         let schema = self.schema.clone();
         let outcome = driver::block_on(
-            async move { client.batch_execute(&sql).await },
+            async move { client.simple_query(&sql).await },
             Duration::from_secs(60),
         );
+        let mut final_name = self.schema.clone();
         match outcome {
-            Some(Ok(())) => {}
+            Some(Ok(messages)) => {
+                let result = messages.iter().find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                });
+                tracing::debug!(%schema, outcome = ?result, "test database finished");
+                if let Some(name) = result.as_deref().and_then(|r| r.strip_prefix("kept:")) {
+                    final_name = name.to_owned();
+                }
+            }
             Some(Err(error)) => {
-                tracing::warn!(%schema, error = %crate::error::pg_message(&error), "pgharness: teardown failed; the reaper will drop the schema");
+                tracing::warn!(%schema, error = %crate::error::pg_message(&error), "pgharness: teardown failed; the reaper will recycle or drop the schema");
             }
             None => {
-                tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will drop the schema")
+                tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will recycle or drop the schema")
             }
         }
         if keep {
-            let message = self.kept_message();
+            let message = self.kept_message(&final_name);
             tracing::warn!("{message}");
             // The one place pgharness prints: libtest and nextest capture it and show it
             // with the failing test's output, where the developer is looking.
@@ -438,7 +485,7 @@ fn current_test_name() -> String {
         .unwrap_or_else(|| "test".to_owned())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .or_else(|_| std::env::var("HOSTNAME"))

@@ -1,0 +1,422 @@
+-- pgharness' own objects on a test server: the ledger (one row per schema), the acquire log
+-- (one row per test that asked for a database) and the schema pool's functions.
+--
+-- Installed by `ledger::bootstrap` under an advisory lock, idempotently; `claim(...)`'s
+-- signature is the version marker (`ledger::VERSION_PROBE`): change it when this file
+-- changes incompatibly. Runs as whichever role first asks; every role that may create
+-- schemas may use it (test databases only). No superuser feature is used.
+
+CREATE SCHEMA IF NOT EXISTS pgharness;
+
+CREATE TABLE IF NOT EXISTS pgharness.ledger (
+  schema_name text PRIMARY KEY,
+  run_id text NOT NULL,
+  test_name text NOT NULL,
+  attempt integer NOT NULL,
+  host text NOT NULL,
+  pid integer NOT NULL,
+  lock_key integer NOT NULL,
+  migrations_hash text NOT NULL,
+  status text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  ended_at timestamptz,
+  connect_ms double precision,
+  create_ms double precision,
+  migrate_ms double precision,
+  fixtures_ms double precision,
+  acquire_ms double precision,
+  drop_ms double precision
+);
+-- Pool columns (added to ledgers of older versions too).
+ALTER TABLE pgharness.ledger
+  ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '',
+  ADD COLUMN IF NOT EXISTS fresh jsonb,
+  ADD COLUMN IF NOT EXISTS uses integer NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
+CREATE INDEX IF NOT EXISTS ledger_run ON pgharness.ledger (run_id);
+CREATE INDEX IF NOT EXISTS ledger_ready ON pgharness.ledger (migrations_hash) WHERE status = 'ready';
+
+-- One row per acquire: which path it took (claimed from the pool, or created on a miss),
+-- its phase timings, and what became of the schema afterwards.
+CREATE TABLE IF NOT EXISTS pgharness.acquires (
+  id text PRIMARY KEY,
+  run_id text NOT NULL,
+  test_name text NOT NULL,
+  schema_name text NOT NULL,
+  path text NOT NULL,
+  at timestamptz NOT NULL DEFAULT now(),
+  connect_ms double precision,
+  claim_ms double precision,
+  create_ms double precision,
+  migrate_ms double precision,
+  fixtures_ms double precision,
+  acquire_ms double precision,
+  outcome text,
+  reset_ms double precision
+);
+CREATE INDEX IF NOT EXISTS acquires_run ON pgharness.acquires (run_id);
+
+GRANT USAGE ON SCHEMA pgharness TO PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger, pgharness.acquires TO PUBLIC;
+
+-- The structure of a schema, as a hash. Relations are compared by content (leaving out
+-- what TRUNCATE, VACUUM and ANALYZE change: relfilenode, statistics, frozen xids); every
+-- other catalog by the count and the xmin sum of its rows for the schema: all of a fresh
+-- schema's rows are written by the transaction that migrated it, so any later DDL (a row
+-- added, replaced or removed) changes the count or raises the sum. Every lookup goes
+-- through an index: the schema's objects are found by their pg_depend rows on it.
+CREATE OR REPLACE FUNCTION pgharness.fingerprint(nsp oid) RETURNS text
+LANGUAGE plpgsql STABLE AS $fp$
+DECLARE
+  direct oid[];
+  rels oid[];
+  procs oid[];
+  types oid[];
+  members text;
+BEGIN
+  SELECT coalesce(array_agg(objid) FILTER (WHERE classid = 'pg_class'::regclass), '{}'),
+         coalesce(array_agg(objid) FILTER (WHERE classid = 'pg_proc'::regclass), '{}'),
+         coalesce(array_agg(objid) FILTER (WHERE classid = 'pg_type'::regclass), '{}'),
+         count(*) || ':' || coalesce(sum(xmin::text::bigint), 0)
+    INTO direct, procs, types, members
+    FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = nsp;
+  SELECT direct || coalesce(array_agg(indexrelid), '{}') INTO rels
+    FROM pg_index WHERE indrelid = ANY (direct);
+  RETURN md5(concat_ws('|', members,
+    (SELECT string_agg(concat_ws(',', c.oid, c.relname, c.relnamespace, c.relkind, c.relowner,
+              c.relacl::text, c.reloptions::text, c.relpersistence, c.relnatts, c.relchecks,
+              c.relrowsecurity, c.relforcerowsecurity, c.relreplident, c.relispartition,
+              c.reltype, c.relam, c.reloftype, c.relpartbound::text), ';' ORDER BY c.oid)
+       FROM pg_class c WHERE c.oid = ANY (rels)),
+    (SELECT concat_ws(',', nspname, nspowner, nspacl::text, xmin) FROM pg_namespace WHERE oid = nsp),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_attribute WHERE attrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_attrdef WHERE adrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_constraint WHERE conrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_constraint WHERE contypid = ANY (types)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_index WHERE indrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_trigger WHERE tgrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_rewrite WHERE ev_class = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_sequence WHERE seqrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_policy WHERE polrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_inherits WHERE inhrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_statistic_ext WHERE stxrelid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_proc WHERE oid = ANY (procs)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_type WHERE oid = ANY (types)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_enum WHERE enumtypid = ANY (types)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_description WHERE objoid = ANY (rels || procs || types)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_depend
+      WHERE classid = 'pg_class'::regclass AND objid = ANY (rels)),
+    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_default_acl WHERE defaclnamespace = nsp)
+  ));
+END
+$fp$;
+
+-- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint,
+-- its tables in an order that deletes children before parents, the tables that hold rows
+-- (seed data from the migrations) with a hash of their content, and every sequence's state.
+CREATE OR REPLACE FUNCTION pgharness.capture(p_schema text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $cap$
+DECLARE
+  nsp oid := to_regnamespace(quote_ident(p_schema));
+  ordered text[] := '{}';
+  remaining text[];
+  progress boolean;
+  t text;
+  has_rows boolean;
+  seed jsonb := '{}';
+  seqs jsonb := '[]';
+  r record;
+  digest text;
+BEGIN
+  SELECT coalesce(array_agg(c.relname ORDER BY c.relname), '{}') INTO remaining
+    FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
+  -- Children first: a table goes once no remaining table other than itself references it.
+  LOOP
+    EXIT WHEN cardinality(remaining) = 0;
+    progress := false;
+    FOREACH t IN ARRAY remaining LOOP
+      IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint k
+          JOIN pg_class child ON child.oid = k.conrelid
+          JOIN pg_class parent ON parent.oid = k.confrelid
+         WHERE k.contype = 'f' AND parent.relnamespace = nsp AND parent.relname = t
+           AND child.relnamespace = nsp AND child.relname <> t
+           AND child.relname = ANY (remaining)) THEN
+        ordered := ordered || t;
+        remaining := array_remove(remaining, t);
+        progress := true;
+      END IF;
+    END LOOP;
+    IF NOT progress THEN
+      -- A cycle of foreign keys: keep the rest in name order; `reset` falls back to dropping
+      -- the schema if a delete is refused.
+      ordered := ordered || remaining;
+      EXIT;
+    END IF;
+  END LOOP;
+  FOREACH t IN ARRAY ordered LOOP
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.%I)', p_schema, t) INTO has_rows;
+    IF has_rows THEN
+      EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
+      seed := seed || jsonb_build_object(t, digest);
+    END IF;
+  END LOOP;
+  FOR r IN SELECT c.relname FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind = 'S' ORDER BY c.relname LOOP
+    EXECUTE format('SELECT jsonb_build_array(%L, last_value, is_called) FROM %I.%I', r.relname, p_schema, r.relname) INTO digest;
+    seqs := seqs || jsonb_build_array(digest::jsonb);
+  END LOOP;
+  RETURN jsonb_build_object('fingerprint', pgharness.fingerprint(nsp), 'tables', to_jsonb(ordered),
+                            'seed', seed, 'sequences', seqs);
+END
+$cap$;
+
+-- Returns a schema to the state `capture` recorded: deletes the rows of every table that
+-- holds some (children first, again while triggers add rows), checks that seed tables are
+-- as they were, and puts sequences back. Returns 'recycled', or why it cannot be:
+-- 'changed' (its structure changed), 'seed' (seed rows changed), 'busy' (another session
+-- of the test is still connected), 'failed' (a delete was refused), 'missing'.
+CREATE OR REPLACE FUNCTION pgharness.reset(p_schema text, p_fresh jsonb) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $reset$
+DECLARE
+  nsp oid := to_regnamespace(quote_ident(p_schema));
+  t text;
+  has_rows boolean;
+  dirty boolean;
+  pass integer := 0;
+  digest text;
+  s jsonb;
+  cur_value bigint;
+  cur_called boolean;
+BEGIN
+  IF nsp IS NULL OR p_fresh IS NULL THEN
+    RETURN 'missing';
+  END IF;
+  -- Connections of the test that are still closing: wait briefly, never reset under them.
+  FOR i IN 1..6 LOOP
+    EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity
+                           WHERE application_name = p_schema AND pid <> pg_backend_pid());
+    IF i = 6 THEN
+      RETURN 'busy';
+    END IF;
+    PERFORM pg_sleep(0.005);
+  END LOOP;
+  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
+    RETURN 'changed';
+  END IF;
+  BEGIN
+    LOOP
+      pass := pass + 1;
+      dirty := false;
+      FOR t IN SELECT jsonb_array_elements_text(p_fresh->'tables') LOOP
+        CONTINUE WHEN p_fresh->'seed' ? t;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.%I)', p_schema, t) INTO has_rows;
+        IF has_rows THEN
+          EXECUTE format('DELETE FROM %I.%I', p_schema, t);
+          dirty := true;
+        END IF;
+      END LOOP;
+      EXIT WHEN NOT dirty;
+      IF pass = 3 THEN
+        RETURN 'failed';
+      END IF;
+    END LOOP;
+  EXCEPTION WHEN OTHERS THEN
+    RETURN 'failed';
+  END;
+  FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
+    EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
+    IF digest IS DISTINCT FROM p_fresh->'seed'->>t THEN
+      RETURN 'seed';
+    END IF;
+  END LOOP;
+  FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
+    EXECUTE format('SELECT last_value, is_called FROM %I.%I', p_schema, s->>0) INTO cur_value, cur_called;
+    IF cur_value IS DISTINCT FROM (s->>1)::bigint OR cur_called IS DISTINCT FROM (s->>2)::boolean THEN
+      PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
+    END IF;
+  END LOOP;
+  -- The check again: nothing above may have changed the structure.
+  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
+    RETURN 'changed';
+  END IF;
+  RETURN 'recycled';
+END
+$reset$;
+
+-- Takes a ready schema of this migration set for a test: marks it active for the test,
+-- takes its owner lock and sets this session's search_path, all in the caller's one round
+-- trip. NULL when none is ready (a miss: the caller creates one).
+CREATE OR REPLACE FUNCTION pgharness.claim(p_hash text, p_run text, p_test text, p_attempt integer,
+    p_host text, p_pid integer, p_acquire text, p_connect_ms double precision) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $claim$
+DECLARE
+  s text;
+  k integer;
+BEGIN
+  LOOP
+    UPDATE pgharness.ledger l
+       SET status = 'active', run_id = p_run, test_name = p_test, attempt = p_attempt,
+           host = p_host, pid = p_pid, ended_at = NULL, claimed_at = clock_timestamp(),
+           uses = uses + 1
+     WHERE l.schema_name = (SELECT schema_name FROM pgharness.ledger
+                             WHERE status = 'ready' AND migrations_hash = p_hash
+                             LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING l.schema_name, l.lock_key INTO s, k;
+    IF s IS NULL THEN
+      RETURN NULL;
+    END IF;
+    EXIT WHEN to_regnamespace(quote_ident(s)) IS NOT NULL;
+    -- Dropped behind the ledger's back: forget it and take the next.
+    UPDATE pgharness.ledger SET status = 'dropped', ended_at = now() WHERE schema_name = s;
+  END LOOP;
+  PERFORM pg_advisory_lock(1885825024, k); -- ledger::SCHEMA_LOCK_SPACE
+  PERFORM set_config('search_path', quote_ident(s) || ',public', false);
+  INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms)
+  VALUES (p_acquire, p_run, p_test, s, 'claimed', p_connect_ms,
+          1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()));
+  RETURN s;
+END
+$claim$;
+
+-- Records a schema created (and migrated, in the caller's transaction) for a test on a
+-- miss, or for the pool by a warmer (p_acquire NULL: it is ready at once).
+CREATE OR REPLACE FUNCTION pgharness.register(p_schema text, p_hash text, p_source text, p_run text,
+    p_test text, p_attempt integer, p_host text, p_pid integer, p_lock_key integer,
+    p_acquire text, p_connect_ms double precision, p_create_ms double precision,
+    p_migrate_ms double precision) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $reg$
+BEGIN
+  INSERT INTO pgharness.ledger (schema_name, run_id, test_name, attempt, host, pid, lock_key,
+      migrations_hash, source, status, fresh, uses, claimed_at, ended_at,
+      connect_ms, create_ms, migrate_ms)
+  VALUES (p_schema, p_run, p_test, p_attempt, p_host, p_pid, p_lock_key, p_hash, p_source,
+      CASE WHEN p_acquire IS NULL THEN 'ready' ELSE 'active' END,
+      pgharness.capture(p_schema), CASE WHEN p_acquire IS NULL THEN 0 ELSE 1 END,
+      CASE WHEN p_acquire IS NULL THEN NULL ELSE now() END,
+      CASE WHEN p_acquire IS NULL THEN now() END,
+      p_connect_ms, p_create_ms, p_migrate_ms);
+  IF p_acquire IS NOT NULL THEN
+    INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, create_ms, migrate_ms)
+    VALUES (p_acquire, p_run, p_test, p_schema, 'created', p_connect_ms, p_create_ms, p_migrate_ms);
+  END IF;
+END
+$reg$;
+
+-- Recycles up to p_limit schemas whose test passed (status passed), whose owner is gone
+-- and that nobody else is handling: the janitor's work when there is no janitor (a plain
+-- `cargo nextest run`), done by a test's teardown after its own. Returns how many.
+CREATE OR REPLACE FUNCTION pgharness.sweep(p_limit integer) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $sweep$
+DECLARE
+  r record;
+  done integer := 0;
+BEGIN
+  FOR r IN SELECT schema_name, lock_key FROM pgharness.ledger
+            WHERE status = 'passed' AND ended_at < now() - interval '100 milliseconds'
+            ORDER BY ended_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
+    CONTINUE WHEN NOT pg_try_advisory_xact_lock(1885825024, r.lock_key); -- ledger::SCHEMA_LOCK_SPACE
+    PERFORM pgharness.finish(r.schema_name, NULL, NULL, 'recycle', NULL);
+    done := done + 1;
+  END LOOP;
+  RETURN done;
+END
+$sweep$;
+
+-- Ends a schema's use by a test. p_mode: 'keep' (renamed to p_keep_name when that is free,
+-- status kept), 'pass' (status passed: the janitor recycles it), 'recycle' (reset and back
+-- in the pool, or dropped when it cannot be reset). Returns the outcome: 'kept:<name>',
+-- 'passed', 'recycled', or 'dropped:<reason>'. The caller holds the owner lock.
+CREATE OR REPLACE FUNCTION pgharness.finish(p_schema text, p_acquire text, p_acquire_ms double precision,
+    p_mode text, p_keep_name text) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $fin$
+DECLARE
+  started timestamptz := clock_timestamp();
+  fresh_state jsonb;
+  result text;
+  name text := p_schema;
+  elapsed double precision;
+BEGIN
+  IF p_acquire IS NOT NULL THEN
+    UPDATE pgharness.acquires SET acquire_ms = p_acquire_ms WHERE id = p_acquire;
+  END IF;
+  IF p_mode = 'keep' THEN
+    IF p_keep_name IS NOT NULL AND p_keep_name <> p_schema THEN
+      BEGIN
+        EXECUTE format('ALTER SCHEMA %I RENAME TO %I', p_schema, p_keep_name);
+        UPDATE pgharness.ledger SET schema_name = p_keep_name WHERE schema_name = p_schema;
+        name := p_keep_name;
+      EXCEPTION WHEN OTHERS THEN
+        name := p_schema; -- the name is taken: keep the pool's name
+      END;
+    END IF;
+    UPDATE pgharness.ledger SET status = 'kept', ended_at = now(), acquire_ms = p_acquire_ms
+     WHERE schema_name = name;
+    UPDATE pgharness.acquires SET outcome = 'kept', schema_name = name WHERE id = p_acquire;
+    RETURN 'kept:' || name;
+  END IF;
+  IF p_mode = 'pass' THEN
+    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = p_acquire_ms
+     WHERE schema_name = p_schema;
+    RETURN 'passed';
+  END IF;
+  SELECT fresh INTO fresh_state FROM pgharness.ledger WHERE schema_name = p_schema;
+  result := pgharness.reset(p_schema, fresh_state);
+  elapsed := 1000 * extract(epoch FROM clock_timestamp() - started);
+  IF result = 'busy' THEN
+    -- Still in use by a session of its test: whoever comes next (a later teardown's sweep,
+    -- the janitor, the reaper) recycles it once that session is gone.
+    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = coalesce(p_acquire_ms, acquire_ms)
+     WHERE schema_name = p_schema;
+    RETURN 'passed:busy';
+  END IF;
+  IF result = 'recycled' THEN
+    UPDATE pgharness.ledger SET status = 'ready', ended_at = now(), acquire_ms = coalesce(p_acquire_ms, acquire_ms)
+     WHERE schema_name = p_schema;
+    UPDATE pgharness.acquires SET outcome = 'recycled', reset_ms = elapsed
+     WHERE schema_name = p_schema AND outcome IS NULL;
+    RETURN 'recycled';
+  END IF;
+  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
+  UPDATE pgharness.ledger SET status = 'dropped', ended_at = now(),
+         drop_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
+   WHERE schema_name = p_schema;
+  UPDATE pgharness.acquires SET outcome = 'dropped:' || result,
+         reset_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
+   WHERE schema_name = p_schema AND outcome IS NULL;
+  RETURN 'dropped:' || result;
+END
+$fin$;
+
+-- Drops a ready schema of the pool, unless a claimant has it locked this instant. True when
+-- it dropped it.
+CREATE OR REPLACE FUNCTION pgharness.discard(p_schema text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $dis$
+DECLARE
+  started timestamptz := clock_timestamp();
+BEGIN
+  PERFORM 1 FROM pgharness.ledger WHERE schema_name = p_schema AND status = 'ready'
+    FOR UPDATE SKIP LOCKED;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
+  UPDATE pgharness.ledger SET status = 'dropped', ended_at = now(),
+         drop_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
+   WHERE schema_name = p_schema;
+  RETURN true;
+END
+$dis$;
+
+-- A miss where the caller cannot take one (fixtures follow the claim in its round trip).
+CREATE OR REPLACE FUNCTION pgharness.miss() RETURNS text
+LANGUAGE plpgsql VOLATILE AS $miss$
+BEGIN
+  RAISE EXCEPTION 'no ready schema in the pool' USING ERRCODE = 'PH001';
+END
+$miss$;
+
+-- Ready schemas of the pool, per migration set (for the warmer and the summary).
+CREATE OR REPLACE FUNCTION pgharness.ready_count(p_hash text) RETURNS bigint
+LANGUAGE sql STABLE AS $rc$
+  SELECT count(*) FROM pgharness.ledger WHERE status = 'ready' AND migrations_hash = p_hash
+$rc$;

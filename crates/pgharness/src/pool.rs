@@ -1,0 +1,157 @@
+//! The schema pool: migrated schemas waiting, ready, per content hash of their
+//! migrations. A test claims one in one round trip (`ledger::claim_sql`); a passing test's
+//! schema is reset to its freshly migrated state and returned (`pgharness.finish` in
+//! `ledger.sql`), unless its structure changed; a miss creates one with [`create_batch`].
+//! [`warm`] keeps enough ready for a run's parallelism, on one connection.
+//!
+//! Everything run-wide is in Postgres: nextest runs each test in its own process.
+
+use std::path::Path;
+
+use tokio_postgres::Client;
+
+use crate::error::Error;
+use crate::ledger::{self, Claimant};
+use crate::naming;
+use crate::script::{Batch, Migrations, SqlFile, quote_ident};
+
+/// What a schema of the pool is named: `p_<hash>_<random>`. Pool schemas are renamed to
+/// their test's name (`t_…`) when a failing test keeps one.
+pub(crate) fn schema_name(hash: &str) -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("p_{}_{}", &hash[..hash.len().min(12)], &random[..16])
+}
+
+/// The one round trip that creates, migrates and records a schema: for a test on a miss
+/// (owner lock taken, session `search_path` set, then fixtures) or for the pool.
+pub(crate) fn create_batch(
+    schema: &str,
+    lock_key: i32,
+    migrations: Option<&Migrations>,
+    who: &Claimant<'_>,
+    for_test: bool,
+    fixtures: &[SqlFile],
+) -> Batch {
+    let ident = quote_ident(schema);
+    let mut batch = Batch::default();
+    if for_test {
+        batch.push(&format!(
+            "SELECT pg_advisory_lock({}, {lock_key});",
+            ledger::SCHEMA_LOCK_SPACE
+        ));
+    }
+    batch.push("BEGIN;");
+    batch.push(&ledger::mark("t0"));
+    batch.push(&format!("CREATE SCHEMA {ident};"));
+    // Session-wide for a test's own connection (it persists after COMMIT); only for this
+    // transaction when warming. Written as the startup option writes it.
+    batch.push(&format!(
+        "SELECT set_config('search_path', {}, {});",
+        crate::script::quote_literal(&format!("{ident},public")),
+        !for_test
+    ));
+    batch.push(&ledger::mark("t1"));
+    if let Some(migrations) = migrations {
+        for file in &migrations.files {
+            batch.push_file("migration", file);
+        }
+    }
+    batch.push(&ledger::mark("t2"));
+    batch.push(&ledger::register_sql(
+        schema,
+        lock_key,
+        who,
+        for_test,
+        &ledger::elapsed_ms("t0", "t1"),
+        &ledger::elapsed_ms("t1", "t2"),
+    ));
+    if !fixtures.is_empty() {
+        batch.push(&ledger::mark("t3"));
+        for file in fixtures {
+            batch.push_file("fixture", file);
+        }
+        batch.push(&ledger::fixtures_sql(
+            who.acquire_id,
+            &ledger::ms_since("t3"),
+        ));
+    }
+    batch.push("COMMIT;");
+    batch
+}
+
+/// What [`warm`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Warmed {
+    /// Ready schemas of the migration set before.
+    pub ready_before: u64,
+    /// Schemas it created.
+    pub created: u64,
+}
+
+/// Tops the pool of one migration set up to `target` ready schemas, creating them one at
+/// a time on `client` (so a warmer never uses more than its one connection). Stops early
+/// at `max_new`.
+pub async fn warm(
+    client: &Client,
+    migrations_dir: &Path,
+    target: u64,
+    max_new: u64,
+) -> Result<Warmed, Error> {
+    let migrations = Migrations::load(migrations_dir)?;
+    let source = migrations_dir.display().to_string();
+    let ready_before = ready_count(client, &migrations.hash).await?;
+    let mut warmed = Warmed {
+        ready_before,
+        created: 0,
+    };
+    let host = crate::testdb::hostname();
+    while ready_before + warmed.created < target && warmed.created < max_new {
+        let schema = schema_name(&migrations.hash);
+        let who = Claimant {
+            hash: &migrations.hash,
+            source: &source,
+            run_id: "warmer",
+            test_name: "",
+            attempt: 0,
+            host: &host,
+            acquire_id: "",
+            connect_ms: 0.0,
+        };
+        let batch = create_batch(
+            &schema,
+            naming::lock_key(&schema),
+            Some(&migrations),
+            &who,
+            false,
+            &[],
+        );
+        if let Err(error) = client.batch_execute(batch.text()).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(batch.explain(&format!("failed to create pool schema {schema}"), error));
+        }
+        warmed.created += 1;
+    }
+    Ok(warmed)
+}
+
+/// Ready schemas of one migration set.
+async fn ready_count(client: &Client, hash: &str) -> Result<u64, Error> {
+    let query = "SELECT pgharness.ready_count($1)";
+    let row = match client.query_one(query, &[&hash]).await {
+        Ok(row) => row,
+        Err(error) if ledger::is_missing_ledger(&error) => {
+            ledger::bootstrap(client).await?;
+            client
+                .query_one(query, &[&hash])
+                .await
+                .map_err(|e| Error::postgres("failed to count ready schemas", e))?
+        }
+        Err(error) => return Err(Error::postgres("failed to count ready schemas", error)),
+    };
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// The migration set's content hash (what the pool is keyed by) of a directory.
+pub fn migrations_hash(migrations_dir: &Path) -> Result<String, Error> {
+    Ok(Migrations::load(migrations_dir)?.hash)
+}
