@@ -32,7 +32,7 @@ const LEDGER_SQL: &str = include_str!("ledger.sql");
 
 /// The signature of `pgharness.claim`, which marks the installed version of `ledger.sql`.
 const VERSION_PROBE: &str =
-    "pgharness.claim(text,text,text,integer,text,integer,text,double precision)";
+    "pgharness.claim(text,text,text,text,integer,text,integer,text,double precision)";
 
 /// Whether a failed statement failed because the ledger (or this version of it) is not
 /// installed yet: then [`bootstrap`] and try again.
@@ -94,8 +94,9 @@ pub(crate) struct Claimant<'a> {
 /// it in the same round trip (fixtures) never run outside the test's schema.
 pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
     let call = format!(
-        "pgharness.claim({}, {}, {}, {}, {}, {}, {}, {})",
+        "pgharness.claim({}, {}, {}, {}, {}, {}, {}, {}, {})",
         quote_literal(who.hash),
+        quote_literal(who.source),
         quote_literal(who.run_id),
         quote_literal(who.test_name),
         who.attempt,
@@ -309,6 +310,9 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
     })
 }
 
+/// Ready schemas unused for this long are dropped by a stale reap.
+pub const POOL_IDLE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Which schemas a reap may touch.
 #[derive(Clone, Debug)]
 pub enum ReapScope {
@@ -318,7 +322,7 @@ pub enum ReapScope {
     /// Everything of runs that are over: `passed` and abandoned (test killed) schemas are
     /// recycled or dropped, kept ones dropped once older than the TTL; ready schemas of
     /// the pool are dropped when a newer migration set of the same source replaced theirs,
-    /// or when unused for longer than the TTL. Never a live run's schemas.
+    /// or when unused for [`POOL_IDLE_LIMIT`]. Never a live run's schemas.
     Stale {
         /// How long kept, abandoned and unused ready schemas are left.
         ttl: Duration,
@@ -386,15 +390,17 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
              UNION ALL
              SELECT schema_name, lock_key, 'discard' FROM pgharness.ledger l
               WHERE status = 'ready'
-                AND (coalesce(ended_at, created_at) < now() - make_interval(secs => {ttl})
+                AND (coalesce(ended_at, created_at) < now() - make_interval(secs => {idle})
                      OR EXISTS (SELECT 1 FROM pgharness.ledger newer
                                  WHERE newer.source = l.source AND newer.source <> ''
                                    AND newer.migrations_hash <> l.migrations_hash
-                                   AND newer.created_at > l.created_at))
+                                   AND coalesce(newer.claimed_at, newer.created_at)
+                                       > coalesce(l.claimed_at, l.created_at)))
              ORDER BY 1",
             run_lock_key_sql("l.run_id"),
             grace = run_grace.as_secs_f64(),
-            ttl = ttl.as_secs_f64()
+            ttl = ttl.as_secs_f64(),
+            idle = POOL_IDLE_LIMIT.as_secs_f64()
         ),
     };
     let candidates = client

@@ -246,8 +246,8 @@ $reset$;
 -- Takes a ready schema of this migration set for a test: marks it active for the test,
 -- takes its owner lock and sets this session's search_path, all in the caller's one round
 -- trip. NULL when none is ready (a miss: the caller creates one).
-CREATE OR REPLACE FUNCTION pgharness.claim(p_hash text, p_run text, p_test text, p_attempt integer,
-    p_host text, p_pid integer, p_acquire text, p_connect_ms double precision) RETURNS text
+CREATE OR REPLACE FUNCTION pgharness.claim(p_hash text, p_source text, p_run text, p_test text,
+    p_attempt integer, p_host text, p_pid integer, p_acquire text, p_connect_ms double precision) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $claim$
 DECLARE
   s text;
@@ -255,7 +255,7 @@ DECLARE
 BEGIN
   LOOP
     UPDATE pgharness.ledger l
-       SET status = 'active', run_id = p_run, test_name = p_test, attempt = p_attempt,
+       SET status = 'active', source = p_source, run_id = p_run, test_name = p_test, attempt = p_attempt,
            host = p_host, pid = p_pid, ended_at = NULL, claimed_at = clock_timestamp(),
            uses = uses + 1
      WHERE l.schema_name = (SELECT schema_name FROM pgharness.ledger

@@ -1,5 +1,6 @@
-//! What happens to a schema after its test: dropped when it passes, kept (with a working
-//! psql command) when it fails, reaped when its process was killed, never while it lives.
+//! What happens to a schema after its test: returned to the pool when it passes, kept
+//! (with a working psql command) when it fails, reaped when its process was killed, never
+//! while it lives.
 
 mod common;
 
@@ -85,7 +86,7 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
         .read_line(&mut line)
         .unwrap();
     let schema = line.trim().to_owned();
-    assert!(schema.starts_with("t_"), "{schema:?}");
+    assert!(schema.starts_with("p_"), "{schema:?}");
 
     let scope = ReapScope::Stale {
         ttl: Duration::ZERO,
@@ -123,19 +124,70 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
 }
 
 #[tokio::test]
-async fn a_passing_test_drops_its_schema_inline() {
+async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
     let server = configured_server().await;
     let client = admin(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
+    // A migration set of this test's own, so that no other test claims its schema.
+    let dir = own_migrations(
+        "inline",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+    );
     let db = TestDb::builder()
-        .settings(settings)
-        .without_migrations()
+        .settings(settings.clone())
+        .migrations(&dir)
         .build()
         .await
         .unwrap();
     let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("INSERT INTO notes (body) VALUES ('a'), ('b')")
+        .await
+        .unwrap();
+    drop(db);
     assert!(schema_exists(&client, &schema).await);
+    assert_eq!(
+        ledger_status(&client, &schema).await.as_deref(),
+        Some("ready")
+    );
+    // The next test of the same migration set gets it back, empty and with fresh sequences.
+    let db = TestDb::builder()
+        .settings(settings)
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(db.schema(), schema);
+    let row = db
+        .client()
+        .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 1));
+}
+
+#[tokio::test]
+async fn a_passing_test_that_changed_the_structure_has_its_schema_dropped() {
+    let server = configured_server().await;
+    let client = admin(&server).await;
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.teardown = Teardown::Inline;
+    let dir = own_migrations(
+        "ddl",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+    );
+    let db = TestDb::builder()
+        .settings(settings)
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("ALTER TABLE notes ADD COLUMN extra int")
+        .await
+        .unwrap();
     drop(db);
     assert!(!schema_exists(&client, &schema).await);
     assert_eq!(
@@ -145,22 +197,26 @@ async fn a_passing_test_drops_its_schema_inline() {
 }
 
 #[tokio::test]
-async fn deferred_teardown_leaves_the_drop_to_the_janitor() {
+async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
     let server = configured_server().await;
     let client = admin(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Deferred;
     let run = unique_run("deferred");
     settings.run_id = Some(run.clone());
+    let dir = own_migrations("deferred", "CREATE TABLE notes (id bigserial PRIMARY KEY);");
     let db = TestDb::builder()
         .settings(settings)
-        .without_migrations()
+        .migrations(&dir)
         .build()
         .await
         .unwrap();
     let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("INSERT INTO notes DEFAULT VALUES")
+        .await
+        .unwrap();
     drop(db);
-    assert!(schema_exists(&client, &schema).await);
     assert_eq!(
         ledger_status(&client, &schema).await.as_deref(),
         Some("passed")
@@ -168,12 +224,21 @@ async fn deferred_teardown_leaves_the_drop_to_the_janitor() {
     let report = ledger::reap(&client, &ReapScope::FinishedInRun(run))
         .await
         .unwrap();
-    assert_eq!(report.dropped, std::slice::from_ref(&schema));
-    assert!(!schema_exists(&client, &schema).await);
+    assert_eq!(report.recycled, std::slice::from_ref(&schema));
+    assert_eq!(
+        ledger_status(&client, &schema).await.as_deref(),
+        Some("ready")
+    );
+    let rows: i64 = client
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".notes"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
 }
 
 #[tokio::test]
-async fn the_ledger_records_phase_timings() {
+async fn the_acquire_log_records_phase_timings() {
     let db = TestDb::builder()
         .fixtures_dir(env!("CARGO_MANIFEST_DIR"))
         .without_migrations()
@@ -183,15 +248,28 @@ async fn the_ledger_records_phase_timings() {
     let row = db
         .client()
         .query_one(
-            "SELECT connect_ms, create_ms, migrate_ms, fixtures_ms, host, pid FROM pgharness.ledger WHERE schema_name = $1",
+            "SELECT a.connect_ms, a.path, l.host, l.pid FROM pgharness.acquires a
+               JOIN pgharness.ledger l USING (schema_name)
+              WHERE a.schema_name = $1 AND a.outcome IS NULL",
             &[&db.schema()],
         )
         .await
         .unwrap();
-    for phase in 0..4 {
-        let ms: f64 = row.get(phase);
-        assert!(ms >= 0.0, "phase {phase}: {ms}");
-    }
-    assert_eq!(row.get::<_, i32>(5) as u32, std::process::id());
-    assert!(!row.get::<_, String>(4).is_empty());
+    assert!(row.get::<_, f64>(0) >= 0.0);
+    let path: String = row.get(1);
+    assert!(path == "claimed" || path == "created", "{path}");
+    assert_eq!(row.get::<_, i32>(3) as u32, std::process::id());
+    assert!(!row.get::<_, String>(2).is_empty());
+}
+
+/// A migrations directory of one file, unique to the calling test.
+fn own_migrations(label: &str, sql: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgharness-mig-{label}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("0001_init.sql"),
+        format!("-- {}\n{sql}", uuid::Uuid::new_v4()),
+    )
+    .unwrap();
+    dir
 }

@@ -1,6 +1,8 @@
 //! A stand-in for a test process, used by pgharness' own integration tests (it is not part
 //! of the public tool set). `fail` takes a database, writes a marker row and panics, as a
-//! failing test does; `hold` takes a database, prints its schema and waits to be killed.
+//! failing test does; `hold` takes a database, prints its schema and waits to be killed;
+//! `claim` takes a migrated database, prints its schema, waits for its standard input to
+//! close (the caller's sync point) and passes.
 
 use std::io::Write;
 
@@ -13,12 +15,22 @@ fn main() {
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        let db = TestDb::builder()
-            .without_migrations()
-            .test_name(format!("selftest_{mode}"))
+        let builder = TestDb::builder().test_name(format!("selftest_{mode}"));
+        let builder = match mode.as_str() {
+            "claim" => builder,
+            _ => builder.without_migrations(),
+        };
+        let db = builder
             .build()
             .await
             .unwrap_or_else(|error| panic!("selftest child: {error}"));
+        if mode == "claim" {
+            println!("{}", db.schema());
+            std::io::stdout().flush().expect("stdout");
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest).expect("stdin");
+            return;
+        }
         db.client()
             .batch_execute("CREATE TABLE marker (note text); INSERT INTO marker VALUES ('kept');")
             .await
