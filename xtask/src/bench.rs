@@ -24,14 +24,95 @@ pub(crate) struct Bench {
     /// The local backend for the acquire figures.
     #[arg(long, value_parser = crate::parse_backend)]
     backend: Option<BackendKind>,
+    /// Also write every figure to this file as JSON: `[{"name", "value", "unit", "target"}]`.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Only the schema-pool figures (no token or tunnel figures).
+    #[arg(long)]
+    pool_only: bool,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn row(what: &str, measured: String, target: &str) {
-    println!("  {what:<46} {measured:>16}   target {target}");
+/// One measured figure, as printed and as written by `--json`.
+#[derive(serde::Serialize)]
+struct Figure {
+    name: String,
+    value: f64,
+    unit: String,
+    target: String,
+}
+
+static FIGURES: std::sync::Mutex<Vec<Figure>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints a figure with its target and keeps it for `--json`.
+fn figure(name: &str, value: f64, unit: &str, target: &str, what: &str) {
+    let target_text = if target.is_empty() {
+        String::new()
+    } else {
+        format!("target {target} {unit}")
+    };
+    println!("  {what:<62} {value:>10.2} {unit:<5} {target_text}");
+    FIGURES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Figure {
+            name: name.to_owned(),
+            value,
+            unit: unit.to_owned(),
+            target: target.to_owned(),
+        });
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// A copy of the benchmark's migration set under a hash of its own (a pool of its own).
+fn bench_migrations() -> anyhow::Result<std::path::PathBuf> {
+    let source = crate::project_root().join("xtask/assets/bench-migrations/0001_app.sql");
+    let text = std::fs::read_to_string(&source)
+        .with_context(|| format!("failed to read {}", source.display()))?;
+    let id = uuid::Uuid::new_v4();
+    let dir = std::env::temp_dir().join(format!("pgharness-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("0001_app.sql"), format!("-- bench {id}\n{text}"))?;
+    Ok(dir)
+}
+
+/// `n` tests one after another on this thread, each claiming a schema and giving it back
+/// (inline reset): their acquire and teardown times.
+fn claim_loop(
+    settings: &pgharness::Settings,
+    n: usize,
+    label: &str,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut times = Vec::new();
+        let mut teardowns = Vec::new();
+        for i in 0..n {
+            let db = TestDb::builder()
+                .settings(settings.clone())
+                .test_name(format!("bench_{label}_{i}"))
+                .build()
+                .await?;
+            db.client()
+                .batch_execute("INSERT INTO t04_tasks (name) VALUES ('x')")
+                .await?;
+            times.push(db.acquire_time());
+            let started = Instant::now();
+            drop(db);
+            teardowns.push(started.elapsed());
+        }
+        times.sort();
+        teardowns.sort();
+        Ok((times, teardowns))
+    })
 }
 
 impl Bench {
@@ -39,60 +120,228 @@ impl Bench {
         println!(
             "pgharness bench (debug builds are slower; use `cargo run --release -p xtask -- bench` for figures to compare)"
         );
+        println!(
+            "build: {}",
+            if cfg!(debug_assertions) {
+                "dev profile (hashing crates optimised)"
+            } else {
+                "release"
+            }
+        );
         self.acquire().await?;
-        token_minting();
-        for pacing in [false, true] {
-            self.tunnel(pacing).await?;
+        if !self.pool_only {
+            token_minting();
+            for pacing in [false, true] {
+                self.tunnel(pacing).await?;
+            }
+        }
+        if let Some(path) = &self.json {
+            let figures = FIGURES.lock().unwrap_or_else(|p| p.into_inner());
+            std::fs::write(path, serde_json::to_string_pretty(&*figures)?)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+            println!("figures written to {}", path.display());
         }
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Time from asking for a database to having it migrated, one test at a time.
+    /// The schema pool on the benchmark's migration set: acquire when a test creates its
+    /// schema (a miss) and when it claims a ready one (1 and 2 clients at once), the reset
+    /// that recycles a schema, and what isolation adds to a nextest suite per test.
     async fn acquire(&self) -> anyhow::Result<()> {
         let mut settings = crate::settings(self.backend)?;
         settings.teardown = pgharness::Teardown::Inline;
         let (server, kind, _) = crate::servers::start(&settings).await?;
         settings.backend = kind;
-        let mut times = Vec::new();
-        let mut drops = Vec::new();
-        for i in 0..self.schemas {
+        let run_id = format!("bench-{}", std::process::id());
+        settings.run_id = Some(run_id.clone());
+        let admin = crate::servers::admin_client(&server).await?;
+        println!(
+            "schema pool ({kind} backend, {}, benchmark migration set: 20 tables, 60 indexes, 30 foreign keys):",
+            server.describe()
+        );
+
+        // Misses: a migration set no pool has, every time.
+        let mut created = Vec::new();
+        for i in 0..self.schemas.min(20) {
+            let mut settings = settings.clone();
+            settings.migrations = bench_migrations()?;
             let db = TestDb::builder()
-                .settings(settings.clone())
-                .test_name(format!("bench_{i}"))
+                .settings(settings)
+                .test_name(format!("bench_created_{i}"))
                 .build()
                 .await?;
-            times.push(db.acquire_time());
-            let started = Instant::now();
-            drop(db);
-            drops.push(started.elapsed());
+            created.push(db.acquire_time());
+            // A structural change, so that this one-off schema is dropped, not pooled.
+            db.client()
+                .batch_execute("CREATE TABLE bench_done ()")
+                .await?;
         }
-        times.sort();
-        drops.sort();
+        created.sort();
+        figure(
+            "acquire_created_p50_ms",
+            ms(percentile(&created, 0.5)),
+            "ms",
+            "",
+            "acquire, created on a miss, p50",
+        );
+
+        // Hits: one migration set, its pool warmed, every schema recycled after its test.
+        settings.migrations = bench_migrations()?;
+        pgharness::pool::warm(&admin, &settings.migrations, 3, 3).await?;
+        let (claimed, teardowns) = {
+            let settings = settings.clone();
+            let n = self.schemas;
+            tokio::task::spawn_blocking(move || claim_loop(&settings, n, "one")).await??
+        };
+        figure(
+            "acquire_claimed_p50_ms",
+            ms(percentile(&claimed, 0.5)),
+            "ms",
+            "<= 5",
+            "acquire, claimed from the pool, p50",
+        );
+        figure(
+            "acquire_claimed_p95_ms",
+            ms(percentile(&claimed, 0.95)),
+            "ms",
+            "<= 15",
+            "acquire, claimed from the pool, p95",
+        );
+        figure(
+            "teardown_recycle_p50_ms",
+            ms(percentile(&teardowns, 0.5)),
+            "ms",
+            "",
+            "teardown with inline reset, p50",
+        );
+        let both: Vec<_> = {
+            let settings = settings.clone();
+            let n = self.schemas;
+            tokio::task::spawn_blocking(move || {
+                ["two_a", "two_b"]
+                    .map(|label| {
+                        let settings = settings.clone();
+                        std::thread::spawn(move || claim_loop(&settings, n / 2, label))
+                    })
+                    .into_iter()
+                    .map(|handle| {
+                        handle
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("a bench client panicked"))?
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await??
+        };
+        let mut claimed2: Vec<Duration> = both.into_iter().flat_map(|(times, _)| times).collect();
+        claimed2.sort();
+        figure(
+            "acquire_claimed_2_clients_p50_ms",
+            ms(percentile(&claimed2, 0.5)),
+            "ms",
+            "<= 5",
+            "acquire, claimed, 2 clients at once, p50",
+        );
+        figure(
+            "acquire_claimed_2_clients_p95_ms",
+            ms(percentile(&claimed2, 0.95)),
+            "ms",
+            "<= 15",
+            "acquire, claimed, 2 clients at once, p95",
+        );
+        let row = admin
+            .query_one(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY reset_ms),
+                        count(*) FILTER (WHERE path = 'claimed'), count(*) FILTER (WHERE path = 'created')
+                   FROM pgharness.acquires WHERE run_id = $1",
+                &[&run_id],
+            )
+            .await?;
+        let reset: Option<f64> = row.get(0);
+        figure(
+            "reset_p50_ms",
+            reset.unwrap_or(f64::NAN),
+            "ms",
+            "",
+            "reset of a recycled schema (server time), p50",
+        );
         println!(
-            "schema per test ({} backend, {}, {} schemas, todo-app migrations):",
-            kind,
-            server.describe(),
-            self.schemas
+            "  (pool hits {}, misses {})",
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
         );
-        row(
-            "acquire p50",
-            format!("{:.1} ms", percentile(&times, 0.5).as_secs_f64() * 1000.0),
-            "< 50 ms",
-        );
-        row(
-            "acquire p95",
-            format!("{:.1} ms", percentile(&times, 0.95).as_secs_f64() * 1000.0),
-            "< 100 ms",
-        );
-        row(
-            "teardown (inline drop) p50",
-            format!("{:.1} ms", percentile(&drops, 0.5).as_secs_f64() * 1000.0),
-            "< 20 ms",
+
+        self.suite_overhead(&settings, &server).await
+    }
+
+    /// 40 trivial tests with the fixture against the same 40 with a plain connection, each
+    /// under `cargo nextest run --test-threads 2`; the difference per test.
+    async fn suite_overhead(
+        &self,
+        settings: &pgharness::Settings,
+        server: &pgharness::Server,
+    ) -> anyhow::Result<()> {
+        let root = crate::project_root();
+        let run = |filter: &str| -> anyhow::Result<Duration> {
+            let started = Instant::now();
+            let output = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            )
+            .current_dir(&root)
+            .args([
+                "nextest",
+                "run",
+                "-p",
+                "pgharness-bench-suite",
+                "--run-ignored",
+                "only",
+                "--test-threads",
+                "2",
+                "--no-fail-fast",
+                "-E",
+                filter,
+            ])
+            .env("PGHARNESS_BACKEND", settings.backend.to_string())
+            .env("PGHARNESS_MIGRATIONS", &settings.migrations)
+            .env("PGHARNESS_TEARDOWN", "inline")
+            .env("BENCH_PLAIN_URL", server.url().expose())
+            .envs(
+                settings
+                    .url
+                    .as_ref()
+                    .map(|url| ("PGHARNESS_URL", url.expose().to_owned())),
+            )
+            .output()
+            .context("failed to run cargo nextest")?;
+            anyhow::ensure!(
+                output.status.success(),
+                "the bench suite failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok(started.elapsed())
+        };
+        // Build it, and warm the pool as a second run of a suite finds it.
+        run("test(/^isolated::/)")?;
+        run("test(/^plain::/)")?;
+        let mut isolated = Vec::new();
+        let mut plain = Vec::new();
+        for _ in 0..3 {
+            isolated.push(run("test(/^isolated::/)")?);
+            plain.push(run("test(/^plain::/)")?);
+        }
+        isolated.sort();
+        plain.sort();
+        let per_test = (isolated[1].as_secs_f64() - plain[1].as_secs_f64()) * 1000.0 / 40.0;
+        figure(
+            "suite_overhead_per_test_ms",
+            per_test,
+            "ms",
+            "<= 8",
+            "suite overhead per test (40 tests, nextest -j2, median of 3)",
         );
         Ok(())
     }
 
-    /// Bytes per second through a tunnel to an echo server behind fake-aws's agent.
     async fn tunnel(&self, pacing: bool) -> anyhow::Result<()> {
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let echo_addr = echo.local_addr()?;
@@ -150,25 +399,31 @@ impl Bench {
             if pacing { "" } else { "no " },
             self.megabytes
         );
-        row(
+        let suffix = if pacing { "_paced" } else { "" };
+        figure(
+            &format!("tunnel_session_open{suffix}_ms"),
+            ms(open_time),
+            "ms",
+            "< 500",
             "session open (StartSession + handshake)",
-            format!("{:.1} ms", open_time.as_secs_f64() * 1000.0),
-            "< 500 ms",
         );
-        row(
-            "upload (client → remote)",
-            format!("{upload:.1} MB/s"),
-            "> 0.6 MB/s (the official plugin's upload)",
+        figure(
+            &format!("tunnel_upload{suffix}_mb_s"),
+            upload,
+            "MB/s",
+            "> 0.6",
+            "upload (client → remote; the official plugin's: 0.6 MB/s)",
         );
-        let note = if pacing {
-            "- (bounded by the agent's 1 KiB/ms pacing)"
-        } else {
-            "-"
-        };
-        row(
-            "round trip (up and back through an echo)",
-            format!("{rate:.1} MB/s"),
-            note,
+        figure(
+            &format!("tunnel_round_trip{suffix}_mb_s"),
+            rate,
+            "MB/s",
+            "",
+            if pacing {
+                "round trip through an echo (bounded by the agent's pacing)"
+            } else {
+                "round trip through an echo"
+            },
         );
         Ok(())
     }
@@ -251,9 +506,11 @@ fn token_minting() {
     }
     let per = started.elapsed() / n as u32;
     println!("IAM auth tokens:");
-    row(
-        "mint (SigV4 presign), per token",
-        format!("{:.1} µs", per.as_secs_f64() * 1e6),
-        "< 1 ms (cached 14m30s anyway)",
+    figure(
+        "token_mint_us",
+        per.as_secs_f64() * 1e6,
+        "µs",
+        "< 1000",
+        "mint (SigV4 presign), per token (cached 14m30s anyway)",
     );
 }

@@ -342,7 +342,7 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
         );
         let hits = schemas.iter().filter(|s| ready.contains(**s)).count();
         assert!(
-            hits >= 4.min(8),
+            hits >= 4,
             "round {round}: only {hits} of the 4 ready schemas were claimed"
         );
         for (mut child, _) in held {
