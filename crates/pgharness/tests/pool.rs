@@ -278,6 +278,20 @@ async fn a_recycled_schema_is_as_fresh_or_was_dropped_because_it_changed() {
     );
 }
 
+/// The ready schemas of the pool of a migrations directory.
+async fn ready_schemas(admin: &Client, dir: &Path) -> Vec<String> {
+    admin
+        .query(
+            "SELECT schema_name FROM pgharness.ledger WHERE status = 'ready' AND source = $1",
+            &[&dir.display().to_string()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// Starts `n` test processes that each claim a schema of `dir` and hold it; returns them
 /// with the schemas they printed.
 fn claimants(dir: &Path, n: usize) -> Vec<(std::process::Child, String)> {
@@ -316,16 +330,7 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let dir = migrations_dir("race", MIGRATION);
     let warmed = pgharness::pool::warm(&admin, &dir, 4, 4).await.unwrap();
     assert_eq!(warmed.created, 4);
-    let ready: HashSet<String> = admin
-        .query(
-            "SELECT schema_name FROM pgharness.ledger WHERE status = 'ready' AND source = $1",
-            &[&dir.display().to_string()],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let ready: HashSet<String> = ready_schemas(&admin, &dir).await.into_iter().collect();
     assert_eq!(ready.len(), 4);
     for round in 0..3 {
         let held = claimants(&dir, 8);
@@ -358,16 +363,7 @@ async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_re
     let admin = admin(&server).await;
     let dir = migrations_dir("hash", "CREATE TABLE v1 (id int);");
     pgharness::pool::warm(&admin, &dir, 2, 2).await.unwrap();
-    let old: Vec<String> = admin
-        .query(
-            "SELECT schema_name FROM pgharness.ledger WHERE status = 'ready' AND source = $1",
-            &[&dir.display().to_string()],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let old = ready_schemas(&admin, &dir).await;
     assert_eq!(old.len(), 2);
     let v1 = std::fs::read_to_string(dir.join("0001_app.sql")).unwrap();
     std::fs::write(dir.join("0001_app.sql"), v1.replace("v1", "v2")).unwrap();
