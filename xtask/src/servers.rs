@@ -83,6 +83,23 @@ impl Up {
             ..EnvFile::default()
         }
         .write(&settings)?;
+        // Ready schemas for the first tests, as `cargo xtask test`'s warmer keeps them.
+        let target = std::thread::available_parallelism().map_or(2, |n| n.get() as u64) + 1;
+        let admin = admin_client(&server).await?;
+        let progress = Progress::start("filling the schema pool");
+        let warmed = pgharness::pool::warm(&admin, &settings.migrations, target, target)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to fill the schema pool with {}",
+                    settings.migrations.display()
+                )
+            })?;
+        progress.finish(&format!(
+            "schema pool: {} ready ({} created now)",
+            warmed.ready_before + warmed.created,
+            warmed.created
+        ));
         println!("PGHARNESS_BACKEND={kind}");
         println!("DATABASE_URL={url}");
         eprintln!(

@@ -22,17 +22,18 @@ pub(crate) enum Patience {
     StartingOrFull,
     /// A server still starting only: "too many clients" means it is up.
     Starting,
+    /// Full connection slots only: a refused connection fails at once (a server that is
+    /// only believed to run, see `backend::known`).
+    Full,
 }
 
 /// Whether waiting could help after this failure.
 fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
     match error.code() {
-        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => {
-            patience == Patience::StartingOrFull
-        }
-        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW,
+        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => patience != Patience::Starting,
+        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW && patience != Patience::Full,
         // No SQLSTATE: refused, reset, closed before the startup finished.
-        None => true,
+        None => patience != Patience::Full,
     }
 }
 

@@ -31,8 +31,7 @@ pub(crate) mod status {
 const LEDGER_SQL: &str = include_str!("ledger.sql");
 
 /// The signature of `pgharness.claim`, which marks the installed version of `ledger.sql`.
-const VERSION_PROBE: &str =
-    "pgharness.claim(text,text,text,text,integer,text,integer,text,double precision)";
+const VERSION_PROBE: &str = "pgharness.version_3()";
 
 /// Whether a failed statement failed because the ledger (or this version of it) is not
 /// installed yet: then [`bootstrap`] and try again.
@@ -88,28 +87,52 @@ pub(crate) struct Claimant<'a> {
     pub(crate) connect_ms: f64,
 }
 
-/// One statement that claims a ready schema for the claimant: owner lock and search_path
-/// included. Its one row holds the schema's name, or NULL on a miss. With
+/// One statement that claims a ready schema for the claimant: marks its ledger row
+/// active for the test, logs the acquire, takes its owner lock and sets the session's
+/// `search_path`. Its one row holds the schema's name; no row on a miss. With
 /// `or_raise_on_miss` a miss is an error (`PH001`) instead, so that statements sent after
 /// it in the same round trip (fixtures) never run outside the test's schema.
+///
+/// A plain statement rather than a function: plpgsql would be compiled afresh in every
+/// test's new session. The lock and `search_path` are in the final `SELECT` over the
+/// data-modifying CTE's one row, so they happen exactly once, and only for a claimed row.
 pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
-    let call = format!(
-        "pgharness.claim({}, {}, {}, {}, {}, {}, {}, {}, {})",
-        quote_literal(who.hash),
-        quote_literal(who.source),
-        quote_literal(who.run_id),
-        quote_literal(who.test_name),
-        who.attempt,
-        quote_literal(who.host),
-        std::process::id(),
-        quote_literal(who.acquire_id),
-        who.connect_ms,
-    );
-    if or_raise_on_miss {
-        format!("SELECT coalesce({call}, pgharness.miss());")
+    let miss = if or_raise_on_miss {
+        "\nUNION ALL SELECT pgharness.miss() WHERE NOT EXISTS (SELECT 1 FROM claimed)"
     } else {
-        format!("SELECT {call};")
-    }
+        ""
+    };
+    format!(
+        "WITH picked AS (
+  SELECT schema_name FROM pgharness.ledger
+   WHERE status = 'ready' AND migrations_hash = {hash}
+   LIMIT 1 FOR UPDATE SKIP LOCKED
+), claimed AS (
+  UPDATE pgharness.ledger l
+     SET status = 'active', source = {source}, run_id = {run}, test_name = {test},
+         attempt = {attempt}, host = {host}, pid = {pid}, ended_at = NULL,
+         claimed_at = clock_timestamp(), uses = uses + 1
+    FROM picked WHERE l.schema_name = picked.schema_name
+  RETURNING l.schema_name, l.lock_key
+), logged AS (
+  INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms)
+  SELECT {acquire}, {run}, {test}, schema_name, 'claimed', {connect_ms},
+         1000 * extract(epoch FROM clock_timestamp() - statement_timestamp())
+    FROM claimed
+)
+SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text, 0)
+       || left(set_config('search_path', quote_ident(schema_name) || ',public', false), 0)
+  FROM claimed{miss};",
+        hash = quote_literal(who.hash),
+        source = quote_literal(who.source),
+        run = quote_literal(who.run_id),
+        test = quote_literal(who.test_name),
+        attempt = who.attempt,
+        host = quote_literal(who.host),
+        pid = std::process::id(),
+        acquire = quote_literal(who.acquire_id),
+        connect_ms = who.connect_ms,
+    )
 }
 
 /// The SQLSTATE of `pgharness.miss()`.
@@ -535,4 +558,22 @@ pub async fn hold_run_lock(client: &Client, run_id: &str) -> Result<(), Error> {
         .await
         .map_err(|e| Error::postgres("failed to take the run lock", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_sql_takes_owner_locks_in_the_schema_lock_space() {
+        // `sweep` in ledger.sql writes the space as a literal.
+        let literal = SCHEMA_LOCK_SPACE.to_string();
+        assert!(LEDGER_SQL.contains(&format!("pg_try_advisory_xact_lock({literal},")));
+    }
+
+    #[test]
+    fn ledger_sql_defines_its_version_marker() {
+        let name = VERSION_PROBE.trim_end_matches("()");
+        assert!(LEDGER_SQL.contains(&format!("FUNCTION {name}()")), "{name}");
+    }
 }

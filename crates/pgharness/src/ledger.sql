@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS pgharness.acquires (
   reset_ms double precision
 );
 CREATE INDEX IF NOT EXISTS acquires_run ON pgharness.acquires (run_id);
+-- What a reset or a drop updates: the schema's acquire that has no outcome yet.
+CREATE INDEX IF NOT EXISTS acquires_open ON pgharness.acquires (schema_name) WHERE outcome IS NULL;
 
 GRANT USAGE ON SCHEMA pgharness TO PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger, pgharness.acquires TO PUBLIC;
@@ -127,6 +129,8 @@ DECLARE
   seqs jsonb := '[]';
   r record;
   digest text;
+  probe text;
+  seq_probe text;
 BEGIN
   SELECT coalesce(array_agg(c.relname ORDER BY c.relname), '{}') INTO remaining
     FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
@@ -165,8 +169,17 @@ BEGIN
     EXECUTE format('SELECT jsonb_build_array(%L, last_value, is_called) FROM %I.%I', r.relname, p_schema, r.relname) INTO digest;
     seqs := seqs || jsonb_build_array(digest::jsonb);
   END LOOP;
+  -- One query each for what `reset` must look at: which tables (children first) hold rows,
+  -- and every sequence's state.
+  SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
+    INTO probe FROM unnest(ordered) WITH ORDINALITY AS u(x, i);
+  SELECT CASE WHEN count(*) = 0 THEN NULL
+         ELSE 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', e->>0, p_schema, e->>0), ' UNION ALL ') || ') s' END
+    INTO seq_probe FROM jsonb_array_elements(seqs) e;
   RETURN jsonb_build_object('fingerprint', pgharness.fingerprint(nsp), 'tables', to_jsonb(ordered),
-                            'seed', seed, 'sequences', seqs);
+                            'seed', seed, 'sequences', seqs, 'probe', probe, 'seq_probe', seq_probe,
+                            'triggers', EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                                                 WHERE c.relnamespace = nsp AND NOT t.tgisinternal));
 END
 $cap$;
 
@@ -180,15 +193,13 @@ LANGUAGE plpgsql VOLATILE AS $reset$
 DECLARE
   nsp oid := to_regnamespace(quote_ident(p_schema));
   t text;
-  has_rows boolean;
-  dirty boolean;
+  dirty_tables text[];
   pass integer := 0;
   digest text;
   s jsonb;
-  cur_value bigint;
-  cur_called boolean;
+  seq_state jsonb;
 BEGIN
-  IF nsp IS NULL OR p_fresh IS NULL THEN
+  IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->>'probe' IS NULL THEN
     RETURN 'missing';
   END IF;
   -- Connections of the test that are still closing: wait briefly, never reset under them.
@@ -206,19 +217,16 @@ BEGIN
   BEGIN
     LOOP
       pass := pass + 1;
-      dirty := false;
-      FOR t IN SELECT jsonb_array_elements_text(p_fresh->'tables') LOOP
-        CONTINUE WHEN p_fresh->'seed' ? t;
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.%I)', p_schema, t) INTO has_rows;
-        IF has_rows THEN
-          EXECUTE format('DELETE FROM %I.%I', p_schema, t);
-          dirty := true;
-        END IF;
-      END LOOP;
-      EXIT WHEN NOT dirty;
-      IF pass = 3 THEN
+      EXECUTE p_fresh->>'probe' INTO dirty_tables;
+      dirty_tables := array(SELECT x FROM unnest(dirty_tables) x WHERE NOT p_fresh->'seed' ? x);
+      EXIT WHEN cardinality(dirty_tables) = 0;
+      IF pass = 4 THEN
         RETURN 'failed';
       END IF;
+      -- The probe lists them children first.
+      FOREACH t IN ARRAY dirty_tables LOOP
+        EXECUTE format('DELETE FROM %I.%I', p_schema, t);
+      END LOOP;
     END LOOP;
   EXCEPTION WHEN OTHERS THEN
     RETURN 'failed';
@@ -229,54 +237,26 @@ BEGIN
       RETURN 'seed';
     END IF;
   END LOOP;
-  FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
-    EXECUTE format('SELECT last_value, is_called FROM %I.%I', p_schema, s->>0) INTO cur_value, cur_called;
-    IF cur_value IS DISTINCT FROM (s->>1)::bigint OR cur_called IS DISTINCT FROM (s->>2)::boolean THEN
-      PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
+  IF p_fresh->>'seq_probe' IS NOT NULL THEN
+    EXECUTE p_fresh->>'seq_probe' INTO seq_state;
+    IF seq_state IS DISTINCT FROM p_fresh->'sequences' THEN
+      FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
+        PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
+      END LOOP;
     END IF;
-  END LOOP;
-  -- The check again: nothing above may have changed the structure.
-  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
+  END IF;
+  -- Deletes fire the schema's own triggers, which could change its structure: check again.
+  IF (p_fresh->>'triggers')::boolean AND pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
     RETURN 'changed';
   END IF;
   RETURN 'recycled';
 END
 $reset$;
 
--- Takes a ready schema of this migration set for a test: marks it active for the test,
--- takes its owner lock and sets this session's search_path, all in the caller's one round
--- trip. NULL when none is ready (a miss: the caller creates one).
-CREATE OR REPLACE FUNCTION pgharness.claim(p_hash text, p_source text, p_run text, p_test text,
-    p_attempt integer, p_host text, p_pid integer, p_acquire text, p_connect_ms double precision) RETURNS text
-LANGUAGE plpgsql VOLATILE AS $claim$
-DECLARE
-  s text;
-  k integer;
-BEGIN
-  LOOP
-    UPDATE pgharness.ledger l
-       SET status = 'active', source = p_source, run_id = p_run, test_name = p_test, attempt = p_attempt,
-           host = p_host, pid = p_pid, ended_at = NULL, claimed_at = clock_timestamp(),
-           uses = uses + 1
-     WHERE l.schema_name = (SELECT schema_name FROM pgharness.ledger
-                             WHERE status = 'ready' AND migrations_hash = p_hash
-                             LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING l.schema_name, l.lock_key INTO s, k;
-    IF s IS NULL THEN
-      RETURN NULL;
-    END IF;
-    EXIT WHEN to_regnamespace(quote_ident(s)) IS NOT NULL;
-    -- Dropped behind the ledger's back: forget it and take the next.
-    UPDATE pgharness.ledger SET status = 'dropped', ended_at = now() WHERE schema_name = s;
-  END LOOP;
-  PERFORM pg_advisory_lock(1885825024, k); -- ledger::SCHEMA_LOCK_SPACE
-  PERFORM set_config('search_path', quote_ident(s) || ',public', false);
-  INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms)
-  VALUES (p_acquire, p_run, p_test, s, 'claimed', p_connect_ms,
-          1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()));
-  RETURN s;
-END
-$claim$;
+-- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
+-- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
+-- (`claim_sql`): a function would be compiled afresh in every test's new session.
+CREATE OR REPLACE FUNCTION pgharness.version_3() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 3';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss, or for the pool by a warmer (p_acquire NULL: it is ready at once).

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
 use crate::connect::{self, Patience, PatientConnect};
@@ -116,11 +115,13 @@ impl TestDbBuilder {
             Some(settings) => settings,
             None => process_settings()?,
         };
-        let server = match self.settings.is_some() {
-            true => {
-                let settings = settings.clone();
-                driver::run(async move { backend::ensure(&settings, &log_only).await }).await?
-            }
+        // A server recorded under target/pgharness/ is only believed to run: the first
+        // connection proves it, and a refused one falls back to the full check.
+        let (mut server, believed) = match self.settings.is_some() {
+            true => match backend::known(&settings) {
+                Some(server) => (server, true),
+                None => (ensure_server(&settings).await?, false),
+            },
             false => process_server(&settings).await?,
         };
         let test_name = self.test_name.clone().unwrap_or_else(current_test_name);
@@ -148,14 +149,44 @@ impl TestDbBuilder {
 
         let connect_started = Instant::now();
         let deadline = connect_started + settings.acquire_timeout;
-        let client = connect::connect(
+        let patience = if believed {
+            Patience::Full
+        } else {
+            Patience::StartingOrFull
+        };
+        let connected = connect::connect(
             &server.config(),
             deadline,
-            Patience::StartingOrFull,
+            patience,
             &log_only,
             &server.describe(),
         )
-        .await?;
+        .await;
+        let client = match connected {
+            Ok(client) => {
+                if believed && self.settings.is_none() {
+                    remember_server(&server);
+                }
+                client
+            }
+            Err(error) if believed => {
+                tracing::debug!(%error, "the recorded server did not answer; checking the backend");
+                backend::forget_known(&settings);
+                server = ensure_server(&settings).await?;
+                if self.settings.is_none() {
+                    remember_server(&server);
+                }
+                connect::connect(
+                    &server.config(),
+                    deadline,
+                    Patience::StartingOrFull,
+                    &log_only,
+                    &server.describe(),
+                )
+                .await?
+            }
+            Err(error) => return Err(error),
+        };
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
         let acquire_id = uuid::Uuid::new_v4().to_string();
@@ -508,15 +539,38 @@ fn process_settings() -> Result<Settings, Error> {
         })
 }
 
-async fn process_server(settings: &Settings) -> Result<Server, Error> {
-    static SERVER: OnceCell<Server> = OnceCell::const_new();
-    SERVER
-        .get_or_try_init(|| {
-            let settings = settings.clone();
-            driver::run(async move { backend::ensure(&settings, &log_only).await })
-        })
-        .await
-        .cloned()
+/// This process's server (settings from the workspace and environment): one a connection
+/// has proved, else the one recorded under `target/pgharness/` (believed, `true`), else
+/// the backend's full check.
+async fn process_server(settings: &Settings) -> Result<(Server, bool), Error> {
+    if let Some(server) = proved_server()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
+        return Ok((server, false));
+    }
+    if let Some(server) = backend::known(settings) {
+        return Ok((server, true));
+    }
+    let server = ensure_server(settings).await?;
+    remember_server(&server);
+    Ok((server, false))
+}
+
+fn proved_server() -> &'static Mutex<Option<Server>> {
+    static SERVER: Mutex<Option<Server>> = Mutex::new(None);
+    &SERVER
+}
+
+fn remember_server(server: &Server) {
+    *proved_server().lock().unwrap_or_else(|p| p.into_inner()) = Some(server.clone());
+}
+
+/// The backend's full check: starts or joins the server.
+async fn ensure_server(settings: &Settings) -> Result<Server, Error> {
+    let settings = settings.clone();
+    driver::run(async move { backend::ensure(&settings, &log_only).await }).await
 }
 
 fn load_migrations(dir: &std::path::Path) -> Result<Arc<Migrations>, Error> {

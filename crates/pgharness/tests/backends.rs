@@ -151,3 +151,54 @@ async fn auto_without_any_backend_lists_what_it_tried() {
         );
     }
 }
+
+#[tokio::test]
+async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_when_it_is_gone() {
+    let settings = isolated_settings(BackendKind::Native, "known");
+    assert!(backend::known(&settings).is_none(), "nothing recorded yet");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
+    let recorded = backend::known(&settings).expect("ensure records the server it started");
+    assert_eq!(recorded.describe(), server.describe());
+
+    // A stale record (a port nobody listens on) costs one refused connection, then the
+    // full check finds the real server and the test gets its schema there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stale_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let record = settings.state_dir.join("server-native.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let port = server.config().get_ports()[0];
+    std::fs::write(
+        &record,
+        text.replace(
+            &format!("\"port\":{port}"),
+            &format!("\"port\":{stale_port}"),
+        ),
+    )
+    .unwrap();
+    assert_ne!(
+        backend::known(&settings).unwrap().describe(),
+        server.describe()
+    );
+    let db = pgharness::TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .expect("falls back to the running server");
+    assert_eq!(db.server().describe(), server.describe());
+    drop(db);
+    assert_eq!(
+        backend::known(&settings).unwrap().describe(),
+        server.describe(),
+        "the record is mended"
+    );
+
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+    assert!(
+        backend::known(&settings).is_none(),
+        "a stopped server is forgotten"
+    );
+}

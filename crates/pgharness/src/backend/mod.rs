@@ -2,6 +2,7 @@
 //! shared by every test process of a run; none of them stops it when a test ends.
 
 pub mod container;
+mod known;
 pub mod native;
 pub mod rds;
 
@@ -13,13 +14,42 @@ use crate::settings::{BackendKind, Settings};
 /// Starts or joins the server the settings ask for. Idempotent and safe to race: every
 /// test process calls it, and they all end up on the same server.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
-    match settings.backend {
+    let server = match settings.backend {
         BackendKind::Url => url(settings),
         BackendKind::Container => container::ensure(settings, sink).await,
         BackendKind::Native => native::ensure(settings, sink).await,
         BackendKind::Rds => rds::ensure(settings),
         BackendKind::Auto => auto(settings, sink).await,
+    }?;
+    if matches!(
+        server.backend(),
+        BackendKind::Container | BackendKind::Native
+    ) {
+        known::remember(settings, &server);
     }
+    Ok(server)
+}
+
+/// The local server that `ensure` last started or joined for these settings, as recorded
+/// under `target/pgharness/`, without checking it: a test process connects straight to it
+/// and falls back to [`ensure`] only when that connection fails. `None` when nothing is
+/// recorded, or when the settings could resolve elsewhere (`url` set, an RDS proxy up).
+pub fn known(settings: &Settings) -> Option<Server> {
+    if settings.url.is_some()
+        || !matches!(
+            settings.backend,
+            BackendKind::Auto | BackendKind::Container | BackendKind::Native
+        )
+        || (settings.backend == BackendKind::Auto && rds::is_running(settings))
+    {
+        return None;
+    }
+    known::recall(settings)
+}
+
+/// Forgets the recorded server (after a connection to it failed).
+pub fn forget_known(settings: &Settings) {
+    known::forget(settings);
 }
 
 /// The backend `auto` would pick, without starting anything.
@@ -86,6 +116,7 @@ pub async fn is_running(settings: &Settings, kind: BackendKind) -> bool {
 
 /// Stops the server of one backend if pgharness started it; returns what it stopped.
 pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>, Error> {
+    known::forget_all(settings, kind);
     match kind {
         BackendKind::Container => container::stop(settings).await,
         BackendKind::Native => native::stop(settings).await,

@@ -1,0 +1,101 @@
+//! The last local server `ensure` started or joined, recorded per requested backend in
+//! `target/pgharness/server-<backend>.json` with the settings that chose it, so that test
+//! processes skip the full check (file lock, Docker inspect or process probe, `pg_config`,
+//! a readiness connection) and connect straight to it. Nothing here is trusted beyond a
+//! hint: the caller's connection proves it, and a failure falls back to `ensure`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::server::Server;
+use crate::settings::{BackendKind, Settings};
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct Known {
+    /// The backend the settings asked for (`auto`, `container`, `native`).
+    requested: String,
+    /// What it resolved to.
+    backend: String,
+    port: u16,
+    /// The settings that chose the server: a record made under other ones is not used.
+    image: Option<String>,
+    pg_bin: Option<PathBuf>,
+    max_connections: u32,
+}
+
+fn path(settings: &Settings) -> PathBuf {
+    settings
+        .state_dir
+        .join(format!("server-{}.json", settings.backend))
+}
+
+fn describe(settings: &Settings, server: &Server) -> Option<Known> {
+    let port = server.config().get_ports().first().copied()?;
+    Some(Known {
+        requested: settings.backend.to_string(),
+        backend: server.backend().to_string(),
+        port,
+        image: settings.image.clone(),
+        pg_bin: settings.pg_bin.clone(),
+        max_connections: settings.max_connections,
+    })
+}
+
+pub(super) fn remember(settings: &Settings, server: &Server) {
+    let Some(known) = describe(settings, server) else {
+        return;
+    };
+    let path = path(settings);
+    if std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Known>(&bytes).ok())
+        .is_some_and(|old| old == known)
+    {
+        return;
+    }
+    let Ok(text) = serde_json::to_vec(&known) else {
+        return;
+    };
+    // Written whole, then renamed: a reader never sees half a record.
+    let tmp = path.with_extension(format!("json.{}", std::process::id()));
+    if std::fs::create_dir_all(&settings.state_dir).is_ok()
+        && std::fs::write(&tmp, text).is_ok()
+        && std::fs::rename(&tmp, &path).is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+pub(super) fn recall(settings: &Settings) -> Option<Server> {
+    let bytes = std::fs::read(path(settings)).ok()?;
+    let known: Known = serde_json::from_slice(&bytes).ok()?;
+    let matches = known.requested == settings.backend.as_str()
+        && known.image == settings.image
+        && known.pg_bin == settings.pg_bin
+        && known.max_connections == settings.max_connections;
+    let backend = match known.backend.as_str() {
+        "container" => BackendKind::Container,
+        "native" => BackendKind::Native,
+        _ => return None,
+    };
+    matches.then(|| Server::local(backend, known.port))
+}
+
+pub(super) fn forget(settings: &Settings) {
+    let _ = std::fs::remove_file(path(settings));
+}
+
+/// Forgets every record of a server of this kind (it is being stopped).
+pub(super) fn forget_all(settings: &Settings, kind: BackendKind) {
+    for requested in [BackendKind::Auto, kind] {
+        let path = settings.state_dir.join(format!("server-{requested}.json"));
+        let names_kind = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Known>(&bytes).ok())
+            .is_some_and(|known| known.backend == kind.as_str());
+        if names_kind {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
