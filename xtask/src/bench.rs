@@ -275,14 +275,16 @@ impl Bench {
     }
 
     /// 40 trivial tests with the fixture against the same 40 with a plain connection, each
-    /// under `cargo nextest run --test-threads 2`; the difference per test.
+    /// under `cargo nextest run --test-threads 2`; the difference per test. Twice: as plain
+    /// `cargo nextest run` runs them (each test resets its schema in its teardown), and as
+    /// `cargo xtask test` does (deferred teardown, a janitor resets off the critical path).
     async fn suite_overhead(
         &self,
         settings: &pgharness::Settings,
         server: &pgharness::Server,
     ) -> anyhow::Result<()> {
         let root = crate::project_root();
-        let run = |filter: &str| -> anyhow::Result<Duration> {
+        let run = |filter: &str, extra: &[(&str, String)]| -> anyhow::Result<Duration> {
             let started = Instant::now();
             let output = std::process::Command::new(
                 std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
@@ -311,6 +313,7 @@ impl Bench {
                     .as_ref()
                     .map(|url| ("PGHARNESS_URL", url.expose().to_owned())),
             )
+            .envs(extra.iter().map(|(k, v)| (*k, v.clone())))
             .output()
             .context("failed to run cargo nextest")?;
             anyhow::ensure!(
@@ -320,24 +323,51 @@ impl Bench {
             );
             Ok(started.elapsed())
         };
+        let median = |mut times: Vec<Duration>| {
+            times.sort();
+            times[times.len() / 2].as_secs_f64() * 1000.0
+        };
         // Build it, and warm the pool as a second run of a suite finds it.
-        run("test(/^isolated::/)")?;
-        run("test(/^plain::/)")?;
-        let mut isolated = Vec::new();
+        run("test(/^isolated::/)", &[])?;
+        run("test(/^plain::/)", &[])?;
         let mut plain = Vec::new();
+        let mut inline = Vec::new();
         for _ in 0..3 {
-            isolated.push(run("test(/^isolated::/)")?);
-            plain.push(run("test(/^plain::/)")?);
+            plain.push(run("test(/^plain::/)", &[])?);
+            inline.push(run("test(/^isolated::/)", &[])?);
         }
-        isolated.sort();
-        plain.sort();
-        let per_test = (isolated[1].as_secs_f64() - plain[1].as_secs_f64()) * 1000.0 / 40.0;
+        let plain = median(plain);
         figure(
             "suite_overhead_per_test_ms",
-            per_test,
+            (median(inline) - plain) / 40.0,
             "ms",
             "<= 8",
-            "suite overhead per test (40 tests, nextest -j2, median of 3)",
+            "suite overhead per test, cargo nextest run (reset in teardown)",
+        );
+        let admin = std::sync::Arc::new(crate::servers::admin_client(server).await?);
+        let mut janitored = Vec::new();
+        for round in 0..3 {
+            let run_id = format!("bench-suite-{}-{round}", std::process::id());
+            let janitor = crate::test::Janitor::spawn(
+                admin.clone(),
+                run_id.clone(),
+                settings.migrations.clone(),
+                3,
+            );
+            let extra = [
+                ("PGHARNESS_TEARDOWN", "deferred".to_owned()),
+                ("PGHARNESS_RUN_ID", run_id),
+            ];
+            let elapsed = run("test(/^isolated::/)", &extra);
+            janitor.stop().await;
+            janitored.push(elapsed?);
+        }
+        figure(
+            "suite_overhead_xtask_per_test_ms",
+            (median(janitored) - plain) / 40.0,
+            "ms",
+            "<= 8",
+            "suite overhead per test, as cargo xtask test runs it (janitor)",
         );
         Ok(())
     }

@@ -122,29 +122,12 @@ impl Test {
         );
         let tool_config = nextest::write_tool_config(settings, threads)?;
 
-        // The janitor recycles finished schemas off the tests' critical path and keeps the
-        // pool of the default migration set filled for the run's parallelism, all on its
-        // one connection.
-        let janitor = {
-            let admin = admin.clone();
-            let scope = ReapScope::FinishedInRun(run_id.clone());
-            let migrations = settings.migrations.clone();
-            let target = warm_target(threads, &self.nextest_args);
-            tokio::spawn(async move {
-                loop {
-                    if let Err(error) = ledger::reap(&admin, &scope).await {
-                        tracing::warn!(%error, "janitor pass failed");
-                    }
-                    // One schema per pass, so that finished schemas never wait long.
-                    match pgharness::pool::warm(&admin, &migrations, target, 1).await {
-                        Ok(warmed) if warmed.created > 0 => continue,
-                        Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "warming the schema pool failed"),
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        };
+        let janitor = Janitor::spawn(
+            admin.clone(),
+            run_id.clone(),
+            settings.migrations.clone(),
+            warm_target(threads, &self.nextest_args),
+        );
         let mut env = vec![
             ("PGHARNESS_BACKEND".to_owned(), kind.to_string()),
             ("PGHARNESS_RUN_ID".to_owned(), run_id.clone()),
@@ -154,7 +137,7 @@ impl Test {
             env.push(("PGHARNESS_IMAGE".to_owned(), image.clone()));
         }
         let status = nextest::run(&settings.root, &tool_config, &self.nextest_args, &env).await;
-        janitor.abort();
+        janitor.stop().await;
         let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
         tracing::debug!(
             recycled = finished.recycled.len(),
@@ -189,6 +172,65 @@ pub(crate) async fn start_or_build(
             servers::start(settings).await
         }
         Err(error) => Err(error),
+    }
+}
+
+/// The janitor of a run: recycles the run's finished schemas off the tests' critical path
+/// and keeps the pool of the default migration set at `target` ready schemas, all on its
+/// one connection. It stops between passes ([`Janitor::stop`]), never in the middle of
+/// one: a pass cut short could leave an owner lock held by the admin session.
+pub(crate) struct Janitor {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Janitor {
+    pub(crate) fn spawn(
+        admin: Arc<tokio_postgres::Client>,
+        run_id: String,
+        migrations: std::path::PathBuf,
+        target: u64,
+    ) -> Janitor {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        let scope = ReapScope::FinishedInRun(run_id);
+        let task = tokio::spawn(async move {
+            loop {
+                let recycled = match ledger::reap(&admin, &scope).await {
+                    Ok(report) => report.recycled.len() + report.dropped.len(),
+                    Err(error) => {
+                        tracing::warn!(%error, "janitor pass failed");
+                        0
+                    }
+                };
+                // One schema per pass, so that finished schemas never wait long.
+                let created = match pgharness::pool::warm(&admin, &migrations, target, 1).await {
+                    Ok(warmed) => warmed.created,
+                    Err(error) => {
+                        tracing::warn!(%error, "warming the schema pool failed");
+                        0
+                    }
+                };
+                // Tests finish every few milliseconds: go again at once after work, and
+                // otherwise look again soon (a look is one query).
+                let pause = if created > 0 || recycled > 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(10)
+                };
+                tokio::select! {
+                    _ = stopped.notified() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        });
+        Janitor { stop, task }
+    }
+
+    /// Stops after the pass under way.
+    pub(crate) async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
     }
 }
 

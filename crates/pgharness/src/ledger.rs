@@ -30,8 +30,10 @@ pub(crate) mod status {
 /// The ledger's tables and the schema pool's functions (`ledger.sql`).
 const LEDGER_SQL: &str = include_str!("ledger.sql");
 
-/// The signature of `pgharness.claim`, which marks the installed version of `ledger.sql`.
-const VERSION_PROBE: &str = "pgharness.version_3()";
+/// The version marker of `ledger.sql` (a function named after it). Statements that need
+/// this version call it, so that an older installation fails them with 42883 and
+/// [`is_missing_ledger`] sends the caller to [`bootstrap`].
+pub(crate) const VERSION_PROBE: &str = "pgharness.version_7()";
 
 /// Whether a failed statement failed because the ledger (or this version of it) is not
 /// installed yet: then [`bootstrap`] and try again.
@@ -83,12 +85,11 @@ pub(crate) struct Claimant<'a> {
     pub(crate) test_name: &'a str,
     pub(crate) attempt: u32,
     pub(crate) host: &'a str,
-    pub(crate) acquire_id: &'a str,
     pub(crate) connect_ms: f64,
 }
 
 /// One statement that claims a ready schema for the claimant: marks its ledger row
-/// active for the test, logs the acquire, takes its owner lock and sets the session's
+/// active for the test, takes its owner lock and sets the session's
 /// `search_path`. Its one row holds the schema's name; no row on a miss. With
 /// `or_raise_on_miss` a miss is an error (`PH001`) instead, so that statements sent after
 /// it in the same round trip (fixtures) never run outside the test's schema.
@@ -105,7 +106,7 @@ pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
     format!(
         "WITH picked AS (
   SELECT schema_name FROM pgharness.ledger
-   WHERE status = 'ready' AND migrations_hash = {hash}
+   WHERE status = 'ready' AND migrations_hash = {hash} AND {VERSION_PROBE} IS NOT NULL
    LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
   UPDATE pgharness.ledger l
@@ -114,12 +115,8 @@ pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
          claimed_at = clock_timestamp(), uses = uses + 1
     FROM picked WHERE l.schema_name = picked.schema_name
   RETURNING l.schema_name, l.lock_key
-), logged AS (
-  INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms)
-  SELECT {acquire}, {run}, {test}, schema_name, 'claimed', {connect_ms},
-         1000 * extract(epoch FROM clock_timestamp() - statement_timestamp())
-    FROM claimed
 )
+
 SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text, 0)
        || left(set_config('search_path', quote_ident(schema_name) || ',public', false), 0)
   FROM claimed{miss};",
@@ -130,8 +127,6 @@ SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text
         attempt = who.attempt,
         host = quote_literal(who.host),
         pid = std::process::id(),
-        acquire = quote_literal(who.acquire_id),
-        connect_ms = who.connect_ms,
     )
 }
 
@@ -150,11 +145,7 @@ pub(crate) fn register_sql(
     create_ms: &str,
     migrate_ms: &str,
 ) -> String {
-    let acquire = if for_test {
-        quote_literal(who.acquire_id)
-    } else {
-        "NULL".to_owned()
-    };
+    let acquire = if for_test { "true" } else { "false" };
     format!(
         "SELECT pgharness.register({}, {}, {}, {}, {}, {}, {}, {}, {lock_key}, {acquire}, {}, {create_ms}, {migrate_ms});",
         quote_literal(schema),
@@ -169,11 +160,10 @@ pub(crate) fn register_sql(
     )
 }
 
-/// Adds time spent loading fixtures to an acquire.
-pub(crate) fn fixtures_sql(acquire_id: &str, ms: &str) -> String {
+/// Adds time spent loading fixtures to this session's tally, which the teardown logs.
+pub(crate) fn fixtures_sql(ms: &str) -> String {
     format!(
-        "UPDATE pgharness.acquires SET fixtures_ms = coalesce(fixtures_ms, 0) + {ms} WHERE id = {};",
-        quote_literal(acquire_id)
+        "SELECT set_config('pgharness.fixtures_ms', (coalesce(nullif(current_setting('pgharness.fixtures_ms', true), '')::float8, 0) + {ms})::text, false);"
     )
 }
 
@@ -188,12 +178,25 @@ pub(crate) enum Finish {
     Recycle,
 }
 
-/// Ends a test's use of its schema and releases its owner lock, in one round trip. Its
-/// one row says what happened (`kept:<name>`, `passed`, `recycled`, `dropped:<why>`).
+/// One acquire as the teardown logs it.
+pub(crate) struct AcquireLog<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) run_id: &'a str,
+    pub(crate) test_name: &'a str,
+    /// `claimed` or `created`.
+    pub(crate) path: &'static str,
+    pub(crate) connect_ms: f64,
+    /// The round trip that claimed (or created) the schema, fixtures included.
+    pub(crate) claim_ms: f64,
+    pub(crate) acquire_ms: f64,
+}
+
+/// Ends a test's use of its schema, logs its acquire and releases its owner lock, in one
+/// round trip. Its one row says what happened (`kept:<name>`, `passed`, `recycled`,
+/// `dropped:<why>`).
 pub(crate) fn finish_sql(
     schema: &str,
-    acquire_id: &str,
-    acquire_ms: f64,
+    log: &AcquireLog<'_>,
     finish: Finish,
     keep_name: &str,
     lock_key: i32,
@@ -209,14 +212,23 @@ pub(crate) fn finish_sql(
     } else {
         ""
     };
+    let log = serde_json::json!({
+        "id": log.id,
+        "run": log.run_id,
+        "test": log.test_name,
+        "path": log.path,
+        "connect_ms": log.connect_ms,
+        "claim_ms": log.claim_ms,
+        "acquire_ms": log.acquire_ms,
+    });
     format!(
         "BEGIN;
 SET LOCAL lock_timeout = '10s';
-SELECT pgharness.finish({}, {}, {acquire_ms}, '{mode}', {});
+SELECT pgharness.finish({}, {}::jsonb, '{mode}', {});
 COMMIT;
 SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {lock_key});{sweep}",
         quote_literal(schema),
-        quote_literal(acquire_id),
+        quote_literal(&log.to_string()),
         quote_literal(keep_name),
     )
 }
@@ -292,7 +304,10 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
                     count(*) FILTER (WHERE outcome = 'recycled'),
                     count(*) FILTER (WHERE outcome LIKE 'dropped%'),
                     count(*) FILTER (WHERE outcome = 'kept'),
-                    count(*) FILTER (WHERE outcome IS NULL),
+                    count(*) FILTER (WHERE outcome IS NULL)
+                      + (SELECT count(*) FROM pgharness.ledger l
+                          WHERE l.run_id = $1 AND l.status = 'active'
+                            AND NOT EXISTS (SELECT 1 FROM pgharness.acquires x WHERE x.schema_name = l.schema_name AND x.outcome IS NULL)),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms),
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'claimed'),
@@ -496,7 +511,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
 async fn recycle_schema(client: &Client, schema: &str) -> Result<Recycled, Error> {
     let outcome: String = client
         .query_one(
-            "SELECT pgharness.finish($1, NULL, NULL, 'recycle', NULL)",
+            "SELECT pgharness.finish($1, NULL, 'recycle', NULL)",
             &[&schema],
         )
         .await

@@ -33,11 +33,14 @@ ALTER TABLE pgharness.ledger
   ADD COLUMN IF NOT EXISTS fresh jsonb,
   ADD COLUMN IF NOT EXISTS uses integer NOT NULL DEFAULT 0,
   ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
-CREATE INDEX IF NOT EXISTS ledger_run ON pgharness.ledger (run_id);
-CREATE INDEX IF NOT EXISTS ledger_ready ON pgharness.ledger (migrations_hash) WHERE status = 'ready';
+-- The primary key only: the ledger holds a row per schema (hundreds), so scans are cheap,
+-- and a claim's update then touches no other index (every index a test's first statement
+-- touches costs it a cold cache entry in its new session).
+DROP INDEX IF EXISTS pgharness.ledger_run, pgharness.ledger_ready;
 
 -- One row per acquire: which path it took (claimed from the pool, or created on a miss),
--- its phase timings, and what became of the schema afterwards.
+-- its phase timings, and what became of the schema afterwards. Written by the test's
+-- teardown (`finish`), so that a claim touches nothing but the ledger.
 CREATE TABLE IF NOT EXISTS pgharness.acquires (
   id text PRIMARY KEY,
   run_id text NOT NULL,
@@ -67,14 +70,18 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger, pgharness.acquires TO 
 -- schema's rows are written by the transaction that migrated it, so any later DDL (a row
 -- added, replaced or removed) changes the count or raises the sum. Every lookup goes
 -- through an index: the schema's objects are found by their pg_depend rows on it.
+-- The catalogs hold every pooled schema's objects, so a sequential scan grows with the
+-- pool; plpgsql's generic plan does not know the arrays are small: index scans only.
 CREATE OR REPLACE FUNCTION pgharness.fingerprint(nsp oid) RETURNS text
-LANGUAGE plpgsql STABLE AS $fp$
+LANGUAGE plpgsql STABLE SET enable_seqscan = off AS $fp$
 DECLARE
   direct oid[];
   rels oid[];
   procs oid[];
   types oid[];
   members text;
+  part text;
+  acc text;
 BEGIN
   SELECT coalesce(array_agg(objid) FILTER (WHERE classid = 'pg_class'::regclass), '{}'),
          coalesce(array_agg(objid) FILTER (WHERE classid = 'pg_proc'::regclass), '{}'),
@@ -84,32 +91,51 @@ BEGIN
     FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = nsp;
   SELECT direct || coalesce(array_agg(indexrelid), '{}') INTO rels
     FROM pg_index WHERE indrelid = ANY (direct);
-  RETURN md5(concat_ws('|', members,
-    (SELECT string_agg(concat_ws(',', c.oid, c.relname, c.relnamespace, c.relkind, c.relowner,
-              c.relacl::text, c.reloptions::text, c.relpersistence, c.relnatts, c.relchecks,
-              c.relrowsecurity, c.relforcerowsecurity, c.relreplident, c.relispartition,
-              c.reltype, c.relam, c.reloftype, c.relpartbound::text), ';' ORDER BY c.oid)
-       FROM pg_class c WHERE c.oid = ANY (rels)),
-    (SELECT concat_ws(',', nspname, nspowner, nspacl::text, xmin) FROM pg_namespace WHERE oid = nsp),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_attribute WHERE attrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_attrdef WHERE adrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_constraint WHERE conrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_constraint WHERE contypid = ANY (types)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_index WHERE indrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_trigger WHERE tgrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_rewrite WHERE ev_class = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_sequence WHERE seqrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_policy WHERE polrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_inherits WHERE inhrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_statistic_ext WHERE stxrelid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_proc WHERE oid = ANY (procs)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_type WHERE oid = ANY (types)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_enum WHERE enumtypid = ANY (types)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_description WHERE objoid = ANY (rels || procs || types)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_depend
-      WHERE classid = 'pg_class'::regclass AND objid = ANY (rels)),
-    (SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM pg_default_acl WHERE defaclnamespace = nsp)
-  ));
+  -- One small statement per catalog: each plans in microseconds, where one statement with
+  -- twenty subqueries took milliseconds to plan in every new session.
+  SELECT string_agg(concat_ws(',', c.oid, c.relname, c.relnamespace, c.relkind, c.relowner,
+           c.relacl::text, c.reloptions::text, c.relpersistence, c.relnatts, c.relchecks,
+           c.relrowsecurity, c.relforcerowsecurity, c.relreplident, c.relispartition,
+           c.reltype, c.relam, c.reloftype, c.relpartbound::text), ';' ORDER BY c.oid)
+    INTO part FROM pg_class c WHERE c.oid = ANY (rels);
+  acc := members || '|' || coalesce(part, '');
+  SELECT concat_ws(',', nspname, nspowner, nspacl::text, xmin) INTO part FROM pg_namespace WHERE oid = nsp;
+  acc := acc || '|' || coalesce(part, '');
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_attribute WHERE attrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_attrdef WHERE adrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_constraint WHERE conrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_constraint WHERE contypid = ANY (types);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_index WHERE indrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_trigger WHERE tgrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_rewrite WHERE ev_class = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_sequence WHERE seqrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_policy WHERE polrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_inherits WHERE inhrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_statistic_ext WHERE stxrelid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_proc WHERE oid = ANY (procs);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_type WHERE oid = ANY (types);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_enum WHERE enumtypid = ANY (types);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_description WHERE objoid = ANY (rels || procs || types);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_depend
+   WHERE classid = 'pg_class'::regclass AND objid = ANY (rels);
+  acc := acc || '|' || part;
+  SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_default_acl WHERE defaclnamespace = nsp;
+  RETURN md5(acc || '|' || part);
 END
 $fp$;
 
@@ -211,9 +237,9 @@ BEGIN
     END IF;
     PERFORM pg_sleep(0.005);
   END LOOP;
-  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
-    RETURN 'changed';
-  END IF;
+  -- The rows first, the structure last: one fingerprint then covers both what the test
+  -- did and anything the deletes' triggers did. A schema whose structure changed is dropped
+  -- whatever the deletes did to it (and a delete it refuses ends in a drop too).
   BEGIN
     LOOP
       pass := pass + 1;
@@ -228,25 +254,25 @@ BEGIN
         EXECUTE format('DELETE FROM %I.%I', p_schema, t);
       END LOOP;
     END LOOP;
+    FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
+      EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
+      IF digest IS DISTINCT FROM p_fresh->'seed'->>t THEN
+        RETURN 'seed';
+      END IF;
+    END LOOP;
+    IF p_fresh->>'seq_probe' IS NOT NULL THEN
+      EXECUTE p_fresh->>'seq_probe' INTO seq_state;
+      IF seq_state IS DISTINCT FROM p_fresh->'sequences' THEN
+        FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
+          PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
+        END LOOP;
+      END IF;
+    END IF;
   EXCEPTION WHEN OTHERS THEN
-    RETURN 'failed';
+    RETURN CASE WHEN pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint'
+                THEN 'changed' ELSE 'failed' END;
   END;
-  FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
-    EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
-    IF digest IS DISTINCT FROM p_fresh->'seed'->>t THEN
-      RETURN 'seed';
-    END IF;
-  END LOOP;
-  IF p_fresh->>'seq_probe' IS NOT NULL THEN
-    EXECUTE p_fresh->>'seq_probe' INTO seq_state;
-    IF seq_state IS DISTINCT FROM p_fresh->'sequences' THEN
-      FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
-        PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
-      END LOOP;
-    END IF;
-  END IF;
-  -- Deletes fire the schema's own triggers, which could change its structure: check again.
-  IF (p_fresh->>'triggers')::boolean AND pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
+  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
     RETURN 'changed';
   END IF;
   RETURN 'recycled';
@@ -256,13 +282,13 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION pgharness.version_3() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 3';
+CREATE OR REPLACE FUNCTION pgharness.version_7() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 7';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
--- miss, or for the pool by a warmer (p_acquire NULL: it is ready at once).
+-- miss (p_for_test), or for the pool by a warmer (ready at once).
 CREATE OR REPLACE FUNCTION pgharness.register(p_schema text, p_hash text, p_source text, p_run text,
     p_test text, p_attempt integer, p_host text, p_pid integer, p_lock_key integer,
-    p_acquire text, p_connect_ms double precision, p_create_ms double precision,
+    p_for_test boolean, p_connect_ms double precision, p_create_ms double precision,
     p_migrate_ms double precision) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $reg$
 BEGIN
@@ -270,15 +296,11 @@ BEGIN
       migrations_hash, source, status, fresh, uses, claimed_at, ended_at,
       connect_ms, create_ms, migrate_ms)
   VALUES (p_schema, p_run, p_test, p_attempt, p_host, p_pid, p_lock_key, p_hash, p_source,
-      CASE WHEN p_acquire IS NULL THEN 'ready' ELSE 'active' END,
-      pgharness.capture(p_schema), CASE WHEN p_acquire IS NULL THEN 0 ELSE 1 END,
-      CASE WHEN p_acquire IS NULL THEN NULL ELSE now() END,
-      CASE WHEN p_acquire IS NULL THEN now() END,
+      CASE WHEN p_for_test THEN 'active' ELSE 'ready' END,
+      pgharness.capture(p_schema), CASE WHEN p_for_test THEN 1 ELSE 0 END,
+      CASE WHEN p_for_test THEN now() END,
+      CASE WHEN NOT p_for_test THEN now() END,
       p_connect_ms, p_create_ms, p_migrate_ms);
-  IF p_acquire IS NOT NULL THEN
-    INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, create_ms, migrate_ms)
-    VALUES (p_acquire, p_run, p_test, p_schema, 'created', p_connect_ms, p_create_ms, p_migrate_ms);
-  END IF;
 END
 $reg$;
 
@@ -295,19 +317,22 @@ BEGIN
             WHERE status = 'passed' AND ended_at < now() - interval '100 milliseconds'
             ORDER BY ended_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
     CONTINUE WHEN NOT pg_try_advisory_xact_lock(1885825024, r.lock_key); -- ledger::SCHEMA_LOCK_SPACE
-    PERFORM pgharness.finish(r.schema_name, NULL, NULL, 'recycle', NULL);
+    PERFORM pgharness.finish(r.schema_name, NULL, 'recycle', NULL);
     done := done + 1;
   END LOOP;
   RETURN done;
 END
 $sweep$;
 
--- Ends a schema's use by a test. p_mode: 'keep' (renamed to p_keep_name when that is free,
--- status kept), 'pass' (status passed: the janitor recycles it), 'recycle' (reset and back
--- in the pool, or dropped when it cannot be reset). Returns the outcome: 'kept:<name>',
--- 'passed', 'recycled', or 'dropped:<reason>'. The caller holds the owner lock.
-CREATE OR REPLACE FUNCTION pgharness.finish(p_schema text, p_acquire text, p_acquire_ms double precision,
-    p_mode text, p_keep_name text) RETURNS text
+-- Ends a schema's use by a test, and logs the acquire (p_acquire: id, run, test, path,
+-- connect_ms, claim_ms, acquire_ms; the session's pgharness.fixtures_ms; create and migrate
+-- times from the ledger for a created schema), or NULL for a janitor's recycle. p_mode:
+-- 'keep' (renamed to p_keep_name when that is free, status kept), 'pass' (status passed:
+-- the janitor recycles it), 'recycle' (reset and back in the pool, or dropped when it
+-- cannot be reset). Returns the outcome: 'kept:<name>', 'passed', 'passed:busy',
+-- 'recycled', or 'dropped:<reason>'. The caller holds the owner lock.
+CREATE OR REPLACE FUNCTION pgharness.finish(p_schema text, p_acquire jsonb, p_mode text, p_keep_name text)
+RETURNS text
 LANGUAGE plpgsql VOLATILE AS $fin$
 DECLARE
   started timestamptz := clock_timestamp();
@@ -315,27 +340,37 @@ DECLARE
   result text;
   name text := p_schema;
   elapsed double precision;
+  v_acquire_ms double precision := (p_acquire->>'acquire_ms')::double precision;
 BEGIN
   IF p_acquire IS NOT NULL THEN
-    UPDATE pgharness.acquires SET acquire_ms = p_acquire_ms WHERE id = p_acquire;
+    INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms,
+        create_ms, migrate_ms, fixtures_ms, acquire_ms)
+    SELECT p_acquire->>'id', p_acquire->>'run', p_acquire->>'test', p_schema, p_acquire->>'path',
+           (p_acquire->>'connect_ms')::double precision, (p_acquire->>'claim_ms')::double precision,
+           CASE WHEN p_acquire->>'path' = 'created' THEN l.create_ms END,
+           CASE WHEN p_acquire->>'path' = 'created' THEN l.migrate_ms END,
+           nullif(current_setting('pgharness.fixtures_ms', true), '')::double precision,
+           v_acquire_ms
+      FROM pgharness.ledger l WHERE l.schema_name = p_schema;
   END IF;
   IF p_mode = 'keep' THEN
     IF p_keep_name IS NOT NULL AND p_keep_name <> p_schema THEN
       BEGIN
         EXECUTE format('ALTER SCHEMA %I RENAME TO %I', p_schema, p_keep_name);
         UPDATE pgharness.ledger SET schema_name = p_keep_name WHERE schema_name = p_schema;
+        UPDATE pgharness.acquires SET schema_name = p_keep_name WHERE schema_name = p_schema;
         name := p_keep_name;
       EXCEPTION WHEN OTHERS THEN
         name := p_schema; -- the name is taken: keep the pool's name
       END;
     END IF;
-    UPDATE pgharness.ledger SET status = 'kept', ended_at = now(), acquire_ms = p_acquire_ms
+    UPDATE pgharness.ledger SET status = 'kept', ended_at = now(), acquire_ms = v_acquire_ms
      WHERE schema_name = name;
-    UPDATE pgharness.acquires SET outcome = 'kept', schema_name = name WHERE id = p_acquire;
+    UPDATE pgharness.acquires SET outcome = 'kept' WHERE schema_name = name AND outcome IS NULL;
     RETURN 'kept:' || name;
   END IF;
   IF p_mode = 'pass' THEN
-    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = p_acquire_ms
+    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = v_acquire_ms
      WHERE schema_name = p_schema;
     RETURN 'passed';
   END IF;
@@ -345,13 +380,12 @@ BEGIN
   IF result = 'busy' THEN
     -- Still in use by a session of its test: whoever comes next (a later teardown's sweep,
     -- the janitor, the reaper) recycles it once that session is gone.
-    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = coalesce(p_acquire_ms, acquire_ms)
+    UPDATE pgharness.ledger SET status = 'passed', ended_at = now()
      WHERE schema_name = p_schema;
     RETURN 'passed:busy';
   END IF;
   IF result = 'recycled' THEN
-    UPDATE pgharness.ledger SET status = 'ready', ended_at = now(), acquire_ms = coalesce(p_acquire_ms, acquire_ms)
-     WHERE schema_name = p_schema;
+    UPDATE pgharness.ledger SET status = 'ready', ended_at = now() WHERE schema_name = p_schema;
     UPDATE pgharness.acquires SET outcome = 'recycled', reset_ms = elapsed
      WHERE schema_name = p_schema AND outcome IS NULL;
     RETURN 'recycled';

@@ -65,18 +65,21 @@ pub(crate) fn create_batch(
         &ledger::elapsed_ms("t0", "t1"),
         &ledger::elapsed_ms("t1", "t2"),
     ));
-    if !fixtures.is_empty() {
-        batch.push(&ledger::mark("t3"));
-        for file in fixtures {
-            batch.push_file("fixture", file);
-        }
-        batch.push(&ledger::fixtures_sql(
-            who.acquire_id,
-            &ledger::ms_since("t3"),
-        ));
-    }
+    push_fixtures(&mut batch, fixtures);
     batch.push("COMMIT;");
     batch
+}
+
+/// Appends fixtures (if any) and the record of how long they took to load.
+pub(crate) fn push_fixtures(batch: &mut Batch, fixtures: &[SqlFile]) {
+    if fixtures.is_empty() {
+        return;
+    }
+    batch.push(&ledger::mark("t3"));
+    for file in fixtures {
+        batch.push_file("fixture", file);
+    }
+    batch.push(&ledger::fixtures_sql(&ledger::ms_since("t3")));
 }
 
 /// What [`warm`] did.
@@ -114,7 +117,6 @@ pub async fn warm(
             test_name: "",
             attempt: 0,
             host: &host,
-            acquire_id: "",
             connect_ms: 0.0,
         };
         let batch = create_batch(
@@ -136,7 +138,10 @@ pub async fn warm(
 
 /// Ready schemas of one migration set.
 async fn ready_count(client: &Client, hash: &str) -> Result<u64, Error> {
-    let query = "SELECT pgharness.ready_count($1)";
+    let query = &format!(
+        "SELECT pgharness.ready_count($1) + 0 * {}",
+        ledger::VERSION_PROBE
+    );
     let row = match client.query_one(query, &[&hash]).await {
         Ok(row) => row,
         Err(error) if ledger::is_missing_ledger(&error) => {

@@ -39,6 +39,10 @@ pub struct TestDb {
     acquire: Duration,
     lock_key: i32,
     acquire_id: String,
+    path: &'static str,
+    connect_ms: f64,
+    claim_ms: f64,
+    run_id: String,
     keep_name: String,
 }
 
@@ -202,11 +206,11 @@ impl TestDbBuilder {
             test_name: &test_name,
             attempt,
             host: &host,
-            acquire_id: &acquire_id,
             connect_ms,
         };
-        let schema = match claim(&client, &who, &fixtures).await? {
-            Some(schema) => schema,
+        let claim_started = Instant::now();
+        let (schema, path) = match claim(&client, &who, &fixtures).await? {
+            Some(schema) => (schema, "claimed"),
             None => {
                 let schema = pool::schema_name(hash);
                 let batch = pool::create_batch(
@@ -220,9 +224,10 @@ impl TestDbBuilder {
                 if let Err(error) = client.batch_execute(batch.text()).await {
                     return Err(batch.explain(&format!("failed to create schema {schema}"), error));
                 }
-                schema
+                (schema, "created")
             }
         };
+        let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
         let key = naming::lock_key(&schema);
 
         let mut config = server.config();
@@ -264,6 +269,10 @@ impl TestDbBuilder {
             acquire,
             lock_key: key,
             acquire_id,
+            path,
+            connect_ms,
+            claim_ms,
+            run_id,
             keep_name,
         })
     }
@@ -279,16 +288,7 @@ async fn claim(
 ) -> Result<Option<String>, Error> {
     let mut batch = Batch::default();
     batch.push(&ledger::claim_sql(who, !fixtures.is_empty()));
-    if !fixtures.is_empty() {
-        batch.push(&ledger::mark("t3"));
-        for file in fixtures {
-            batch.push_file("fixture", file);
-        }
-        batch.push(&ledger::fixtures_sql(
-            who.acquire_id,
-            &ledger::ms_since("t3"),
-        ));
-    }
+    pool::push_fixtures(&mut batch, fixtures);
     let mut installed = false;
     loop {
         match client.simple_query(batch.text()).await {
@@ -396,10 +396,7 @@ impl TestDb {
         batch.push("BEGIN;");
         batch.push(&ledger::mark("f0"));
         batch.push_file("fixture", &files[0]);
-        batch.push(&ledger::fixtures_sql(
-            &self.acquire_id,
-            &ledger::ms_since("f0"),
-        ));
+        batch.push(&ledger::fixtures_sql(&ledger::ms_since("f0")));
         batch.push("COMMIT;");
         let client = self.client();
         match client.batch_execute(batch.text()).await {
@@ -454,14 +451,16 @@ impl Drop for TestDb {
         };
         // The owner lock is released in the same round trip: a janitor must not wait for
         // the server to notice the closed connection.
-        let sql = ledger::finish_sql(
-            &self.schema,
-            &self.acquire_id,
-            self.acquire.as_secs_f64() * 1000.0,
-            finish,
-            &self.keep_name,
-            self.lock_key,
-        );
+        let log = ledger::AcquireLog {
+            id: &self.acquire_id,
+            run_id: &self.run_id,
+            test_name: &self.test_name,
+            path: self.path,
+            connect_ms: self.connect_ms,
+            claim_ms: self.claim_ms,
+            acquire_ms: self.acquire.as_secs_f64() * 1000.0,
+        };
+        let sql = ledger::finish_sql(&self.schema, &log, finish, &self.keep_name, self.lock_key);
         let schema = self.schema.clone();
         let outcome = driver::block_on(
             async move { client.simple_query(&sql).await },

@@ -238,28 +238,49 @@ async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
 }
 
 #[tokio::test]
-async fn the_acquire_log_records_phase_timings() {
-    let db = TestDb::builder()
-        .fixtures_dir(env!("CARGO_MANIFEST_DIR"))
-        .without_migrations()
-        .build()
-        .await
-        .unwrap();
-    let row = db
-        .client()
-        .query_one(
-            "SELECT a.connect_ms, a.path, l.host, l.pid FROM pgharness.acquires a
-               JOIN pgharness.ledger l USING (schema_name)
-              WHERE a.schema_name = $1 AND a.outcome IS NULL",
-            &[&db.schema()],
+async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
+    let server = configured_server().await;
+    let client = admin(&server).await;
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.teardown = Teardown::Inline;
+    let test_name = format!("timings_{}", uuid::Uuid::new_v4().simple());
+    let dir = own_migrations("timings", "CREATE TABLE notes (id bigserial PRIMARY KEY);");
+    for _ in 0..2 {
+        let db = TestDb::builder()
+            .settings(settings.clone())
+            .migrations(&dir)
+            .fixtures_dir(env!("CARGO_MANIFEST_DIR"))
+            .test_name(&test_name)
+            .build()
+            .await
+            .unwrap();
+        drop(db);
+    }
+    let rows = client
+        .query(
+            "SELECT path, connect_ms, claim_ms, create_ms, migrate_ms, acquire_ms, outcome
+               FROM pgharness.acquires WHERE test_name = $1 ORDER BY at",
+            &[&test_name],
         )
         .await
         .unwrap();
-    assert!(row.get::<_, f64>(0) >= 0.0);
-    let path: String = row.get(1);
-    assert!(path == "claimed" || path == "created", "{path}");
-    assert_eq!(row.get::<_, i32>(3) as u32, std::process::id());
-    assert!(!row.get::<_, String>(2).is_empty());
+    let paths: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    // Its own migration set: the first finds none ready, the second gets the first's back.
+    assert_eq!(paths, ["created", "claimed"]);
+    for row in &rows {
+        for phase in [1, 2, 5] {
+            let ms: f64 = row.get(phase);
+            assert!(ms > 0.0, "phase {phase}: {ms}");
+        }
+        assert_eq!(row.get::<_, Option<String>>(6).as_deref(), Some("recycled"));
+    }
+    assert!(
+        rows[0].get::<_, Option<f64>>(3).is_some() && rows[0].get::<_, Option<f64>>(4).is_some()
+    );
+    assert!(
+        rows[1].get::<_, Option<f64>>(3).is_none(),
+        "a claimed schema was not created"
+    );
 }
 
 /// A migrations directory of one file, unique to the calling test.
