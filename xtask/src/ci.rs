@@ -211,7 +211,15 @@ impl Ci {
         // max_connections=100: the DB group keeps it inside the connection budget.
         tests(
             BackendKind::Native,
-            &["-p", "todo-app", "--profile", "ci", "--test-threads", "32"],
+            &[
+                "-p",
+                "todo-app",
+                "--profile",
+                "ci",
+                "--",
+                "--test-threads",
+                "32",
+            ],
         )
         .await?;
         // Last, so that a nextest summary closes the log: the example suite through the

@@ -69,6 +69,11 @@ pub(crate) fn project_root() -> PathBuf {
 /// Settings for this workspace, with a backend chosen on the command line.
 pub(crate) fn settings(backend: Option<BackendKind>) -> anyhow::Result<pgharness::Settings> {
     let mut settings = pgharness::Settings::load_from(&project_root(), std::env::vars())?;
+    for (name, meant) in &settings.near_misses {
+        eprintln!(
+            "xtask: warning: {name} is not a pgharness setting and is ignored; did you mean {meant}?"
+        );
+    }
     if let Some(backend) = backend {
         settings.backend = backend;
     }

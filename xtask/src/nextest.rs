@@ -50,6 +50,39 @@ pub(crate) fn write_tool_config(settings: &Settings, threads: u32) -> anyhow::Re
     Ok(path)
 }
 
+/// The arguments for `cargo nextest run`: libtest options written after `--` (as
+/// `cargo test` takes them, e.g. `-- --test-threads 32`), which nextest refuses there, become
+/// nextest's own; test name filters after `--` stay where nextest reads them.
+pub(crate) fn nextest_args(args: &[String]) -> Vec<String> {
+    let Some(split) = args.iter().position(|a| a == "--") else {
+        return args.to_vec();
+    };
+    let mut out: Vec<String> = args[..split].to_vec();
+    let mut filters = Vec::new();
+    let mut rest = args[split + 1..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--test-threads" => {
+                out.push("--test-threads".into());
+                out.extend(rest.next().cloned());
+            }
+            "--nocapture" => out.push("--no-capture".into()),
+            "--ignored" => out.extend(["--run-ignored".into(), "only".into()]),
+            "--include-ignored" => out.extend(["--run-ignored".into(), "all".into()]),
+            "--exact" => out.push("--exact".into()),
+            other => match other.strip_prefix("--test-threads=") {
+                Some(n) => out.extend(["--test-threads".into(), n.to_owned()]),
+                None => filters.push(arg.clone()),
+            },
+        }
+    }
+    if !filters.is_empty() {
+        out.push("--".into());
+        out.extend(filters);
+    }
+    out
+}
+
 /// Runs `cargo nextest run` with the tool config and environment; returns its status.
 /// Ctrl-C reaches nextest directly (same process group); we wait for it to finish.
 pub(crate) async fn run(
@@ -64,10 +97,11 @@ pub(crate) async fn run(
         .current_dir(root)
         .args(["nextest", "run", "--tool-config-file"])
         .arg(format!("pgharness:{}", tool_config.display()));
+    let args = nextest_args(args);
     if args.is_empty() {
         command.arg("--workspace");
     } else {
-        command.args(args);
+        command.args(&args);
     }
     command.envs(env.iter().map(|(k, v)| (k, v)));
     let mut child = command
@@ -80,5 +114,34 @@ pub(crate) async fn run(
                 eprintln!("xtask: interrupted; waiting for nextest to stop, then cleaning up");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nextest_args;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn libtest_options_after_the_separator_become_nextest_options() {
+        assert_eq!(
+            nextest_args(&args("-p todo-app -- --test-threads 32")),
+            args("-p todo-app --test-threads 32")
+        );
+        assert_eq!(
+            nextest_args(&args(
+                "-p todo-app -- --test-threads=4 --nocapture --ignored"
+            )),
+            args("-p todo-app --test-threads 4 --no-capture --run-ignored only")
+        );
+        // Test name filters stay after the separator, where nextest reads them.
+        assert_eq!(
+            nextest_args(&args("-p todo-app -- --test-threads 2 completes_a_todo")),
+            args("-p todo-app --test-threads 2 -- completes_a_todo")
+        );
+        assert_eq!(nextest_args(&args("-p todo-app")), args("-p todo-app"));
     }
 }

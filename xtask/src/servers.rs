@@ -23,6 +23,13 @@ pub(crate) async fn start(settings: &Settings) -> anyhow::Result<(Server, Backen
     let server = pgharness::backend::ensure(&settings, &sink)
         .await
         .with_context(|| format!("failed to start the {kind} backend"))?;
+    if kind == BackendKind::Url {
+        // Nothing was started: check that it answers before saying so.
+        if let Err(error) = admin_client(&server).await {
+            progress.finish(&format!("postgres at {server} does not answer"));
+            return Err(error.context("check PGHARNESS_URL (host, port, user, password)"));
+        }
+    }
     progress.finish(&format!("postgres ready: {server}"));
     Ok((server, kind, !was_running))
 }
@@ -86,20 +93,27 @@ impl Up {
         // Ready schemas for the first tests, as `cargo xtask test`'s warmer keeps them.
         let target = std::thread::available_parallelism().map_or(2, |n| n.get() as u64) + 1;
         let admin = admin_client(&server).await?;
-        let progress = Progress::start("filling the schema pool");
-        let warmed = pgharness::pool::warm(&admin, &settings.migrations, target, target)
-            .await
-            .with_context(|| {
-                format!(
-                    "failed to fill the schema pool with {}",
-                    settings.migrations.display()
-                )
-            })?;
-        progress.finish(&format!(
-            "schema pool: {} ready ({} created now)",
-            warmed.ready_before + warmed.created,
-            warmed.created
-        ));
+        if !settings.migrations.is_dir() {
+            eprintln!(
+                "xtask: no migrations at {}: the schema pool is filled by the tests themselves",
+                settings.migrations.display()
+            );
+        } else {
+            let progress = Progress::start("filling the schema pool");
+            let warmed = pgharness::pool::warm(&admin, &settings.migrations, target, target)
+                .await
+                .with_context(|| {
+                    format!(
+                        "failed to fill the schema pool with {}",
+                        settings.migrations.display()
+                    )
+                })?;
+            progress.finish(&format!(
+                "schema pool: {} ready ({} created now)",
+                warmed.ready_before + warmed.created,
+                warmed.created
+            ));
+        }
         println!("PGHARNESS_BACKEND={kind}");
         println!("DATABASE_URL={url}");
         eprintln!(

@@ -126,7 +126,7 @@ impl Test {
             admin.clone(),
             run_id.clone(),
             settings.migrations.clone(),
-            warm_target(threads, &self.nextest_args),
+            warm_target(threads, &nextest::nextest_args(&self.nextest_args)),
         );
         let mut env = vec![
             ("PGHARNESS_BACKEND".to_owned(), kind.to_string()),
@@ -203,12 +203,17 @@ impl Janitor {
                         0
                     }
                 };
-                // One schema per pass, so that finished schemas never wait long.
-                let created = match pgharness::pool::warm(&admin, &migrations, target, 1).await {
-                    Ok(warmed) => warmed.created,
-                    Err(error) => {
-                        tracing::warn!(%error, "warming the schema pool failed");
-                        0
+                // One schema per pass, so that finished schemas never wait long. (Without a
+                // migrations directory the tests fill the pool by themselves.)
+                let created = if !migrations.is_dir() {
+                    0
+                } else {
+                    match pgharness::pool::warm(&admin, &migrations, target, 1).await {
+                        Ok(warmed) => warmed.created,
+                        Err(error) => {
+                            tracing::warn!(%error, "warming the schema pool failed");
+                            0
+                        }
                     }
                 };
                 // Tests finish every few milliseconds: go again at once after work, and

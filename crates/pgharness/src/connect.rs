@@ -96,7 +96,8 @@ pub(crate) async fn connect(
     .await;
     match result {
         Ok((client, _handle)) => Ok(client),
-        Err(error) if transient(&error, Patience::Starting) => {
+        // A wait for a starting server that ran out (with `Full` nothing waited for it).
+        Err(error) if patience != Patience::Full && transient(&error, Patience::Starting) => {
             Err(Error::Timeout {
                 what: format!(
                     "waiting to connect to {what} (last error: {})",

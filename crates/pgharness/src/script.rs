@@ -25,10 +25,19 @@ pub(crate) struct Migrations {
 }
 
 impl Migrations {
-    /// Reads every `*.sql` file of `dir`. A missing directory means no migrations.
+    /// Reads every `*.sql` file of `dir`. A missing directory is an error naming it (a test
+    /// without migrations says so with `without_migrations()`).
     pub(crate) fn load(dir: &Path) -> Result<Migrations, Error> {
         let mut files = Vec::new();
-        if dir.exists() {
+        if !dir.is_dir() {
+            return Err(Error::Setting {
+                name: "migrations".into(),
+                origin: "PGHARNESS_MIGRATIONS, the `migrations` key, or TestDb::builder().migrations(..)".into(),
+                problem: format!("the migrations directory {} does not exist", dir.display()),
+                fix: "create it (`*.sql` files, applied in name order), point PGHARNESS_MIGRATIONS at yours, or use TestDb::builder().without_migrations()".into(),
+            });
+        }
+        {
             let entries = std::fs::read_dir(dir)
                 .map_err(|e| Error::io("failed to list migrations in", dir, e))?;
             let mut paths: Vec<PathBuf> = entries
@@ -219,9 +228,15 @@ mod tests {
     }
 
     #[test]
-    fn missing_migration_directory_is_empty() {
-        let migrations = Migrations::load(Path::new("/nonexistent/pgharness")).unwrap();
-        assert!(migrations.files.is_empty());
+    fn a_missing_migration_directory_is_an_error_naming_it_and_the_fixes() {
+        let error = Migrations::load(Path::new("/nonexistent/pgharness"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent/pgharness"), "{error}");
+        assert!(
+            error.contains("PGHARNESS_MIGRATIONS") && error.contains("without_migrations"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -130,18 +130,16 @@ impl fmt::Debug for SecretUrl {
 /// Replaces the password of a `postgres://user:password@host` URL (and any
 /// `password=` parameter) with `***`.
 pub fn redact_url(url: &str) -> String {
+    if let Some(redacted) = redact_parsed(url) {
+        return redacted;
+    }
+    // Not a URL the parser takes (`postgres://app:p/ss@db`, a libpq key=value string): hide
+    // everything that could be a password.
     let mut out = url.to_owned();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
-            }
-        }
+    if let Some(scheme_end) = out.find("://")
+        && let Some(at) = out[scheme_end + 3..].rfind('@')
+    {
+        out.replace_range(scheme_end + 3..scheme_end + 3 + at, "***");
     }
     if let Some(start) = out.find("password=") {
         let value_start = start + "password=".len();
@@ -151,6 +149,33 @@ pub fn redact_url(url: &str) -> String {
         out.replace_range(value_start..value_end, "***");
     }
     out
+}
+
+/// The URL with its password and any `password=` query parameter replaced, when the `url`
+/// crate parses it.
+fn redact_parsed(text: &str) -> Option<String> {
+    let mut url = url::Url::parse(text).ok()?;
+    if !text.contains("://") || url.cannot_be_a_base() {
+        return None;
+    }
+    if url.password().is_some() {
+        url.set_password(Some("***")).ok()?;
+    }
+    if url.query_pairs().any(|(key, _)| key == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    Some(url.to_string())
 }
 
 /// All settings, resolved. Build with [`Settings::load`].
@@ -196,6 +221,10 @@ pub struct Settings {
     pub teardown: Teardown,
     /// `[rds]` and `[rds.ssm]`.
     pub rds: RdsSettings,
+    /// Environment variables that look like misspelt settings (`PGHARNES_POOL_SIZE`), with
+    /// the name they were probably meant to be; not read. `load` logs them at WARN; tools
+    /// show them.
+    pub near_misses: Vec<(String, String)>,
 }
 
 /// Where a value came from, for error messages.
@@ -291,7 +320,13 @@ impl Settings {
     /// Loads settings for the workspace that contains the current test or command.
     pub fn load() -> Result<Settings, Error> {
         let root = workspace::find_root()?;
-        Settings::load_from(&root, std::env::vars())
+        let settings = Settings::load_from(&root, std::env::vars())?;
+        for (name, meant) in &settings.near_misses {
+            tracing::warn!(
+                "{name} is not a pgharness setting and is ignored: did you mean {meant}?"
+            );
+        }
+        Ok(settings)
     }
 
     /// Loads settings from `root/pgharness.toml` and the given environment.
@@ -334,12 +369,16 @@ impl Settings {
             }
         }
         let mut nextest_run_id = None;
+        let mut near_misses = Vec::new();
         for (name, value) in env {
             if name == "NEXTEST_RUN_ID" {
                 nextest_run_id = Some(value);
                 continue;
             }
             let Some(key) = name.strip_prefix("PGHARNESS_") else {
+                if let Some(meant) = near_miss(&name) {
+                    near_misses.push((name, meant));
+                }
                 continue;
             };
             let mut key = key.to_ascii_lowercase();
@@ -423,6 +462,7 @@ impl Settings {
                 )),
             })?,
             rds: RdsSettings::default(),
+            near_misses,
         };
         let mut settings = settings;
         settings.rds = RdsSettings {
@@ -479,6 +519,38 @@ fn flatten(table: toml::Table) -> Vec<(String, toml::Value)> {
     out
 }
 
+/// The `PGHARNESS_*` name an environment variable was probably meant to be: within two
+/// edits of one (`PGHARNES_POOL_SIZE`, `PG_HARNESS_URL`, `PGHARNESS-KEEP`).
+fn near_miss(name: &str) -> Option<String> {
+    let upper = name.to_ascii_uppercase();
+    if !upper.starts_with("PG") && !upper.starts_with("GH") {
+        return None; // cheap: the edits we catch keep the start
+    }
+    SETTING_NAMES
+        .iter()
+        .chain(&["ca_bundle"])
+        .map(|key| format!("PGHARNESS_{}", key.to_ascii_uppercase()))
+        .find(|meant| *meant != name && edit_distance(&upper, meant) <= 2)
+}
+
+/// Levenshtein distance between two ASCII strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 2 {
+        return 3;
+    }
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != cb);
+            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 fn unknown_key(key: &str, origin: &str) -> Error {
     Error::Setting {
         name: key.to_owned(),
@@ -505,25 +577,28 @@ fn parse<T>(
     }
 }
 
-/// Parses `500ms`, `90s`, `15m`, `2h` or a bare number of seconds.
+/// The longest duration a setting may have: long enough for any wait, short enough that
+/// adding it to a clock never overflows.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses a duration as humantime reads it (`500ms`, `90s`, `15m`, `2h`, `1h 30m`, `7d`) or
+/// a bare number of seconds; at most 366 days.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h"))?;
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        "h" => Ok(Duration::from_secs(number * 3600)),
-        _ => Err(format!(
-            "`{text}` is not a duration like 500ms, 90s, 15m or 2h"
-        )),
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{text}` seconds is out of range"))?
+    } else {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h ({e})"))?
+    };
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the most allowed, 366 days"
+        ));
     }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -561,6 +636,31 @@ mod tests {
         assert!(error.contains("`bakcend`"), "{error}");
         assert!(error.contains("PGHARNESS_BAKCEND"), "{error}");
         assert!(error.contains("backend, url"), "{error}");
+    }
+
+    #[test]
+    fn misspelt_prefixes_are_reported_as_near_misses() {
+        let settings = load(
+            None,
+            &[
+                ("PGHARNES_POOL_SIZE", "5"),
+                ("PG_HARNESS_URL", "postgres://x@y/z"),
+                ("PGHOST", "elsewhere"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.pool_size, 2, "a misspelt variable is not read");
+        assert_eq!(
+            settings.near_misses,
+            [
+                (
+                    "PGHARNES_POOL_SIZE".to_owned(),
+                    "PGHARNESS_POOL_SIZE".to_owned()
+                ),
+                ("PG_HARNESS_URL".to_owned(), "PGHARNESS_URL".to_owned()),
+            ]
+        );
     }
 
     #[test]
@@ -649,7 +749,35 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(5 * 86400)));
+        assert_eq!(parse_duration(" 45 "), Ok(Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn durations_that_would_overflow_are_errors_not_panics() {
+        for text in [
+            "9999999999999999h",
+            "18446744073709551615",
+            "99999999999999999999999",
+            "400d",
+        ] {
+            let error = parse_duration(text).unwrap_err();
+            assert!(error.contains(text.trim()), "{text}: {error}");
+        }
+        let error = load(
+            None,
+            &[("PGHARNESS_ACQUIRE_TIMEOUT", "18446744073709551615")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("acquire_timeout") && error.contains("PGHARNESS_ACQUIRE_TIMEOUT"),
+            "{error}"
+        );
+        let error = load(None, &[("PGHARNESS_REAP_TTL", "9999999999999999h")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("reap_ttl"), "{error}");
     }
 
     #[test]
@@ -665,5 +793,25 @@ mod tests {
             "host=db password=*** user=x"
         );
         assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
+    }
+
+    #[test]
+    fn passwords_with_url_delimiters_never_show() {
+        for (url, secret) in [
+            ("postgres://app:p/ss@db/app", "p/ss"),
+            ("postgres://app:p%2Fss@db/app", "p%2Fss"),
+            ("postgres://app:p?ss@db:5432/app", "p?ss"),
+            ("postgres://app:p#ss@db/app", "p#ss"),
+            ("postgres://app:pa@ss@db/app", "pa@ss"),
+            (
+                "postgres://app@db/app?password=s3cr%26t&sslmode=require",
+                "s3cr",
+            ),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("db"), "{url} -> {shown}");
+            assert!(!format!("{:?} {}", SecretUrl::new(url), SecretUrl::new(url)).contains(secret));
+        }
     }
 }

@@ -142,3 +142,54 @@ async fn a_role_with_only_connect_and_create_is_enough_and_its_password_never_sh
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_url_server_fails_at_once_naming_the_server() {
+    // A port nobody listens on, and a url backend: nobody is starting that server.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let root = std::env::temp_dir().join(format!("pgharness-it-refused-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&root).unwrap();
+    let url = format!("postgres://app:s3cret@127.0.0.1:{port}/app");
+    let settings = pgharness::Settings::load_from(
+        &root,
+        [
+            ("PGHARNESS_BACKEND".to_owned(), "url".to_owned()),
+            ("PGHARNESS_URL".to_owned(), url),
+            ("PGHARNESS_ACQUIRE_TIMEOUT".to_owned(), "300s".to_owned()),
+        ],
+    )
+    .unwrap();
+    let error = pgharness::TestDb::builder()
+        .settings(settings)
+        .without_migrations()
+        .build()
+        .await
+        .unwrap_err();
+    // Not a timeout after waiting for a server to come up: the refusal itself.
+    assert!(
+        matches!(error, pgharness::Error::Postgres { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(!message.contains("s3cret"), "{message}");
+}
+
+#[tokio::test]
+async fn a_missing_migrations_directory_is_an_error_naming_it() {
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.migrations = std::path::PathBuf::from("/nonexistent/pgharness-migrations");
+    let error = pgharness::TestDb::builder()
+        .settings(settings)
+        .build()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("/nonexistent/pgharness-migrations"),
+        "{error}"
+    );
+    assert!(error.contains("without_migrations"), "{error}");
+}
