@@ -61,9 +61,32 @@ enum Command {
 }
 
 /// The workspace root, from xtask's own manifest directory.
+/// The workspace xtask works on, found at run time: `cargo xtask` (`cargo run -p xtask`)
+/// sets `CARGO_MANIFEST_DIR` to this checkout's `xtask/`; run otherwise, the workspace
+/// `cargo locate-project` finds from the current directory. Never the path it was compiled
+/// in: a copied or moved checkout (with its `target/`) must not act on the original's servers.
 pub(crate) fn project_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        if let Some(manifest) = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from)
+            && manifest.join("Cargo.toml").is_file()
+            && let Some(root) = manifest.parent()
+        {
+            return root.to_path_buf();
+        }
+        let located =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["locate-project", "--workspace", "--message-format", "plain"])
+                .output();
+        match located {
+            Ok(output) if output.status.success() => {
+                let manifest = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+                manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+            }
+            _ => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        }
+    })
+    .clone()
 }
 
 /// Settings for this workspace, with a backend chosen on the command line.

@@ -1,0 +1,99 @@
+//! xtask's commands driven as a person runs them, on a workspace of their own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A checkout copied elsewhere: the workspace marker, xtask's manifest and migrations.
+fn copied_checkout(label: &str) -> PathBuf {
+    let original = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let copy = std::env::temp_dir().join(format!("pgharness-copy-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(copy.join("xtask")).unwrap();
+    std::fs::create_dir_all(copy.join("sql")).unwrap();
+    std::fs::write(copy.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
+    std::fs::copy(
+        original.join("xtask/Cargo.toml"),
+        copy.join("xtask/Cargo.toml"),
+    )
+    .unwrap();
+    std::fs::write(copy.join("sql/0001_t.sql"), "CREATE TABLE t (id int);").unwrap();
+    copy
+}
+
+/// The xtask binary, run as `cargo xtask` runs it from `root`.
+fn xtask(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(root)
+        .env("CARGO_MANIFEST_DIR", root.join("xtask"))
+        .env_remove("PGHARNESS_URL")
+        .env_remove("PGHARNESS_BACKEND")
+        .env_remove("CARGO_TARGET_DIR")
+        .args(args)
+        .output()
+        .expect("xtask runs")
+}
+
+fn native_states(root: &Path) -> Vec<String> {
+    let dir = root.join("target/pgharness");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("native-") && n.ends_with(".json"))
+        .map(|n| std::fs::read_to_string(dir.join(n)).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn a_copied_checkout_starts_and_stops_its_own_servers_only() {
+    let copy = copied_checkout("native");
+    let original = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let before = native_states(original);
+
+    let up = xtask(&copy, &["up", "--backend", "native"]);
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "{}{}",
+        stdout,
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let url = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .expect("up prints the URL")
+        .to_owned();
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let states = native_states(&copy);
+    assert_eq!(
+        states.len(),
+        1,
+        "the copy records its server in its own target/"
+    );
+    assert!(states[0].contains(&port), "{states:?} {port}");
+    assert_eq!(
+        native_states(original),
+        before,
+        "the original's state was touched"
+    );
+
+    let down = xtask(&copy, &["down"]);
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(down.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("native server on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(native_states(&copy).is_empty());
+    assert_eq!(native_states(original), before);
+    std::fs::remove_dir_all(&copy).unwrap();
+}
