@@ -12,6 +12,7 @@ mod nextest;
 mod prereq;
 mod rds;
 mod reap;
+mod runs;
 mod servers;
 mod test;
 #[cfg(test)]

@@ -36,16 +36,49 @@ impl Test {
         if settings.backend == BackendKind::Rds {
             return self.run_rds(settings).await;
         }
+        // Held from before the server is started or joined until this run ends: the last
+        // run to end is the one that can take it exclusively.
+        let runs = crate::runs::RunsLock::join(&settings).await?;
         let (server, kind, started) = start_or_build(&settings).await?;
+        let mut settings = settings.clone();
+        settings.backend = kind;
+        if started {
+            crate::runs::mark_started_by_a_run(&settings, kind)?;
+        }
         let outcome = self.run_on(&settings, &server, kind).await;
-        if started && !self.keep_server {
-            let mut settings = settings.clone();
-            settings.backend = kind;
-            for what in pgharness::backend::stop(&settings, kind).await? {
-                eprintln!("xtask: stopped {what}");
+        let kept = outcome.as_ref().map_or(0, |(_, kept)| *kept);
+        if self.keep_server {
+            crate::runs::forget_started_by_a_run(&settings);
+        } else if kept > 0 {
+            // The printed psql lines must work: the server stays up for them.
+            crate::runs::forget_started_by_a_run(&settings);
+            let idle = if kind == BackendKind::Native {
+                format!(
+                    " (the native server stops by itself after {} without connections)",
+                    humantime::format_duration(settings.native_idle)
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "xtask: the {kind} server stays up for the kept schema(s){idle}; stop it with `cargo xtask down`"
+            );
+        } else {
+            match runs.leave().await? {
+                Some(_last) => {
+                    if crate::runs::started_by_a_run(&settings, kind) {
+                        for what in pgharness::backend::stop(&settings, kind).await? {
+                            eprintln!("xtask: stopped {what}");
+                        }
+                        crate::runs::forget_started_by_a_run(&settings);
+                    }
+                }
+                None => eprintln!(
+                    "xtask: another `cargo xtask test` is still using the {kind} server; the last run to end stops it"
+                ),
             }
         }
-        outcome
+        outcome.map(|(code, _)| code)
     }
 
     /// up (proxy, tunnel, and the emulator if asked) → nextest → down, whatever happens.
@@ -54,6 +87,17 @@ impl Test {
         let before = crate::emulator::running(&settings)
             .and_then(|v| crate::emulator::stats(&v).ok())
             .map_or(0, |(calls, _)| calls);
+        // The local Postgres behind an emulator this run starts: stopped with it, unless
+        // it ran before.
+        let emulator_postgres = if self.emulated && crate::emulator::running(&settings).is_none() {
+            let mut local = settings.clone();
+            local.backend = self.emulator.local_backend.unwrap_or(BackendKind::Auto);
+            let kind = pgharness::backend::resolve(&local, &pgharness::events::log_only).await?;
+            local.backend = kind;
+            (!pgharness::backend::is_running(&local, kind).await).then_some((local, kind))
+        } else {
+            None
+        };
         let up = tokio::select! {
             up = crate::rds::up(&settings, self.emulated, &self.emulator) => up,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while starting")),
@@ -68,6 +112,19 @@ impl Test {
             }
             Err(error) => Err(error),
         };
+        if outcome.as_ref().is_ok_and(|(_, kept)| *kept > 0) {
+            // The printed psql lines go through the proxy (and the emulator): keep them up.
+            eprintln!(
+                "xtask: the RDS proxy{} stays up for the kept schema(s); stop with `cargo xtask down`",
+                if self.emulated {
+                    " and the emulator"
+                } else {
+                    ""
+                }
+            );
+            return outcome.map(|(code, _)| code);
+        }
+        let outcome = outcome.map(|(code, _)| code);
         // Teardown runs after failures and Ctrl-C too.
         let emulator_values = crate::emulator::running(&settings);
         if let Some(what) = crate::rds::down(&settings).await? {
@@ -81,6 +138,11 @@ impl Test {
             );
             if started_emulator && let Some(what) = crate::emulator::stop(&settings).await? {
                 eprintln!("xtask: stopped {what}");
+            }
+            if started_emulator && let Some((local, kind)) = &emulator_postgres {
+                for what in pgharness::backend::stop(local, *kind).await? {
+                    eprintln!("xtask: stopped {what} (the emulated cluster's Postgres)");
+                }
             }
             if outcome.is_ok() && (start_sessions > 1 || open > 0) {
                 anyhow::bail!(
@@ -96,7 +158,7 @@ impl Test {
         settings: &Settings,
         server: &Server,
         kind: BackendKind,
-    ) -> anyhow::Result<ExitCode> {
+    ) -> anyhow::Result<(ExitCode, u64)> {
         let run_id = format!("xtask-{}", uuid_like());
         let admin = Arc::new(servers::admin_client(server).await?);
         ledger::hold_run_lock(&admin, &run_id).await?;
@@ -145,13 +207,14 @@ impl Test {
             "final janitor pass"
         );
         let summary = ledger::run_summary(&admin, &run_id).await?;
-        print_summary(&summary, server);
+        print_summary(&summary, server, settings);
         let status = status?;
-        Ok(match status.code() {
+        let code = match status.code() {
             Some(0) => ExitCode::SUCCESS,
             Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
             None => ExitCode::FAILURE,
-        })
+        };
+        Ok((code, summary.kept))
     }
 }
 
@@ -269,7 +332,7 @@ fn ms(value: Option<f64>) -> String {
     value.map_or("-".into(), |v| format!("{v:.1} ms"))
 }
 
-pub(crate) fn print_summary(summary: &RunSummary, server: &Server) {
+pub(crate) fn print_summary(summary: &RunSummary, server: &Server, settings: &Settings) {
     eprintln!(
         "pgharness summary: {} tests used a database; pool: {} hits, {} misses; after the tests: \
          {} recycled, {} dropped, {} kept, {} pending",
@@ -292,11 +355,7 @@ pub(crate) fn print_summary(summary: &RunSummary, server: &Server) {
         ms(summary.reset_p50_ms),
     );
     for (schema, test) in &summary.kept_schemas {
-        let target = if server.has_password() {
-            format!("PGOPTIONS='-csearch_path={schema},public' psql \"$PGHARNESS_URL\"")
-        } else {
-            format!("psql '{}'", server.url_for_schema(schema))
-        };
-        eprintln!("  kept {schema} (test `{test}`): {target}");
+        let command = server.psql_command(schema, &settings.state_dir);
+        eprintln!("  kept {schema} (test `{test}`): {command}");
     }
 }

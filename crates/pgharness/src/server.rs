@@ -98,6 +98,27 @@ impl Server {
         with_search_path(&self.url.to_string(), schema)
     }
 
+    /// A shell command that opens `psql` in a schema of this server, as printed for a kept
+    /// schema: it works as printed and never contains a password. `state_dir` is the
+    /// workspace's `target/pgharness` (the rds backend's env file is there).
+    pub fn psql_command(&self, schema: &str, state_dir: &std::path::Path) -> String {
+        let options = format!("PGOPTIONS='-csearch_path={schema},public'");
+        if self.backend == BackendKind::Rds {
+            // The run's RDS proxy (left up while a kept schema is inspected) writes its URL,
+            // with the per-run password, into the env file.
+            let env = state_dir.join("env");
+            return format!(
+                "{options} psql \"$(sed -n 's/^DATABASE_URL=//p' '{}')\"",
+                env.display()
+            );
+        }
+        if self.has_password() {
+            // Never print the password: reuse the variable the user set it in.
+            return format!("{options} psql \"$PGHARNESS_URL\"");
+        }
+        format!("psql '{}'", self.url_for_schema(schema))
+    }
+
     /// `user@host:port/database`, for messages.
     pub fn describe(&self) -> String {
         let host = match self.config.get_hosts().first() {
@@ -169,6 +190,31 @@ mod tests {
                 .to_string();
             assert!(error.contains(expected), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn psql_commands_never_carry_the_password() {
+        let state = std::path::Path::new("/w/target/pgharness");
+        let url = Server::from_url(
+            BackendKind::Url,
+            SecretUrl::new("postgres://app:s3cret@db:5432/app"),
+        )
+        .unwrap();
+        assert_eq!(
+            url.psql_command("t_a", state),
+            "PGOPTIONS='-csearch_path=t_a,public' psql \"$PGHARNESS_URL\""
+        );
+        let rds = Server::from_url(
+            BackendKind::Rds,
+            SecretUrl::new("postgres://app_iam:p3r-run@127.0.0.1:6000/app"),
+        )
+        .unwrap();
+        let command = rds.psql_command("t_a", state);
+        assert!(
+            !command.contains("p3r-run") && !command.contains("PGHARNESS_URL"),
+            "{command}"
+        );
+        assert!(command.contains("/w/target/pgharness/env"), "{command}");
     }
 
     #[test]

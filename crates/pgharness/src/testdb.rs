@@ -44,6 +44,7 @@ pub struct TestDb {
     claim_ms: f64,
     run_id: String,
     keep_name: String,
+    state_dir: PathBuf,
 }
 
 /// Options for one test's database. Start from [`TestDb::builder`].
@@ -276,6 +277,7 @@ impl TestDbBuilder {
             claim_ms,
             run_id,
             keep_name,
+            state_dir: settings.state_dir.clone(),
         })
     }
 }
@@ -416,12 +418,7 @@ impl TestDb {
     }
 
     fn kept_message(&self, schema: &str) -> String {
-        let command = if self.server.has_password() {
-            // Never print the password: reuse the variable the user set it in.
-            format!("PGOPTIONS='-csearch_path={schema},public' psql \"$PGHARNESS_URL\"")
-        } else {
-            format!("psql '{}'", self.server.url_for_schema(schema))
-        };
+        let command = self.server.psql_command(schema, &self.state_dir);
         format!(
             "pgharness: kept schema {schema} of test `{}` for debugging; inspect it with:\n    {command}\n\
              (`cargo xtask reap` drops it once it is older than {:?}; PGHARNESS_KEEP=never drops it at once)",
