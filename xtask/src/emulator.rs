@@ -87,9 +87,15 @@ pub(crate) async fn ensure(
         .await
         .context("failed to start the emulated cluster's Postgres")?;
     let admin = crate::servers::admin_client(&server).await?;
+    // The IAM user's password on this Postgres: the server's own secret (in a 0600 file),
+    // which fake-aws logs in with after the IAM check. Nothing else can log in as it.
+    let password_file = pgharness::backend::secret::password_file(&local)?;
+    let password = std::fs::read_to_string(&password_file)?.trim().to_owned();
+    let password = password.replace('\'', "''");
     // The IAM user as RDS has it: LOGIN, the rds_iam role, CONNECT and CREATE.
     for statement in [
         format!("CREATE ROLE {USER} LOGIN"),
+        format!("ALTER ROLE {USER} PASSWORD '{password}'"),
         "CREATE ROLE rds_iam".to_owned(),
         format!("GRANT rds_iam TO {USER}"),
         format!("GRANT CONNECT, CREATE ON DATABASE postgres TO {USER}"),
@@ -125,6 +131,8 @@ pub(crate) async fn ensure(
             USER,
             "--ssm",
         ])
+        .arg("--backend-password-file")
+        .arg(&password_file)
         .arg("--state-dir")
         .arg(settings.state_dir.join("emulator-certs"))
         .arg("--env-file")

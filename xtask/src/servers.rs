@@ -77,13 +77,9 @@ impl Up {
         }
         let (server, kind, _) = start(&settings).await?;
         let path = pgharness::backend::rds::env_file_path(&settings);
-        // Local servers trust 127.0.0.1 and have no password; a url server's URL is the
-        // user's own setting and is not copied into a file.
-        let url = if server.has_password() {
-            "(see PGHARNESS_URL)".to_owned()
-        } else {
-            server.url().expose().to_owned()
-        };
+        // The full URL (with the server's password) goes only into the 0600 env file; the
+        // terminal gets the way to use it.
+        let url = server.url().expose().to_owned();
         EnvFile {
             backend: kind.to_string(),
             url: Some(SecretUrl::new(url.clone())),
@@ -115,9 +111,9 @@ impl Up {
             ));
         }
         println!("PGHARNESS_BACKEND={kind}");
-        println!("DATABASE_URL={url}");
         eprintln!(
-            "xtask: wrote {}; stop with `cargo xtask down`",
+            "xtask: wrote {} (DATABASE_URL, with the server's password; mode 0600); psql: psql \"$(sed -n 's/^DATABASE_URL=//p' {})\"; stop with `cargo xtask down`",
+            path.display(),
             path.display()
         );
         Ok(ExitCode::SUCCESS)

@@ -60,11 +60,19 @@ fn a_copied_checkout_starts_and_stops_its_own_servers_only() {
         stdout,
         String::from_utf8_lossy(&up.stderr)
     );
-    let url = stdout
+    let env =
+        std::fs::read_to_string(copy.join("target/pgharness/env")).expect("up writes the env file");
+    let url = env
         .lines()
         .find_map(|l| l.strip_prefix("DATABASE_URL="))
-        .expect("up prints the URL")
+        .expect("the env file has the URL")
         .to_owned();
+    let password = std::fs::read_to_string(copy.join("target/pgharness/server-password")).unwrap();
+    assert!(
+        !stdout.contains(password.trim())
+            && !String::from_utf8_lossy(&up.stderr).contains(password.trim()),
+        "up printed the server's password"
+    );
     let port = url
         .rsplit(':')
         .next()

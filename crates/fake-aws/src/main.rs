@@ -18,9 +18,13 @@ use fake_aws::{CredentialStore, KeyPair};
     about = "An offline stand-in for AWS RDS IAM auth (and SSM)"
 )]
 struct Cli {
-    /// The real Postgres that IAM logins are relayed to (it must trust local connections).
+    /// The real Postgres that IAM logins are relayed to.
     #[arg(long)]
     backend: SocketAddr,
+    /// A file holding the IAM users' password on the backend (the front logs in with it
+    /// after the IAM check, as RDS does); without it the backend must trust them.
+    #[arg(long)]
+    backend_password_file: Option<std::path::PathBuf>,
     /// The RDS endpoint name (certificate and tokens).
     #[arg(
         long,
@@ -104,6 +108,15 @@ async fn main() -> anyhow::Result<()> {
     config.port = cli.port;
     config.region = cli.region;
     config.token_ttl = cli.token_ttl;
+    if let Some(path) = &cli.backend_password_file {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "failed to read the backend password from {}",
+                path.display()
+            )
+        })?;
+        config.backend_password = Some(text.trim().to_owned());
+    }
     config.listen = cli.listen;
     config.pause = cli.pause_after.map(|idle_after| PauseConfig {
         idle_after,

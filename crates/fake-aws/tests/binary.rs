@@ -15,17 +15,23 @@ use rds_iam::{RdsTarget, TcpDialer, TlsPolicy, TokenCache, TokenRequest, connect
 
 #[tokio::test]
 async fn the_binary_prints_its_endpoints_and_serves_them() {
-    let backend = common::backend().await;
+    let (backend, password) = common::backend().await;
     let env_file = std::env::temp_dir().join(format!("fake-aws-env-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fake-aws"))
-        .args([
-            "--backend",
-            &backend.to_string(),
-            "--user",
-            common::USER,
-            "--env-file",
-        ])
-        .arg(&env_file)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fake-aws"));
+    command.args([
+        "--backend",
+        &backend.to_string(),
+        "--user",
+        common::USER,
+        "--env-file",
+    ]);
+    command.arg(&env_file);
+    if let Some(password) = password {
+        let file = std::env::temp_dir().join(format!("fake-aws-pw-{}", std::process::id()));
+        std::fs::write(&file, password).unwrap();
+        command.arg("--backend-password-file").arg(file);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

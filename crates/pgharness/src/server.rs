@@ -48,15 +48,18 @@ impl Server {
         })
     }
 
-    /// A server on 127.0.0.1 that trusts local connections (what the container and native
-    /// backends start).
-    pub fn local(backend: BackendKind, port: u16) -> Server {
-        let url = SecretUrl::new(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
+    /// A server that pgharness started on 127.0.0.1 (container and native backends), logged
+    /// into as `postgres` with the workspace's password (see `target/pgharness/pgpass`).
+    pub fn local(backend: BackendKind, port: u16, password: &str) -> Server {
+        let url = SecretUrl::new(format!(
+            "postgres://postgres:{password}@127.0.0.1:{port}/postgres"
+        ));
         let mut config = tokio_postgres::Config::new();
         config
             .host("127.0.0.1")
             .port(port)
             .user("postgres")
+            .password(password)
             .dbname("postgres");
         Server {
             backend,
@@ -110,6 +113,19 @@ impl Server {
             return format!(
                 "{options} psql \"$(sed -n 's/^DATABASE_URL=//p' '{}')\"",
                 env.display()
+            );
+        }
+        if matches!(self.backend, BackendKind::Container | BackendKind::Native) {
+            // The password stays in the 0600 pgpass file pgharness keeps beside the server.
+            let mut url = url::Url::parse(self.url.expose()).ok();
+            if let Some(url) = url.as_mut() {
+                let _ = url.set_password(None);
+            }
+            let bare = url.map_or_else(|| self.url.to_string(), |u| u.to_string());
+            return format!(
+                "PGPASSFILE='{}' psql '{}'",
+                state_dir.join("pgpass").display(),
+                with_search_path(&bare, schema)
             );
         }
         if self.has_password() {
@@ -218,12 +234,18 @@ mod tests {
     }
 
     #[test]
-    fn local_servers_have_no_password() {
-        let server = Server::local(BackendKind::Native, 5499);
-        assert!(!server.has_password());
+    fn local_servers_log_in_with_the_workspace_password_and_never_print_it() {
+        let server = Server::local(BackendKind::Native, 5499, "0123abcd");
+        assert!(server.has_password());
         assert_eq!(
             server.url_for_schema("t_a"),
-            "postgres://postgres@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
+            "postgres://postgres:0123abcd@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
         );
+        let command = server.psql_command("t_a", std::path::Path::new("/w/target/pgharness"));
+        assert_eq!(
+            command,
+            "PGPASSFILE='/w/target/pgharness/pgpass' psql 'postgres://postgres@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic'"
+        );
+        assert!(!format!("{server} {server:?} {command}").contains("0123abcd"));
     }
 }

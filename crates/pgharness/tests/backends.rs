@@ -202,3 +202,108 @@ async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_wh
         "a stopped server is forgotten"
     );
 }
+
+/// psql as another OS user (nobody), with no password of its own; its output.
+fn psql_as_nobody(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "psql"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("setpriv and psql run")
+}
+
+#[tokio::test]
+async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches to another OS user: run it as root (CI does)"
+    );
+    let settings = isolated_settings(BackendKind::Native, "auth");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
+    let port = server.config().get_ports()[0].to_string();
+    // Over TCP: the superuser needs the workspace's password, which nobody lacks.
+    let tcp = psql_as_nobody(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-XAtc",
+        "COPY (SELECT 1) TO PROGRAM 'true'",
+    ]);
+    assert!(!tcp.status.success(), "another user logged in over TCP");
+    let said = String::from_utf8_lossy(&tcp.stderr);
+    assert!(
+        said.contains("password") || said.contains("authentication"),
+        "{said}"
+    );
+    // Over the Unix socket: its directory admits only the server's user.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_dir(&settings.state_dir)
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                e.file_name().to_string_lossy().starts_with("native-")
+                    && e.file_name().to_string_lossy().ends_with(".json")
+            })
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let sock = std::path::Path::new(state["base_dir"].as_str().unwrap()).join("sock");
+    let socket = psql_as_nobody(&[
+        "-h",
+        sock.to_str().unwrap(),
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-XAtc",
+        "SELECT 1",
+    ]);
+    assert!(
+        !socket.status.success(),
+        "another user logged in over the socket"
+    );
+
+    // The owner gets in with the printed command's pgpass, which is theirs alone.
+    let pgpass = settings.state_dir.join("pgpass");
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&pgpass, &settings.state_dir.join("server-password")] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    let owner = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-XAtc",
+            "SELECT 1",
+        ])
+        .env("PGPASSFILE", &pgpass)
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(
+        owner.status.success(),
+        "{}",
+        String::from_utf8_lossy(&owner.stderr)
+    );
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+}

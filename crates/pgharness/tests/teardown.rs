@@ -27,13 +27,16 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
         .expect("the child runs");
     assert!(!output.status.success(), "the child must fail");
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // The printed line, run exactly as printed (by a shell, as a person pastes it).
     let command = stderr
         .lines()
-        .find_map(|line| line.trim().strip_prefix("psql '")?.strip_suffix('\''))
+        .map(str::trim)
+        .find(|line| line.contains("psql "))
         .unwrap_or_else(|| panic!("no psql command in:\n{stderr}"));
-    let psql = Command::new("psql")
-        .arg(command)
-        .args(["-XAtc", "SELECT note FROM marker"])
+    let psql = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command} -XAtc 'SELECT note FROM marker'"))
+        .env_remove("PGPASSWORD")
         .output()
         .expect("psql runs");
     assert!(

@@ -13,12 +13,8 @@ fn binary() -> &'static str {
 }
 
 async fn query_port(port: u16) -> String {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres");
+    let mut config = common::admin_login();
+    config.host("127.0.0.1").port(port);
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use super::auth::{self, Expect};
 use super::certs;
 use super::pause::{Admission, PauseConfig, Pauser};
+use super::upstream;
 use crate::credentials::CredentialStore;
 
 /// How the fake RDS endpoint behaves.
@@ -30,8 +31,11 @@ pub struct RdsFrontConfig {
     pub port: u16,
     /// The region tokens must be signed for.
     pub region: String,
-    /// The real Postgres sessions are relayed to (trusting local connections).
+    /// The real Postgres sessions are relayed to.
     pub backend: SocketAddr,
+    /// The password the IAM users have on the backend, which the front logs in with (as
+    /// RDS authenticates behind its IAM check); `None` for a backend that trusts them.
+    pub backend_password: Option<String>,
     /// Users with the `rds_iam` grant.
     pub allowed_users: Vec<String>,
     /// How long a token is accepted after signing (RDS: 15 min; shorter to test expiry).
@@ -57,6 +61,7 @@ impl RdsFrontConfig {
             port: 5432,
             region: "eu-west-2".into(),
             backend,
+            backend_password: None,
             allowed_users,
             token_ttl: Duration::from_secs(900),
             max_skew: Duration::from_secs(300),
@@ -310,6 +315,17 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
         })?;
     backend.set_nodelay(true).ok();
     backend.write_all(&wire::startup_message(&params)).await?;
+    // The backend's own authentication is the front's business, as it is RDS's: the
+    // client, already through IAM, sees only the final AuthenticationOk.
+    let after_login =
+        match upstream::login(&mut backend, shared.config.backend_password.as_deref()).await? {
+            upstream::Login::Ok(bytes) => bytes,
+            upstream::Login::Refused(error_response) => {
+                client.write_all(&error_response).await?;
+                return Ok(());
+            }
+        };
+    client.write_all(&after_login).await?;
     copy_bidirectional(&mut client, &mut backend).await?;
     Ok(())
 }

@@ -5,6 +5,7 @@ mod auth;
 mod certs;
 mod front;
 mod pause;
+mod upstream;
 
 pub use front::{RdsFront, RdsFrontConfig};
 pub use pause::PauseConfig;

@@ -21,8 +21,9 @@ pub(crate) struct Env {
     pub(crate) backend: SocketAddr,
 }
 
-/// The run's Postgres (container or native, as configured), with the IAM user created.
-pub(crate) async fn backend() -> SocketAddr {
+/// The run's Postgres (container or native, as configured), with the IAM user created
+/// (its password on the backend: the admin's, which the fake front logs in with).
+pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
     let settings = pgharness::Settings::load().expect("settings");
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
         .await
@@ -47,13 +48,31 @@ pub(crate) async fn backend() -> SocketAddr {
             "creating {USER}: {error}"
         );
     }
-    SocketAddr::from(([127, 0, 0, 1], config.get_ports()[0]))
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    if let Some(password) = &password {
+        client
+            // Test processes run this at once: one at a time, or Postgres says "tuple
+            // concurrently updated".
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(7366); ALTER ROLE {USER} PASSWORD '{}'; COMMIT;",
+                password.replace('\'', "''")
+            ))
+            .await
+            .expect("the IAM user's backend password");
+    }
+    (
+        SocketAddr::from(([127, 0, 0, 1], config.get_ports()[0])),
+        password,
+    )
 }
 
 pub(crate) async fn env(configure: impl FnOnce(&mut RdsFrontConfig)) -> Env {
-    let backend = backend().await;
+    let (backend, password) = backend().await;
     let keys = KeyPair::random_temporary();
     let mut config = RdsFrontConfig::new(backend, vec![USER.to_owned()]);
+    config.backend_password = password;
     configure(&mut config);
     let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()])))
         .await

@@ -18,6 +18,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
+use super::secret;
 use crate::connect;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
@@ -125,6 +126,8 @@ pub fn container_name(settings: &Settings, image: &str) -> String {
     hasher.update(image.as_bytes());
     hasher.update([0]);
     hasher.update(settings.max_connections.to_be_bytes());
+    // Containers of older pgharness versions trusted every local user: never join one.
+    hasher.update(b"scram-sha-256");
     format!("pgharness-{}", hex::encode(&hasher.finalize()[..5]))
 }
 
@@ -156,6 +159,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         .await
         .map_err(backend_error)?;
     let name = container_name(settings, &image);
+    let password = secret::local_password(settings)?;
     let mut created = false;
     let port = loop {
         match docker.inspect_container(&name, None).await {
@@ -187,7 +191,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
                         image: image.clone(),
                     },
                 );
-                match create(&docker, settings, &name, &image).await {
+                match create(&docker, settings, &name, &image, &password).await {
                     Ok(()) => created = true,
                     // Another test process won the race: join its container.
                     Err(bollard::errors::Error::DockerResponseServerError {
@@ -208,11 +212,14 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
             }
         }
     };
-    let server = Server::local(BackendKind::Container, port);
+    let server = Server::local(BackendKind::Container, port, &password);
     let what = format!("the Postgres container `{name}`");
     connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what)
         .await
         .map_err(|e| backend_error(format!("{e}; its log: `docker logs {name}`")))?;
+    if created {
+        secret::lower_scram_cost(&server.config(), &password).await?;
+    }
     Ok(server)
 }
 
@@ -234,6 +241,7 @@ async fn create(
     settings: &Settings,
     name: &str,
     image: &str,
+    password: &str,
 ) -> Result<(), bollard::errors::Error> {
     let deadline = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -259,8 +267,10 @@ async fn create(
         image: Some(image.to_owned()),
         cmd: Some(cmd),
         env: Some(vec![
-            // Published on 127.0.0.1 only, so trust never leaves this machine.
-            "POSTGRES_HOST_AUTH_METHOD=trust".to_owned(),
+            // Published on 127.0.0.1 only, and even there only the workspace's user (who
+            // can read target/pgharness/server-password) logs in.
+            "POSTGRES_HOST_AUTH_METHOD=scram-sha-256".to_owned(),
+            format!("POSTGRES_PASSWORD={password}"),
             format!("PGDATA={PGDATA}"),
         ]),
         labels: Some(labels),

@@ -79,7 +79,11 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
         "native" => BackendKind::Native,
         _ => return None,
     };
-    matches.then(|| Server::local(backend, known.port))
+    if !matches {
+        return None;
+    }
+    let password = super::secret::local_password(settings).ok()?;
+    Some(Server::local(backend, known.port, &password))
 }
 
 pub(super) fn forget(settings: &Settings) {

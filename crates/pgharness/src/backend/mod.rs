@@ -5,6 +5,7 @@ pub mod container;
 mod known;
 pub mod native;
 pub mod rds;
+pub mod secret;
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};

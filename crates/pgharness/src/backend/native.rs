@@ -16,6 +16,7 @@ use nix::unistd::User;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::secret;
 use crate::connect;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
@@ -125,13 +126,18 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
     let lock = lock(&paths.lock).await?;
-    let port = match read_state(&paths.state).filter(alive) {
-        Some(state) => state.port,
-        None => start(settings, &bindir, &paths, sink)?,
+    let password = secret::local_password(settings)?;
+    let (port, started) = match read_state(&paths.state).filter(alive) {
+        Some(state) => (state.port, false),
+        None => (start(settings, &bindir, &paths, &password, sink)?, true),
     };
-    let server = Server::local(BackendKind::Native, port);
+    let server = Server::local(BackendKind::Native, port, &password);
     let what = format!("the native Postgres server on 127.0.0.1:{port}");
-    let ready = connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what).await;
+    let mut ready =
+        connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what).await;
+    if started && ready.is_ok() {
+        ready = secret::lower_scram_cost(&server.config(), &password).await;
+    }
     drop(lock);
     ready.map_err(|e| {
         backend_error(format!(
@@ -245,6 +251,7 @@ fn start(
     settings: &Settings,
     bindir: &Path,
     paths: &Paths,
+    password: &str,
     sink: EventSink<'_>,
 ) -> Result<u16, Error> {
     let user = server_user()?;
@@ -266,14 +273,25 @@ fn start(
             data_dir: data.display().to_string(),
         },
     );
+    // TCP on 127.0.0.1 asks for the workspace's password; the Unix socket is in a 0700
+    // directory of the server's user (the idle watchdog's way in), so trust there admits
+    // nobody else.
+    let pwfile = base.join("pwfile");
+    secret::write_private(&pwfile, &format!("{password}\n"))?;
+    if let Some(user) = &user {
+        std::os::unix::fs::chown(&pwfile, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .map_err(|e| Error::io("failed to hand over", &pwfile, e))?;
+    }
     let mut initdb = Command::new(bindir.join("initdb"));
     initdb
         .arg("-D")
         .arg(&data)
+        .arg(format!("--pwfile={}", pwfile.display()))
         .args([
             "-U",
-            "postgres",
-            "--auth=trust",
+            secret::ADMIN_USER,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
             "--encoding=UTF8",
             "--locale=C",
             "--no-sync",
@@ -281,9 +299,9 @@ fn start(
         .current_dir(base)
         .stdin(Stdio::null());
     as_user(&mut initdb, &user);
-    let output = initdb
-        .output()
-        .map_err(|e| Error::io("failed to run", bindir.join("initdb"), e))?;
+    let output = initdb.output();
+    let _ = std::fs::remove_file(&pwfile);
+    let output = output.map_err(|e| Error::io("failed to run", bindir.join("initdb"), e))?;
     if !output.status.success() {
         return Err(backend_error(format!(
             "initdb failed ({}): {}",

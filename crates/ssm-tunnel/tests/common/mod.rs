@@ -16,12 +16,30 @@ pub(crate) struct Env {
     pub(crate) postgres: SocketAddr,
 }
 
+/// The run's Postgres; its admin configuration is kept for clients through the tunnel.
 pub(crate) async fn postgres() -> SocketAddr {
     let settings = pgharness::Settings::load().expect("settings");
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
         .await
         .expect("a Postgres server");
+    let _ = ADMIN.set(server.config());
     SocketAddr::from(([127, 0, 0, 1], server.config().get_ports()[0]))
+}
+
+static ADMIN: std::sync::OnceLock<tokio_postgres::Config> = std::sync::OnceLock::new();
+
+/// A client configuration that logs in as the run's Postgres admin (user, password,
+/// database), for a connection made through the tunnel. Call after [`postgres`].
+pub(crate) fn admin_login() -> tokio_postgres::Config {
+    let admin = ADMIN.get().expect("postgres() first");
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(admin.get_user().unwrap_or("postgres"))
+        .dbname(admin.get_dbname().unwrap_or("postgres"));
+    if let Some(password) = admin.get_password() {
+        config.password(password);
+    }
+    config
 }
 
 pub(crate) async fn env(configure: impl FnOnce(&mut SsmConfig)) -> Env {
@@ -76,13 +94,12 @@ impl Env {
     }
 }
 
-/// Runs `SELECT` over a stream through the tunnel (plain protocol; the local server trusts).
+/// Runs `SELECT` over a stream through the tunnel (plain protocol, the admin's login).
 pub(crate) async fn query_over<S>(stream: S) -> Result<String, tokio_postgres::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut config = tokio_postgres::Config::new();
-    config.user("postgres").dbname("postgres");
+    let config = admin_login();
     let (client, connection) = config.connect_raw(stream, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     let row = client
