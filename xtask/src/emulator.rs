@@ -91,11 +91,17 @@ pub(crate) async fn ensure(
     // which fake-aws logs in with after the IAM check. Nothing else can log in as it.
     let password_file = pgharness::backend::secret::password_file(&local)?;
     let password = std::fs::read_to_string(&password_file)?.trim().to_owned();
-    let password = password.replace('\'', "''");
+    // Its verifier, not the password, goes into SQL (statements reach debug logs).
+    let salt = *uuid::Uuid::new_v4().as_bytes();
+    let verifier = pgharness::backend::secret::scram_verifier(
+        &password,
+        pgharness::backend::secret::SCRAM_ITERATIONS,
+        &salt,
+    );
     // The IAM user as RDS has it: LOGIN, the rds_iam role, CONNECT and CREATE.
     for statement in [
         format!("CREATE ROLE {USER} LOGIN"),
-        format!("ALTER ROLE {USER} PASSWORD '{password}'"),
+        format!("ALTER ROLE {USER} PASSWORD '{verifier}'"),
         "CREATE ROLE rds_iam".to_owned(),
         format!("GRANT rds_iam TO {USER}"),
         format!("GRANT CONNECT, CREATE ON DATABASE postgres TO {USER}"),

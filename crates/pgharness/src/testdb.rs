@@ -113,8 +113,17 @@ impl TestDbBuilder {
         self
     }
 
-    /// Creates the schema, applies migrations and fixtures, and opens the connections.
+    /// Claims a ready schema (or creates one), loads the fixtures, and opens the connections.
     pub async fn build(self) -> Result<TestDb, Error> {
+        // Boxed and type-erased: the steps' nested futures are deep enough that test crates
+        // composing them with rstest fixtures overflowed rustc's query depth.
+        let build: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<TestDb, Error>> + Send>,
+        > = Box::pin(self.build_steps());
+        build.await
+    }
+
+    async fn build_steps(self) -> Result<TestDb, Error> {
         let started = Instant::now();
         let settings = match self.settings.clone() {
             Some(settings) => settings,

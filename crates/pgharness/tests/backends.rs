@@ -307,3 +307,48 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
     );
     backend::stop(&settings, BackendKind::Native).await.unwrap();
 }
+
+/// Everything logged at any level, for the test that greps it for secrets.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn starting_and_joining_a_container_logs_no_password_at_any_level() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .init();
+    let settings = isolated_settings(BackendKind::Container, "secret-logs");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("the container starts");
+    // Joining inspects the container, whose environment carries the password.
+    backend::ensure(&settings, &log_only).await.expect("joins");
+    assert!(backend::is_running(&settings, BackendKind::Container).await);
+    let password = String::from_utf8_lossy(server.config().get_password().unwrap()).into_owned();
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        !logs.is_empty(),
+        "nothing was captured: the check would prove nothing"
+    );
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(&password)).collect();
+    assert!(
+        leaks.is_empty(),
+        "the password reached the logs: {leaks:#?}"
+    );
+}

@@ -46,6 +46,15 @@ fn backend_error(message: impl Into<String>) -> Error {
     }
 }
 
+/// Runs Docker calls with logging off: bollard logs request bodies and decoded responses at
+/// DEBUG, and the container's environment carries the server's password.
+async fn quiet<F: std::future::Future>(future: F) -> F::Output {
+    use tracing::instrument::WithSubscriber;
+    future
+        .with_subscriber(tracing::subscriber::NoSubscriber::default())
+        .await
+}
+
 /// Connects to the Docker daemon (`DOCKER_HOST` or the default socket) and agrees on an
 /// API version both sides speak.
 pub async fn docker() -> Result<Docker, String> {
@@ -133,6 +142,10 @@ pub fn container_name(settings: &Settings, image: &str) -> String {
 
 /// Whether this workspace's container exists and runs (never pulls or creates anything).
 pub async fn is_running(settings: &Settings) -> bool {
+    quiet(is_running_unlogged(settings)).await
+}
+
+async fn is_running_unlogged(settings: &Settings) -> bool {
     let Ok(docker) = docker().await else {
         return false;
     };
@@ -154,6 +167,10 @@ pub async fn is_running(settings: &Settings) -> bool {
 /// Starts the shared container, or joins it if it exists, and waits until Postgres
 /// answers `SELECT 1`.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
+    quiet(ensure_unlogged(settings, sink)).await
+}
+
+async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
     let docker = docker().await.map_err(backend_error)?;
     let image = resolve_image(&docker, settings)
         .await
@@ -313,6 +330,10 @@ fn published_port(info: &bollard::models::ContainerInspectResponse) -> Option<u1
 
 /// Removes this workspace's container (for `cargo xtask down`).
 pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
+    quiet(stop_unlogged(settings)).await
+}
+
+async fn stop_unlogged(settings: &Settings) -> Result<Vec<String>, Error> {
     let docker = docker().await.map_err(backend_error)?;
     let mut removed = Vec::new();
     for summary in managed(&docker).await? {
@@ -328,6 +349,10 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
 
 /// Removes every pgharness container whose deadline label has passed (for `cargo xtask reap`).
 pub async fn reap_expired() -> Result<Vec<String>, Error> {
+    quiet(reap_expired_unlogged()).await
+}
+
+async fn reap_expired_unlogged() -> Result<Vec<String>, Error> {
     let docker = docker().await.map_err(backend_error)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -14,10 +14,9 @@ use crate::settings::Settings;
 /// The user pgharness' local servers are administered as.
 pub(crate) const ADMIN_USER: &str = "postgres";
 
-/// SCRAM iterations for the servers' passwords where Postgres allows choosing (16+): the
-/// password is 122 random bits, so key stretching buys nothing and would cost every
-/// connection a few milliseconds.
-pub(crate) const SCRAM_ITERATIONS: u32 = 16;
+/// SCRAM iterations of the servers' passwords: the password is 244 random bits, so key
+/// stretching buys nothing, and 4096 iterations cost every connection ~2 ms.
+pub const SCRAM_ITERATIONS: u32 = 16;
 
 fn password_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("server-password")
@@ -82,32 +81,84 @@ pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), Error> {
         .map_err(|e| Error::io("failed to write", path, e))
 }
 
-/// On a server just started, stores the admin password with [`SCRAM_ITERATIONS`] where
-/// the server lets us choose (Postgres 16 and later); older servers keep 4096.
+/// A SCRAM-SHA-256 verifier for `password` (RFC 5802/7677, as Postgres stores it): what
+/// `ALTER ROLE … PASSWORD` is given, so that the password itself never travels in SQL,
+/// where a client's debug log or the server's error log could keep it.
+pub fn scram_verifier(password: &str, iterations: u32, salt: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    type HmacSha256 = Hmac<Sha256>;
+    let hmac = |key: &[u8], data: &[u8]| {
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key");
+        mac.update(data);
+        mac.finalize().into_bytes()
+    };
+    // Hi(): PBKDF2-HMAC-SHA-256 with one block.
+    let mut block = salt.to_vec();
+    block.extend_from_slice(&1u32.to_be_bytes());
+    let mut u = hmac(password.as_bytes(), &block);
+    let mut salted = u;
+    for _ in 1..iterations {
+        u = hmac(password.as_bytes(), &u);
+        for (s, x) in salted.iter_mut().zip(u.iter()) {
+            *s ^= x;
+        }
+    }
+    let client_key = hmac(&salted, b"Client Key");
+    let stored_key = Sha256::digest(client_key);
+    let server_key = hmac(&salted, b"Server Key");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key),
+        b64.encode(server_key)
+    )
+}
+
+/// On a server just started, stores the admin password's verifier with
+/// [`SCRAM_ITERATIONS`] (initdb and the image's entrypoint store 4096; a verifier carries
+/// its iteration count, so every version accepts one made here). Logging is off while it
+/// runs (the client logs statements at DEBUG).
 pub(crate) async fn lower_scram_cost(
     config: &tokio_postgres::Config,
     password: &str,
 ) -> Result<(), Error> {
+    use tracing::instrument::WithSubscriber;
     let config = config.clone();
-    let password = password.to_owned();
-    crate::driver::run(async move {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await?
-            .get(0);
-        if version >= 160000 {
-            let literal = crate::script::quote_literal(&password);
+    let salt = *uuid::Uuid::new_v4().as_bytes();
+    let literal = crate::script::quote_literal(&scram_verifier(password, SCRAM_ITERATIONS, &salt));
+    crate::driver::run(
+        async move {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
             client
-                .batch_execute(&format!(
-                    "SET scram_iterations = {SCRAM_ITERATIONS};
-                     ALTER ROLE {ADMIN_USER} PASSWORD {literal};"
-                ))
-                .await?;
+                .batch_execute(&format!("ALTER ROLE {ADMIN_USER} PASSWORD {literal}"))
+                .await
         }
-        Ok::<_, tokio_postgres::Error>(())
-    })
+        .with_subscriber(tracing::subscriber::NoSubscriber::default()),
+    )
     .await
     .map_err(|e| Error::postgres("failed to store the server's password", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verifier_matches_rfc_7677s_example_construction() {
+        // RFC 7677's example password and salt at 4096 iterations. That Postgres accepts
+        // verifiers made here is proven by every login to a container (Postgres 17).
+        use base64::Engine;
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+            .unwrap();
+        let verifier = scram_verifier("pencil", 4096, &salt);
+        assert_eq!(
+            verifier,
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+    }
 }
