@@ -124,11 +124,26 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
     eprintln!(
         "xtask ci: up --backend rds --emulated, then plain cargo nextest and psql, then down"
     );
-    let up = xtask(&["up", "--backend", "rds", "--emulated"]).status()?;
+    // At TRACE: no log may hold the session token, and logs are the owner's alone.
+    let up = xtask(&["up", "--backend", "rds", "--emulated"])
+        .env("XTASK_LOG", "trace")
+        .status()?;
     if !up.success() {
         bail!("`cargo xtask up --backend rds --emulated` failed");
     }
     let settings = crate::settings(None)?;
+    for name in ["rds-proxy.log", "emulator.log", "emulator.env", "env"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = settings.state_dir.join(name);
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            bail!("{} has mode {mode:o}, not 600", path.display());
+        }
+        let text = std::fs::read_to_string(&path)?;
+        if let Some(line) = text.lines().find(|l| l.contains("TokenValue\\\":\\\"") || l.contains("\"TokenValue\":\"")) {
+            bail!("{} holds a session token: {}", path.display(), &line[..line.len().min(200)]);
+        }
+    }
     let outcome = async {
         let nextest =
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

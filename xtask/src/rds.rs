@@ -188,7 +188,7 @@ pub(crate) async fn up(
         return Ok(Up { started_emulator });
     }
     let progress = Progress::start("starting the RDS proxy");
-    let log = std::fs::File::create(settings.state_dir.join("rds-proxy.log"))?;
+    let log = crate::private_file(&settings.state_dir.join("rds-proxy.log"))?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .arg("__rds-proxy")

@@ -170,7 +170,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let text = lines.join("\n") + "\n";
     if let Some(path) = &cli.env_file {
-        std::fs::write(path, &text)
+        // It holds the test credentials' secret key: only its owner reads it.
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut file = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
     use std::io::Write;

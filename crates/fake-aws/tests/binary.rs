@@ -58,6 +58,9 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
         std::fs::read_to_string(&env_file).unwrap(),
         lines.join("\n") + "\n"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the env file holds a secret key");
     for key in [
         "FAKE_AWS_PID",
         "FAKE_AWS_RDS_ADDR",

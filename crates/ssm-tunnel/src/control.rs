@@ -1,7 +1,11 @@
 //! The control plane: StartSession, ResumeSession and TerminateSession through aws-sdk-ssm
 //! (endpoint, region and credentials from aws-config, so `AWS_ENDPOINT_URL_SSM` works).
+//! StartSession and ResumeSession run with logging off: the SDK logs response bodies at
+//! TRACE, and theirs carry the session token.
 
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
+use tracing::instrument::WithSubscriber;
+use tracing::subscriber::NoSubscriber;
 
 use crate::error::Error;
 
@@ -97,6 +101,7 @@ pub async fn start(
     }
     let output = request
         .send()
+        .with_subscriber(NoSubscriber::default())
         .await
         .map_err(|e| api_error("StartSession", e))?;
     Ok(SessionGrant {
@@ -112,6 +117,7 @@ pub async fn resume(client: &aws_sdk_ssm::Client, session_id: &str) -> Result<Se
         .resume_session()
         .session_id(session_id)
         .send()
+        .with_subscriber(NoSubscriber::default())
         .await
         .map_err(|e| api_error("ResumeSession", e))?;
     Ok(SessionGrant {

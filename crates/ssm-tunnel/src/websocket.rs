@@ -6,6 +6,7 @@ use futures_util::SinkExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tracing::instrument::WithSubscriber;
 
 use crate::error::Error;
 use ssm_proto::payload::OpenDataChannel;
@@ -25,7 +26,8 @@ fn tls() -> Result<Connector, Error> {
     Ok(Connector::Rustls(Arc::new(config)))
 }
 
-/// Connects to `url` and sends the open frame with `token`.
+/// Connects to `url` and sends the open frame with `token` (with logging off while it is
+/// sent).
 pub(crate) async fn open(
     url: &str,
     token: &str,
@@ -52,7 +54,9 @@ pub(crate) async fn open(
     ws.send(Message::Ping(b"keepalive".to_vec().into()))
         .await
         .map_err(|e| Error::Channel(e.to_string()))?;
+    // tungstenite logs every frame at TRACE, and this one carries the session token.
     ws.send(Message::Text(text.into()))
+        .with_subscriber(tracing::subscriber::NoSubscriber::default())
         .await
         .map_err(|e| Error::Channel(e.to_string()))?;
     Ok(ws)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::instrument::WithSubscriber;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -279,7 +280,12 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
     // The first data frame is a text frame: the open-data-channel request with the token.
     // Pings (the official client sends one on open) may come before it.
     let first_text = async {
-        while let Some(message) = stream.next().await {
+        // tungstenite logs every message it reads at TRACE, and this one carries the token.
+        while let Some(message) = stream
+            .next()
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
+            .await
+        {
             match message {
                 Ok(WsMessage::Text(text)) => {
                     let parsed = serde_json::from_str::<OpenDataChannel>(text.as_str());

@@ -166,6 +166,16 @@ impl SsmService {
         records
     }
 
+    /// The session tokens currently valid (for tests that check no log carries one).
+    pub fn current_tokens(&self) -> Vec<String> {
+        let sessions = self
+            .state
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sessions.values().map(|s| s.token.clone()).collect()
+    }
+
     /// Sessions not yet ended.
     pub fn open_sessions(&self) -> usize {
         self.sessions().iter().filter(|s| !s.ended).count()
