@@ -140,8 +140,15 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
             bail!("{} has mode {mode:o}, not 600", path.display());
         }
         let text = std::fs::read_to_string(&path)?;
-        if let Some(line) = text.lines().find(|l| l.contains("TokenValue\\\":\\\"") || l.contains("\"TokenValue\":\"")) {
-            bail!("{} holds a session token: {}", path.display(), &line[..line.len().min(200)]);
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("TokenValue\\\":\\\"") || l.contains("\"TokenValue\":\""))
+        {
+            bail!(
+                "{} holds a session token: {}",
+                path.display(),
+                &line[..line.len().min(200)]
+            );
         }
     }
     let outcome = async {

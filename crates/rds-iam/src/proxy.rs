@@ -131,6 +131,11 @@ impl Drop for Proxy {
     }
 }
 
+/// How long a client has to send its startup message and authenticate, as Postgres's own
+/// `authentication_timeout` (60 s there): a connection that does not is closed, and until it
+/// has authenticated it does not count as a session (nor keep the proxy from its idle stop).
+pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Starts a proxy on `listener` (bind 127.0.0.1:0 for an ephemeral port).
 pub fn serve(
     listener: TcpListener,
@@ -165,13 +170,18 @@ pub fn serve(
                 dialer.clone(),
                 tokens.clone(),
             );
-            counted.sessions.fetch_add(1, Ordering::Relaxed);
-            let in_flight = InFlight(counted.clone());
+            let counted = counted.clone();
             tokio::spawn(async move {
-                let _in_flight = in_flight;
-                if let Err(error) =
-                    session(client, &target, &verifier, dialer.as_ref(), &tokens).await
-                {
+                let result = session(
+                    client,
+                    &target,
+                    &verifier,
+                    dialer.as_ref(),
+                    &tokens,
+                    &counted,
+                )
+                .await;
+                if let Err(error) = result {
                     tracing::info!(%peer, %error, "proxy: session ended with an error");
                 }
             });
@@ -201,8 +211,41 @@ async fn session(
     verifier: &ScramVerifier,
     dialer: &dyn Dialer,
     tokens: &TokenCache,
+    activity: &Arc<Activity>,
 ) -> Result<(), Error> {
     client.set_nodelay(true).ok();
+    let login = tokio::time::timeout(
+        AUTHENTICATION_TIMEOUT,
+        authenticate(&mut client, target, verifier, dialer),
+    )
+    .await;
+    let params = match login {
+        Ok(Ok(Some(params))) => params,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return refuse(
+                &mut client,
+                "08P01",
+                "authentication timed out (no login within 10 s)",
+            )
+            .await;
+        }
+    };
+    activity.sessions.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(activity.clone());
+    relay(client, target, params, dialer, tokens).await
+}
+
+/// The client's startup and SCRAM login; `None` when it was answered already (refused,
+/// or a cancel request forwarded).
+async fn authenticate(
+    client: &mut TcpStream,
+    target: &RdsTarget,
+    verifier: &ScramVerifier,
+    dialer: &dyn Dialer,
+) -> Result<Option<Vec<(String, String)>>, Error> {
+    let mut client = client;
     let protocol = |e: wire::WireError| Error::Protocol(e.to_string());
     let params = loop {
         match wire::read_startup(&mut client).await.map_err(protocol)? {
@@ -211,7 +254,9 @@ async fn session(
                 .write_all(b"N")
                 .await
                 .map_err(|e| Error::io("failed to answer the client", e))?,
-            Startup::Cancel(packet) => return forward_cancel(target, dialer, &packet).await,
+            Startup::Cancel(packet) => {
+                return forward_cancel(target, dialer, &packet).await.map(|()| None);
+            }
             Startup::Startup(params) => break params,
         }
     };
@@ -225,16 +270,28 @@ async fn session(
             "this proxy logs in as \"{}\"; connect as that user (not \"{user}\")",
             target.endpoint.user
         );
-        return refuse(&mut client, "28000", &message).await;
+        return refuse(client, "28000", &message).await.map(|()| None);
     }
     if !scram::authenticate(&mut client, verifier).await? {
         return refuse(
-            &mut client,
+            client,
             "28P01",
             &format!("password authentication failed for user \"{user}\""),
         )
-        .await;
+        .await
+        .map(|()| None);
     }
+    Ok(Some(params))
+}
+
+/// After the login: the upstream session, and the relay.
+async fn relay(
+    mut client: TcpStream,
+    target: &RdsTarget,
+    params: Vec<(String, String)>,
+    dialer: &dyn Dialer,
+    tokens: &TokenCache,
+) -> Result<(), Error> {
     let mut params = params;
     if let Some(database) = params
         .iter()
@@ -285,4 +342,59 @@ async fn forward_cancel(
         .map_err(|e| Error::io("failed to forward a cancel request", e))?;
     upstream.shutdown().await.ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::StaticCredentials;
+    use crate::{TcpDialer, TlsPolicy, TokenRequest};
+    use tokio::io::AsyncReadExt;
+
+    /// A proxy whose upstream is never dialed (no client gets that far).
+    async fn proxy() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = RdsTarget {
+            endpoint: TokenRequest::new(
+                "db.cluster-x.eu-west-2.rds.amazonaws.com",
+                5432,
+                "app_iam",
+                Some("eu-west-2"),
+            )
+            .unwrap(),
+            database: "app".into(),
+            tls: crate::tls::client_config(&TlsPolicy::InsecureAcceptAnyCertificate).unwrap(),
+            wake_deadline: Duration::from_secs(1),
+        };
+        let credentials =
+            aws_credential_types::Credentials::new("AKID", "secret", None, None, "test");
+        serve(
+            listener,
+            target,
+            ProxyPassword::random(),
+            Arc::new(TcpDialer::new("127.0.0.1:9")),
+            Arc::new(TokenCache::new(Arc::new(StaticCredentials(credentials)))),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_that_never_log_in_are_closed_and_never_count_as_sessions() {
+        let proxy = proxy().await;
+        let mut idle = Vec::new();
+        for _ in 0..50 {
+            idle.push(TcpStream::connect(proxy.local_addr()).await.unwrap());
+        }
+        // Connected, but not logged in: not sessions, so the idle stop still counts.
+        tokio::task::yield_now().await;
+        assert_eq!(proxy.active_sessions(), 0);
+        // The paused clock runs on while every task waits: each is closed after the timeout.
+        for mut client in idle {
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.contains("authentication timed out"), "{text:?}");
+        }
+        assert_eq!(proxy.active_sessions(), 0);
+    }
 }
