@@ -270,10 +270,21 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
                 Err(error) => report.fail("privileges", &error, "check the database user"),
             }
         }
-        Err(error) => report.fail(
+        // Each failure names its own cause.
+        Err(error) if error.is_certificate_rejected() => report.fail(
+            "TLS certificate",
+            &error,
+            "the certificate is not for [rds] host, or not from [rds] ca_bundle: set host to the cluster endpoint's name (not an IP or a CNAME) and ca_bundle to the RDS bundle of its region",
+        ),
+        Err(error) if error.is_login_refused() => report.fail(
             "IAM login",
             &error,
             "check the user's rds_iam grant and the IAM policy (`cargo xtask rds grant-sql`)",
+        ),
+        Err(error) => report.fail(
+            "connection",
+            &error,
+            "check that the endpoint is reachable (the SSM target and its security group, or your network)",
         ),
     }
     if let Some(tunnel) = tunnel {

@@ -60,6 +60,10 @@ async fn an_expired_token_is_refused_with_the_rds_error() {
         .expect_err("refused");
     assert_eq!(error.code(), Some("28000"), "{error}");
     assert!(
+        error.is_login_refused() && !error.is_certificate_rejected(),
+        "{error}"
+    );
+    assert!(
         error
             .to_string()
             .contains(&format!("PAM authentication failed for user \"{USER}\"")),
@@ -130,6 +134,9 @@ async fn a_certificate_for_another_name_is_refused_at_once() {
         text.to_lowercase().contains("certificate") || text.contains("NotValidForName"),
         "{text}"
     );
+    // Told apart from a refused login: `doctor` blames the certificate, not the grant.
+    assert!(error.is_certificate_rejected(), "{text}");
+    assert!(!error.is_login_refused(), "{text}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(env.front.logins(), 0);
 }

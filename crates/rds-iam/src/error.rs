@@ -88,6 +88,30 @@ impl Error {
         }
     }
 
+    /// Whether the TLS handshake rejected the server's certificate (a name other than the
+    /// endpoint's, an unknown CA, an expired certificate): a TLS or endpoint setting is
+    /// wrong, not the login.
+    pub fn is_certificate_rejected(&self) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = next {
+            if let Some(rustls_error) = as_rustls(error) {
+                return matches!(rustls_error, rustls::Error::InvalidCertificate(_));
+            }
+            next = error.source();
+        }
+        false
+    }
+
+    /// Whether the server refused the login itself (28000 invalid authorization, 28P01
+    /// password): an expired or rejected token, a missing `rds_iam` grant or IAM policy.
+    pub fn is_login_refused(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        self.code().is_some_and(|code| {
+            code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code()
+                || code == SqlState::INVALID_PASSWORD.code()
+        })
+    }
+
     /// The SQLSTATE of a server refusal, if this is one.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -96,6 +120,18 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// A rustls error, also where tokio-rustls wrapped it in an `io::Error` (whose `source()`
+/// skips the wrapped error itself).
+fn as_rustls<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(rustls_error) = error.downcast_ref::<rustls::Error>() {
+        return Some(rustls_error);
+    }
+    error
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 fn describe_db(error: &tokio_postgres::Error) -> String {
