@@ -28,6 +28,9 @@ pub(crate) struct Test {
     pub(crate) nextest_args: Vec<String>,
 }
 
+/// What `cargo xtask test --backend rds` runs when given no nextest arguments.
+const RDS_DEFAULT_ARGS: &[&str] = &["--workspace", "-E", "not (package(pgharness) & kind(test))"];
+
 impl Test {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         let settings = crate::settings(self.backend)?;
@@ -83,6 +86,32 @@ impl Test {
 
     /// up (proxy, tunnel, and the emulator if asked) → nextest → down, whatever happens.
     async fn run_rds(&self, settings: Settings) -> anyhow::Result<ExitCode> {
+        let selects = self.nextest_args.iter().any(|a| {
+            [
+                "-p",
+                "--package",
+                "--workspace",
+                "-E",
+                "--filterset",
+                "--all",
+            ]
+            .contains(&a.as_str())
+                || a.starts_with("--package=")
+                || a.starts_with("-E")
+        });
+        if !selects {
+            eprintln!(
+                "xtask: the rds backend runs the workspace without pgharness' own integration tests \
+                 (they need an admin on a server pgharness starts: `cargo xtask test` runs them)"
+            );
+            let mut test = self.clone();
+            test.nextest_args = RDS_DEFAULT_ARGS
+                .iter()
+                .map(|s| s.to_string())
+                .chain(self.nextest_args.iter().cloned())
+                .collect();
+            return Box::pin(test.run_rds(settings)).await;
+        }
         // StartSession calls before this run (an emulator may already be running).
         let before = crate::emulator::running(&settings)
             .and_then(|v| crate::emulator::stats(&v).ok())

@@ -70,6 +70,21 @@ pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<Backend
         "url".to_owned(),
         "PGHARNESS_URL is not set (set it to use an existing server)".to_owned(),
     ));
+    resolve_local_after(settings, sink, attempts).await
+}
+
+/// The local backend `auto` would pick (a container if Docker answers, else the Postgres
+/// binaries), whatever the settings say otherwise: for tests and tools that need an admin
+/// on a server pgharness starts (they create roles), also in a run of the rds backend.
+pub async fn resolve_local(settings: &Settings, sink: EventSink<'_>) -> Result<BackendKind, Error> {
+    resolve_local_after(settings, sink, Vec::new()).await
+}
+
+async fn resolve_local_after(
+    settings: &Settings,
+    sink: EventSink<'_>,
+    mut attempts: Vec<(String, String)>,
+) -> Result<BackendKind, Error> {
     emit(
         sink,
         Event::Probing {

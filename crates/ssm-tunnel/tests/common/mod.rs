@@ -18,7 +18,13 @@ pub(crate) struct Env {
 
 /// The run's Postgres; its admin configuration is kept for clients through the tunnel.
 pub(crate) async fn postgres() -> SocketAddr {
-    let settings = pgharness::Settings::load().expect("settings");
+    let mut settings = pgharness::Settings::load().expect("settings");
+    // An admin on a local server, also in a run of the rds backend: these tests create roles
+    // and point the fakes at the server themselves.
+    settings.url = None;
+    settings.backend = pgharness::backend::resolve_local(&settings, &pgharness::events::log_only)
+        .await
+        .expect("a local backend");
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
         .await
         .expect("a Postgres server");
