@@ -49,8 +49,7 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn xtask(args: &[&str]) -> std::process::Command {
-    let mut command =
-        std::process::Command::new(std::env::current_exe().unwrap_or_else(|_| "xtask".into()));
+    let mut command = std::process::Command::new(crate::self_exe());
     command.current_dir(crate::project_root()).args(args);
     command
 }

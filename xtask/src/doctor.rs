@@ -46,7 +46,7 @@ impl Doctor {
                         report.pass("emulator", "fake-aws is running");
                         // The checks run in a child with the emulator's environment, as the
                         // RDS proxy of `up --emulated` does.
-                        let status = std::process::Command::new(std::env::current_exe()?)
+                        let status = std::process::Command::new(crate::self_exe())
                             .args(["doctor", "--backend", "rds"])
                             .envs(crate::emulator::client_env(&values))
                             .status()?;

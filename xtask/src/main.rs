@@ -105,6 +105,17 @@ pub(crate) fn settings(backend: Option<BackendKind>) -> anyhow::Result<pgharness
     Ok(settings)
 }
 
+/// This very program, to start another xtask process (the RDS proxy, `ci`'s checks): a
+/// build during the run (tests of xtask build its binary) replaces the file, after which
+/// `current_exe()` names a deleted path, while `/proc/self/exe` still runs this image.
+pub(crate) fn self_exe() -> PathBuf {
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    if proc_exe.exists() {
+        return proc_exe;
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xtask"))
+}
+
 /// Creates (or empties) a file only its owner may read: logs of processes that handle
 /// secrets are 0600 even though nothing secret should reach them.
 pub(crate) fn private_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {

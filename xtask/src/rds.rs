@@ -189,7 +189,7 @@ pub(crate) async fn up(
     }
     let progress = Progress::start("starting the RDS proxy");
     let log = crate::private_file(&settings.state_dir.join("rds-proxy.log"))?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
+    let mut command = std::process::Command::new(crate::self_exe());
     command
         .arg("__rds-proxy")
         .stdin(Stdio::null())
