@@ -185,6 +185,131 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether this workspace's native server or container runs.
+async fn local_server_runs() -> anyhow::Result<bool> {
+    let settings = crate::settings(None)?;
+    for kind in [BackendKind::Native, BackendKind::Container] {
+        let mut settings = settings.clone();
+        settings.backend = kind;
+        if pgharness::backend::is_running(&settings, kind).await {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// A failing test's kept schema: the psql line `cargo xtask test` prints works after the
+/// run has ended (the server stays up for it), as printed.
+async fn kept_schema_check() -> anyhow::Result<()> {
+    eprintln!(
+        "xtask ci: a failing test keeps its schema; its printed psql line works after the run"
+    );
+    xtask(&["down"]).output()?;
+    let run = xtask(&[
+        "test",
+        "--backend",
+        "native",
+        "-p",
+        "pgharness-bench-suite",
+        "--run-ignored",
+        "only",
+        "-E",
+        "test(fails_on_purpose_keeping_its_schema)",
+    ])
+    .output()?;
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    if run.status.success() {
+        bail!("the failing test passed:\n{stderr}");
+    }
+    let command = stderr
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("kept ")?
+                .split_once("): ")
+                .map(|(_, c)| c.to_owned())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no kept-schema line in the summary:\n{stderr}"))?;
+    let psql = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command} -XAtc 'SELECT note FROM marker'"))
+        .env_remove("PGPASSWORD")
+        .output()?;
+    let answer = String::from_utf8_lossy(&psql.stdout).trim().to_owned();
+    xtask(&["down"]).output()?;
+    if answer != "kept" {
+        bail!(
+            "the printed line `{command}` did not work after the run: {}",
+            String::from_utf8_lossy(&psql.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Two `cargo xtask test` runs in one workspace at once both pass, and the last to end
+/// stops the server.
+async fn overlapping_runs_check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: two overlapping `cargo xtask test` runs in one workspace");
+    xtask(&["down"]).output()?;
+    let start = |delay: &str| {
+        // The second starts while the first runs: it joins the first one's server.
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("sleep {delay}; exec \"$0\" \"$@\""))
+            .arg(crate::self_exe())
+            .args(["test", "--backend", "native", "-p", "todo-app"])
+            .current_dir(crate::project_root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let first = start("0")?;
+    let second = start("1")?;
+    let (first, second) = (first.wait_with_output()?, second.wait_with_output()?);
+    for (name, run) in [("first", &first), ("second", &second)] {
+        if !run.status.success() {
+            bail!(
+                "the {name} of two overlapping runs failed:\n{}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+    }
+    if local_server_runs().await? {
+        bail!("the last run to end left the server running");
+    }
+    Ok(())
+}
+
+/// An emulated RDS run stops the Postgres it started for the emulator.
+async fn emulated_run_stops_its_postgres_check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: an emulated RDS run stops the Postgres it started for the emulator");
+    xtask(&["down"]).output()?;
+    let run = xtask(&[
+        "test",
+        "--backend",
+        "rds",
+        "--emulated",
+        "-p",
+        "todo-app",
+        "-E",
+        "test(sequences_start_fresh)",
+    ])
+    .output()?;
+    if !run.status.success() {
+        bail!(
+            "the emulated run failed:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    if local_server_runs().await? {
+        bail!(
+            "the emulated run left its Postgres running:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// The GitHub Actions workflow passes actionlint.
 fn actionlint() -> anyhow::Result<()> {
     eprintln!("xtask ci: actionlint .github/workflows/ci.yml");
@@ -226,6 +351,9 @@ impl Ci {
         doctor_checks().await?;
         interrupt_check().await?;
         up_then_plain_tools_check().await?;
+        kept_schema_check().await?;
+        overlapping_runs_check().await?;
+        emulated_run_stops_its_postgres_check().await?;
         // Every test of the workspace on a container.
         tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
         // The example suite on the native backend, 32 tests at once against

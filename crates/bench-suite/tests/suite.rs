@@ -56,3 +56,22 @@ mod plain {
         p36, p37, p38, p39,
     );
 }
+
+/// A test that fails on purpose after writing a row, for `cargo xtask ci`'s check that the
+/// kept schema's printed psql line works after the run has ended.
+mod keeps {
+    use pgharness::{TestDb, test_db};
+    use rstest::rstest;
+
+    #[rstest]
+    #[tokio::test]
+    #[ignore = "run by cargo xtask ci's kept-schema check"]
+    async fn fails_on_purpose_keeping_its_schema(#[future] test_db: TestDb) {
+        let db = test_db.await;
+        db.client()
+            .batch_execute("CREATE TABLE marker (note text); INSERT INTO marker VALUES ('kept')")
+            .await
+            .unwrap();
+        panic!("failing on purpose: the schema is kept");
+    }
+}
