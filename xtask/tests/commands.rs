@@ -105,3 +105,31 @@ fn a_copied_checkout_starts_and_stops_its_own_servers_only() {
     assert_eq!(native_states(original), before);
     std::fs::remove_dir_all(&copy).unwrap();
 }
+
+#[test]
+fn up_on_a_url_server_that_refuses_fails_at_once_and_never_says_ready() {
+    let copy = copied_checkout("url");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let up = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(&copy)
+        .env("CARGO_MANIFEST_DIR", copy.join("xtask"))
+        .env(
+            "PGHARNESS_URL",
+            format!("postgres://app:s3cret@127.0.0.1:{port}/app"),
+        )
+        .env_remove("PGHARNESS_BACKEND")
+        .args(["up", "--backend", "url"])
+        .output()
+        .expect("xtask runs");
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(!up.status.success(), "{stderr}");
+    assert!(!stderr.contains("postgres ready"), "{stderr}");
+    assert!(
+        stderr.contains("PGHARNESS_URL") && stderr.contains(&port.to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    std::fs::remove_dir_all(&copy).unwrap();
+}
