@@ -71,6 +71,8 @@ pub(crate) struct SessionTask {
     pub(crate) target: String,
     pub(crate) host: String,
     pub(crate) port: u16,
+    /// The handshake's Properties: the StartSession parameters and the forwarding type.
+    pub(crate) properties: serde_json::Map<String, serde_json::Value>,
     pub(crate) config: SsmConfig,
     pub(crate) attach: mpsc::UnboundedReceiver<Attachment>,
     pub(crate) control: mpsc::UnboundedReceiver<Control>,
@@ -387,11 +389,7 @@ impl SessionTask {
                             action_type: "SessionType".into(),
                             action_parameters: serde_json::json!({
                                 "SessionType": "Port",
-                                "Properties": {
-                                    "portNumber": self.port.to_string(),
-                                    "type": "LocalPortForwarding",
-                                    "host": self.host,
-                                },
+                                "Properties": self.properties,
                             }),
                         }],
                     };

@@ -155,6 +155,20 @@ fn start_session(state: &Arc<State>, input: &Value) -> Response {
     let Some(port) = first("portNumber").and_then(|p| p.parse::<u16>().ok()) else {
         return error("InvalidParameters", "portNumber must be a port number");
     };
+    // The document's parameters, as the agent hands them to the client in the handshake
+    // (§5): every one given, each as its first value, a string.
+    let mut properties = serde_json::Map::new();
+    if let Some(parameters) = input["Parameters"].as_object() {
+        for (name, values) in parameters {
+            if let Some(value) = values[0].as_str() {
+                properties.insert(name.clone(), Value::String(value.to_owned()));
+            }
+        }
+    }
+    if document == "AWS-StartPortForwardingSession" {
+        properties.insert("host".into(), Value::String(host.clone()));
+    }
+    properties.insert("type".into(), Value::String("LocalPortForwarding".into()));
     let id = format!("pgharness-{}", random_hex(9));
     let token = random_hex(32);
     let (attach_tx, attach_rx) = mpsc::unbounded_channel();
@@ -188,6 +202,7 @@ fn start_session(state: &Arc<State>, input: &Value) -> Response {
         target,
         host,
         port,
+        properties,
         config,
         attach: attach_rx,
         control: control_rx,
