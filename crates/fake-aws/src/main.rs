@@ -73,9 +73,49 @@ struct Cli {
     /// Turn off the agent's 1 ms pacing per message.
     #[arg(long)]
     no_pacing: bool,
-    /// Loss, duplication and reordering probability on the data channel (e.g. 0.05).
-    #[arg(long, default_value_t = 0.0)]
+    /// Loss, duplication and reordering probability on the data channel (e.g. 0.05); each
+    /// can also be set alone below.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
     faults: f64,
+    /// Probability that a data-channel message is dropped (overrides --faults).
+    #[arg(long, value_parser = parse_probability)]
+    loss: Option<f64>,
+    /// Probability that a data-channel message is delivered twice (overrides --faults).
+    #[arg(long, value_parser = parse_probability)]
+    duplicate: Option<f64>,
+    /// Probability that a data-channel message is held back 1–40 ms (overrides --faults).
+    #[arg(long, value_parser = parse_probability)]
+    reorder: Option<f64>,
+    /// Close the first websocket of each session with `1000 Bye` after this long (the
+    /// service's hourly close; the client must resume).
+    #[arg(long, value_parser = parse_duration)]
+    bye_after: Option<Duration>,
+    /// Close the first websocket of each session with `1000 Bye` after this many bytes
+    /// from the client.
+    #[arg(long)]
+    bye_after_bytes: Option<u64>,
+    /// Wait this long before sending the handshake request.
+    #[arg(long, value_parser = parse_duration)]
+    slow_handshake: Option<Duration>,
+    /// Sessions with no data for this long end with `channel_closed` (AWS: 20m).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// StartSession answers this error instead (`TargetNotConnected`, `AccessDeniedException`, …).
+    #[arg(long)]
+    refuse_start: Option<String>,
+    /// Outbound payloads split into chunks of at most this many bytes (the agent: 1024).
+    #[arg(long)]
+    chunk_size: Option<usize>,
+}
+
+/// A probability, 0 to 1.
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "`{text}` is not a probability between 0 and 1 (e.g. 0.05)"
+        )),
+    }
 }
 
 /// humantime's durations (`30s`, `15m`, `1h`) or bare seconds; errors, never panics, on
@@ -139,11 +179,21 @@ async fn main() -> anyhow::Result<()> {
             .insert(front.hostname().to_owned(), front.local_addr());
         config.faults = Faults {
             latency: cli.rtt.map_or(Duration::ZERO, |rtt| rtt / 2),
-            loss: cli.faults,
-            duplicate: cli.faults,
-            reorder: cli.faults,
-            ..Faults::default()
+            loss: cli.loss.unwrap_or(cli.faults),
+            duplicate: cli.duplicate.unwrap_or(cli.faults),
+            reorder: cli.reorder.unwrap_or(cli.faults),
+            bye_after_bytes: cli.bye_after_bytes,
+            bye_after: cli.bye_after,
+            slow_handshake: cli.slow_handshake.unwrap_or_default(),
         };
+        if let Some(idle) = cli.idle_timeout {
+            config.idle_timeout = idle;
+        }
+        config.refuse_start = cli.refuse_start.clone();
+        if let Some(chunk) = cli.chunk_size {
+            anyhow::ensure!(chunk > 0, "--chunk-size must be at least 1");
+            config.chunk_size = chunk;
+        }
         Some(SsmService::start(config, credentials).await?)
     } else {
         None

@@ -95,3 +95,114 @@ async fn without_a_local_port_the_handshake_names_none() {
     assert_eq!(properties["portNumber"], "5432");
     assert!(properties.get("localPortNumber").is_none(), "{properties}");
 }
+
+/// The fake-aws binary with `--ssm` and these flags; its KEY=value lines and the process.
+fn binary(
+    flags: &[&str],
+) -> (
+    std::process::Child,
+    std::collections::HashMap<String, String>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fake-aws"))
+        .args(["--backend", "127.0.0.1:9", "--ssm"])
+        .args(flags)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("fake-aws starts");
+    let mut values = std::collections::HashMap::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !values.contains_key("FAKE_AWS_SSM_TARGET") {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "fake-aws exited early"
+        );
+        if let Some((key, value)) = line.trim().split_once('=') {
+            values.insert(key.to_owned(), value.to_owned());
+        }
+    }
+    (child, values)
+}
+
+fn client_for(values: &std::collections::HashMap<String, String>) -> aws_sdk_ssm::Client {
+    let credentials = aws_credential_types::Credentials::new(
+        &values["AWS_ACCESS_KEY_ID"],
+        &values["AWS_SECRET_ACCESS_KEY"],
+        Some(values["AWS_SESSION_TOKEN"].clone()),
+        None,
+        "fake-aws",
+    );
+    let config = aws_sdk_ssm::Config::builder()
+        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+        .region(aws_sdk_ssm::config::Region::new(
+            values["AWS_REGION"].clone(),
+        ))
+        .endpoint_url(&values["AWS_ENDPOINT_URL_SSM"])
+        .credentials_provider(credentials)
+        .build();
+    aws_sdk_ssm::Client::from_conf(config)
+}
+
+#[tokio::test]
+async fn the_binary_injects_faults_from_its_flags() {
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    // A refused StartSession, as a person reproduces it by hand.
+    let (mut refusing, values) = binary(&["--refuse-start", "AccessDeniedException"]);
+    let error = client_for(&values)
+        .start_session()
+        .target(&values["FAKE_AWS_SSM_TARGET"])
+        .document_name("AWS-StartPortForwardingSessionToRemoteHost")
+        .parameters("host", vec!["db.example".into()])
+        .parameters("portNumber", vec!["5432".into()])
+        .send()
+        .await
+        .expect_err("refused");
+    assert_eq!(error.code(), Some("AccessDeniedException"), "{error:?}");
+    refusing.kill().unwrap();
+    refusing.wait().unwrap();
+
+    // The service's `1000 Bye`, at once after the data channel opens.
+    let (mut closing, values) = binary(&["--bye-after", "0s"]);
+    let output = client_for(&values)
+        .start_session()
+        .target(&values["FAKE_AWS_SSM_TARGET"])
+        .document_name("AWS-StartPortForwardingSessionToRemoteHost")
+        .parameters("host", vec!["db.example".into()])
+        .parameters("portNumber", vec!["5432".into()])
+        .send()
+        .await
+        .expect("StartSession");
+    let (mut ws, _) = tokio_tungstenite::connect_async(output.stream_url().unwrap())
+        .await
+        .unwrap();
+    let open = serde_json::json!({
+        "MessageSchemaVersion": "1.0",
+        "RequestId": uuid::Uuid::new_v4().to_string(),
+        "TokenValue": output.token_value().unwrap(),
+        "ClientId": uuid::Uuid::new_v4().to_string(),
+        "ClientVersion": "1.2.677.0",
+    });
+    ws.send(Ws::Text(open.to_string().into())).await.unwrap();
+    let mut close = None;
+    while let Some(Ok(frame)) = ws.next().await {
+        if let Ws::Close(frame) = frame {
+            close = frame;
+            break;
+        }
+    }
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1000);
+    assert_eq!(close.reason.as_str(), "Bye");
+    closing.kill().unwrap();
+    closing.wait().unwrap();
+
+    // A probability that is none is an error, not a panic.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_fake-aws"))
+        .args(["--backend", "127.0.0.1:9", "--ssm", "--loss", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a probability"));
+}
