@@ -106,6 +106,9 @@ struct Cli {
     /// Outbound payloads split into chunks of at most this many bytes (the agent: 1024).
     #[arg(long)]
     chunk_size: Option<usize>,
+    /// The HandshakeComplete CustomerMessage (a service message for the user).
+    #[arg(long, default_value = "")]
+    customer_message: String,
 }
 
 /// A probability, 0 to 1.
@@ -190,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
             config.idle_timeout = idle;
         }
         config.refuse_start = cli.refuse_start.clone();
+        config.customer_message = cli.customer_message.clone();
         if let Some(chunk) = cli.chunk_size {
             anyhow::ensure!(chunk > 0, "--chunk-size must be at least 1");
             config.chunk_size = chunk;

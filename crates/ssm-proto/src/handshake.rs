@@ -41,6 +41,9 @@ pub struct PortSession {
     pub forwarding_type: String,
     /// The mode both sides will use.
     pub mode: Mode,
+    /// HandshakeComplete's CustomerMessage (empty until then, and when the service sends
+    /// none); AWS's plugin prints a non-empty one.
+    pub customer_message: String,
 }
 
 /// The mode for an agent version, forwarding type and client version.
@@ -92,6 +95,7 @@ pub fn respond(request: &HandshakeRequest) -> (HandshakeResponse, Result<PortSes
                 local_port_number: text(&properties["localPortNumber"]),
                 mode: select_mode(&request.agent_version, &forwarding_type, CLIENT_VERSION),
                 forwarding_type,
+                customer_message: String::new(),
             });
             processed.push(ProcessedClientAction {
                 action_type: action.action_type.clone(),

@@ -308,9 +308,10 @@ impl Driver {
                     if !complete.customer_message.is_empty() {
                         tracing::info!(message = %complete.customer_message, "message from the SSM agent");
                     }
-                    if let (Some(ready), Some(session)) =
+                    if let (Some(ready), Some(mut session)) =
                         (self.ready.take(), self.pending_session.clone())
                     {
+                        session.customer_message = complete.customer_message;
                         let _ = ready.send(Ok(session));
                     }
                 }

@@ -120,6 +120,11 @@ async fn main() -> ExitCode {
         _ = signals.2.recv() => return fail(129, "hung up while opening the session"),
     };
 
+    // The service's message for the user, on stderr as AWS's plugin shows it.
+    let message = &tunnel.session().customer_message;
+    if !message.is_empty() {
+        eprintln!("{message}");
+    }
     let line = format!("ready {local} session={}\n", tunnel.session_id());
     if let Some(path) = &cli.ready_file {
         // Write then rename, so a watcher never reads half a line.

@@ -29,7 +29,9 @@ async fn query_port(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_waits_for_the_ready_file_connects_and_terminates_with_sigterm() {
-    let env = env(|_| {}).await;
+    // A service message for the user: printed on stderr, as AWS's plugin prints it.
+    let env =
+        env(|config| config.customer_message = "Authorized use only: pgharness CI".into()).await;
     let dir = std::env::temp_dir().join(format!("ssm-tunnel-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ready = dir.join("ready");
@@ -80,6 +82,11 @@ cat "{ready}"
         .unwrap()
         .to_owned();
     assert!(address.starts_with("127.0.0.1:"), "{line}");
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert!(
+        stderr.contains("Authorized use only: pgharness CI"),
+        "{stderr}"
+    );
     let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
 
     assert_eq!(query_port(port).await, "postgres");

@@ -432,7 +432,7 @@ impl SessionTask {
                         let complete = HandshakeComplete {
                             handshake_time_to_complete: handshake_started.elapsed().as_nanos()
                                 as i64,
-                            customer_message: String::new(),
+                            customer_message: self.config.customer_message.clone(),
                         };
                         agent.queue(
                             PayloadType::HandshakeComplete,

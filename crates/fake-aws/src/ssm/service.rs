@@ -34,6 +34,8 @@ pub struct SsmConfig {
     pub refuse_start: Option<String>,
     /// ResumeSession hands out a new StreamUrl (as the service may).
     pub new_stream_url_on_resume: bool,
+    /// The CustomerMessage of HandshakeComplete (empty: none, as usual).
+    pub customer_message: String,
     /// Where it listens.
     pub listen: SocketAddr,
 }
@@ -50,6 +52,7 @@ impl Default for SsmConfig {
             faults: Faults::default(),
             refuse_start: None,
             new_stream_url_on_resume: true,
+            customer_message: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
