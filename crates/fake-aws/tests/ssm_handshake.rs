@@ -206,3 +206,85 @@ async fn the_binary_injects_faults_from_its_flags() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a probability"));
 }
+
+#[tokio::test]
+async fn channel_closed_comes_as_the_service_sends_it() {
+    let keys = KeyPair::random_temporary();
+    let ssm = SsmService::start(
+        SsmConfig::default(),
+        Arc::new(CredentialStore::new([keys.clone()])),
+    )
+    .await
+    .unwrap();
+    let config = aws_sdk_ssm::Config::builder()
+        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+        .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
+        .endpoint_url(ssm.endpoint_url())
+        .credentials_provider(keys.to_credentials())
+        .build();
+    let client = aws_sdk_ssm::Client::from_conf(config);
+    let output = client
+        .start_session()
+        .target("i-0fake0jumphost0")
+        .document_name("AWS-StartPortForwardingSessionToRemoteHost")
+        .parameters("host", vec!["db.example".into()])
+        .parameters("portNumber", vec!["5432".into()])
+        .send()
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(output.stream_url().unwrap())
+        .await
+        .unwrap();
+    let open = serde_json::json!({
+        "MessageSchemaVersion": "1.0",
+        "RequestId": uuid::Uuid::new_v4().to_string(),
+        "TokenValue": output.token_value().unwrap(),
+        "ClientId": uuid::Uuid::new_v4().to_string(),
+        "ClientVersion": "1.2.677.0",
+    });
+    ws.send(Ws::Text(open.to_string().into())).await.unwrap();
+    // Once the agent has spoken (its handshake request), the session is ended by the API.
+    let mut terminated = false;
+    let closed = loop {
+        let frame = ws.next().await.expect("a frame").unwrap();
+        let Ws::Binary(bytes) = frame else { continue };
+        let message = Message::decode(&bytes).unwrap();
+        if !terminated {
+            client
+                .terminate_session()
+                .session_id(output.session_id().unwrap())
+                .send()
+                .await
+                .unwrap();
+            terminated = true;
+        }
+        if message.message_type == "channel_closed" {
+            break message;
+        }
+    };
+    assert_eq!(closed.payload_type, PayloadType::Undefined, "PayloadType 0");
+    let body: serde_json::Value = serde_json::from_slice(&closed.payload).unwrap();
+    assert_eq!(body["Output"], "");
+    assert_eq!(body["SessionId"], output.session_id().unwrap());
+    assert_eq!(body["MessageType"], "channel_closed");
+    assert!(body["SchemaVersion"].is_number());
+    let date = body["CreatedDate"].as_str().unwrap();
+    assert!(
+        humantime::parse_rfc3339(date).is_ok() && date.ends_with('Z') && date.len() == 24,
+        "{date}"
+    );
+    // The websocket is left for the client to close: it still answers a ping.
+    ws.send(Ws::Ping(b"still there?".to_vec().into()))
+        .await
+        .unwrap();
+    loop {
+        match ws.next().await.expect("the websocket is open").unwrap() {
+            Ws::Pong(data) => {
+                assert_eq!(&data[..], b"still there?");
+                break;
+            }
+            Ws::Close(frame) => panic!("the service closed the websocket: {frame:?}"),
+            _ => continue,
+        }
+    }
+}

@@ -352,3 +352,27 @@ async fn starting_and_joining_a_container_logs_no_password_at_any_level() {
         "the password reached the logs: {leaks:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_container_whose_password_the_workspace_lost_is_replaced() {
+    let settings = isolated_settings(BackendKind::Container, "lost-password");
+    let before = backend::ensure(&settings, &log_only).await.expect("starts");
+    // `cargo clean` while the container runs: the password file goes, the container stays.
+    std::fs::remove_dir_all(&settings.state_dir).unwrap();
+    let after = backend::ensure(&settings, &log_only)
+        .await
+        .expect("a container this workspace can log in to");
+    assert_ne!(
+        before.config().get_password(),
+        after.config().get_password(),
+        "a new password"
+    );
+    common::admin(&after)
+        .await
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+}

@@ -248,7 +248,7 @@ async fn bad_credentials_are_refused_by_the_signature_check() {
 }
 
 #[tokio::test]
-async fn an_idle_session_ends_with_channel_closed_and_says_why() {
+async fn an_idle_session_ends_with_channel_closed_and_says_so_as_awss_plugin_does() {
     let env = env(|config| config.idle_timeout = std::time::Duration::from_secs(2)).await;
     let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
         .await
@@ -256,7 +256,11 @@ async fn an_idle_session_ends_with_channel_closed_and_says_why() {
     let reason = tokio::time::timeout(std::time::Duration::from_secs(15), tunnel.closed())
         .await
         .expect("the agent closes it");
-    assert!(reason.contains("timed out"), "{reason}");
+    // The service's channel_closed has an empty Output: the plugin's words, with the id.
+    assert!(
+        reason.contains("Exiting session with sessionId: ") && reason.contains(tunnel.session_id()),
+        "{reason}"
+    );
     let error = tunnel.connect().await.expect_err("no more connections");
     assert!(
         matches!(error, ssm_tunnel::Error::SessionClosed(_)),

@@ -500,36 +500,30 @@ impl SessionTask {
         }
     }
 
+    /// Ends the session as the service does: a `channel_closed` message with PayloadType 0,
+    /// an ISO-8601 CreatedDate (`2026-12-01T13:58:18.000Z`) and an empty Output; the
+    /// websocket is left for the client to close. The reason is only logged here.
     fn close_channel(&self, agent: &mut Agent, reason: &str) {
         agent.flush();
+        tracing::info!(session = %self.id, %reason, "fake SSM: channel closed");
         let Some(out) = &agent.out else { return };
         let closed = ChannelClosed {
             message_id: uuid::Uuid::new_v4().to_string(),
-            created_date: humantime_like(SystemTime::now()),
+            created_date: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             destination_id: self.target.clone(),
             session_id: self.id.clone(),
             message_type: message::CHANNEL_CLOSED.into(),
             schema_version: 1,
-            output: reason.to_owned(),
+            output: String::new(),
         };
         let message = Message::new(
             message::CHANNEL_CLOSED,
             0,
-            PayloadType::Output,
+            PayloadType::Undefined,
             serde_json::to_vec(&closed).unwrap_or_default(),
             unix_ms(),
             uuid::Uuid::new_v4(),
         );
         let _ = out.send(WsOut::Binary(message.to_bytes()));
-        let _ = out.send(WsOut::Close(1000, String::new()));
     }
-}
-
-fn humantime_like(time: SystemTime) -> String {
-    format!(
-        "{}",
-        time.duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-    )
 }

@@ -404,7 +404,24 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                     let _ = sink.send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
                     break;
                 }
-                None => break,
+                None => {
+                    // The session is over (channel_closed was sent): as the service does,
+                    // leave the websocket for the client to close (pings still answered),
+                    // within a minute.
+                    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+                        while let Some(Ok(frame)) = stream.next().await {
+                            match frame {
+                                WsMessage::Close(_) => break,
+                                WsMessage::Ping(data) => {
+                                    let _ = sink.send(WsMessage::Pong(data)).await;
+                                }
+                                _ => {}
+                            }
+                        }
+                    })
+                    .await;
+                    break;
+                }
             },
             _ = ping.tick() => {
                 let _ = sink.send(WsMessage::Ping(Bytes::from_static(b"keepalive"))).await;

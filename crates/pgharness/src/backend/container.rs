@@ -180,6 +180,12 @@ async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Ser
     let mut created = false;
     let port = loop {
         match docker.inspect_container(&name, None).await {
+            Ok(info) if !has_password(&info, &password) => {
+                // Made with a password this workspace no longer has (`target/` was cleaned,
+                // or another checkout at this path): nobody can log in to it. Replace it.
+                tracing::info!(%name, "replacing a container whose password this workspace lost");
+                remove(&docker, &name).await?;
+            }
             Ok(info) => {
                 let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
                 if !running {
@@ -318,6 +324,15 @@ async fn create(
         }) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the container was made with this password (its environment says so).
+fn has_password(info: &bollard::models::ContainerInspectResponse, password: &str) -> bool {
+    let expected = format!("POSTGRES_PASSWORD={password}");
+    info.config
+        .as_ref()
+        .and_then(|c| c.env.as_ref())
+        .is_some_and(|env| env.iter().any(|e| *e == expected))
 }
 
 fn published_port(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
