@@ -332,7 +332,7 @@ fn has_password(info: &bollard::models::ContainerInspectResponse, password: &str
     info.config
         .as_ref()
         .and_then(|c| c.env.as_ref())
-        .is_some_and(|env| env.iter().any(|e| *e == expected))
+        .is_some_and(|env| env.contains(&expected))
 }
 
 fn published_port(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
