@@ -94,7 +94,15 @@ struct Agent {
     pending: VecDeque<(PayloadType, Vec<u8>)>,
     chunk_size: usize,
     pacing: bool,
+    /// When the next paced message may go (pacing by deadline, so timer overshoot does not
+    /// add up).
+    next_send: Instant,
 }
+
+/// The agent's pace: it sleeps 1 ms after each 1 KiB write, which with the write itself
+/// measured 0.70 MB/s downloads through AWS's own Go code (ssm-protocol.md §6), i.e. one
+/// message per 1.46 ms. A plain 1 ms tokio sleep per message overshoots to ~2.5 ms.
+const AGENT_WRITE_INTERVAL: Duration = Duration::from_micros(1460);
 
 impl Agent {
     /// Sends what the channel has for the wire, through the outbound faults.
@@ -164,11 +172,17 @@ impl Agent {
             let Some((payload_type, payload)) = self.pending.pop_front() else {
                 break;
             };
+            if self.pacing {
+                let now = Instant::now();
+                // After a quiet spell the pace starts afresh; no burst to catch up.
+                if self.next_send < now {
+                    self.next_send = now;
+                }
+                tokio::time::sleep_until(self.next_send.into()).await;
+                self.next_send += AGENT_WRITE_INTERVAL;
+            }
             let _ = self.channel.send(Instant::now(), payload_type, payload);
             self.flush();
-            if self.pacing {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
         }
     }
 }
@@ -282,6 +296,7 @@ impl SessionTask {
             pending: VecDeque::new(),
             chunk_size: self.config.chunk_size,
             pacing: self.config.pacing,
+            next_send: Instant::now(),
         };
         let (remote_tx, mut remote_rx) = mpsc::channel::<Remote>(64);
         let mut incoming: Option<mpsc::UnboundedReceiver<WsIn>> = None;
