@@ -28,8 +28,11 @@ pub(crate) struct Bench {
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Only the schema-pool figures (no token or tunnel figures).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tunnel_only")]
     pool_only: bool,
+    /// Only the token and SSM tunnel figures.
+    #[arg(long)]
+    tunnel_only: bool,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -128,7 +131,9 @@ impl Bench {
                 "release"
             }
         );
-        self.acquire().await?;
+        if !self.tunnel_only {
+            self.acquire().await?;
+        }
         if !self.pool_only {
             token_minting();
             for pacing in [false, true] {
