@@ -249,30 +249,53 @@ async fn kept_schema_check() -> anyhow::Result<()> {
 /// Two `cargo xtask test` runs in one workspace at once both pass, and the last to end
 /// stops the server.
 async fn overlapping_runs_check() -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
     eprintln!("xtask ci: two overlapping `cargo xtask test` runs in one workspace");
     xtask(&["down"]).output()?;
-    let start = |delay: &str| {
-        // The second starts while the first runs: it joins the first one's server.
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("sleep {delay}; exec \"$0\" \"$@\""))
-            .arg(crate::self_exe())
-            .args(["test", "--backend", "native", "-p", "todo-app"])
-            .current_dir(crate::project_root())
+    let run = |extra: &[&str]| {
+        let mut command = xtask(&["test", "--backend", "native", "-p", "todo-app"]);
+        command
+            .args(extra)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
+            .stderr(std::process::Stdio::piped());
+        command.spawn()
     };
-    let first = start("0")?;
-    let second = start("1")?;
-    let (first, second) = (first.wait_with_output()?, second.wait_with_output()?);
-    for (name, run) in [("first", &first), ("second", &second)] {
-        if !run.status.success() {
-            bail!(
-                "the {name} of two overlapping runs failed:\n{}",
-                String::from_utf8_lossy(&run.stderr)
-            );
+    // The first runs its tests one at a time, so that it is still running when the second
+    // starts: as soon as the first has its server (the sync point), the second joins it.
+    let mut first = run(&["--", "--test-threads", "1"])?;
+    let mut first_err = std::io::BufReader::new(first.stderr.take().expect("piped"));
+    let mut first_log = String::new();
+    loop {
+        let mut line = String::new();
+        if first_err.read_line(&mut line)? == 0 || line.contains("postgres ready") {
+            first_log.push_str(&line);
+            break;
         }
+        first_log.push_str(&line);
+    }
+    let second = run(&[])?;
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = first_err.read_to_string(&mut rest);
+        rest
+    });
+    let second = second.wait_with_output()?;
+    let first_status = first.wait()?;
+    first_log.push_str(&rest.join().unwrap_or_default());
+    let second_log = String::from_utf8_lossy(&second.stderr).into_owned();
+    for (name, ok, log) in [
+        ("first", first_status.success(), &first_log),
+        ("second", second.status.success(), &second_log),
+    ] {
+        if !ok {
+            bail!("the {name} of two overlapping runs failed:\n{log}");
+        }
+    }
+    let waited = "another `cargo xtask test` is still using";
+    if !first_log.contains(waited) && !second_log.contains(waited) {
+        bail!(
+            "the two runs did not overlap, so the check proved nothing:\n{first_log}\n{second_log}"
+        );
     }
     if local_server_runs().await? {
         bail!("the last run to end left the server running");
