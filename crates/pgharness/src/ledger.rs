@@ -33,7 +33,7 @@ const LEDGER_SQL: &str = include_str!("ledger.sql");
 /// The version marker of `ledger.sql` (a function named after it). Statements that need
 /// this version call it, so that an older installation fails them with 42883 and
 /// [`is_missing_ledger`] sends the caller to [`bootstrap`].
-pub(crate) const VERSION_PROBE: &str = "pgharness.version_7()";
+pub(crate) const VERSION_PROBE: &str = "pgharness.version_8()";
 
 /// Whether a failed statement failed because the ledger (or this version of it) is not
 /// installed yet: then [`bootstrap`] and try again.

@@ -139,9 +139,10 @@ BEGIN
 END
 $fp$;
 
--- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint,
--- its tables in an order that deletes children before parents, the tables that hold rows
--- (seed data from the migrations) with a hash of their content, and every sequence's state.
+-- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint, a
+-- query naming its tables that hold rows (children before parents), the tables that hold
+-- rows now (seed data from the migrations) with a hash of their content, and a query for
+-- every sequence's state with that state.
 CREATE OR REPLACE FUNCTION pgharness.capture(p_schema text) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $cap$
 DECLARE
@@ -153,7 +154,6 @@ DECLARE
   has_rows boolean;
   seed jsonb := '{}';
   seqs jsonb := '[]';
-  r record;
   digest text;
   probe text;
   seq_probe text;
@@ -191,21 +191,17 @@ BEGIN
       seed := seed || jsonb_build_object(t, digest);
     END IF;
   END LOOP;
-  FOR r IN SELECT c.relname FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind = 'S' ORDER BY c.relname LOOP
-    EXECUTE format('SELECT jsonb_build_array(%L, last_value, is_called) FROM %I.%I', r.relname, p_schema, r.relname) INTO digest;
-    seqs := seqs || jsonb_build_array(digest::jsonb);
-  END LOOP;
   -- One query each for what `reset` must look at: which tables (children first) hold rows,
-  -- and every sequence's state.
+  -- and every sequence's state (the fresh state is that query's own answer now).
   SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
     INTO probe FROM unnest(ordered) WITH ORDINALITY AS u(x, i);
-  SELECT CASE WHEN count(*) = 0 THEN NULL
-         ELSE 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', e->>0, p_schema, e->>0), ' UNION ALL ') || ') s' END
-    INTO seq_probe FROM jsonb_array_elements(seqs) e;
-  RETURN jsonb_build_object('fingerprint', pgharness.fingerprint(nsp), 'tables', to_jsonb(ordered),
-                            'seed', seed, 'sequences', seqs, 'probe', probe, 'seq_probe', seq_probe,
-                            'triggers', EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-                                                 WHERE c.relnamespace = nsp AND NOT t.tgisinternal));
+  SELECT 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', c.relname, p_schema, c.relname), ' UNION ALL ') || ') s'
+    INTO seq_probe FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind = 'S';
+  IF seq_probe IS NOT NULL THEN
+    EXECUTE seq_probe INTO seqs;
+  END IF;
+  RETURN jsonb_build_object('fingerprint', pgharness.fingerprint(nsp), 'seed', seed,
+                            'sequences', seqs, 'probe', probe, 'seq_probe', seq_probe);
 END
 $cap$;
 
@@ -282,7 +278,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION pgharness.version_7() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 7';
+CREATE OR REPLACE FUNCTION pgharness.version_8() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 8';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).
