@@ -10,10 +10,23 @@ use futures_util::{SinkExt, StreamExt};
 use ssm_proto::message::{Message, PayloadType};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
-async fn start_session(
-    parameters: &[(&str, &str)],
-    document: &str,
-) -> (SsmService, serde_json::Value) {
+/// An SDK client for an SSM endpoint, as AWS's CLI would be configured for it.
+fn sdk_client(
+    endpoint: &str,
+    region: &str,
+    credentials: aws_credential_types::Credentials,
+) -> aws_sdk_ssm::Client {
+    let config = aws_sdk_ssm::Config::builder()
+        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+        .region(aws_sdk_ssm::config::Region::new(region.to_owned()))
+        .endpoint_url(endpoint)
+        .credentials_provider(credentials)
+        .build();
+    aws_sdk_ssm::Client::from_conf(config)
+}
+
+/// A fake SSM service in this process, and a client for it.
+async fn service() -> (SsmService, aws_sdk_ssm::Client) {
     let keys = KeyPair::random_temporary();
     let ssm = SsmService::start(
         SsmConfig::default(),
@@ -21,21 +34,17 @@ async fn start_session(
     )
     .await
     .unwrap();
-    let config = aws_sdk_ssm::Config::builder()
-        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-        .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
-        .endpoint_url(ssm.endpoint_url())
-        .credentials_provider(keys.to_credentials())
-        .build();
-    let client = aws_sdk_ssm::Client::from_conf(config);
-    let mut request = client
-        .start_session()
-        .target("i-0fake0jumphost0")
-        .document_name(document);
-    for (name, value) in parameters {
-        request = request.parameters(*name, vec![(*value).to_owned()]);
-    }
-    let output = request.send().await.expect("StartSession");
+    let client = sdk_client(&ssm.endpoint_url(), "eu-west-2", keys.to_credentials());
+    (ssm, client)
+}
+
+type Channel =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a session's data channel: the websocket, and the open frame with its token (§2).
+async fn open_channel(
+    output: &aws_sdk_ssm::operation::start_session::StartSessionOutput,
+) -> Channel {
     let (mut ws, _) = tokio_tungstenite::connect_async(output.stream_url().unwrap())
         .await
         .expect("the data channel opens");
@@ -47,6 +56,23 @@ async fn start_session(
         "ClientVersion": "1.2.677.0",
     });
     ws.send(Ws::Text(open.to_string().into())).await.unwrap();
+    ws
+}
+
+async fn start_session(
+    parameters: &[(&str, &str)],
+    document: &str,
+) -> (SsmService, serde_json::Value) {
+    let (ssm, client) = service().await;
+    let mut request = client
+        .start_session()
+        .target("i-0fake0jumphost0")
+        .document_name(document);
+    for (name, value) in parameters {
+        request = request.parameters(*name, vec![(*value).to_owned()]);
+    }
+    let output = request.send().await.expect("StartSession");
+    let mut ws = open_channel(&output).await;
     while let Some(frame) = ws.next().await {
         if let Ws::Binary(bytes) = frame.unwrap() {
             let message = Message::decode(&bytes).expect("a valid message");
@@ -134,15 +160,11 @@ fn client_for(values: &std::collections::HashMap<String, String>) -> aws_sdk_ssm
         None,
         "fake-aws",
     );
-    let config = aws_sdk_ssm::Config::builder()
-        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-        .region(aws_sdk_ssm::config::Region::new(
-            values["AWS_REGION"].clone(),
-        ))
-        .endpoint_url(&values["AWS_ENDPOINT_URL_SSM"])
-        .credentials_provider(credentials)
-        .build();
-    aws_sdk_ssm::Client::from_conf(config)
+    sdk_client(
+        &values["AWS_ENDPOINT_URL_SSM"],
+        &values["AWS_REGION"],
+        credentials,
+    )
 }
 
 #[tokio::test]
@@ -174,17 +196,7 @@ async fn the_binary_injects_faults_from_its_flags() {
         .send()
         .await
         .expect("StartSession");
-    let (mut ws, _) = tokio_tungstenite::connect_async(output.stream_url().unwrap())
-        .await
-        .unwrap();
-    let open = serde_json::json!({
-        "MessageSchemaVersion": "1.0",
-        "RequestId": uuid::Uuid::new_v4().to_string(),
-        "TokenValue": output.token_value().unwrap(),
-        "ClientId": uuid::Uuid::new_v4().to_string(),
-        "ClientVersion": "1.2.677.0",
-    });
-    ws.send(Ws::Text(open.to_string().into())).await.unwrap();
+    let mut ws = open_channel(&output).await;
     let mut close = None;
     while let Some(Ok(frame)) = ws.next().await {
         if let Ws::Close(frame) = frame {
@@ -209,20 +221,7 @@ async fn the_binary_injects_faults_from_its_flags() {
 
 #[tokio::test]
 async fn channel_closed_comes_as_the_service_sends_it() {
-    let keys = KeyPair::random_temporary();
-    let ssm = SsmService::start(
-        SsmConfig::default(),
-        Arc::new(CredentialStore::new([keys.clone()])),
-    )
-    .await
-    .unwrap();
-    let config = aws_sdk_ssm::Config::builder()
-        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-        .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
-        .endpoint_url(ssm.endpoint_url())
-        .credentials_provider(keys.to_credentials())
-        .build();
-    let client = aws_sdk_ssm::Client::from_conf(config);
+    let (_ssm, client) = service().await;
     let output = client
         .start_session()
         .target("i-0fake0jumphost0")
@@ -232,17 +231,7 @@ async fn channel_closed_comes_as_the_service_sends_it() {
         .send()
         .await
         .unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(output.stream_url().unwrap())
-        .await
-        .unwrap();
-    let open = serde_json::json!({
-        "MessageSchemaVersion": "1.0",
-        "RequestId": uuid::Uuid::new_v4().to_string(),
-        "TokenValue": output.token_value().unwrap(),
-        "ClientId": uuid::Uuid::new_v4().to_string(),
-        "ClientVersion": "1.2.677.0",
-    });
-    ws.send(Ws::Text(open.to_string().into())).await.unwrap();
+    let mut ws = open_channel(&output).await;
     // Once the agent has spoken (its handshake request), the session is ended by the API.
     let mut terminated = false;
     let closed = loop {

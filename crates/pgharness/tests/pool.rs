@@ -6,11 +6,13 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{admin, child_binary, configured_server, ledger_status, schema_exists};
+use common::{
+    admin, child_binary, configured_server, ledger_status, own_migrations, schema_exists,
+};
 use pgharness::ledger::{self, ReapScope};
 use pgharness::{Settings, Teardown, TestDb};
 use tokio_postgres::Client;
@@ -172,16 +174,6 @@ async fn observe(client: &Client) -> String {
     out.join("\n").replace(&schema, "<schema>")
 }
 
-/// A migration set of the calling test's own: the pool is keyed by content, so a unique
-/// comment keeps other tests (and earlier runs) out of its pool.
-fn migrations_dir(label: &str, sql: &str) -> PathBuf {
-    let id = uuid::Uuid::new_v4();
-    let dir = std::env::temp_dir().join(format!("pgharness-pool-{label}-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("0001_app.sql"), format!("-- {id}\n{sql}")).unwrap();
-    dir
-}
-
 fn inline_settings() -> Settings {
     let mut settings = Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
@@ -214,7 +206,7 @@ async fn a_recycled_schema_is_as_fresh_or_was_dropped_because_it_changed() {
     let server = configured_server().await;
     let admin = admin(&server).await;
     // Its own migration set: the only schema of its pool is the one this test recycles.
-    let dir = migrations_dir("prop", MIGRATION);
+    let dir = own_migrations("prop", MIGRATION);
     let db = acquire(&dir).await;
     let fresh = observe(db.client()).await;
     let mut schema = db.schema().to_owned();
@@ -327,7 +319,7 @@ fn claimants(dir: &Path, n: usize) -> Vec<(std::process::Child, String)> {
 async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let server = configured_server().await;
     let admin = admin(&server).await;
-    let dir = migrations_dir("race", MIGRATION);
+    let dir = own_migrations("race", MIGRATION);
     let warmed = pgharness::pool::warm(&admin, &dir, 4, 4).await.unwrap();
     assert_eq!(warmed.created, 4);
     let ready: HashSet<String> = ready_schemas(&admin, &dir).await.into_iter().collect();
@@ -361,7 +353,7 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
 async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_reaped() {
     let server = configured_server().await;
     let admin = admin(&server).await;
-    let dir = migrations_dir("hash", "CREATE TABLE v1 (id int);");
+    let dir = own_migrations("hash", "CREATE TABLE v1 (id int);");
     pgharness::pool::warm(&admin, &dir, 2, 2).await.unwrap();
     let old = ready_schemas(&admin, &dir).await;
     assert_eq!(old.len(), 2);

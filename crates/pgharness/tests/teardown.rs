@@ -8,7 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{admin, child_binary, configured_server, ledger_status, schema_exists};
+use common::{
+    admin, child_binary, configured_server, ledger_status, own_migrations, schema_exists,
+};
 use pgharness::ledger::{self, ReapScope};
 use pgharness::{Teardown, TestDb};
 
@@ -284,16 +286,4 @@ async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
         rows[1].get::<_, Option<f64>>(3).is_none(),
         "a claimed schema was not created"
     );
-}
-
-/// A migrations directory of one file, unique to the calling test.
-fn own_migrations(label: &str, sql: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("pgharness-mig-{label}-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("0001_init.sql"),
-        format!("-- {}\n{sql}", uuid::Uuid::new_v4()),
-    )
-    .unwrap();
-    dir
 }

@@ -64,3 +64,13 @@ pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<Strin
         .expect("query")
         .map(|row| row.get(0))
 }
+
+/// A migration set of the calling test's own (`0001_app.sql` holding `sql`): the pool is
+/// keyed by content, so a unique comment keeps other tests (and earlier runs) out of its pool.
+pub(crate) fn own_migrations(label: &str, sql: &str) -> PathBuf {
+    let id = uuid::Uuid::new_v4();
+    let dir = std::env::temp_dir().join(format!("pgharness-mig-{label}-{id}"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("0001_app.sql"), format!("-- {id}\n{sql}")).expect("migration");
+    dir
+}
