@@ -188,14 +188,7 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
 /// Whether this workspace's native server or container runs.
 async fn local_server_runs() -> anyhow::Result<bool> {
     let settings = crate::settings(None)?;
-    for kind in [BackendKind::Native, BackendKind::Container] {
-        let mut settings = settings.clone();
-        settings.backend = kind;
-        if pgharness::backend::is_running(&settings, kind).await {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(!crate::servers::running_local(&settings).await.is_empty())
 }
 
 /// A failing test's kept schema: the psql line `cargo xtask test` prints works after the

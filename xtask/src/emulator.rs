@@ -127,7 +127,7 @@ pub(crate) async fn ensure(
     std::fs::create_dir_all(&settings.state_dir)?;
     let env_file = env_path(settings);
     let _ = std::fs::remove_file(&env_file);
-    let log = crate::private_file(&settings.state_dir.join("emulator.log"))?;
+    let log = pgharness::backend::secret::create_private(&settings.state_dir.join("emulator.log"))?;
     let mut command = std::process::Command::new(&binary);
     command
         .args([

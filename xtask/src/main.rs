@@ -19,7 +19,6 @@ mod test;
 mod tidy;
 mod ui;
 
-use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -114,22 +113,6 @@ pub(crate) fn self_exe() -> PathBuf {
         return proc_exe;
     }
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xtask"))
-}
-
-/// Creates (or empties) a file only its owner may read: logs of processes that handle
-/// secrets are 0600 even though nothing secret should reach them.
-pub(crate) fn private_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("failed to create {}", path.display()))?;
-    // An older file keeps its mode on open: set it.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(file)
 }
 
 pub(crate) fn parse_backend(text: &str) -> Result<BackendKind, String> {

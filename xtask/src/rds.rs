@@ -188,7 +188,8 @@ pub(crate) async fn up(
         return Ok(Up { started_emulator });
     }
     let progress = Progress::start("starting the RDS proxy");
-    let log = crate::private_file(&settings.state_dir.join("rds-proxy.log"))?;
+    let log =
+        pgharness::backend::secret::create_private(&settings.state_dir.join("rds-proxy.log"))?;
     let mut command = std::process::Command::new(crate::self_exe());
     command
         .arg("__rds-proxy")

@@ -30,13 +30,7 @@ impl Reap {
         if settings.url.is_some() {
             kinds.push(BackendKind::Url);
         }
-        for kind in [BackendKind::Container, BackendKind::Native] {
-            let mut settings = settings.clone();
-            settings.backend = kind;
-            if pgharness::backend::is_running(&settings, kind).await {
-                kinds.push(kind);
-            }
-        }
+        kinds.extend(servers::running_local(&settings).await);
         for kind in kinds {
             let mut settings = settings.clone();
             settings.backend = kind;

@@ -34,6 +34,19 @@ pub(crate) async fn start(settings: &Settings) -> anyhow::Result<(Server, Backen
     Ok((server, kind, !was_running))
 }
 
+/// The local servers of this workspace that run now (container, native), never starting one.
+pub(crate) async fn running_local(settings: &Settings) -> Vec<BackendKind> {
+    let mut running = Vec::new();
+    for kind in [BackendKind::Container, BackendKind::Native] {
+        let mut settings = settings.clone();
+        settings.backend = kind;
+        if pgharness::backend::is_running(&settings, kind).await {
+            running.push(kind);
+        }
+    }
+    running
+}
+
 /// An admin connection to the server, driven in the background.
 pub(crate) async fn admin_client(server: &Server) -> anyhow::Result<Client> {
     let (client, connection) = server

@@ -286,6 +286,14 @@ impl Janitor {
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = stop.clone();
         let scope = ReapScope::FinishedInRun(run_id);
+        // Without a migrations directory the tests fill the pool by themselves.
+        let warmer = if migrations.is_dir() {
+            pgharness::pool::Warmer::new(&migrations)
+                .inspect_err(|error| tracing::warn!(%error, "the schema pool will not be warmed"))
+                .ok()
+        } else {
+            None
+        };
         let task = tokio::spawn(async move {
             loop {
                 let recycled = match ledger::reap(&admin, &scope).await {
@@ -295,18 +303,16 @@ impl Janitor {
                         0
                     }
                 };
-                // One schema per pass, so that finished schemas never wait long. (Without a
-                // migrations directory the tests fill the pool by themselves.)
-                let created = if !migrations.is_dir() {
-                    0
-                } else {
-                    match pgharness::pool::warm(&admin, &migrations, target, 1).await {
+                // One schema per pass, so that finished schemas never wait long.
+                let created = match &warmer {
+                    Some(warmer) => match warmer.warm(&admin, target, 1).await {
                         Ok(warmed) => warmed.created,
                         Err(error) => {
                             tracing::warn!(%error, "warming the schema pool failed");
                             0
                         }
-                    }
+                    },
+                    None => 0,
                 };
                 // Tests finish every few milliseconds: go again at once after work, and
                 // otherwise look again soon (a look is one query).

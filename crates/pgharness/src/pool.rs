@@ -91,49 +91,71 @@ pub struct Warmed {
     pub created: u64,
 }
 
-/// Tops the pool of one migration set up to `target` ready schemas, creating them one at
-/// a time on `client` (so a warmer never uses more than its one connection). Stops early
-/// at `max_new`.
+/// Keeps the pool of one migration set filled. The migrations are read and hashed once,
+/// when it is made: a janitor calls [`Warmer::warm`] every few milliseconds.
+#[derive(Debug)]
+pub struct Warmer {
+    migrations: Migrations,
+    host: String,
+}
+
+impl Warmer {
+    /// A warmer for the migrations of this directory.
+    pub fn new(migrations_dir: &Path) -> Result<Warmer, Error> {
+        Ok(Warmer {
+            migrations: Migrations::load(migrations_dir)?,
+            host: crate::testdb::hostname(),
+        })
+    }
+
+    /// Tops the pool up to `target` ready schemas, creating them one at a time on `client`
+    /// (so a warmer never uses more than its one connection). Stops early at `max_new`.
+    pub async fn warm(&self, client: &Client, target: u64, max_new: u64) -> Result<Warmed, Error> {
+        let migrations = &self.migrations;
+        let ready_before = ready_count(client, &migrations.hash).await?;
+        let mut warmed = Warmed {
+            ready_before,
+            created: 0,
+        };
+        while ready_before + warmed.created < target && warmed.created < max_new {
+            let schema = schema_name(&migrations.hash);
+            let who = Claimant {
+                hash: &migrations.hash,
+                source: &migrations.source,
+                run_id: "warmer",
+                test_name: "",
+                attempt: 0,
+                host: &self.host,
+                connect_ms: 0.0,
+            };
+            let batch = create_batch(
+                &schema,
+                naming::lock_key(&schema),
+                Some(migrations),
+                &who,
+                false,
+                &[],
+            );
+            if let Err(error) = client.batch_execute(batch.text()).await {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(batch.explain(&format!("failed to create pool schema {schema}"), error));
+            }
+            warmed.created += 1;
+        }
+        Ok(warmed)
+    }
+}
+
+/// Tops the pool of one migration set up to `target` ready schemas, once (see [`Warmer`]).
 pub async fn warm(
     client: &Client,
     migrations_dir: &Path,
     target: u64,
     max_new: u64,
 ) -> Result<Warmed, Error> {
-    let migrations = Migrations::load(migrations_dir)?;
-    let source = migrations_dir.display().to_string();
-    let ready_before = ready_count(client, &migrations.hash).await?;
-    let mut warmed = Warmed {
-        ready_before,
-        created: 0,
-    };
-    let host = crate::testdb::hostname();
-    while ready_before + warmed.created < target && warmed.created < max_new {
-        let schema = schema_name(&migrations.hash);
-        let who = Claimant {
-            hash: &migrations.hash,
-            source: &source,
-            run_id: "warmer",
-            test_name: "",
-            attempt: 0,
-            host: &host,
-            connect_ms: 0.0,
-        };
-        let batch = create_batch(
-            &schema,
-            naming::lock_key(&schema),
-            Some(&migrations),
-            &who,
-            false,
-            &[],
-        );
-        if let Err(error) = client.batch_execute(batch.text()).await {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(batch.explain(&format!("failed to create pool schema {schema}"), error));
-        }
-        warmed.created += 1;
-    }
-    Ok(warmed)
+    Warmer::new(migrations_dir)?
+        .warm(client, target, max_new)
+        .await
 }
 
 /// Ready schemas of one migration set.

@@ -186,8 +186,8 @@ impl TestDbBuilder {
                 client
             }
             Err(error) if believed => {
+                // The full check starts or finds the server and mends the record.
                 tracing::debug!(%error, "the recorded server did not answer; checking the backend");
-                backend::forget_known(&settings);
                 server = ensure_server(&settings).await?;
                 if self.settings.is_none() {
                     remember_server(&server);

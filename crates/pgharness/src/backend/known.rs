@@ -86,10 +86,6 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
     Some(Server::local(backend, known.port, &password))
 }
 
-pub(super) fn forget(settings: &Settings) {
-    let _ = std::fs::remove_file(path(settings));
-}
-
 /// Forgets every record of a server of this kind (it is being stopped).
 pub(super) fn forget_all(settings: &Settings, kind: BackendKind) {
     for requested in [BackendKind::Auto, kind] {

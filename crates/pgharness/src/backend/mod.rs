@@ -48,11 +48,6 @@ pub fn known(settings: &Settings) -> Option<Server> {
     known::recall(settings)
 }
 
-/// Forgets the recorded server (after a connection to it failed).
-pub fn forget_known(settings: &Settings) {
-    known::forget(settings);
-}
-
 /// The backend `auto` would pick, without starting anything.
 pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<BackendKind, Error> {
     if settings.backend != BackendKind::Auto {

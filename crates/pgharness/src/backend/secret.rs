@@ -70,15 +70,26 @@ pub(crate) fn local_password(settings: &Settings) -> Result<String, Error> {
 
 /// Writes a file only its owner may read (0600 from its creation on).
 pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), Error> {
-    let mut file = std::fs::File::options()
+    create_private(path)?
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::io("failed to write", path, e))
+}
+
+/// Creates (or empties) a file only its owner may read or write: 0600 from its creation
+/// on, and set again on a file that existed with another mode. For secrets, and for logs of
+/// processes that handle them.
+pub fn create_private(path: &Path) -> Result<std::fs::File, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::options()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io("failed to create", path, e))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| Error::io("failed to write", path, e))
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("failed to restrict", path, e))?;
+    Ok(file)
 }
 
 /// A SCRAM-SHA-256 verifier for `password` (RFC 5802/7677, as Postgres stores it): what
