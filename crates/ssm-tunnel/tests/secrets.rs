@@ -34,8 +34,8 @@ async fn no_session_token_reaches_the_logs() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    // The first websocket closes with `1000 Bye` a few hundred bytes in: the tunnel
-    // resumes (ResumeSession, a new token, a new open frame) in the middle of a query.
+    // The first websocket closes with `1000 Bye` once the client has sent 300 bytes: the tunnel resumes (ResumeSession, a new token, a
+    // new open frame) and the queries cross the second websocket.
     let env = env(|config| {
         config.faults = fake_aws::ssm::Faults {
             bye_after_bytes: Some(300),
@@ -46,7 +46,6 @@ async fn no_session_token_reaches_the_logs() {
     let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
         .await
         .expect("the tunnel opens");
-    let mut tokens = env.ssm.current_tokens();
     assert!(
         query_over(tunnel.connect().await.unwrap())
             .await
@@ -59,10 +58,10 @@ async fn no_session_token_reaches_the_logs() {
             .unwrap()
             .starts_with("through ")
     );
-    tokens.extend(env.ssm.current_tokens());
+    let tokens = env.ssm.issued_tokens();
     assert!(
-        tokens.len() >= 2 && tokens[0] != tokens[tokens.len() - 1],
-        "no resume happened: {} token(s)",
+        tokens.len() >= 2,
+        "no resume happened: {} token(s) issued",
         tokens.len()
     );
     tunnel.close().await.unwrap();

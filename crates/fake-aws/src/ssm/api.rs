@@ -191,6 +191,7 @@ fn start_session(state: &Arc<State>, input: &Value) -> Response {
             SessionSlot {
                 record,
                 token: token.clone(),
+                earlier_tokens: Vec::new(),
                 attach: attach_tx,
                 control: control_tx,
                 cell: 1,
@@ -229,7 +230,9 @@ fn resume_session(state: &Arc<State>, input: &Value) -> Response {
         // An empty token: the session is over.
         return ok(json!({ "SessionId": id, "TokenValue": "", "StreamUrl": "" }));
     }
-    slot.token = random_hex(32);
+    let fresh = random_hex(32);
+    let earlier = std::mem::replace(&mut slot.token, fresh);
+    slot.earlier_tokens.push(earlier);
     if new_url {
         slot.cell += 1;
     }
@@ -375,12 +378,10 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
     }
     let started = Instant::now();
     let mut bytes_in: u64 = 0;
-    let bye = |bytes: u64| {
-        first_connection
-            && (faults.bye_after_bytes.is_some_and(|limit| bytes >= limit)
-                || faults
-                    .bye_after
-                    .is_some_and(|after| started.elapsed() >= after))
+    let bye_due = || {
+        faults
+            .bye_after
+            .is_some_and(|after| started.elapsed() >= after)
     };
     let mut ping = tokio::time::interval(Duration::from_secs(54));
     let mut bye_check = tokio::time::interval(Duration::from_millis(50));
@@ -390,6 +391,13 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                 Some(Ok(WsMessage::Binary(bytes))) => {
                     bytes_in += bytes.len() as u64;
                     let _ = in_tx.send(WsIn::Binary(bytes.to_vec()));
+                    // A byte limit is exact: the frame that reaches it is the last one
+                    // this websocket carries (the clock limit is checked on a tick below).
+                    if first_connection && faults.bye_after_bytes.is_some_and(|limit| bytes_in >= limit) {
+                        tracing::info!(session = %id, bytes_in, "fake SSM: closing the websocket with 1000 Bye (fault)");
+                        let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() }))).await;
+                        break;
+                    }
                 }
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
@@ -427,7 +435,7 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                 let _ = sink.send(WsMessage::Ping(Bytes::from_static(b"keepalive"))).await;
             }
             _ = bye_check.tick(), if first_connection => {
-                if bye(bytes_in) {
+                if bye_due() {
                     tracing::info!(session = %id, "fake SSM: closing the websocket with 1000 Bye (fault)");
                     let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() }))).await;
                     break;

@@ -13,7 +13,8 @@ pub struct Faults {
     pub duplicate: f64,
     /// Probability a message is held back 1–40 ms (reordering it).
     pub reorder: f64,
-    /// Close the first websocket with `1000 Bye` after this many bytes (client→agent).
+    /// Close the first websocket with `1000 Bye` right after the frame that brings the
+    /// client→agent bytes to this many.
     pub bye_after_bytes: Option<u64>,
     /// Close the first websocket with `1000 Bye` after this long.
     pub bye_after: Option<Duration>,

@@ -80,6 +80,8 @@ pub struct SessionRecord {
 pub(crate) struct SessionSlot {
     pub(crate) record: SessionRecord,
     pub(crate) token: String,
+    /// Tokens this session was given before `token` (one per resume).
+    pub(crate) earlier_tokens: Vec<String>,
     pub(crate) attach: mpsc::UnboundedSender<super::agent::Attachment>,
     pub(crate) control: mpsc::UnboundedSender<super::agent::Control>,
     pub(crate) cell: u32,
@@ -169,14 +171,18 @@ impl SsmService {
         records
     }
 
-    /// The session tokens currently valid (for tests that check no log carries one).
-    pub fn current_tokens(&self) -> Vec<String> {
+    /// Every session token the service has issued, by StartSession and by each
+    /// ResumeSession (for tests that check no log carries one).
+    pub fn issued_tokens(&self) -> Vec<String> {
         let sessions = self
             .state
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        sessions.values().map(|s| s.token.clone()).collect()
+        sessions
+            .values()
+            .flat_map(|s| s.earlier_tokens.iter().chain([&s.token]).cloned())
+            .collect()
     }
 
     /// Sessions not yet ended.
