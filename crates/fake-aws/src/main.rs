@@ -97,6 +97,11 @@ struct Cli {
     /// Wait this long before sending the handshake request.
     #[arg(long, value_parser = parse_duration)]
     slow_handshake: Option<Duration>,
+    /// Basic mode: after DisconnectToPort, forward what the remote host still sends until
+    /// it closes, after the flag's ack (the race a client must survive without handing a
+    /// closed connection's bytes to the next one).
+    #[arg(long)]
+    late_bytes: bool,
     /// Sessions with no data for this long end with `channel_closed` (AWS: 20m).
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
@@ -188,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
             bye_after_bytes: cli.bye_after_bytes,
             bye_after: cli.bye_after,
             slow_handshake: cli.slow_handshake.unwrap_or_default(),
+            late_bytes: cli.late_bytes,
         };
         if let Some(idle) = cli.idle_timeout {
             config.idle_timeout = idle;

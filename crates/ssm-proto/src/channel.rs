@@ -54,6 +54,12 @@ pub enum Event {
     StartPublication,
     /// A frame that failed validation; it was dropped without an acknowledgement.
     Malformed(DecodeError),
+    /// The peer acknowledged the stream-data message with this sequence number, for the
+    /// first time. Reported in arrival order among the other events, which is what a
+    /// basic-mode client needs: the protocol has no connection id there, and the agent's
+    /// ack of a new connection's first message is the one mark in its output that comes
+    /// after every byte of the previous connection (ssm-protocol.md §6).
+    Acknowledged(i64),
 }
 
 /// `send` refused: too much is unacknowledged. Wait for acks (`can_send`).
@@ -282,9 +288,11 @@ impl DataChannel {
         let Ok(ack) = serde_json::from_slice::<Acknowledge>(&message.payload) else {
             return;
         };
-        let Some(sent) = self.sent.remove(&ack.acknowledged_message_sequence_number) else {
+        let seq = ack.acknowledged_message_sequence_number;
+        let Some(sent) = self.sent.remove(&seq) else {
             return;
         };
+        self.events.push_back(Event::Acknowledged(seq));
         if !sent.resent {
             // Karn: only messages sent once give RTT samples.
             let sample = now.saturating_duration_since(sent.sent_at);

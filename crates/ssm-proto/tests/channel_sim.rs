@@ -120,16 +120,27 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|_| rng.random()).collect()
 }
 
-fn received(events: Vec<Event>, into: &mut Vec<u8>) {
+/// Collects one side's events: the peer's data, and its acks of this side's messages.
+fn received(events: Vec<Event>, into: &mut Vec<u8>, acked: &mut Vec<i64>) {
     for event in events {
         match event {
             Event::Stream {
                 payload_type: PayloadType::Output,
                 payload,
             } => into.extend_from_slice(&payload),
+            Event::Acknowledged(seq) => acked.push(seq),
             other => panic!("unexpected event {other:?}"),
         }
     }
+}
+
+/// Every ack reported names a message that was sent, and none is reported twice.
+fn each_acked_once(mut acked: Vec<i64>, sent: usize) {
+    acked.sort_unstable();
+    let before = acked.len();
+    acked.dedup();
+    assert_eq!(acked.len(), before, "an ack was reported twice");
+    assert!(acked.iter().all(|&seq| (0..sent as i64).contains(&seq)));
 }
 
 /// Sends `upload` client→agent and `download` agent→client in 1 KiB messages.
@@ -144,6 +155,8 @@ fn transfer(
         download.chunks(1024).peekable(),
     );
     let (mut at_agent, mut at_client) = (Vec::new(), Vec::new());
+    let (mut client_acked, mut agent_acked) = (Vec::new(), Vec::new());
+    let (mut client_sent, mut agent_sent) = (0, 0);
     let mut steps = 0usize;
     while at_agent.len() < upload.len() || at_client.len() < download.len() {
         while sim.client.can_send() {
@@ -151,21 +164,25 @@ fn transfer(
             sim.client
                 .send(sim.now, PayloadType::Output, chunk.to_vec())
                 .unwrap();
+            client_sent += 1;
         }
         while sim.agent.can_send() {
             let Some(chunk) = down.next() else { break };
             sim.agent
                 .send(sim.now, PayloadType::Output, chunk.to_vec())
                 .unwrap();
+            agent_sent += 1;
         }
         let (client_events, agent_events) = sim.step();
-        received(agent_events, &mut at_agent);
-        received(client_events, &mut at_client);
+        received(agent_events, &mut at_agent, &mut agent_acked);
+        received(client_events, &mut at_client, &mut client_acked);
         midway(sim, at_agent.len());
         sim.advance();
         steps += 1;
         assert!(steps < 5_000_000, "no progress");
     }
+    each_acked_once(client_acked, client_sent);
+    each_acked_once(agent_acked, agent_sent);
     (at_agent, at_client)
 }
 
@@ -268,6 +285,12 @@ fn duplicates_are_acknowledged_again_and_delivered_once() {
     for ack in acks {
         agent.handle_frame(now, &ack);
     }
+    let events: Vec<_> = std::iter::from_fn(|| agent.poll_event()).collect();
+    assert_eq!(
+        events,
+        [Event::Acknowledged(0)],
+        "the first ack is reported, its duplicate is not"
+    );
     assert_eq!(agent.unacked(), 0);
     assert_eq!(agent.poll_timeout(), None, "no timer without unacked data");
 }

@@ -73,6 +73,23 @@ struct State {
     basic_active: Option<u32>,
     basic_waiting: VecDeque<oneshot::Sender<Result<TunnelStream, Error>>>,
     next_basic_id: u32,
+    basic_boundary: Boundary,
+}
+
+/// Basic mode's boundary between one connection and the next (ssm-protocol.md §6). Basic
+/// mode has no connection id: after a DisconnectToPort the agent's output can still carry
+/// the closed connection's last bytes, in flight or read just before the agent closed its
+/// side (a TLS close_notify, a server's goodbye). They are acknowledged (the channel acks
+/// everything) and dropped until the agent acknowledges the next connection's first
+/// message: the agent acks a message before it dials for it, and its output is in order,
+/// so every byte after that ack belongs to the new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Boundary {
+    /// Output belongs to the active connection.
+    Clear,
+    /// A connection ended; output is the old one's until `first` (the next connection's
+    /// first message, once sent) is acknowledged.
+    Draining { first: Option<i64> },
 }
 
 fn unix_ms() -> u64 {
@@ -94,7 +111,12 @@ impl State {
             let Some((payload_type, payload)) = self.pending.pop_front() else {
                 break;
             };
-            let _ = self.channel.send(Instant::now(), payload_type, payload);
+            let sent = self.channel.send(Instant::now(), payload_type, payload);
+            if let (Ok(seq), PayloadType::Output, Boundary::Draining { first: None }) =
+                (sent, payload_type, self.basic_boundary)
+            {
+                self.basic_boundary = Boundary::Draining { first: Some(seq) };
+            }
         }
     }
 
@@ -257,6 +279,7 @@ impl Driver {
                     &Flag::DisconnectToPort.to_payload(),
                     self.chunk_size,
                 );
+                state.basic_boundary = Boundary::Draining { first: None };
                 if let Some(next) = state.basic_waiting.pop_front() {
                     self.open_stream(state, next);
                 }
@@ -343,7 +366,12 @@ impl Driver {
                         }
                     }
                     Some(Mode::Basic) => {
-                        if let Some(stream) =
+                        if state.basic_boundary != Boundary::Clear {
+                            tracing::debug!(
+                                bytes = payload.len(),
+                                "dropped output of a closed basic-mode connection"
+                            );
+                        } else if let Some(stream) =
                             state.basic_active.and_then(|id| state.streams.get(&id))
                         {
                             let _ = stream.to_local.send(payload);
@@ -351,6 +379,11 @@ impl Driver {
                     }
                     None => {}
                 },
+                Event::Acknowledged(seq) => {
+                    if state.basic_boundary == (Boundary::Draining { first: Some(seq) }) {
+                        state.basic_boundary = Boundary::Clear;
+                    }
+                }
                 Event::Stream {
                     payload_type: PayloadType::Flag,
                     payload,
@@ -412,6 +445,7 @@ impl Driver {
             basic_active: None,
             basic_waiting: VecDeque::new(),
             next_basic_id: 0,
+            basic_boundary: Boundary::Clear,
         };
         let mut keepalive = tokio::time::interval(Duration::from_secs(10));
         let mut ping = tokio::time::interval(Duration::from_secs(300));

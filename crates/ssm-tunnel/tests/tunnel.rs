@@ -198,6 +198,84 @@ async fn old_agents_get_basic_mode_one_connection_at_a_time() {
     }
 }
 
+/// A server whose every connection ends with a message of its own: it answers `hello-k`
+/// with `hi-k`, and when the client's side closes it says `bye-k` (as a TLS server answers
+/// close_notify). Returns its address and how many goodbyes it has sent.
+async fn goodbye_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let goodbyes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = goodbyes.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                let mut line = String::new();
+                socket.read_line(&mut line).await?;
+                let k = line.trim().trim_start_matches("hello-").to_owned();
+                socket
+                    .get_mut()
+                    .write_all(format!("hi-{k}\n").as_bytes())
+                    .await?;
+                let mut rest = Vec::new();
+                socket.read_to_end(&mut rest).await?;
+                socket
+                    .get_mut()
+                    .write_all(format!("bye-{k}\n").as_bytes())
+                    .await?;
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    (address, goodbyes)
+}
+
+#[tokio::test]
+async fn basic_mode_never_hands_a_closed_connections_late_bytes_to_the_next() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, goodbyes) = goodbye_server().await;
+    // The late-bytes fault forwards each connection's goodbye after the client's
+    // DisconnectToPort, when the client has already moved on to its next connection.
+    let env = env(|config| {
+        config.agent_version = "3.0.196.0".into();
+        config.faults.late_bytes = true;
+        config.host_map.insert(DB_HOST.into(), server);
+    })
+    .await;
+    let tunnel = Tunnel::open_with(TunnelConfig::new(TARGET, DB_HOST, 5432), env.client())
+        .await
+        .unwrap();
+    assert_eq!(tunnel.mode(), Mode::Basic);
+    const CONNECTIONS: usize = 25;
+    for k in 0..CONNECTIONS {
+        let mut stream = tunnel.connect().await.unwrap();
+        stream
+            .write_all(format!("hello-{k}\n").as_bytes())
+            .await
+            .unwrap();
+        let expected = format!("hi-{k}\n");
+        let mut reply = vec![0; expected.len()];
+        stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            expected,
+            "connection {k} was handed another connection's bytes"
+        );
+    }
+    assert!(
+        goodbyes.load(std::sync::atomic::Ordering::SeqCst) >= CONNECTIONS - 1,
+        "the server said goodbye to every closed connection, so late bytes did cross the \
+         tunnel: {goodbyes:?}"
+    );
+    tunnel.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_disconnected_target_is_a_clear_error_and_no_session_is_left() {
     let env = env(|_| {}).await;

@@ -501,7 +501,31 @@ impl SessionTask {
                             return "terminated by the client".into();
                         }
                         Some(Flag::DisconnectToPort) => {
+                            // Dropping the writer closes the sending half to the remote host;
+                            // what it still sends is dropped as it arrives, unless the
+                            // late-bytes fault forwards it now, after the flag's ack.
                             streams.clear();
+                            if self.config.faults.late_bytes && mode == Mode::Basic {
+                                agent.flush();
+                                let old = basic_id;
+                                let drain = async {
+                                    while let Some(remote) = remote_rx.recv().await {
+                                        match remote {
+                                            Remote::Data(id, bytes) if id == old => {
+                                                agent.queue(PayloadType::Output, &bytes)
+                                            }
+                                            Remote::Closed(id) | Remote::DialFailed(id)
+                                                if id == old =>
+                                            {
+                                                break;
+                                            }
+                                            _ => {}
+                                        }
+                                    }
+                                };
+                                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+                                agent.send_pending().await;
+                            }
                         }
                         _ => {}
                     },

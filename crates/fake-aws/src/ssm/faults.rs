@@ -20,6 +20,13 @@ pub struct Faults {
     pub bye_after: Option<Duration>,
     /// Wait this long before sending the handshake request.
     pub slow_handshake: Duration,
+    /// Basic mode's late bytes, made certain: on DisconnectToPort the agent closes only its
+    /// sending half to the remote host, forwards whatever the host still sends until it
+    /// closes (a TLS close_notify, a goodbye message) after acknowledging the flag, and
+    /// only then reads the client's next message. A real agent forwards bytes it read just
+    /// before it handled the flag, and bytes in flight arrive after the flag was sent; a
+    /// client must never hand them to its next connection (ssm-protocol.md §6).
+    pub late_bytes: bool,
 }
 
 impl Faults {
