@@ -429,6 +429,7 @@ impl Bench {
         tunnel.close().await?;
         let rate = total as f64 / elapsed.as_secs_f64() / 1e6;
         let upload = self.upload(&ssm, &keys, &target).await?;
+        let download = self.download(&ssm, &keys, &target).await?;
         println!(
             "SSM tunnel to fake-aws ({}agent pacing, {} MB):",
             if pacing { "" } else { "no " },
@@ -448,6 +449,17 @@ impl Bench {
             "MB/s",
             "> 0.6",
             "upload (client → remote; the official plugin's: 0.6 MB/s)",
+        );
+        figure(
+            &format!("tunnel_download{suffix}_mb_s"),
+            download,
+            "MB/s",
+            if pacing { "~0.70" } else { "" },
+            if pacing {
+                "download (remote → client; AWS's Go agent paced: 0.70 MB/s)"
+            } else {
+                "download (remote → client)"
+            },
         );
         figure(
             &format!("tunnel_round_trip{suffix}_mb_s"),
@@ -508,6 +520,53 @@ impl Bench {
         );
         tunnel.close().await?;
         Ok(total as f64 / at.duration_since(started).as_secs_f64() / 1e6)
+    }
+
+    /// Download only: a source writes the bytes as the client connects; the rate is
+    /// measured from the first byte received to the last.
+    async fn download(
+        &self,
+        ssm: &SsmService,
+        keys: &KeyPair,
+        target: &str,
+    ) -> anyhow::Result<f64> {
+        let total = self.megabytes * 1024 * 1024;
+        let source = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let source_addr = source.local_addr()?;
+        tokio::spawn(async move {
+            if let Ok((mut stream, _)) = source.accept().await {
+                let chunk = vec![0x3c; 64 * 1024];
+                let mut sent = 0;
+                while sent < total {
+                    let n = chunk.len().min(total - sent);
+                    if stream.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+            }
+        });
+        ssm.reconfigure(|config| {
+            config.host_map.insert("source.bench".into(), source_addr);
+        });
+        let tunnel = Tunnel::open_with(
+            TunnelConfig::new(target, "source.bench", 9),
+            ssm_client(ssm, keys),
+        )
+        .await
+        .context("tunnel")?;
+        let mut stream = tunnel.connect().await?;
+        let mut buffer = vec![0; 64 * 1024];
+        let mut received = stream.read(&mut buffer).await?;
+        let started = Instant::now();
+        while received < total {
+            let n = stream.read(&mut buffer).await?;
+            anyhow::ensure!(n > 0, "the tunnel closed after {received} bytes");
+            received += n;
+        }
+        let elapsed = started.elapsed();
+        tunnel.close().await?;
+        Ok(total as f64 / elapsed.as_secs_f64() / 1e6)
     }
 }
 

@@ -104,6 +104,9 @@ struct Agent {
 /// message per 1.46 ms. A plain 1 ms tokio sleep per message overshoots to ~2.5 ms.
 const AGENT_WRITE_INTERVAL: Duration = Duration::from_micros(1460);
 
+/// How far pacing may fall behind its deadlines and still catch up (a few messages).
+const PACING_SLACK: Duration = Duration::from_millis(5);
+
 impl Agent {
     /// Sends what the channel has for the wire, through the outbound faults.
     fn flush(&mut self) {
@@ -174,8 +177,10 @@ impl Agent {
             };
             if self.pacing {
                 let now = Instant::now();
-                // After a quiet spell the pace starts afresh; no burst to catch up.
-                if self.next_send < now {
+                // A timer that fires late is made up for by the next, shorter waits (tokio's
+                // timer has 1 ms granularity); after a quiet spell the pace starts afresh,
+                // with no burst to catch up.
+                if self.next_send + PACING_SLACK < now {
                     self.next_send = now;
                 }
                 tokio::time::sleep_until(self.next_send.into()).await;
