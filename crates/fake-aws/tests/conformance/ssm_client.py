@@ -7,6 +7,12 @@ acknowledgements, HandshakeComplete, TerminateSession and channel_closed.
 
 Environment: AWS_ENDPOINT_URL_SSM, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN (optional), SSM_TARGET. Exit 0 when every check passed, 1 otherwise.
+
+It also speaks the session-manager-plugin's command line, so that AWS's own CLI can run it
+in the plugin's place (`aws ssm start-session` calls StartSession itself, then runs
+`session-manager-plugin --version` and `session-manager-plugin <response or the name of the
+variable holding it> <region> StartSession <profile> <request JSON> <endpoint>`): then the
+CLI's StartSession request and response are checked, and the data channel as above.
 """
 
 import datetime
@@ -118,24 +124,54 @@ def receive(ws, acked, want):
             return message
 
 
-def main():
-    self_test()
-    session = botocore.session.get_session()
-    ssm = session.create_client(
+PLUGIN_VERSION = "1.2.677.0"
+RECIPE_PARAMETERS = {"host": ["db.example"], "portNumber": ["5432"], "localPortNumber": ["1053"]}
+
+
+def ssm_client(region, endpoint):
+    return botocore.session.get_session().create_client(
         "ssm",
-        region_name=os.environ["AWS_REGION"],
-        endpoint_url=os.environ["AWS_ENDPOINT_URL_SSM"],
+        region_name=region,
+        endpoint_url=endpoint,
         aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
         aws_session_token=os.environ.get("AWS_SESSION_TOKEN"),
     )
+
+
+def main():
+    self_test()
+    ssm = ssm_client(os.environ["AWS_REGION"], os.environ["AWS_ENDPOINT_URL_SSM"])
     # The seed recipe's call.
     started = ssm.start_session(
         Target=os.environ["SSM_TARGET"],
         DocumentName="AWS-StartPortForwardingSessionToRemoteHost",
-        Parameters={"host": ["db.example"], "portNumber": ["5432"], "localPortNumber": ["1053"]},
+        Parameters=RECIPE_PARAMETERS,
         Reason="conformance",
     )
+    data_channel(ssm, started, RECIPE_PARAMETERS)
+
+
+def as_plugin(argv):
+    """Run by `aws ssm start-session` in session-manager-plugin's place."""
+    self_test()
+    given, region, operation, _profile, request, endpoint = argv[:6]
+    check(operation == "StartSession", "the CLI runs the plugin for StartSession")
+    started = json.loads(os.environ[given] if given in os.environ else given)
+    request = json.loads(request)
+    check(request.get("Target") == os.environ["SSM_TARGET"], "the CLI passes the request's Target")
+    check(
+        request.get("DocumentName") == "AWS-StartPortForwardingSessionToRemoteHost",
+        "the CLI passes the request's DocumentName",
+    )
+    parameters = request.get("Parameters", {})
+    check(parameters.get("localPortNumber") == ["1053"], "the CLI passes localPortNumber 1053")
+    check(endpoint == os.environ["AWS_ENDPOINT_URL_SSM"], "the CLI passes fake-aws's endpoint")
+    data_channel(ssm_client(region, endpoint), started, parameters)
+
+
+def data_channel(ssm, started, parameters):
+    """The data channel of a started session, then TerminateSession and channel_closed."""
     for key in ("SessionId", "TokenValue", "StreamUrl"):
         check(started.get(key), f"StartSession returns {key}")
     check("/v1/data-channel/" + started["SessionId"] in started["StreamUrl"], "StreamUrl names the session")
@@ -149,7 +185,7 @@ def main():
                     "RequestId": str(uuid.uuid4()),
                     "TokenValue": started["TokenValue"],
                     "ClientId": str(uuid.uuid4()),
-                    "ClientVersion": "1.2.677.0",
+                    "ClientVersion": PLUGIN_VERSION,
                 }
             )
         )
@@ -162,14 +198,13 @@ def main():
         check(action["ActionType"] == "SessionType", "the action is SessionType")
         check(action["ActionParameters"]["SessionType"] == "Port", "SessionType is Port")
         properties = action["ActionParameters"]["Properties"]
-        check(properties.get("localPortNumber") == "1053", "Properties carry localPortNumber 1053")
-        check(properties.get("portNumber") == "5432", "Properties carry portNumber as a string")
-        check(properties.get("host") == "db.example", "Properties carry host")
+        for name, values in parameters.items():
+            check(properties.get(name) == values[0], f"Properties carry {name} as a string ({values[0]})")
         check(properties.get("type") == "LocalPortForwarding", "Properties carry the forwarding type")
 
         response = json.dumps(
             {
-                "ClientVersion": "1.2.677.0",
+                "ClientVersion": PLUGIN_VERSION,
                 "ProcessedClientActions": [
                     {"ActionType": "SessionType", "ActionStatus": 1, "ActionResult": None, "Error": ""}
                 ],
@@ -206,4 +241,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--version"]:
+        print(PLUGIN_VERSION)
+    elif len(sys.argv) >= 7:
+        as_plugin(sys.argv[1:])
+    else:
+        main()
