@@ -192,15 +192,12 @@ impl Batch {
     }
 }
 
-/// Quotes an identifier for SQL.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for SQL.
-pub(crate) fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
+/// SQL quoting, by the protocol crate tokio-postgres is built on: an identifier always in
+/// double quotes, a literal in single quotes (as ` E'…'` when it holds a backslash, so it
+/// means the same whatever `standard_conforming_strings` says).
+pub(crate) use postgres_protocol::escape::{
+    escape_identifier as quote_ident, escape_literal as quote_literal,
+};
 
 #[cfg(test)]
 mod tests {
@@ -258,11 +255,5 @@ mod tests {
             "select 1"
         );
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

@@ -248,7 +248,8 @@ async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
     let client = admin(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
-    let test_name = format!("timings_{}", uuid::Uuid::new_v4().simple());
+    // A name that SQL quoting must carry intact: a quote and a backslash.
+    let test_name = format!("timings_it's_a\\b_{}", uuid::Uuid::new_v4().simple());
     let dir = own_migrations("timings", "CREATE TABLE notes (id bigserial PRIMARY KEY);");
     for _ in 0..2 {
         let db = TestDb::builder()
