@@ -188,7 +188,7 @@ impl Test {
         server: &Server,
         kind: BackendKind,
     ) -> anyhow::Result<(ExitCode, u64)> {
-        let run_id = format!("xtask-{}", uuid_like());
+        let run_id = format!("xtask-{}", uuid::Uuid::new_v4());
         let admin = Arc::new(servers::admin_client(server).await?);
         ledger::hold_run_lock(&admin, &run_id).await?;
         let stale = ledger::reap(
@@ -353,14 +353,6 @@ fn warm_target(group: u32, nextest_args: &[String]) -> u64 {
         }
     }
     threads.min(u64::from(group)) + 1
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!("{:x}-{:x}", nanos, std::process::id())
 }
 
 fn ms(value: Option<f64>) -> String {

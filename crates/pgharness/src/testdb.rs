@@ -523,11 +523,9 @@ fn current_test_name() -> String {
         .unwrap_or_else(|| "test".to_owned())
 }
 
+/// This machine's name, for the ledger (which host holds a schema).
 pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".to_owned())
+    gethostname::gethostname().to_string_lossy().into_owned()
 }
 
 fn process_run_id() -> &'static str {
