@@ -28,8 +28,13 @@ async fn racing_starters_share_one_container_until_it_is_stopped() {
 
     let docker = container::docker().await.unwrap();
     let image = container::resolve_image(&docker, &settings).await.unwrap();
+    let server = backend::ensure(&settings, &log_only).await.unwrap();
+    let password = String::from_utf8_lossy(server.config().get_password().unwrap()).into_owned();
     let info = docker
-        .inspect_container(&container::container_name(&settings, &image), None)
+        .inspect_container(
+            &container::container_name(&settings, &image, &password),
+            None,
+        )
         .await
         .unwrap();
     let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
@@ -37,21 +42,28 @@ async fn racing_starters_share_one_container_until_it_is_stopped() {
         labels.get(container::LABEL_MANAGED).map(String::as_str),
         Some("true")
     );
-    let deadline: u64 = labels[container::LABEL_DEADLINE].parse().unwrap();
-    assert!(
-        deadline
-            > std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
+    assert_eq!(
+        labels[container::LABEL_TTL],
+        settings.container_ttl.as_secs().to_string()
     );
+    let bindings = info
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.clone())
+        .unwrap_or_default();
+    let published: Vec<_> = bindings
+        .values()
+        .flatten()
+        .flatten()
+        .map(|b| b.host_ip.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(published, ["127.0.0.1"], "published on loopback only");
     let mounts = info.host_config.and_then(|h| h.tmpfs).unwrap_or_default();
     assert!(
         mounts.contains_key("/var/lib/postgresql/data"),
         "data must be on tmpfs: {mounts:?}"
     );
 
-    let server = backend::ensure(&settings, &log_only).await.unwrap();
     let client = common::admin(&server).await;
     let fsync: String = client.query_one("SHOW fsync", &[]).await.unwrap().get(0);
     assert_eq!(fsync, "off");
@@ -61,6 +73,30 @@ async fn racing_starters_share_one_container_until_it_is_stopped() {
         .unwrap();
     assert_eq!(stopped.len(), 1, "{stopped:?}");
     assert!(!backend::is_running(&settings, BackendKind::Container).await);
+}
+
+#[tokio::test]
+async fn a_container_past_its_deadline_is_reaped_and_not_before() {
+    let mut settings = isolated_settings(BackendKind::Container, "reap");
+    settings.container_ttl = Duration::from_secs(600);
+    backend::ensure(&settings, &log_only)
+        .await
+        .expect("the container starts");
+    let now = std::time::SystemTime::now();
+    let kept = container::reap_expired_at(now).await.unwrap();
+    assert!(
+        backend::is_running(&settings, BackendKind::Container).await,
+        "{kept:?}"
+    );
+    // The clock seam: ten minutes and a bit later, its TTL has passed.
+    let removed = container::reap_expired_at(now + Duration::from_secs(660))
+        .await
+        .unwrap();
+    assert!(
+        !backend::is_running(&settings, BackendKind::Container).await,
+        "{removed:?}"
+    );
+    assert!(!removed.is_empty());
 }
 
 #[tokio::test]
@@ -372,7 +408,12 @@ async fn a_container_whose_password_the_workspace_lost_is_replaced() {
         .query_one("SELECT 1", &[])
         .await
         .unwrap();
-    backend::stop(&settings, BackendKind::Container)
+    let stopped = backend::stop(&settings, BackendKind::Container)
         .await
         .unwrap();
+    assert_eq!(
+        stopped.len(),
+        1,
+        "the old container was removed: {stopped:?}"
+    );
 }

@@ -1,22 +1,37 @@
-//! The `container` backend: one Postgres container per workspace and image, shared by every
-//! test process. Its name is deterministic, so concurrent creators race on the name and the
-//! losers join the winner. Data lives on tmpfs and fsync is off.
+//! The `container` backend: one Postgres container per workspace, image and password, shared
+//! by every test process, started with testcontainers as a reusable container
+//! (`ReuseDirective::Always`: a request finds the running container by its name and labels,
+//! and dropping the handle leaves it running). Data lives on tmpfs, fsync is off, and the
+//! port is published on 127.0.0.1 only.
 //!
-//! This talks to Docker through bollard (the client testcontainers is built on) with API
-//! version negotiation: testcontainers 0.27/0.28 pin API 1.52, which Docker Engine 20.10
-//! (Debian bookworm's `docker.io`, API 1.41) rejects.
+//! Kept as thin code around testcontainers, for what it does not do:
+//! - the create race: processes that start together all find no container and all create
+//!   one under the same name; the losers' 409 (or a 304 from starting the winner's
+//!   container) is retried, and the retry's lookup joins the winner;
+//! - the deadline reaper and `down` (`reap_expired`, `stop`): listing and removing
+//!   containers by label, through the bollard client testcontainers re-exports;
+//! - picking the image (`postgres:17` if present or pullable, else the locally built one)
+//!   and the Docker probe with its actionable errors.
+//!
+//! testcontainers passes bollard's default API version, and released bollard puts no
+//! version prefix on the wire, so this works on Docker Engine 20.10 (API 1.41); CI runs the
+//! container leg on such an engine because an unreleased bollard change would add it.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder,
-};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
+use testcontainers::bollard::Docker;
+use testcontainers::bollard::models::{HostConfig, PortBinding};
+use testcontainers::bollard::query_parameters::{
+    CreateImageOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use testcontainers::core::IntoContainerPort;
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{
+    ContainerRequest, GenericImage, ImageExt, ReuseDirective, TestcontainersError,
+};
 
 use super::secret;
 use crate::connect;
@@ -32,10 +47,18 @@ pub const LOCAL_IMAGE: &str = "pgharness/postgres:17";
 
 /// Label on every container pgharness creates.
 pub const LABEL_MANAGED: &str = "dev.pgharness.managed";
-/// Label: the Unix time after which `cargo xtask reap` may remove the container.
+/// Label: the Unix time after which `cargo xtask reap` may remove the container (set by
+/// containers of earlier pgharness versions; read by the reaper).
 pub const LABEL_DEADLINE: &str = "dev.pgharness.deadline";
+/// Label: seconds after its creation when `cargo xtask reap` may remove the container.
+/// (A creation-relative label, not a deadline, because testcontainers finds a reusable
+/// container by all of its labels: every process must ask for the same ones.)
+pub const LABEL_TTL: &str = "dev.pgharness.ttl";
 /// Label: the workspace root the container serves.
 pub const LABEL_ROOT: &str = "dev.pgharness.root";
+/// Label: a fingerprint of the password the container was made with, so that a workspace
+/// that lost its password (`target/` cleaned) finds the old container stale.
+pub const LABEL_CREDENTIALS: &str = "dev.pgharness.credentials";
 
 const PGDATA: &str = "/var/lib/postgresql/data";
 
@@ -127,17 +150,24 @@ pub async fn resolve_image(docker: &Docker, settings: &Settings) -> Result<Strin
     }
 }
 
-/// The container name for this workspace, image and server settings.
-pub fn container_name(settings: &Settings, image: &str) -> String {
+/// The container name for this workspace, image, password and server settings.
+pub fn container_name(settings: &Settings, image: &str, password: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(settings.root.to_string_lossy().as_bytes());
     hasher.update([0]);
     hasher.update(image.as_bytes());
     hasher.update([0]);
     hasher.update(settings.max_connections.to_be_bytes());
+    hasher.update(settings.container_ttl.as_secs().to_be_bytes());
+    hasher.update(credentials(password).as_bytes());
     // Containers of older pgharness versions trusted every local user: never join one.
     hasher.update(b"scram-sha-256");
     format!("pgharness-{}", hex::encode(&hasher.finalize()[..5]))
+}
+
+/// A fingerprint of the server password: SHA-256 of 128 random bits reveals nothing usable.
+fn credentials(password: &str) -> String {
+    hex::encode(&Sha256::digest(password.as_bytes())[..8])
 }
 
 /// Whether this workspace's container exists and runs (never pulls or creates anything).
@@ -149,12 +179,15 @@ async fn is_running_unlogged(settings: &Settings) -> bool {
     let Ok(docker) = docker().await else {
         return false;
     };
+    let Some(password) = secret::existing_password(settings) else {
+        return false;
+    };
     let candidates = match &settings.image {
         Some(image) => vec![image.clone()],
         None => vec![DEFAULT_IMAGE.to_owned(), LOCAL_IMAGE.to_owned()],
     };
     for image in candidates {
-        let name = container_name(settings, &image);
+        let name = container_name(settings, &image, &password);
         if let Ok(info) = docker.inspect_container(&name, None).await
             && info.state.and_then(|s| s.running).unwrap_or(false)
         {
@@ -175,107 +208,45 @@ async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Ser
     let image = resolve_image(&docker, settings)
         .await
         .map_err(backend_error)?;
-    let name = container_name(settings, &image);
     let password = secret::local_password(settings)?;
-    let mut created = false;
-    let port = loop {
-        match docker.inspect_container(&name, None).await {
-            Ok(info) if !has_password(&info, &password) => {
-                // Made with a password this workspace no longer has (`target/` was cleaned,
-                // or another checkout at this path): nobody can log in to it. Replace it.
-                tracing::info!(%name, "replacing a container whose password this workspace lost");
-                remove(&docker, &name).await?;
+    let name = container_name(settings, &image, &password);
+    let existed = docker.inspect_container(&name, None).await.is_ok();
+    emit(
+        sink,
+        if existed {
+            Event::JoinedContainer { name: name.clone() }
+        } else {
+            Event::CreatingContainer {
+                name: name.clone(),
+                image: image.clone(),
             }
-            Ok(info) => {
-                let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
-                if !running {
-                    start(&docker, &name).await?;
-                    continue;
-                }
-                if !created {
-                    emit(sink, Event::JoinedContainer { name: name.clone() });
-                }
-                match published_port(&info) {
-                    Some(port) => break port,
-                    None => {
-                        return Err(backend_error(format!(
-                            "container `{name}` runs but publishes no port for 5432; remove it with `cargo xtask down`"
-                        )));
-                    }
-                }
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {
-                emit(
-                    sink,
-                    Event::CreatingContainer {
-                        name: name.clone(),
-                        image: image.clone(),
-                    },
-                );
-                match create(&docker, settings, &name, &image, &password).await {
-                    Ok(()) => created = true,
-                    // Another test process won the race: join its container.
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 409,
-                        ..
-                    }) => {}
-                    Err(e) => {
-                        return Err(backend_error(format!(
-                            "failed to create container `{name}`: {e}"
-                        )));
-                    }
-                }
-            }
-            Err(e) => {
-                return Err(backend_error(format!(
-                    "failed to inspect container `{name}`: {e}"
-                )));
-            }
-        }
-    };
+        },
+    );
+    let port = start_shared(settings, &name, &image, &password).await?;
     let server = Server::local(BackendKind::Container, port, &password);
     let what = format!("the Postgres container `{name}`");
     connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what)
         .await
         .map_err(|e| backend_error(format!("{e}; its log: `docker logs {name}`")))?;
-    if created {
+    if !existed {
         secret::lower_scram_cost(&server.config(), &password).await?;
+        remove_stale(&docker, settings, &password).await?;
     }
     Ok(server)
 }
 
-async fn start(docker: &Docker, name: &str) -> Result<(), Error> {
-    match docker.start_container(name, None).await {
-        Ok(()) => Ok(()),
-        // 304: already started (by a racing process).
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 304, ..
-        }) => Ok(()),
-        Err(e) => Err(backend_error(format!(
-            "failed to start container `{name}`: {e}"
-        ))),
-    }
-}
-
-async fn create(
-    docker: &Docker,
+/// The reusable container's request: deterministic name and labels, so that every test
+/// process asks for the same container.
+fn request(
     settings: &Settings,
     name: &str,
     image: &str,
     password: &str,
-) -> Result<(), bollard::errors::Error> {
-    let deadline = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_add(settings.container_ttl)
-        .as_secs();
-    let labels = HashMap::from([
-        (LABEL_MANAGED.to_owned(), "true".to_owned()),
-        (LABEL_DEADLINE.to_owned(), deadline.to_string()),
-        (LABEL_ROOT.to_owned(), settings.root.display().to_string()),
-    ]);
+) -> ContainerRequest<GenericImage> {
+    let (repository, tag) = match image.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
+        _ => (image, "latest"),
+    };
     let mut cmd = vec!["postgres".to_owned()];
     for option in [
         "fsync=off".to_owned(),
@@ -286,61 +257,106 @@ async fn create(
         cmd.push("-c".to_owned());
         cmd.push(option);
     }
-    let body = ContainerCreateBody {
-        image: Some(image.to_owned()),
-        cmd: Some(cmd),
-        env: Some(vec![
-            // Published on 127.0.0.1 only, and even there only the workspace's user (who
-            // can read target/pgharness/server-password) logs in.
-            "POSTGRES_HOST_AUTH_METHOD=scram-sha-256".to_owned(),
-            format!("POSTGRES_PASSWORD={password}"),
-            format!("PGDATA={PGDATA}"),
-        ]),
-        labels: Some(labels),
-        exposed_ports: Some(vec!["5432/tcp".to_owned()]),
-        host_config: Some(HostConfig {
-            port_bindings: Some(HashMap::from([(
+    GenericImage::new(repository, tag)
+        .with_exposed_port(5432.tcp())
+        .with_container_name(name)
+        .with_labels([
+            (LABEL_MANAGED, "true".to_owned()),
+            (LABEL_TTL, settings.container_ttl.as_secs().to_string()),
+            (LABEL_ROOT, settings.root.display().to_string()),
+            (LABEL_CREDENTIALS, credentials(password)),
+        ])
+        .with_cmd(cmd)
+        // Published on 127.0.0.1 only, and even there only the workspace's user (who can
+        // read target/pgharness/server-password) logs in.
+        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "scram-sha-256")
+        .with_env_var("POSTGRES_PASSWORD", password)
+        .with_env_var("PGDATA", PGDATA)
+        .with_shm_size(256 * 1024 * 1024)
+        .with_host_config_modifier(|host: &mut HostConfig| {
+            host.publish_all_ports = Some(false);
+            host.port_bindings = Some(HashMap::from([(
                 "5432/tcp".to_owned(),
                 Some(vec![PortBinding {
                     host_ip: Some("127.0.0.1".to_owned()),
                     host_port: Some(String::new()),
                 }]),
-            )])),
-            tmpfs: Some(HashMap::from([(
+            )]));
+            host.tmpfs = Some(HashMap::from([(
                 PGDATA.to_owned(),
                 "rw,mode=0700".to_owned(),
-            )])),
-            shm_size: Some(256 * 1024 * 1024),
-            ..Default::default()
-        }),
-        ..Default::default()
+            )]));
+        })
+        .with_reuse(ReuseDirective::Always)
+}
+
+/// Starts the shared container or joins it; returns its port on 127.0.0.1.
+async fn start_shared(
+    settings: &Settings,
+    name: &str,
+    image: &str,
+    password: &str,
+) -> Result<u16, Error> {
+    let mut attempts = 0;
+    let container = loop {
+        attempts += 1;
+        match request(settings, name, image, password).start().await {
+            Ok(container) => break container,
+            // Another process created (or started) it first: the next lookup joins it.
+            Err(error) if lost_race(&error) && attempts < 10 => {
+                tracing::debug!(%name, attempts, "lost the container create race; joining");
+            }
+            Err(error) => {
+                return Err(backend_error(format!(
+                    "failed to start container `{name}`: {error}"
+                )));
+            }
+        }
     };
-    let options = CreateContainerOptionsBuilder::new().name(name).build();
-    docker.create_container(Some(options), body).await?;
-    match docker.start_container(name, None).await {
-        Ok(())
-        | Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 304, ..
-        }) => Ok(()),
-        Err(e) => Err(e),
+    container
+        .get_host_port_ipv4(5432.tcp())
+        .await
+        .map_err(|e| {
+            backend_error(format!(
+                "container `{name}` runs but publishes no port for 5432 ({e}); remove it with `cargo xtask down`"
+            ))
+        })
+}
+
+/// A create that met the same name (409), or a start of a container that another process
+/// had just started (304).
+fn lost_race(error: &TestcontainersError) -> bool {
+    use testcontainers::bollard::errors::Error as Docker;
+    use testcontainers::core::error::ClientError;
+    matches!(
+        error,
+        TestcontainersError::Client(
+            ClientError::CreateContainer(Docker::DockerResponseServerError {
+                status_code: 409,
+                ..
+            }) | ClientError::StartContainer(Docker::DockerResponseServerError {
+                status_code: 304,
+                ..
+            })
+        )
+    )
+}
+
+/// Removes this workspace's containers made with a password it no longer has (`target/`
+/// was cleaned while one ran): nobody can log in to them.
+async fn remove_stale(docker: &Docker, settings: &Settings, password: &str) -> Result<(), Error> {
+    let current = credentials(password);
+    for summary in managed(docker).await? {
+        let labels = summary.labels.clone().unwrap_or_default();
+        let ours =
+            labels.get(LABEL_ROOT).map(String::as_str) == Some(&*settings.root.to_string_lossy());
+        if ours && labels.get(LABEL_CREDENTIALS) != Some(&current) {
+            let name = first_name(&summary);
+            tracing::info!(%name, "removing a container whose password this workspace lost");
+            remove(docker, &name).await?;
+        }
     }
-}
-
-/// Whether the container was made with this password (its environment says so).
-fn has_password(info: &bollard::models::ContainerInspectResponse, password: &str) -> bool {
-    let expected = format!("POSTGRES_PASSWORD={password}");
-    info.config
-        .as_ref()
-        .and_then(|c| c.env.as_ref())
-        .is_some_and(|env| env.contains(&expected))
-}
-
-fn published_port(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
-    let ports = info.network_settings.as_ref()?.ports.as_ref()?;
-    let bindings = ports.get("5432/tcp")?.as_ref()?;
-    bindings
-        .iter()
-        .find_map(|binding| binding.host_port.as_deref()?.parse().ok())
+    Ok(())
 }
 
 /// Removes this workspace's container (for `cargo xtask down`).
@@ -368,19 +384,16 @@ pub async fn reap_expired() -> Result<Vec<String>, Error> {
 }
 
 async fn reap_expired_unlogged() -> Result<Vec<String>, Error> {
+    reap_expired_at(SystemTime::now()).await
+}
+
+/// Removes every pgharness container whose deadline is before `now` (a clock seam).
+pub async fn reap_expired_at(now: SystemTime) -> Result<Vec<String>, Error> {
     let docker = docker().await.map_err(backend_error)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut removed = Vec::new();
     for summary in managed(&docker).await? {
-        let deadline = summary
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_DEADLINE))
-            .and_then(|d| d.parse::<u64>().ok());
-        if deadline.is_some_and(|deadline| deadline < now) {
+        if deadline(&summary).is_some_and(|deadline| deadline < now) {
             let name = first_name(&summary);
             remove(&docker, &name).await?;
             removed.push(format!("container {name} (deadline passed)"));
@@ -389,7 +402,20 @@ async fn reap_expired_unlogged() -> Result<Vec<String>, Error> {
     Ok(removed)
 }
 
-async fn managed(docker: &Docker) -> Result<Vec<bollard::models::ContainerSummary>, Error> {
+/// When a container may be reaped: its creation plus its TTL label, or (containers of
+/// earlier versions) its deadline label.
+pub fn deadline(summary: &testcontainers::bollard::models::ContainerSummary) -> Option<u64> {
+    let labels = summary.labels.as_ref()?;
+    if let Some(ttl) = labels.get(LABEL_TTL).and_then(|t| t.parse::<u64>().ok()) {
+        let created = u64::try_from(summary.created?).ok()?;
+        return Some(created.saturating_add(ttl));
+    }
+    labels.get(LABEL_DEADLINE)?.parse().ok()
+}
+
+async fn managed(
+    docker: &Docker,
+) -> Result<Vec<testcontainers::bollard::models::ContainerSummary>, Error> {
     let filters = HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true")])]);
     let options = ListContainersOptionsBuilder::new()
         .all(true)
@@ -401,7 +427,7 @@ async fn managed(docker: &Docker) -> Result<Vec<bollard::models::ContainerSummar
         .map_err(|e| backend_error(format!("failed to list containers: {e}")))
 }
 
-fn first_name(summary: &bollard::models::ContainerSummary) -> String {
+fn first_name(summary: &testcontainers::bollard::models::ContainerSummary) -> String {
     summary
         .names
         .as_ref()
@@ -418,8 +444,9 @@ async fn remove(docker: &Docker, name: &str) -> Result<(), Error> {
         .build();
     match docker.remove_container(name, Some(options)).await {
         Ok(())
-        | Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
+        | Err(testcontainers::bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
         }) => Ok(()),
         Err(e) => Err(backend_error(format!(
             "failed to remove container `{name}`: {e}"

@@ -34,14 +34,18 @@ pub fn pgpass_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("pgpass")
 }
 
+/// The workspace's server password if it has one (never creates it).
+pub(crate) fn existing_password(settings: &Settings) -> Option<String> {
+    let text = std::fs::read_to_string(password_path(settings)).ok()?;
+    (text.trim().len() >= 32).then(|| text.trim().to_owned())
+}
+
 /// The workspace's server password, created on first use. Safe to race: the first
 /// writer wins and everybody reads its file.
 pub(crate) fn local_password(settings: &Settings) -> Result<String, Error> {
     let path = password_path(settings);
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && text.trim().len() >= 32
-    {
-        return Ok(text.trim().to_owned());
+    if let Some(password) = existing_password(settings) {
+        return Ok(password);
     }
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
