@@ -4,9 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::{backend, frontend};
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -15,7 +19,6 @@ use crate::dialer::{BoxStream, Dialer};
 use crate::error::Error;
 use crate::tls;
 use crate::token::TokenRequest;
-use crate::wire;
 
 /// Where to log in and how.
 #[derive(Clone, Debug)]
@@ -50,21 +53,22 @@ impl std::fmt::Display for Waiting {
     }
 }
 
-/// Whether a failure is one a resuming Aurora cluster (or a tunnel coming up) produces.
+/// Whether a failure is one a resuming Aurora cluster (or a tunnel coming up) produces:
+/// `57P03 cannot connect now`, `28000 no pg_hba.conf entry` (Aurora's answer while it
+/// resumes), or a refused, reset or cut connection.
 pub fn is_transient(error: &Error) -> bool {
+    let resuming = |code: &SqlState, message: &str| {
+        *code == SqlState::CANNOT_CONNECT_NOW
+            || (*code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                && message.contains("no pg_hba.conf entry"))
+    };
     match error {
         Error::Io { source, .. } => io_transient(source),
-        Error::Refused { code, message, .. } => {
-            code == "57P03" || (code == "28000" && message.contains("no pg_hba.conf entry"))
-        }
+        Error::Refused { code, message, .. } => resuming(code, message),
         Error::Postgres { source, .. } => match source.as_db_error() {
-            Some(db) => {
-                let code = db.code().code();
-                code == "57P03"
-                    || (code == "28000" && db.message().contains("no pg_hba.conf entry"))
-            }
+            Some(db) => resuming(db.code(), db.message()),
             // No server answer: transient unless TLS itself rejected the server.
-            None => !chain_has_tls_error(source),
+            None => crate::error::rustls_in_chain(source).is_none(),
         },
         _ => false,
     }
@@ -72,10 +76,7 @@ pub fn is_transient(error: &Error) -> bool {
 
 fn io_transient(error: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    if error
-        .get_ref()
-        .is_some_and(|inner| inner.is::<rustls::Error>())
-    {
+    if crate::error::rustls_in_chain(error).is_some() {
         return false;
     }
     matches!(
@@ -88,24 +89,6 @@ fn io_transient(error: &std::io::Error) -> bool {
             | BrokenPipe
             | NotConnected
     )
-}
-
-fn chain_has_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if error.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
-        }
-        current = error.source();
-    }
-    false
 }
 
 /// Retries `attempt` while it fails transiently, until `deadline`, reporting once a second.
@@ -221,32 +204,87 @@ pub(crate) async fn open_raw(
         ];
         startup.extend(params.iter().filter(|(k, _)| k != "user" && k != "database").cloned());
         let io = |e| Error::io("failed to talk to the database", e);
-        stream.write_all(&wire::startup_message(&startup)).await.map_err(io)?;
+        let mut out = BytesMut::new();
+        frontend::startup_message(startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
+            .map_err(io)?;
+        stream.write_all(&out).await.map_err(io)?;
         stream.flush().await.map_err(io)?;
-        let (tag, body) = wire::read_message(&mut stream).await.map_err(|e| match e {
-            wire::WireError::Io(e) => io(e),
-            other => Error::Protocol(other.to_string()),
-        })?;
-        match (tag, body.get(..4)) {
-            (b'R', Some([0, 0, 0, 3])) => {
+        match read_backend_message(&mut stream).await? {
+            backend::Message::AuthenticationCleartextPassword => {
                 let token = tokens.token(&target.endpoint).await?;
-                stream.write_all(&wire::password_message(token.expose())).await.map_err(io)?;
+                out.clear();
+                frontend::password_message(token.expose().as_bytes(), &mut out).map_err(io)?;
+                stream.write_all(&out).await.map_err(io)?;
                 stream.flush().await.map_err(io)?;
                 Ok(stream)
             }
-            (b'R', Some(code)) => Err(Error::Protocol(format!(
-                "the server asked for authentication method {} instead of a password: does `{}` have the rds_iam role?",
-                u32::from_be_bytes([code[0], code[1], code[2], code[3]]),
+            backend::Message::ErrorResponse(body) => Err(refused(&body)),
+            other => Err(Error::Protocol(format!(
+                "the server answered the login with {} instead of asking for a password: does `{}` have the rds_iam role?",
+                describe(&other),
                 target.endpoint.user
             ))),
-            (b'E', _) => {
-                let (severity, code, message) = wire::parse_error(&body);
-                Err(Error::Refused { severity, code, message })
-            }
-            (other, _) => Err(Error::Protocol(format!("unexpected message '{}' before authentication", other as char))),
         }
     })
     .await
+}
+
+/// Reads one message from the server, parsed by postgres-protocol.
+async fn read_backend_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<backend::Message, Error> {
+    const MAX_MESSAGE: usize = 1 << 20;
+    let io = |e| Error::io("failed to read from the database", e);
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await.map_err(io)?;
+    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=MAX_MESSAGE).contains(&length) {
+        return Err(Error::Protocol(format!(
+            "a message '{}' of {length} bytes from the server",
+            header[0] as char
+        )));
+    }
+    let mut buffer = BytesMut::with_capacity(length + 1);
+    buffer.extend_from_slice(&header);
+    buffer.resize(length + 1, 0);
+    stream.read_exact(&mut buffer[5..]).await.map_err(io)?;
+    backend::Message::parse(&mut buffer)
+        .map_err(|e| Error::Protocol(format!("a malformed message from the server: {e}")))?
+        .ok_or_else(|| Error::Protocol("a truncated message from the server".into()))
+}
+
+/// A server's ErrorResponse as `Error::Refused`.
+fn refused(body: &backend::ErrorResponseBody) -> Error {
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'V' => severity = value,
+            b'S' if severity.is_empty() => severity = value,
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+    }
+    Error::Refused {
+        severity,
+        code: SqlState::from_code(&code),
+        message,
+    }
+}
+
+/// What an unexpected server message was, for an error.
+fn describe(message: &backend::Message) -> &'static str {
+    match message {
+        backend::Message::AuthenticationOk => "AuthenticationOk (no password at all)",
+        backend::Message::AuthenticationMd5Password(_) => "an MD5 password request",
+        backend::Message::AuthenticationSasl(_) => "a SASL (SCRAM) request",
+        backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
+            "a GSSAPI/SSPI request"
+        }
+        _ => "an unexpected message",
+    }
 }
 
 /// A TLS stream to the database: SSLRequest, then a handshake verified against the endpoint.
@@ -259,7 +297,9 @@ pub(crate) async fn tls_stream(
         .dial()
         .await
         .map_err(|e| Error::io("failed to open a stream to the database", e))?;
-    stream.write_all(&wire::ssl_request()).await.map_err(io)?;
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
     match stream.read_u8().await.map_err(io)? {
         b'S' => {}

@@ -1,5 +1,7 @@
 //! The crate's one error type.
 
+use tokio_postgres::error::SqlState;
+
 /// What went wrong; messages read after "failed to …" and name the fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,12 +46,12 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// The server answered with an error during a raw handshake (proxy, wake-up).
-    #[error("the server refused the connection: {severity} {code}: {message}")]
+    #[error("the server refused the connection: {severity} {}: {message}", .code.code())]
     Refused {
         /// `FATAL`, `ERROR`.
         severity: String,
         /// SQLSTATE.
-        code: String,
+        code: SqlState,
         /// The server's message.
         message: String,
     },
@@ -92,59 +94,61 @@ impl Error {
     /// endpoint's, an unknown CA, an expired certificate): a TLS or endpoint setting is
     /// wrong, not the login.
     pub fn is_certificate_rejected(&self) -> bool {
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(error) = next {
-            if let Some(rustls_error) = as_rustls(error) {
-                return matches!(rustls_error, rustls::Error::InvalidCertificate(_));
-            }
-            next = error.source();
-        }
-        false
+        rustls_in_chain(self).is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
     }
 
     /// Whether the server refused the login itself (28000 invalid authorization, 28P01
     /// password): an expired or rejected token, a missing `rds_iam` grant or IAM policy.
     pub fn is_login_refused(&self) -> bool {
-        use tokio_postgres::error::SqlState;
         self.code().is_some_and(|code| {
-            code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code()
-                || code == SqlState::INVALID_PASSWORD.code()
+            *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                || *code == SqlState::INVALID_PASSWORD
         })
     }
 
+    /// Whether TLS itself failed (a certificate, a handshake), anywhere in the chain.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Error::Tls(_)) || rustls_in_chain(self).is_some()
+    }
+
     /// The SQLSTATE of a server refusal, if this is one.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&SqlState> {
         match self {
             Error::Refused { code, .. } => Some(code),
-            Error::Postgres { source, .. } => source.code().map(|c| c.code()),
+            Error::Postgres { source, .. } => source.code(),
             _ => None,
         }
     }
 }
 
-/// A rustls error, also where tokio-rustls wrapped it in an `io::Error` (whose `source()`
-/// skips the wrapped error itself).
-fn as_rustls<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    if let Some(rustls_error) = error.downcast_ref::<rustls::Error>() {
-        return Some(rustls_error);
-    }
-    error
-        .downcast_ref::<std::io::Error>()
-        .and_then(|io| io.get_ref())
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+/// An error and its sources, outermost first.
+pub(crate) fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// The rustls error in a chain, also where tokio-rustls wrapped it in an `io::Error` (whose
+/// `source()` skips the wrapped error itself).
+pub(crate) fn rustls_in_chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    chain(error).find_map(|error| {
+        error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        })
+    })
 }
 
 fn describe_db(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => {
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(error);
-            while let Some(inner) = source {
-                text.push_str(&format!(": {inner}"));
-                source = inner.source();
-            }
-            text
-        }
+        None => chain(error)
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": "),
     }
 }

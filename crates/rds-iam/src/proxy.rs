@@ -20,6 +20,7 @@ use crate::dialer::Dialer;
 use crate::error::Error;
 use crate::scram::{self, ScramVerifier};
 use crate::wire::{self, Startup};
+use tokio_postgres::error::SqlState;
 
 /// The proxy's password. `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -198,9 +199,9 @@ pub fn serve(
     })
 }
 
-async fn refuse(client: &mut TcpStream, code: &str, message: &str) -> Result<(), Error> {
+async fn refuse(client: &mut TcpStream, code: SqlState, message: &str) -> Result<(), Error> {
     client
-        .write_all(&wire::error_response("FATAL", code, message))
+        .write_all(&wire::error_response("FATAL", code.code(), message))
         .await
         .map_err(|e| Error::io("failed to answer the client", e))
 }
@@ -226,7 +227,7 @@ async fn session(
         Err(_) => {
             return refuse(
                 &mut client,
-                "08P01",
+                SqlState::PROTOCOL_VIOLATION,
                 "authentication timed out (no login within 10 s)",
             )
             .await;
@@ -270,12 +271,18 @@ async fn authenticate(
             "this proxy logs in as \"{}\"; connect as that user (not \"{user}\")",
             target.endpoint.user
         );
-        return refuse(client, "28000", &message).await.map(|()| None);
+        return refuse(
+            client,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            &message,
+        )
+        .await
+        .map(|()| None);
     }
     if !scram::authenticate(&mut client, verifier).await? {
         return refuse(
             client,
-            "28P01",
+            SqlState::INVALID_PASSWORD,
             &format!("password authentication failed for user \"{user}\""),
         )
         .await
@@ -314,7 +321,7 @@ async fn relay(
         Err(error) => {
             refuse(
                 &mut client,
-                "08006",
+                SqlState::CONNECTION_FAILURE,
                 &format!(
                     "the proxy could not log in to {}: {error}",
                     target.endpoint.host

@@ -1,7 +1,8 @@
-//! Just enough of the Postgres wire protocol (v3) for an authenticating proxy and for the
-//! RDS front in fake-aws: startup packets, typed messages, errors and auth requests.
-//! Frames are length-prefixed, so reads are `read_exact` of a validated length; malformed
-//! input is an error, never a panic.
+//! The server half of the Postgres wire protocol (v3) that the local auth proxy needs to
+//! serve its clients: reading startup packets and typed client messages, writing errors and
+//! auth requests. postgres-protocol has no server half; the client half (the proxy's own
+//! login upstream) is postgres-protocol's (`connect.rs`). Frames are length-prefixed, so
+//! reads are `read_exact` of a validated length; malformed input is an error, never a panic.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -107,28 +108,6 @@ pub fn take_cstring(rest: &mut &[u8]) -> Result<String, WireError> {
     Ok(text)
 }
 
-/// Encodes a StartupMessage.
-pub fn startup_message(params: &[(String, String)]) -> Vec<u8> {
-    let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
-    for (key, value) in params {
-        body.extend_from_slice(key.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-/// Encodes an SSLRequest.
-pub fn ssl_request() -> Vec<u8> {
-    let mut packet = 8u32.to_be_bytes().to_vec();
-    packet.extend_from_slice(&SSL_REQUEST.to_be_bytes());
-    packet
-}
-
 /// Reads one typed message: its tag and body.
 pub async fn read_message<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -162,13 +141,6 @@ pub fn auth_request(code: u32, data: &[u8]) -> Vec<u8> {
     message(b'R', &body)
 }
 
-/// Encodes a PasswordMessage.
-pub fn password_message(password: &str) -> Vec<u8> {
-    let mut body = password.as_bytes().to_vec();
-    body.push(0);
-    message(b'p', &body)
-}
-
 /// Encodes an ErrorResponse.
 pub fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
     let mut body = Vec::new();
@@ -186,45 +158,38 @@ pub fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
     message(b'E', &body)
 }
 
-/// The severity, SQLSTATE and message of an ErrorResponse body.
-pub fn parse_error(body: &[u8]) -> (String, String, String) {
-    let (mut severity, mut code, mut text) = (String::new(), String::new(), String::new());
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        rest = tail;
-        let Ok(value) = take_cstring(&mut rest) else {
-            break;
-        };
-        match field {
-            b'S' => severity = value,
-            b'C' => code = value,
-            b'M' => text = value,
-            _ => {}
-        }
-    }
-    (severity, code, text)
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::message::{backend, frontend};
+
     use super::*;
 
     #[tokio::test]
-    async fn startup_round_trips() {
+    async fn reads_what_postgres_protocol_writes() {
         let params = vec![
             ("user".to_owned(), "app".to_owned()),
             ("options".to_owned(), "-csearch_path=x".to_owned()),
         ];
-        let packet = startup_message(&params);
-        let startup = read_startup(&mut packet.as_slice()).await.unwrap();
+        let mut packet = BytesMut::new();
+        frontend::startup_message(
+            params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut packet,
+        )
+        .unwrap();
+        let startup = read_startup(&mut &packet[..]).await.unwrap();
         assert_eq!(startup, Startup::Startup(params));
         assert_eq!(startup.param("user"), Some("app"));
+        packet.clear();
+        frontend::ssl_request(&mut packet);
+        assert_eq!(read_startup(&mut &packet[..]).await.unwrap(), Startup::Ssl);
+        packet.clear();
+        frontend::password_message(b"secret", &mut packet).unwrap();
+        let (tag, body) = read_message(&mut &packet[..]).await.unwrap();
         assert_eq!(
-            read_startup(&mut ssl_request().as_slice()).await.unwrap(),
-            Startup::Ssl
+            (tag, take_cstring(&mut body.as_slice()).unwrap().as_str()),
+            (b'p', "secret")
         );
     }
 
@@ -256,25 +221,30 @@ mod tests {
     }
 
     #[test]
-    fn errors_round_trip() {
-        let encoded = error_response(
-            "FATAL",
-            "28000",
-            "PAM authentication failed for user \"app\"",
-        );
-        assert_eq!(encoded[0], b'E');
-        let (severity, code, text) = parse_error(&encoded[5..]);
-        assert_eq!(
-            (severity.as_str(), code.as_str(), text.as_str()),
-            (
-                "FATAL",
-                "28000",
-                "PAM authentication failed for user \"app\""
-            )
-        );
-        assert_eq!(
-            parse_error(b"Sx"),
-            (String::new(), String::new(), String::new())
-        );
+    fn postgres_protocol_reads_what_this_writes() {
+        let text = "PAM authentication failed for user \"app\"";
+        let mut encoded = BytesMut::from(&error_response("FATAL", "28000", text)[..]);
+        let Some(backend::Message::ErrorResponse(body)) =
+            backend::Message::parse(&mut encoded).unwrap()
+        else {
+            panic!("not an ErrorResponse")
+        };
+        let fields: Vec<(u8, String)> = body
+            .fields()
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
+            .collect()
+            .unwrap();
+        assert!(fields.contains(&(b'C', "28000".to_owned())), "{fields:?}");
+        assert!(fields.contains(&(b'M', text.to_owned())), "{fields:?}");
+        let mut request = BytesMut::from(&auth_request(3, &[])[..]);
+        assert!(matches!(
+            backend::Message::parse(&mut request).unwrap(),
+            Some(backend::Message::AuthenticationCleartextPassword)
+        ));
     }
 }

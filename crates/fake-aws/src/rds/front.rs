@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rds_iam::clock::{Clock, SystemClock};
-use rds_iam::wire::{self, Startup};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, copy_bidirectional};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -20,6 +19,7 @@ use super::auth::{self, Expect};
 use super::certs;
 use super::pause::{Admission, PauseConfig, Pauser};
 use super::upstream;
+use super::wire::{self, Startup};
 use crate::credentials::CredentialStore;
 
 /// How the fake RDS endpoint behaves.
@@ -223,8 +223,7 @@ async fn connection(mut tcp: TcpStream, peer: IpAddr, shared: &Shared) -> anyhow
             Startup::Startup(params) => {
                 let startup = Startup::Startup(params);
                 let message = no_pg_hba(peer, &startup, "no encryption");
-                tcp.write_all(&wire::error_response("FATAL", "28000", &message))
-                    .await?;
+                tcp.write_all(&wire::fatal("28000", &message)).await?;
                 return Ok(());
             }
             Startup::Ssl => {
@@ -269,21 +268,13 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if admission == Admission::PgHba {
         let message = no_pg_hba(peer, &startup, "SSL encryption");
-        client
-            .write_all(&wire::error_response("FATAL", "28000", &message))
-            .await?;
+        client.write_all(&wire::fatal("28000", &message)).await?;
         return Ok(());
     }
     let user = startup.param("user").unwrap_or("").to_owned();
-    client.write_all(&wire::auth_request(3, &[])).await?;
+    client.write_all(&wire::ask_for_password()).await?;
     client.flush().await?;
-    let (tag, body) = wire::read_message(&mut client).await?;
-    let mut rest = body.as_slice();
-    let token = if tag == b'p' {
-        wire::take_cstring(&mut rest).unwrap_or_default()
-    } else {
-        String::new()
-    };
+    let token = wire::read_password(&mut client).await?.unwrap_or_default();
     let expect = Expect {
         hostname: &shared.config.hostname,
         port: shared.config.port,
@@ -298,9 +289,7 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%user, %reason, "fake RDS: refused an IAM login");
         let message = format!("PAM authentication failed for user \"{user}\"");
-        client
-            .write_all(&wire::error_response("FATAL", "28000", &message))
-            .await?;
+        client.write_all(&wire::fatal("28000", &message)).await?;
         return Ok(());
     }
     shared.stats.logins.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +303,12 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
             )
         })?;
     backend.set_nodelay(true).ok();
-    backend.write_all(&wire::startup_message(&params)).await?;
+    let mut startup_message = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut startup_message,
+    )?;
+    backend.write_all(&startup_message).await?;
     // The backend's own authentication is the front's business, as it is RDS's: the
     // client, already through IAM, sees only the final AuthenticationOk.
     let after_login =

@@ -6,6 +6,7 @@ mod certs;
 mod front;
 mod pause;
 mod upstream;
+mod wire;
 
 pub use front::{RdsFront, RdsFrontConfig};
 pub use pause::PauseConfig;
