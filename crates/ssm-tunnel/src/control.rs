@@ -43,16 +43,15 @@ pub async fn client(region: Option<&str>) -> Result<aws_sdk_ssm::Client, Error> 
         ));
     }
     if config.credentials_provider().is_none() {
-        return Err(Error::Api {
+        return Err(Error::NoCredentials {
             operation: "StartSession",
-            code: "NoCredentials".into(),
-            message: "no credential provider".into(),
+            source: None,
         });
     }
     Ok(aws_sdk_ssm::Client::new(&config))
 }
 
-fn api_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+fn api_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     operation: &'static str,
     error: SdkError<E>,
 ) -> Error {
@@ -63,21 +62,24 @@ fn api_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
             message: service.message().unwrap_or_default().to_owned(),
         };
     }
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(inner) = source {
-        message.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    let code = if message.contains("credentials") {
-        "NoCredentials"
+    // The request never got an answer: either no credentials could be resolved for
+    // signing it (a CredentialsError in the chain), or the endpoint did not answer.
+    let chain = std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    });
+    let credentials = chain
+        .into_iter()
+        .any(|e| e.is::<aws_credential_types::provider::error::CredentialsError>());
+    if credentials {
+        Error::NoCredentials {
+            operation,
+            source: Some(Box::new(error)),
+        }
     } else {
-        "Unreachable"
-    };
-    Error::Api {
-        operation,
-        code: code.into(),
-        message,
+        Error::Unreachable {
+            operation,
+            source: Box::new(error),
+        }
     }
 }
 

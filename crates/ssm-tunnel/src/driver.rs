@@ -187,7 +187,7 @@ impl Driver {
             tokio::time::sleep(Duration::from_millis(100 * (1 << attempt.min(5)))).await;
             let grant = match control::resume(&self.ssm, &self.grant.session_id).await {
                 Ok(grant) => grant,
-                Err(error) if error.api_code() == Some("Unreachable") => {
+                Err(error) if error.is_unreachable() => {
                     last = error.to_string();
                     continue;
                 }

@@ -1,5 +1,8 @@
 //! The crate's one error type.
 
+/// A cause kept for `source()`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// What went wrong, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -7,15 +10,39 @@ pub enum Error {
     /// A setting is missing or wrong (region, target, ports).
     #[error("{0}")]
     Config(String),
-    /// The SSM API refused or failed (`code` is the AWS error code when there is one).
+    /// The SSM API refused (`code` is AWS's error code).
     #[error("{operation} failed: {code}: {message}{}", hint(.code))]
     Api {
         /// StartSession, ResumeSession, TerminateSession.
         operation: &'static str,
-        /// `TargetNotConnected`, `AccessDeniedException`, … or `Unreachable`.
+        /// `TargetNotConnected`, `AccessDeniedException`, …
         code: String,
         /// AWS's message.
         message: String,
+    },
+    /// No AWS credentials could be found or refreshed.
+    #[error(
+        "{operation} failed: no AWS credentials ({}); set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run `aws sso login`",
+        describe(.source.as_deref())
+    )]
+    NoCredentials {
+        /// The call that needed them.
+        operation: &'static str,
+        /// The SDK's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The SSM endpoint did not answer (network, endpoint, region, timeout).
+    #[error(
+        "{operation} failed: the SSM endpoint did not answer ({}); check AWS_ENDPOINT_URL_SSM, the region and the network",
+        describe(Some(.source.as_ref()))
+    )]
+    Unreachable {
+        /// The call.
+        operation: &'static str,
+        /// The SDK's error.
+        #[source]
+        source: BoxError,
     },
     /// The data channel websocket could not be opened or broke beyond repair.
     #[error("data channel: {0}")]
@@ -43,12 +70,20 @@ fn hint(code: &str) -> &'static str {
             " (the caller needs ssm:StartSession on the instance and the document)"
         }
         "InvalidDocument" => " (the document must be AWS-StartPortForwardingSessionToRemoteHost)",
-        "Unreachable" => " (check AWS_ENDPOINT_URL_SSM, the region and the network)",
-        "NoCredentials" => {
-            " (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run `aws sso login`)"
-        }
         _ => "",
     }
+}
+
+/// An SDK error with its causes: the SDK's own Display ("dispatch failure") says too little.
+fn describe(error: Option<&(dyn std::error::Error + Send + Sync + 'static)>) -> String {
+    let Some(error) = error else {
+        return "no credential provider".into();
+    };
+    let error: &(dyn std::error::Error + 'static) = error;
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 impl Error {
@@ -58,5 +93,15 @@ impl Error {
             Error::Api { code, .. } => Some(code),
             _ => None,
         }
+    }
+
+    /// Whether the SSM endpoint did not answer (worth retrying).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unreachable { .. })
+    }
+
+    /// Whether no AWS credentials could be found.
+    pub fn is_no_credentials(&self) -> bool {
+        matches!(self, Error::NoCredentials { .. })
     }
 }

@@ -11,7 +11,7 @@ mod stream;
 mod tunnel;
 mod websocket;
 
-pub use error::Error;
+pub use error::{BoxError, Error};
 pub use ssm_proto::handshake::Mode;
 pub use stream::TunnelStream;
 pub use tunnel::{Tunnel, TunnelConfig};

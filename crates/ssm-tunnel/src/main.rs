@@ -58,7 +58,7 @@ fn fail(code: u8, message: &str) -> ExitCode {
 fn code_for(error: &Error) -> u8 {
     match error {
         Error::Config(_) => 2,
-        Error::Api { code, .. } if code == "NoCredentials" => 2,
+        Error::NoCredentials { .. } => 2,
         Error::Api { .. } => 4,
         Error::SessionClosed(_) => 5,
         _ => 1,

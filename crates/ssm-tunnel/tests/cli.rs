@@ -197,7 +197,7 @@ async fn refusals_and_missing_settings_exit_with_their_codes() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("NoCredentials") && stderr.contains("AWS_PROFILE"),
+        stderr.contains("no AWS credentials") && stderr.contains("AWS_PROFILE"),
         "{stderr}"
     );
     assert_eq!(env.ssm.open_sessions(), 0);
