@@ -195,7 +195,7 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
                     }
                     Err(error) => report.fail(
                         "SSM target",
-                        format!("DescribeInstanceInformation failed: {}", aws_sdk_ssm_error(&error)),
+                        format!("DescribeInstanceInformation failed: {:#}", anyhow::Error::new(error)),
                         "check AWS_ENDPOINT_URL_SSM, the region, and ssm:DescribeInstanceInformation permission",
                     ),
                 },
@@ -290,14 +290,4 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
     if let Some(tunnel) = tunnel {
         tunnel.terminate().await;
     }
-}
-
-fn aws_sdk_ssm_error(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    text
 }

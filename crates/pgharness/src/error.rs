@@ -69,6 +69,9 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The connection pool could not be built.
+    #[error("failed to build the connection pool: {0}")]
+    Pool(#[source] deadpool_postgres::BuildError),
     /// Waiting for something took longer than allowed.
     #[error("timed out after {waited:?} {what}; {fix}")]
     Timeout {
@@ -138,15 +141,12 @@ pub(crate) fn pg_message(error: &tokio_postgres::Error) -> String {
             }
             message
         }
-        None => {
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(error);
-            while let Some(inner) = source {
-                message.push_str(&format!(": {inner}"));
-                source = inner.source();
-            }
-            message
-        }
+        None => std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": "),
     }
 }
 

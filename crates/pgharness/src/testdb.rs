@@ -260,10 +260,7 @@ impl TestDbBuilder {
             .max_size(pool_size)
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| Error::Backend {
-                backend: "pool",
-                message: format!("failed to build the connection pool: {e}"),
-            })?;
+            .map_err(Error::Pool)?;
 
         let acquire = started.elapsed();
         tracing::debug!(%schema, ?acquire, "test database ready");
@@ -533,15 +530,15 @@ fn process_run_id() -> &'static str {
     RUN_ID.get_or_init(|| format!("process-{}", uuid::Uuid::new_v4()))
 }
 
+/// This process's settings, loaded once; a load that fails is not remembered, so every
+/// caller gets the typed error (`Error::Setting`, …) itself.
 fn process_settings() -> Result<Settings, Error> {
-    static SETTINGS: OnceLock<Result<Settings, String>> = OnceLock::new();
-    SETTINGS
-        .get_or_init(|| Settings::load().map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|message| Error::Backend {
-            backend: "settings",
-            message,
-        })
+    static SETTINGS: OnceLock<Settings> = OnceLock::new();
+    if let Some(settings) = SETTINGS.get() {
+        return Ok(settings.clone());
+    }
+    let settings = Settings::load()?;
+    Ok(SETTINGS.get_or_init(|| settings).clone())
 }
 
 /// This process's server (settings from the workspace and environment): one a connection

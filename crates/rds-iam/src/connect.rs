@@ -164,7 +164,7 @@ pub async fn connect(
             &mut make,
             &target.endpoint.host,
         )
-        .map_err(|e| Error::Tls(e.to_string()))?;
+        .map_err(|e| Error::tls_caused(format!("failed to set up TLS: {e}"), e))?;
         let (client, connection) =
             config
                 .connect_raw(stream, tls)
@@ -304,8 +304,8 @@ pub(crate) async fn tls_stream(
     match stream.read_u8().await.map_err(io)? {
         b'S' => {}
         b'N' => {
-            return Err(Error::Tls(
-                "the server does not offer TLS; RDS IAM authentication requires it".into(),
+            return Err(Error::tls(
+                "the server does not offer TLS; RDS IAM authentication requires it",
             ));
         }
         other => {
@@ -317,10 +317,13 @@ pub(crate) async fn tls_stream(
     let name = tls::server_name(&target.endpoint.host)?;
     TlsConnector::from(target.tls.clone()).connect(name, stream).await.map_err(|e| {
         if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-            Error::Tls(format!(
-                "the server's certificate is not valid for {}: {e} (is the CA bundle right? is the host the cluster endpoint?)",
-                target.endpoint.host
-            ))
+            Error::tls_caused(
+                format!(
+                    "the server's certificate is not valid for {}: {e} (is the CA bundle right? is the host the cluster endpoint?)",
+                    target.endpoint.host
+                ),
+                e,
+            )
         } else {
             io(e)
         }

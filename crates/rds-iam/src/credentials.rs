@@ -51,17 +51,7 @@ impl CredentialSource for DefaultChain {
             self.provider
                 .provide_credentials()
                 .await
-                .map_err(|e| Error::Credentials(aws_error_chain(&e)))
+                .map_err(|e| Error::Credentials(crate::error::describe_chain(&e)))
         })
     }
-}
-
-fn aws_error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    text
 }

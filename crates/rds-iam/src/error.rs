@@ -24,9 +24,17 @@ pub enum Error {
     /// Signing a token failed.
     #[error("failed to sign an IAM auth token: {0}")]
     Token(String),
-    /// The CA bundle or TLS setup is unusable.
-    #[error("TLS: {0}")]
-    Tls(String),
+    /// The CA bundle, the TLS setup or the handshake failed. The message names the cause
+    /// and the fix; `source()` keeps the underlying error (rustls, PEM, I/O) for callers
+    /// that inspect it.
+    #[error("TLS: {message}")]
+    Tls {
+        /// What failed and what to do.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
     /// The socket could not be opened or broke.
     #[error("{action}: {source}")]
     Io {
@@ -83,6 +91,23 @@ impl Error {
         }
     }
 
+    pub(crate) fn tls(message: impl Into<String>) -> Error {
+        Error::Tls {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn tls_caused(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Error {
+        Error::Tls {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
     pub(crate) fn io(action: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             action: action.into(),
@@ -108,7 +133,7 @@ impl Error {
 
     /// Whether TLS itself failed (a certificate, a handshake), anywhere in the chain.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Error::Tls(_)) || rustls_in_chain(self).is_some()
+        matches!(self, Error::Tls { .. }) || rustls_in_chain(self).is_some()
     }
 
     /// The SQLSTATE of a server refusal, if this is one.
@@ -143,12 +168,17 @@ pub(crate) fn rustls_in_chain<'a>(
     })
 }
 
+/// An error and its causes on one line, `outer: inner: innermost`.
+pub(crate) fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    chain(error)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 fn describe_db(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => chain(error)
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(": "),
+        None => describe_chain(error),
     }
 }

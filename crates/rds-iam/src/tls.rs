@@ -32,19 +32,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Reads every certificate of a PEM bundle.
 pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let iter = CertificateDer::pem_file_iter(path).map_err(|e| {
-        Error::Tls(format!(
-            "cannot read the CA bundle {}: {e} (set PGHARNESS_CA_BUNDLE to the RDS bundle, e.g. global-bundle.pem)",
-            path.display()
-        ))
+        Error::tls_caused(
+            format!(
+                "cannot read the CA bundle {}: {e} (set PGHARNESS_CA_BUNDLE to the RDS bundle, e.g. global-bundle.pem)",
+                path.display()
+            ),
+            e,
+        )
     })?;
     let certs: Vec<_> = iter.collect::<Result<_, _>>().map_err(|e| {
-        Error::Tls(format!(
-            "the CA bundle {} is not valid PEM: {e}",
-            path.display()
-        ))
+        Error::tls_caused(
+            format!("the CA bundle {} is not valid PEM: {e}", path.display()),
+            e,
+        )
     })?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!(
+        return Err(Error::tls(format!(
             "the CA bundle {} holds no certificates (download the RDS bundle for your region, or the global one)",
             path.display()
         )));
@@ -56,13 +59,13 @@ pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 pub fn client_config(policy: &TlsPolicy) -> Result<Arc<ClientConfig>, Error> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?;
+        .map_err(|e| Error::tls_caused(format!("no usable TLS protocol version: {e}"), e))?;
     let config = match policy {
         TlsPolicy::VerifyFull { ca_bundle } => {
             let mut roots = RootCertStore::empty();
             let (added, ignored) = roots.add_parsable_certificates(load_bundle(ca_bundle)?);
             if added == 0 {
-                return Err(Error::Tls(format!(
+                return Err(Error::tls(format!(
                     "none of the {ignored} certificates in {} is a usable CA",
                     ca_bundle.display()
                 )));
@@ -86,7 +89,7 @@ pub fn client_config(policy: &TlsPolicy) -> Result<Arc<ClientConfig>, Error> {
 /// The name the certificate must carry.
 pub fn server_name(endpoint: &str) -> Result<ServerName<'static>, Error> {
     ServerName::try_from(endpoint.to_owned())
-        .map_err(|e| Error::Tls(format!("`{endpoint}` is not a valid TLS name: {e}")))
+        .map_err(|e| Error::tls_caused(format!("`{endpoint}` is not a valid TLS name: {e}"), e))
 }
 
 #[derive(Debug)]

@@ -64,11 +64,7 @@ fn api_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static
     }
     // The request never got an answer: either no credentials could be resolved for
     // signing it (a CredentialsError in the chain), or the endpoint did not answer.
-    let chain = std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    });
-    let credentials = chain
-        .into_iter()
+    let credentials = crate::error::chain(&error)
         .any(|e| e.is::<aws_credential_types::provider::error::CredentialsError>());
     if credentials {
         Error::NoCredentials {

@@ -74,13 +74,19 @@ fn hint(code: &str) -> &'static str {
     }
 }
 
+/// An error and its sources, outermost first.
+pub(crate) fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
 /// An SDK error with its causes: the SDK's own Display ("dispatch failure") says too little.
 fn describe(error: Option<&(dyn std::error::Error + Send + Sync + 'static)>) -> String {
     let Some(error) = error else {
         return "no credential provider".into();
     };
-    let error: &(dyn std::error::Error + 'static) = error;
-    std::iter::successors(Some(error), |e| e.source())
+    chain(error)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")

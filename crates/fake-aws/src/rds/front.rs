@@ -19,7 +19,7 @@ use super::auth::{self, Expect};
 use super::certs;
 use super::pause::{Admission, PauseConfig, Pauser};
 use super::upstream;
-use super::wire::{self, Startup};
+use super::wire::{self, FirstPacket};
 use crate::credentials::CredentialStore;
 
 /// How the fake RDS endpoint behaves.
@@ -218,15 +218,17 @@ async fn connection(mut tcp: TcpStream, peer: IpAddr, shared: &Shared) -> anyhow
     tcp.set_nodelay(true).ok();
     loop {
         match wire::read_startup(&mut tcp).await? {
-            Startup::GssEnc => tcp.write_all(b"N").await?,
-            Startup::Cancel(packet) => return forward_cancel(shared.config.backend, &packet).await,
-            Startup::Startup(params) => {
-                let startup = Startup::Startup(params);
+            FirstPacket::GssEnc => tcp.write_all(b"N").await?,
+            FirstPacket::Cancel(packet) => {
+                return forward_cancel(shared.config.backend, &packet).await;
+            }
+            FirstPacket::Startup(params) => {
+                let startup = FirstPacket::Startup(params);
                 let message = no_pg_hba(peer, &startup, "no encryption");
                 tcp.write_all(&wire::fatal("28000", &message)).await?;
                 return Ok(());
             }
-            Startup::Ssl => {
+            FirstPacket::Ssl => {
                 let admission = shared.pauser.admit(Instant::now());
                 if admission == Admission::Reset {
                     #[allow(deprecated)]
@@ -243,7 +245,7 @@ async fn connection(mut tcp: TcpStream, peer: IpAddr, shared: &Shared) -> anyhow
     }
 }
 
-fn no_pg_hba(peer: IpAddr, startup: &Startup, encryption: &str) -> String {
+fn no_pg_hba(peer: IpAddr, startup: &FirstPacket, encryption: &str) -> String {
     format!(
         "no pg_hba.conf entry for host \"{peer}\", user \"{}\", database \"{}\", {encryption}",
         startup.param("user").unwrap_or(""),
@@ -262,9 +264,11 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> anyhow::Result<()> {
     let startup = wire::read_startup(&mut client).await?;
     let params = match &startup {
-        Startup::Cancel(packet) => return forward_cancel(shared.config.backend, packet).await,
-        Startup::Startup(params) => params.clone(),
-        Startup::Ssl | Startup::GssEnc => anyhow::bail!("a second encryption request inside TLS"),
+        FirstPacket::Cancel(packet) => return forward_cancel(shared.config.backend, packet).await,
+        FirstPacket::Startup(params) => params.clone(),
+        FirstPacket::Ssl | FirstPacket::GssEnc => {
+            anyhow::bail!("a second encryption request inside TLS")
+        }
     };
     if admission == Admission::PgHba {
         let message = no_pg_hba(peer, &startup, "SSL encryption");

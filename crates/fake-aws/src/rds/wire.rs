@@ -15,7 +15,7 @@ const MAX_FRAME: usize = 64 * 1024;
 
 /// A connection's first packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Startup {
+pub(crate) enum FirstPacket {
     Ssl,
     GssEnc,
     /// The whole CancelRequest, to forward as it came.
@@ -24,9 +24,9 @@ pub(crate) enum Startup {
     Startup(Vec<(String, String)>),
 }
 
-impl Startup {
+impl FirstPacket {
     pub(crate) fn param(&self, name: &str) -> Option<&str> {
-        let Startup::Startup(params) = self else {
+        let FirstPacket::Startup(params) = self else {
             return None;
         };
         params
@@ -63,27 +63,29 @@ fn cstring(body: &mut BytesMut) -> std::io::Result<String> {
     Ok(text)
 }
 
-pub(crate) async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Startup> {
+pub(crate) async fn read_startup<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<FirstPacket> {
     let length = reader.read_u32().await?;
     let mut rest = body(reader, length).await?;
     if rest.len() < 4 {
         return Err(malformed("a startup packet without a code"));
     }
     match rest.get_u32() {
-        SSL_REQUEST => Ok(Startup::Ssl),
-        GSSENC_REQUEST => Ok(Startup::GssEnc),
+        SSL_REQUEST => Ok(FirstPacket::Ssl),
+        GSSENC_REQUEST => Ok(FirstPacket::GssEnc),
         CANCEL_REQUEST => {
             let mut packet = length.to_be_bytes().to_vec();
             packet.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
             packet.extend_from_slice(&rest);
-            Ok(Startup::Cancel(packet))
+            Ok(FirstPacket::Cancel(packet))
         }
         PROTOCOL_3_0 => {
             let mut params = Vec::new();
             loop {
                 let key = cstring(&mut rest)?;
                 if key.is_empty() {
-                    return Ok(Startup::Startup(params));
+                    return Ok(FirstPacket::Startup(params));
                 }
                 params.push((key, cstring(&mut rest)?));
             }

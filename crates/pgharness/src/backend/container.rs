@@ -305,6 +305,8 @@ async fn start_shared(
             // Another process created (or started) it first: the next lookup joins it.
             Err(error) if lost_race(&error) && attempts < 10 => {
                 tracing::debug!(%name, attempts, "lost the container create race; joining");
+                // The winner is between its create and its start: give Docker a moment.
+                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
             }
             Err(error) => {
                 return Err(backend_error(format!(
@@ -323,8 +325,9 @@ async fn start_shared(
         })
 }
 
-/// A create that met the same name (409), or a start of a container that another process
-/// had just started (304).
+/// A create that met the same name (409); a start of a container that another process had
+/// just started (304), or had just created, which Docker 20.10 may briefly answer with 404
+/// although the container is listed.
 fn lost_race(error: &TestcontainersError) -> bool {
     use testcontainers::bollard::errors::Error as Docker;
     use testcontainers::core::error::ClientError;
@@ -335,7 +338,7 @@ fn lost_race(error: &TestcontainersError) -> bool {
                 status_code: 409,
                 ..
             }) | ClientError::StartContainer(Docker::DockerResponseServerError {
-                status_code: 304,
+                status_code: 304 | 404,
                 ..
             })
         )

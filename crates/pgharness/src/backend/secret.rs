@@ -132,6 +132,9 @@ pub fn scram_verifier(password: &str, iterations: u32, salt: &[u8]) -> String {
     )
 }
 
+/// The advisory lock that serialises `lower_scram_cost` across processes.
+const SCRAM_LOCK: i64 = 0x7067_6861_7273_6372;
+
 /// On a server just started, stores the admin password's verifier with
 /// [`SCRAM_ITERATIONS`] (initdb and the image's entrypoint store 4096; a verifier carries
 /// its iteration count, so every version accepts one made here). Logging is off while it
@@ -148,8 +151,13 @@ pub(crate) async fn lower_scram_cost(
         async move {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
+            // Processes that start together may all do this: one at a time, or Postgres
+            // refuses the second catalog update ("tuple concurrently updated").
             client
-                .batch_execute(&format!("ALTER ROLE {ADMIN_USER} PASSWORD {literal}"))
+                .batch_execute(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({SCRAM_LOCK}); \
+                     ALTER ROLE {ADMIN_USER} PASSWORD {literal}; COMMIT"
+                ))
                 .await
         }
         .with_subscriber(tracing::subscriber::NoSubscriber::default()),
