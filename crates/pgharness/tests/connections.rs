@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{admin, configured_server, connect, isolated_settings};
 use pgharness::backend;
@@ -56,7 +56,24 @@ async fn a_full_server_is_waited_for_and_a_hopeless_wait_says_what_to_change() {
         "{message}"
     );
 
-    // A slot frees up while the test waits: it gets its database.
+    // A slot frees up while the test waits: it gets its database. The sync point is the
+    // server's own log: it has refused the waiting test at least once.
+    let data_dir: String = held[0]
+        .query_one("SHOW data_directory", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let log = std::path::Path::new(&data_dir)
+        .parent()
+        .unwrap()
+        .join("server.log");
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("too many clients already")
+            .count()
+    };
+    let before = refusals();
     settings.acquire_timeout = Duration::from_secs(30);
     let waiting = tokio::spawn(
         TestDb::builder()
@@ -64,7 +81,15 @@ async fn a_full_server_is_waited_for_and_a_hopeless_wait_says_what_to_change() {
             .without_migrations()
             .build(),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusals() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the server never refused the waiting test ({})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(!waiting.is_finished(), "it cannot have a connection yet");
     held.pop();
     let db = waiting

@@ -299,15 +299,8 @@ async fn relay(
     dialer: &dyn Dialer,
     tokens: &TokenCache,
 ) -> Result<(), Error> {
-    let mut params = params;
-    if let Some(database) = params
-        .iter()
-        .find(|(k, _)| k == "database")
-        .map(|(_, v)| v.clone())
-    {
-        params.retain(|(k, _)| k != "database");
-        params.push(("database".into(), database));
-    }
+    // The client's database replaces the target's; open_raw sends user and database first,
+    // then the client's other parameters (options, application_name, …) in its order.
     let mut target = target.clone();
     if let Some((_, database)) = params.iter().find(|(k, _)| k == "database") {
         target.database = database.clone();

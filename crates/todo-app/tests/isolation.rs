@@ -7,15 +7,15 @@ use common::create_user;
 use pgharness::{TestDb, test_db};
 use rstest::rstest;
 
-// These two tests write the same unique email; run together (nextest runs them in
-// parallel processes), both pass only if each has its own table.
+// These two tests write the same unique email; when they run at the same time (nextest
+// runs them in parallel processes), both pass only if each has its own table. The
+// certain proof, with no timing involved, is `two_databases_in_one_test_…` below.
 #[rstest]
 #[tokio::test]
 async fn same_unique_key_in_one_test(#[future] test_db: TestDb) {
     let db = test_db.await;
     let app = todo_app::router(db.pool().clone());
     create_user(&app, "shared@example.com").await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await; // overlap with the twin
     let count: i64 = db
         .client()
         .query_one("SELECT count(*) FROM users", &[])
@@ -31,7 +31,6 @@ async fn same_unique_key_in_another_test(#[future] test_db: TestDb) {
     let db = test_db.await;
     let app = todo_app::router(db.pool().clone());
     create_user(&app, "shared@example.com").await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let count: i64 = db
         .client()
         .query_one("SELECT count(*) FROM users", &[])
