@@ -1,5 +1,8 @@
 //! The server side of SCRAM-SHA-256 (RFC 5802/7677), as Postgres speaks it: how the local
 //! auth proxy checks its per-run password without ever seeing it on the wire.
+//! Hand-written because postgres-protocol implements only the client side, and no
+//! well-kept crate does the server side in Postgres's framing; it is checked against
+//! tokio-postgres's client (every login through the proxy) and RFC 7677's example.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;

@@ -1,6 +1,9 @@
 //! smux version 1 (ssm-protocol.md §6): `ver u8 | cmd u8 | length u16 LE | stream id u32 LE
 //! | data`. A byte stream of frames carried in Output payloads: one message may hold several
 //! frames and one frame may span messages, so decoding is incremental.
+//! Hand-written, sans IO by design: async_smux (the one Rust crate) owns its socket and
+//! tasks, where this codec must be driven by the data channel's own state machine and a
+//! simulated clock; the format is four commands and an 8-byte header.
 
 /// The only version spoken.
 pub const VERSION: u8 = 1;
