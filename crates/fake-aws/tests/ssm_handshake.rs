@@ -114,6 +114,26 @@ async fn the_handshake_carries_every_start_session_parameter_as_a_string() {
 }
 
 #[tokio::test]
+async fn the_data_channel_socket_sends_without_nagle() {
+    let (ssm, client) = service().await;
+    let output = client
+        .start_session()
+        .target("i-0fake0jumphost0")
+        .document_name("AWS-StartPortForwardingSession")
+        .parameters("portNumber", vec!["5432".to_owned()])
+        .send()
+        .await
+        .expect("StartSession");
+    let _ws = open_channel(&output).await;
+    let (accepted, without_nagle) = ssm.accepted_sockets();
+    assert!(accepted >= 2, "the API call and the websocket: {accepted}");
+    assert_eq!(
+        without_nagle, accepted,
+        "every accepted socket has TCP_NODELAY"
+    );
+}
+
+#[tokio::test]
 async fn without_a_local_port_the_handshake_names_none() {
     let (_ssm, request) =
         start_session(&[("portNumber", "5432")], "AWS-StartPortForwardingSession").await;

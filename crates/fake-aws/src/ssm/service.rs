@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,6 +94,8 @@ pub(crate) struct State {
     pub(crate) sessions: Mutex<HashMap<String, SessionSlot>>,
     pub(crate) start_sessions: Mutex<u64>,
     pub(crate) addr: SocketAddr,
+    /// Accepted sockets, and those of them the kernel reports with TCP_NODELAY.
+    pub(crate) accepted: (AtomicU64, AtomicU64),
 }
 
 /// A running fake SSM service. Dropping it stops it.
@@ -129,9 +132,20 @@ impl SsmService {
             sessions: Mutex::new(HashMap::new()),
             start_sessions: Mutex::new(0),
             addr,
+            accepted: (AtomicU64::new(0), AtomicU64::new(0)),
         });
         let router = super::api::router(state.clone());
+        let counters = state.clone();
         let task = tokio::spawn(async move {
+            // No Nagle: every data-channel message is small and waits for an answer; with
+            // Nagle and delayed ACKs each exchange would cost tens of milliseconds.
+            let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+                let _ = tcp.set_nodelay(true);
+                counters.accepted.0.fetch_add(1, Ordering::Relaxed);
+                if tcp.nodelay().unwrap_or(false) {
+                    counters.accepted.1.fetch_add(1, Ordering::Relaxed);
+                }
+            });
             if let Err(error) = axum::serve(listener, router).await {
                 tracing::error!(%error, "fake SSM: server failed");
             }
@@ -148,6 +162,15 @@ impl SsmService {
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
         self.state.addr
+    }
+
+    /// Connections accepted so far, and how many of them the kernel reports with
+    /// TCP_NODELAY (read back from each socket, not assumed).
+    pub fn accepted_sockets(&self) -> (u64, u64) {
+        (
+            self.state.accepted.0.load(Ordering::Relaxed),
+            self.state.accepted.1.load(Ordering::Relaxed),
+        )
     }
 
     /// StartSession calls answered so far (including refused ones).
