@@ -90,6 +90,30 @@ async fn a_session_outlives_its_token_and_new_sessions_get_fresh_ones() {
 }
 
 #[tokio::test]
+async fn the_proxy_replaces_a_cached_token_the_server_refuses() {
+    let clock = ManualClock::new(SystemTime::now());
+    let env = env(|config| {
+        config.token_ttl = Duration::from_secs(20);
+        config.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let proxy =
+        proxy_with_clock(&env, rds_iam::cache::DEFAULT_REUSE, Arc::new(clock.clone())).await;
+    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    let (first, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    first.simple_query("SELECT 1").await.unwrap();
+    clock.advance(Duration::from_secs(30));
+    let (second, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("a fresh token replaces the refused one");
+    tokio::spawn(connection);
+    second.simple_query("SELECT 1").await.unwrap();
+    assert_eq!((env.front.logins(), env.front.refused()), (2, 1));
+}
+
+#[tokio::test]
 async fn a_wrong_password_is_refused() {
     let env = env(|_| {}).await;
     let proxy = proxy_for(&env, Duration::from_secs(60)).await;

@@ -77,6 +77,27 @@ impl TokenCache {
             .ok_or_else(|| Error::Credentials("no credentials were loaded".into()))
     }
 
+    /// Forgets `token` if it is still the one cached for `request`: the server refused it
+    /// (it expired early, or was revoked), so the next `token` call mints a fresh one.
+    /// A token another caller has already replaced is left alone.
+    pub async fn refused(&self, request: &TokenRequest, token: &AuthToken) {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((cached_for, _), _)| cached_for == request)
+            .map(|(_, slot)| slot.clone())
+            .collect();
+        for slot in slots {
+            let mut cached = slot.lock().await;
+            if cached.as_ref() == Some(token) {
+                *cached = None;
+                tracing::info!(host = %request.host, user = %request.user, "the server refused a cached IAM token; a fresh one will be minted");
+            }
+        }
+    }
+
     /// A token for `request`: the cached one while it is fresh, else a new one.
     pub async fn token(&self, request: &TokenRequest) -> Result<AuthToken, Error> {
         let now = self.clock.now();

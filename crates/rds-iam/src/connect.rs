@@ -18,7 +18,7 @@ use crate::cache::TokenCache;
 use crate::dialer::{BoxStream, Dialer};
 use crate::error::Error;
 use crate::tls;
-use crate::token::TokenRequest;
+use crate::token::{AuthToken, TokenRequest};
 
 /// Where to log in and how.
 #[derive(Clone, Debug)]
@@ -133,6 +133,27 @@ where
     }
 }
 
+/// Runs `login` with the cached token; if the server refuses that token (expired early,
+/// revoked), forgets it and tries once more with a fresh one.
+async fn with_fresh_token_on_refusal<T, F, Fut>(
+    target: &RdsTarget,
+    tokens: &TokenCache,
+    mut login: F,
+) -> Result<T, Error>
+where
+    F: FnMut(AuthToken) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let token = tokens.token(&target.endpoint).await?;
+    match login(token.clone()).await {
+        Err(error) if error.is_token_refused() => {
+            tokens.refused(&target.endpoint, &token).await;
+            login(tokens.token(&target.endpoint).await?).await
+        }
+        other => other,
+    }
+}
+
 /// A tokio-postgres client logged in with an IAM token over verified TLS, waiting out a
 /// resuming cluster. `options` are startup options such as `-csearch_path=…`.
 pub async fn connect(
@@ -142,97 +163,133 @@ pub async fn connect(
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<Client, Error> {
-    with_wake(target.wake_deadline, on_wait, || async {
-        let stream = dialer
-            .dial()
-            .await
-            .map_err(|e| Error::io("failed to open a stream to the database", e))?;
-        let token = tokens.token(&target.endpoint).await?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&target.endpoint.host)
-            .port(target.endpoint.port)
-            .user(&target.endpoint.user)
-            .dbname(&target.database)
-            .password(token.expose())
-            .ssl_mode(tokio_postgres::config::SslMode::Require);
-        if let Some(options) = options {
-            config.options(options);
-        }
-        let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
-        let tls = tokio_postgres::tls::MakeTlsConnect::<BoxStream>::make_tls_connect(
-            &mut make,
-            &target.endpoint.host,
-        )
-        .map_err(|e| Error::tls_caused(format!("failed to set up TLS: {e}"), e))?;
-        let (client, connection) =
-            config
-                .connect_raw(stream, tls)
-                .await
-                .map_err(|e| Error::Postgres {
-                    action: format!(
-                        "failed to log in to {} as {}",
-                        target.endpoint.host, target.endpoint.user
-                    ),
-                    source: e,
-                })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "RDS connection ended");
-            }
-        });
-        Ok(client)
+    with_wake(target.wake_deadline, on_wait, || {
+        with_fresh_token_on_refusal(target, tokens, |token| {
+            login(target, options, dialer, token)
+        })
     })
     .await
 }
 
+async fn login(
+    target: &RdsTarget,
+    options: Option<&str>,
+    dialer: &dyn Dialer,
+    token: AuthToken,
+) -> Result<Client, Error> {
+    let stream = dialer
+        .dial()
+        .await
+        .map_err(|e| Error::io("failed to open a stream to the database", e))?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&target.endpoint.host)
+        .port(target.endpoint.port)
+        .user(&target.endpoint.user)
+        .dbname(&target.database)
+        .password(token.expose())
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    if let Some(options) = options {
+        config.options(options);
+    }
+    let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((*target.tls).clone());
+    let tls = tokio_postgres::tls::MakeTlsConnect::<BoxStream>::make_tls_connect(
+        &mut make,
+        &target.endpoint.host,
+    )
+    .map_err(|e| Error::tls_caused(format!("failed to set up TLS: {e}"), e))?;
+    let (client, connection) =
+        config
+            .connect_raw(stream, tls)
+            .await
+            .map_err(|e| Error::Postgres {
+                action: format!(
+                    "failed to log in to {} as {}",
+                    target.endpoint.host, target.endpoint.user
+                ),
+                source: e,
+            })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "RDS connection ended");
+        }
+    });
+    Ok(client)
+}
+
 /// A raw, authenticated upstream connection for the proxy: TLS verified, StartupMessage
-/// sent with `params` (user and database are the target's), the IAM token given. What the
-/// server says next (AuthenticationOk, or an error) is left unread for the caller to relay.
+/// sent with `params` (user and database are the target's), the IAM token given and
+/// accepted. Returns the stream and the server's AuthenticationOk, for the caller to relay
+/// before the rest (parameters, BackendKeyData, ReadyForQuery) follows on the stream.
 pub(crate) async fn open_raw(
     target: &RdsTarget,
     params: &[(String, String)],
     dialer: &dyn Dialer,
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
-) -> Result<TlsStream<BoxStream>, Error> {
-    with_wake(target.wake_deadline, on_wait, || async {
-        let mut stream = tls_stream(target, dialer).await?;
-        let mut startup = vec![
-            ("user".to_owned(), target.endpoint.user.clone()),
-            ("database".to_owned(), target.database.clone()),
-        ];
-        startup.extend(params.iter().filter(|(k, _)| k != "user" && k != "database").cloned());
-        let io = |e| Error::io("failed to talk to the database", e);
-        let mut out = BytesMut::new();
-        frontend::startup_message(startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
-            .map_err(io)?;
-        stream.write_all(&out).await.map_err(io)?;
-        stream.flush().await.map_err(io)?;
-        match read_backend_message(&mut stream).await? {
-            backend::Message::AuthenticationCleartextPassword => {
-                let token = tokens.token(&target.endpoint).await?;
-                out.clear();
-                frontend::password_message(token.expose().as_bytes(), &mut out).map_err(io)?;
-                stream.write_all(&out).await.map_err(io)?;
-                stream.flush().await.map_err(io)?;
-                Ok(stream)
-            }
-            backend::Message::ErrorResponse(body) => Err(refused(&body)),
-            other => Err(Error::Protocol(format!(
-                "the server answered the login with {} instead of asking for a password: does `{}` have the rds_iam role?",
-                describe(&other),
-                target.endpoint.user
-            ))),
-        }
+) -> Result<(TlsStream<BoxStream>, BytesMut), Error> {
+    with_wake(target.wake_deadline, on_wait, || {
+        with_fresh_token_on_refusal(target, tokens, |token| {
+            login_raw(target, params, dialer, token)
+        })
     })
     .await
 }
 
-/// Reads one message from the server, parsed by postgres-protocol.
-async fn read_backend_message<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> Result<backend::Message, Error> {
+async fn login_raw(
+    target: &RdsTarget,
+    params: &[(String, String)],
+    dialer: &dyn Dialer,
+    token: AuthToken,
+) -> Result<(TlsStream<BoxStream>, BytesMut), Error> {
+    let mut stream = tls_stream(target, dialer).await?;
+    let mut startup = vec![
+        ("user".to_owned(), target.endpoint.user.clone()),
+        ("database".to_owned(), target.database.clone()),
+    ];
+    startup.extend(
+        params
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "database")
+            .cloned(),
+    );
+    let io = |e| Error::io("failed to talk to the database", e);
+    let mut out = BytesMut::new();
+    frontend::startup_message(
+        startup.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut out,
+    )
+    .map_err(io)?;
+    stream.write_all(&out).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    match parse(read_backend_frame(&mut stream).await?)? {
+        backend::Message::AuthenticationCleartextPassword => {}
+        backend::Message::ErrorResponse(body) => return Err(refused(&body)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "the server answered the login with {} instead of asking for a password: does `{}` have the rds_iam role?",
+                describe(&other),
+                target.endpoint.user
+            )));
+        }
+    }
+    out.clear();
+    frontend::password_message(token.expose().as_bytes(), &mut out).map_err(io)?;
+    stream.write_all(&out).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let frame = read_backend_frame(&mut stream).await?;
+    match parse(frame.clone())? {
+        backend::Message::AuthenticationOk => Ok((stream, frame)),
+        backend::Message::ErrorResponse(body) => Err(refused(&body)),
+        other => Err(Error::Protocol(format!(
+            "the server answered the IAM token with {} instead of AuthenticationOk",
+            describe(&other)
+        ))),
+    }
+}
+
+/// Reads one whole message from the server, as it came.
+async fn read_backend_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<BytesMut, Error> {
     const MAX_MESSAGE: usize = 1 << 20;
     let io = |e| Error::io("failed to read from the database", e);
     let mut header = [0u8; 5];
@@ -244,11 +301,16 @@ async fn read_backend_message<S: AsyncRead + Unpin>(
             header[0] as char
         )));
     }
-    let mut buffer = BytesMut::with_capacity(length + 1);
-    buffer.extend_from_slice(&header);
-    buffer.resize(length + 1, 0);
-    stream.read_exact(&mut buffer[5..]).await.map_err(io)?;
-    backend::Message::parse(&mut buffer)
+    let mut frame = BytesMut::with_capacity(length + 1);
+    frame.extend_from_slice(&header);
+    frame.resize(length + 1, 0);
+    stream.read_exact(&mut frame[5..]).await.map_err(io)?;
+    Ok(frame)
+}
+
+/// A whole frame parsed by postgres-protocol.
+fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
+    backend::Message::parse(&mut frame)
         .map_err(|e| Error::Protocol(format!("a malformed message from the server: {e}")))?
         .ok_or_else(|| Error::Protocol("a truncated message from the server".into()))
 }
@@ -277,7 +339,7 @@ fn refused(body: &backend::ErrorResponseBody) -> Error {
 /// What an unexpected server message was, for an error.
 fn describe(message: &backend::Message) -> &'static str {
     match message {
-        backend::Message::AuthenticationOk => "AuthenticationOk (no password at all)",
+        backend::Message::AuthenticationOk => "AuthenticationOk",
         backend::Message::AuthenticationMd5Password(_) => "an MD5 password request",
         backend::Message::AuthenticationSasl(_) => "a SASL (SCRAM) request",
         backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {

@@ -131,6 +131,24 @@ impl Error {
         })
     }
 
+    /// Whether the server refused the IAM token itself (RDS: `28000 PAM authentication
+    /// failed`; `28P01`): a fresh token may get in where the cached one did not. Not
+    /// Aurora's `28000 no pg_hba.conf entry` while it resumes.
+    pub fn is_token_refused(&self) -> bool {
+        let message = match self {
+            Error::Refused { message, .. } => message.as_str(),
+            Error::Postgres { source, .. } => source.as_db_error().map_or("", |db| db.message()),
+            _ => return false,
+        };
+        match self.code() {
+            Some(code) if *code == SqlState::INVALID_PASSWORD => true,
+            Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                message.contains("PAM authentication failed")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether TLS itself failed (a certificate, a handshake), anywhere in the chain.
     pub fn is_tls(&self) -> bool {
         matches!(self, Error::Tls { .. }) || rustls_in_chain(self).is_some()

@@ -305,25 +305,30 @@ async fn relay(
     if let Some((_, database)) = params.iter().find(|(k, _)| k == "database") {
         target.database = database.clone();
     }
-    let mut upstream = match open_raw(&target, &params, dialer, tokens, &|waiting| {
-        tracing::info!("proxy: {waiting}")
-    })
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            refuse(
-                &mut client,
-                SqlState::CONNECTION_FAILURE,
-                &format!(
-                    "the proxy could not log in to {}: {error}",
-                    target.endpoint.host
-                ),
-            )
-            .await?;
-            return Err(error);
-        }
-    };
+    let (mut upstream, authentication_ok) =
+        match open_raw(&target, &params, dialer, tokens, &|waiting| {
+            tracing::info!("proxy: {waiting}")
+        })
+        .await
+        {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                refuse(
+                    &mut client,
+                    SqlState::CONNECTION_FAILURE,
+                    &format!(
+                        "the proxy could not log in to {}: {error}",
+                        target.endpoint.host
+                    ),
+                )
+                .await?;
+                return Err(error);
+            }
+        };
+    client
+        .write_all(&authentication_ok)
+        .await
+        .map_err(|e| Error::io("failed to answer the client", e))?;
     copy_bidirectional(&mut client, &mut upstream)
         .await
         .map_err(|e| Error::io("relay", e))?;
