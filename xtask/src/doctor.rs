@@ -208,7 +208,7 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
                 Ok(opened) => {
                     report.pass("SSM tunnel", format!("session {}", opened.session_id()));
                     let opened = Arc::new(opened);
-                    dialer = Arc::new(crate::rds::TunnelDialer(opened.clone()));
+                    dialer = Arc::new(pgharness_rds::TunnelDialer(opened.clone()));
                     tunnel = Some(opened);
                 }
                 Err(error) => {

@@ -1,165 +1,70 @@
-//! The run's RDS proxy: one background process that opens the SSM tunnel (when a target is
-//! set), keeps the IAM token cache and serves the local auth proxy for every test process,
-//! psql and the app. `cargo xtask up --backend rds` starts it; `down` stops it (ending the
-//! SSM session); it stops by itself after `[rds] idle` without clients.
+//! `cargo xtask up --backend rds` / `down` and the background process between them: a thin
+//! command layer over `pgharness-rds` (the runtime: tunnel, tokens, TLS, local auth proxy).
+//! `up` starts `cargo xtask __rds-proxy` in its own process group, renders the typed
+//! progress it reports (`pgharness_rds::report`) and returns once it serves; the process
+//! stops on a signal, when its SSM session ends, or after `[rds] idle` without clients.
 
-use std::io::{BufRead, BufReader, Write};
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use pgharness::BackendKind;
 use pgharness::backend::rds::EnvFile;
-use pgharness::{BackendKind, SecretUrl, Settings};
-use rds_iam::credentials::DefaultChain;
-use rds_iam::dialer::{BoxStream, Dialer};
-use rds_iam::{ProxyPassword, RdsTarget, TcpDialer, TlsPolicy, TokenCache, TokenRequest};
-use ssm_tunnel::{Tunnel, TunnelConfig};
+use pgharness::{Settings, events::Event};
+use pgharness_rds::RdsProxy;
+use pgharness_rds::report::Report;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::emulator::{self, EmulatorOptions};
 use crate::ui::Progress;
 
-/// Streams from the SSM tunnel, for rds-iam (which knows nothing of SSM).
-#[derive(Debug)]
-pub(crate) struct TunnelDialer(pub(crate) Arc<Tunnel>);
-
-impl Dialer for TunnelDialer {
-    fn dial(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxStream>> + Send + '_>>
-    {
-        Box::pin(async move {
-            let stream = self.0.connect().await.map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string())
-            })?;
-            Ok(Box::new(stream) as BoxStream)
-        })
-    }
-}
-
-fn say(line: &str) {
-    // The parent reads these until `ready`; afterwards nobody does, which is fine.
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+fn report(report: Report) {
+    // The parent reads these until `Ready`; afterwards nobody does, which is fine.
+    let _ = report.write_to(&mut std::io::stdout());
 }
 
 /// The background process (`cargo xtask __rds-proxy`, started by `up`).
 pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
     let settings = crate::settings(Some(BackendKind::Rds))?;
-    let started = match start_proxy(&settings).await {
-        Ok(started) => started,
+    let rds = match RdsProxy::start(&settings, &|event: Event| report(Report::Event(event))).await {
+        Ok(rds) => rds,
         Err(error) => {
-            say(&format!("error {error:#}"));
+            report(Report::Failed {
+                error: format!("{:#}", anyhow::Error::new(error)),
+            });
             return Ok(ExitCode::FAILURE);
         }
     };
-    let (proxy, tunnel) = started;
-    say(&format!("ready {}", pgharness::redact_url(&proxy.url())));
+    report(Report::Ready {
+        url: rds.url().to_string(),
+    });
     let mut signals = (
         signal(SignalKind::interrupt())?,
         signal(SignalKind::terminate())?,
         signal(SignalKind::hangup())?,
     );
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let watched = tunnel.clone();
-    let closed = async move {
-        match watched {
-            Some(tunnel) => tunnel.closed().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(closed);
-    let reason = loop {
-        tokio::select! {
-            _ = signals.0.recv() => break "interrupted".to_owned(),
-            _ = signals.1.recv() => break "stopped".to_owned(),
-            _ = signals.2.recv() => break "hung up".to_owned(),
-            reason = &mut closed => break format!("the SSM session ended: {reason}"),
-            _ = tick.tick() => {
-                if proxy.idle_for() >= settings.rds.idle {
-                    break format!("no client for {:?}", settings.rds.idle);
+    let reason = {
+        let closed = rds.tunnel_closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                _ = signals.0.recv() => break "interrupted".to_owned(),
+                _ = signals.1.recv() => break "stopped".to_owned(),
+                _ = signals.2.recv() => break "hung up".to_owned(),
+                reason = &mut closed => break format!("the SSM session ended: {reason}"),
+                _ = tick.tick() => {
+                    if rds.idle_for() >= settings.rds.idle {
+                        break format!("no client for {:?}", settings.rds.idle);
+                    }
                 }
             }
         }
     };
     tracing::info!(%reason, "RDS proxy stopping");
-    // Only remove the env file if it is still ours.
-    if EnvFile::read(&settings)
-        .ok()
-        .flatten()
-        .and_then(|f| f.proxy_pid)
-        == Some(std::process::id() as i32)
-    {
-        let _ = std::fs::remove_file(pgharness::backend::rds::env_file_path(&settings));
-    }
-    proxy.shutdown();
-    if let Some(tunnel) = tunnel {
-        tunnel.terminate().await;
-        tracing::info!(session = %tunnel.session_id(), "SSM session terminated");
-    }
+    rds.stop().await;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn start_proxy(settings: &Settings) -> anyhow::Result<(rds_iam::Proxy, Option<Arc<Tunnel>>)> {
-    let (host, user, bundle) = settings.rds.require()?;
-    let tls = rds_iam::tls::client_config(&TlsPolicy::VerifyFull { ca_bundle: bundle })?;
-    let region = settings
-        .rds
-        .region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok());
-    let endpoint = TokenRequest::new(&host, settings.rds.port, &user, region.as_deref())?;
-    let credentials = DefaultChain::load().await?;
-    let tokens = Arc::new(TokenCache::new(Arc::new(credentials)));
-    let (dialer, tunnel): (Arc<dyn Dialer>, Option<Arc<Tunnel>>) = match &settings.rds.ssm_target {
-        Some(target) => {
-            say(&format!(
-                "progress opening the SSM tunnel through {target} to {host}:{}",
-                settings.rds.port
-            ));
-            let mut config = TunnelConfig::new(target, &host, settings.rds.port);
-            config.region = Some(endpoint.region.clone());
-            let tunnel = Arc::new(
-                Tunnel::open(config)
-                    .await
-                    .context("failed to open the SSM tunnel")?,
-            );
-            say(&format!(
-                "progress SSM session {} open",
-                tunnel.session_id()
-            ));
-            (Arc::new(TunnelDialer(tunnel.clone())), Some(tunnel))
-        }
-        None => (
-            Arc::new(TcpDialer::new(format!("{host}:{}", settings.rds.port))),
-            None,
-        ),
-    };
-    let target = RdsTarget {
-        endpoint,
-        database: settings.rds.database.clone(),
-        tls,
-        wake_deadline: settings.rds.wake_deadline,
-    };
-    say(&format!("progress logging in to {host} as {user} (IAM)"));
-    let client = rds_iam::connect(&target, None, dialer.as_ref(), &tokens, &|waiting| {
-        say(&format!("progress {waiting}"))
-    })
-    .await
-    .with_context(|| format!("failed to log in to {host} as {user}"))?;
-    client.simple_query("SELECT 1").await?;
-    drop(client);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let proxy = rds_iam::serve(listener, target, ProxyPassword::random(), dialer, tokens)?;
-    EnvFile {
-        backend: "rds".into(),
-        url: Some(SecretUrl::new(proxy.url())),
-        proxy_pid: Some(std::process::id() as i32),
-        session: tunnel.as_ref().map(|t| t.session_id().to_owned()),
-    }
-    .write(settings)?;
-    Ok((proxy, tunnel))
 }
 
 /// What `up` started.
@@ -190,41 +95,36 @@ pub(crate) async fn up(
     let progress = Progress::start("starting the RDS proxy");
     let log =
         pgharness::backend::secret::create_private(&settings.state_dir.join("rds-proxy.log"))?;
-    let mut command = std::process::Command::new(crate::self_exe());
+    let mut command = tokio::process::Command::new(crate::self_exe());
     command
         .arg("__rds-proxy")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log);
+        .stderr(log)
+        .process_group(0);
     if let Some(values) = &emulator {
         command.envs(emulator::client_env(values));
     }
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command
         .spawn()
         .context("failed to start the RDS proxy process")?;
     let stdout = child.stdout.take().context("no stdout")?;
-    let lines = tokio::task::spawn_blocking(move || {
-        let mut outcome = Err(anyhow::anyhow!("the RDS proxy exited before it was ready"));
-        let mut seen = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix("ready ") {
-                outcome = Ok(rest.to_owned());
-                break;
-            }
-            if let Some(rest) = line.strip_prefix("error ") {
-                outcome = Err(anyhow::anyhow!("{rest}"));
-                break;
-            }
-            seen.push(line);
-        }
-        (outcome, seen)
-    });
     let started = Instant::now();
-    let (outcome, seen) = lines.await?;
-    for line in &seen {
-        progress.say(line.trim_start_matches("progress ").to_owned());
+    let mut lines = BufReader::new(stdout).lines();
+    let mut outcome = Err(anyhow::anyhow!("the RDS proxy exited before it was ready"));
+    while let Some(line) = lines.next_line().await? {
+        match Report::parse(&line) {
+            Some(Report::Event(event)) => progress.event(event),
+            Some(Report::Ready { url }) => {
+                outcome = Ok(url);
+                break;
+            }
+            Some(Report::Failed { error }) => {
+                outcome = Err(anyhow::anyhow!("{error}"));
+                break;
+            }
+            None => tracing::debug!(%line, "RDS proxy: not a report"),
+        }
     }
     match outcome {
         Ok(url) => progress.finish(&format!(

@@ -50,6 +50,15 @@ impl Progress {
             Event::ServerReady { after } => {
                 format!("server ready after {:.1}s", after.as_secs_f64())
             }
+            Event::OpeningTunnel { target, host, port } => {
+                format!("opening the SSM tunnel through {target} to {host}:{port}")
+            }
+            Event::TunnelOpen { session } => format!("SSM session {session} open"),
+            Event::LoggingIn { host, user } => format!("logging in to {host} as {user} (IAM)"),
+            Event::WaitingForDatabase { waited, reason } => format!(
+                "waiting for the database to resume… {}s ({reason})",
+                waited.as_secs()
+            ),
             other => format!("{other:?}"),
         };
         self.say(message);

@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
-/// Something a long wait is doing. Every event is also logged with `tracing`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Something a long wait is doing. Every event is also logged with `tracing`. Events
+/// serialise (serde), so that a background process can report them to the one that
+/// started it (`pgharness-rds`'s proxy to `cargo xtask up`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Event {
     /// Looking for a usable backend.
     Probing {
         /// The backend being tried.
-        backend: &'static str,
+        backend: String,
     },
     /// A container is being created from an image.
     CreatingContainer {
@@ -45,6 +47,35 @@ pub enum Event {
     ServerReady {
         /// Time from the first attempt.
         after: Duration,
+    },
+    /// An SSM session to the database host is being opened (rds backend).
+    OpeningTunnel {
+        /// The jumphost's instance id.
+        target: String,
+        /// The database host and port, as the jumphost dials them.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+    /// The SSM session is open.
+    TunnelOpen {
+        /// Its session id.
+        session: String,
+    },
+    /// Logging in to the database with an IAM token (rds backend).
+    LoggingIn {
+        /// The endpoint.
+        host: String,
+        /// The IAM database user.
+        user: String,
+    },
+    /// The database does not accept connections yet (an Aurora cluster resuming, a tunnel
+    /// coming up).
+    WaitingForDatabase {
+        /// Time spent waiting so far.
+        waited: Duration,
+        /// The last failure.
+        reason: String,
     },
 }
 

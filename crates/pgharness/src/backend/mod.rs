@@ -83,14 +83,19 @@ async fn resolve_local_after(
     emit(
         sink,
         Event::Probing {
-            backend: "container",
+            backend: "container".into(),
         },
     );
     match container::probe(settings).await {
         Ok(_) => return Ok(BackendKind::Container),
         Err(why) => attempts.push(("container".to_owned(), why)),
     }
-    emit(sink, Event::Probing { backend: "native" });
+    emit(
+        sink,
+        Event::Probing {
+            backend: "native".into(),
+        },
+    );
     match native::find_bindir(settings) {
         Ok(_) => return Ok(BackendKind::Native),
         Err(why) => attempts.push(("native".to_owned(), why)),

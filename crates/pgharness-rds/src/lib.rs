@@ -1,0 +1,16 @@
+//! The `rds` backend's runtime, as a library: [`RdsProxy::start`] opens the one SSM session
+//! (when a jumphost is set), keeps the IAM token cache, checks a login, serves rds-iam's
+//! local auth proxy for every test process, psql and the app, and writes the
+//! `target/pgharness/env` contract that test processes read. Progress is reported as
+//! [`pgharness::events::Event`]s; [`report`] carries them, typed, from a background process
+//! to the one that started it. `cargo xtask up --backend rds` is a thin layer over this; a
+//! user's own binary can start it the same way.
+
+mod dialer;
+mod error;
+mod proxy;
+pub mod report;
+
+pub use dialer::TunnelDialer;
+pub use error::Error;
+pub use proxy::RdsProxy;

@@ -1,0 +1,163 @@
+//! [`RdsProxy`]: the run's one path to the cluster. Started once per run (by `cargo xtask
+//! up`, or a user's binary), shared by every test process through the local auth proxy's
+//! URL in `target/pgharness/env`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgharness::backend::rds::{EnvFile, env_file_path};
+use pgharness::events::{Event, EventSink};
+use pgharness::{SecretUrl, Settings};
+use rds_iam::credentials::DefaultChain;
+use rds_iam::dialer::Dialer;
+use rds_iam::{ProxyPassword, RdsTarget, TcpDialer, TlsPolicy, TokenCache, TokenRequest};
+use ssm_tunnel::{Tunnel, TunnelConfig};
+
+use crate::dialer::TunnelDialer;
+use crate::error::Error;
+
+/// A running RDS proxy: the local auth proxy, and the SSM session under it if any.
+#[derive(Debug)]
+pub struct RdsProxy {
+    proxy: rds_iam::Proxy,
+    tunnel: Option<Arc<Tunnel>>,
+    settings: Settings,
+}
+
+fn emit(events: EventSink<'_>, event: Event) {
+    tracing::debug!(?event, "pgharness-rds event");
+    events(event);
+}
+
+impl RdsProxy {
+    /// Opens the SSM session (when `[rds] ssm_target` is set), checks an IAM login, serves
+    /// the local auth proxy on 127.0.0.1 and writes `target/pgharness/env` (0600) with its
+    /// URL, this process's pid and the session id.
+    pub async fn start(settings: &Settings, events: EventSink<'_>) -> Result<RdsProxy, Error> {
+        let (host, user, bundle) = settings.rds.require()?;
+        let tls = rds_iam::tls::client_config(&TlsPolicy::VerifyFull { ca_bundle: bundle })?;
+        let region = settings
+            .rds
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok());
+        let endpoint = TokenRequest::new(&host, settings.rds.port, &user, region.as_deref())?;
+        let credentials = DefaultChain::load().await?;
+        let tokens = Arc::new(TokenCache::new(Arc::new(credentials)));
+        let (dialer, tunnel): (Arc<dyn Dialer>, Option<Arc<Tunnel>>) =
+            match &settings.rds.ssm_target {
+                Some(target) => {
+                    emit(
+                        events,
+                        Event::OpeningTunnel {
+                            target: target.clone(),
+                            host: host.clone(),
+                            port: settings.rds.port,
+                        },
+                    );
+                    let mut config = TunnelConfig::new(target, &host, settings.rds.port);
+                    config.region = Some(endpoint.region.clone());
+                    let tunnel = Arc::new(Tunnel::open(config).await.map_err(Error::Tunnel)?);
+                    emit(
+                        events,
+                        Event::TunnelOpen {
+                            session: tunnel.session_id().to_owned(),
+                        },
+                    );
+                    (Arc::new(TunnelDialer(tunnel.clone())), Some(tunnel))
+                }
+                None => (
+                    Arc::new(TcpDialer::new(format!("{host}:{}", settings.rds.port))),
+                    None,
+                ),
+            };
+        let target = RdsTarget {
+            endpoint,
+            database: settings.rds.database.clone(),
+            tls,
+            wake_deadline: settings.rds.wake_deadline,
+        };
+        emit(
+            events,
+            Event::LoggingIn {
+                host: host.clone(),
+                user: user.clone(),
+            },
+        );
+        let client = rds_iam::connect(&target, None, dialer.as_ref(), &tokens, &|waiting| {
+            emit(
+                events,
+                Event::WaitingForDatabase {
+                    waited: waiting.waited,
+                    reason: waiting.reason,
+                },
+            )
+        })
+        .await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|source| rds_iam::Error::Postgres {
+                action: format!("failed to query {host} as {user}"),
+                source,
+            })?;
+        drop(client);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(Error::Listen)?;
+        let proxy = rds_iam::serve(listener, target, ProxyPassword::random(), dialer, tokens)?;
+        EnvFile {
+            backend: "rds".into(),
+            url: Some(SecretUrl::new(proxy.url())),
+            proxy_pid: Some(std::process::id() as i32),
+            session: tunnel.as_ref().map(|t| t.session_id().to_owned()),
+        }
+        .write(settings)?;
+        Ok(RdsProxy {
+            proxy,
+            tunnel,
+            settings: settings.clone(),
+        })
+    }
+
+    /// The local auth proxy's URL (it carries the per-run password: never log it).
+    pub fn url(&self) -> SecretUrl {
+        SecretUrl::new(self.proxy.url())
+    }
+
+    /// The SSM session id, when it tunnels.
+    pub fn session_id(&self) -> Option<&str> {
+        self.tunnel.as_ref().map(|t| t.session_id())
+    }
+
+    /// How long no client has been connected.
+    pub fn idle_for(&self) -> Duration {
+        self.proxy.idle_for()
+    }
+
+    /// Resolves when the SSM session ends by itself (never without a tunnel), with why.
+    pub async fn tunnel_closed(&self) -> String {
+        match &self.tunnel {
+            Some(tunnel) => tunnel.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops serving, removes the env file if it still names this process, and ends the
+    /// SSM session (Flag TerminateSession and the API).
+    pub async fn stop(self) {
+        let ours = EnvFile::read(&self.settings)
+            .ok()
+            .flatten()
+            .and_then(|file| file.proxy_pid)
+            == Some(std::process::id() as i32);
+        if ours {
+            let _ = std::fs::remove_file(env_file_path(&self.settings));
+        }
+        self.proxy.shutdown();
+        if let Some(tunnel) = self.tunnel {
+            tunnel.terminate().await;
+            tracing::info!(session = %tunnel.session_id(), "SSM session terminated");
+        }
+    }
+}
