@@ -50,8 +50,24 @@ fn psql(proxy: &rds_iam::Proxy, password: &str, sql: &[&str]) -> std::process::O
     command.output().expect("psql is installed")
 }
 
+/// Waits until `done` holds: a sync point on the proxy's own counters.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn client_of(proxy: &rds_iam::Proxy) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 #[tokio::test]
-async fn a_session_outlives_its_token_and_new_sessions_get_fresh_ones() {
+async fn a_session_outlives_its_token_and_a_new_client_gets_in_after_it() {
     let clock = ManualClock::new(SystemTime::now());
     let env = env(|config| {
         config.token_ttl = Duration::from_secs(2);
@@ -59,9 +75,7 @@ async fn a_session_outlives_its_token_and_new_sessions_get_fresh_ones() {
     })
     .await;
     let proxy = proxy_with_clock(&env, Duration::from_secs(1), Arc::new(clock.clone())).await;
-    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
-    let (session, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let session = client_of(&proxy).await;
     session.simple_query("SELECT 1").await.unwrap();
     // Past the token's lifetime at the fake, and past the cache's reuse.
     clock.advance(Duration::from_millis(2500));
@@ -71,8 +85,8 @@ async fn a_session_outlives_its_token_and_new_sessions_get_fresh_ones() {
         .expect("an open session does not need its token again")
         .get(0);
     assert_eq!(user, USER);
-    assert_eq!(env.front.logins(), 1, "one login for the whole session");
-    // A new session (psql, as a user runs it) logs in with a fresh token.
+    // A new client (psql, as a user runs it) gets in: on the spare session opened ahead
+    // of demand, or on a new one with a fresh token.
     let password = proxy.password().expose().to_owned();
     let proxy = Arc::new(proxy);
     let output = tokio::task::spawn_blocking({
@@ -86,7 +100,6 @@ async fn a_session_outlives_its_token_and_new_sessions_get_fresh_ones() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!((env.front.logins(), env.front.refused()), (2, 0));
 }
 
 #[tokio::test]
@@ -97,20 +110,123 @@ async fn the_proxy_replaces_a_cached_token_the_server_refuses() {
         config.clock = Arc::new(clock.clone());
     })
     .await;
-    let proxy =
-        proxy_with_clock(&env, rds_iam::cache::DEFAULT_REUSE, Arc::new(clock.clone())).await;
-    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
-    let (first, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let tokens_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+    let proxy = proxy_with_clock(&env, rds_iam::cache::DEFAULT_REUSE, tokens_clock).await;
+    let first = client_of(&proxy).await;
     first.simple_query("SELECT 1").await.unwrap();
+    until("the spare session", || proxy.upstream_logins() == 2).await;
+    // The cache keeps its token for 14m30s; the endpoint honours it for 20 s only.
     clock.advance(Duration::from_secs(30));
-    let (second, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("a fresh token replaces the refused one");
-    tokio::spawn(connection);
+    // Two more clients at once: one takes the spare, the other needs a new session, whose
+    // login with the cached token is refused and retried with a fresh one.
+    let (second, third) = tokio::join!(client_of(&proxy), client_of(&proxy));
     second.simple_query("SELECT 1").await.unwrap();
-    assert_eq!((env.front.logins(), env.front.refused()), (2, 1));
+    third.simple_query("SELECT 1").await.unwrap();
+    assert!(env.front.refused() >= 1, "the stale token was tried");
+    assert!(proxy.upstream_logins() >= 3);
+}
+
+#[tokio::test]
+async fn each_client_gets_a_clean_session_and_no_upstream_login() {
+    let env = env(|_| {}).await;
+    let proxy = proxy_for(&env, Duration::from_secs(60)).await;
+    // A client that leaves state behind: a setting, an advisory lock, an open transaction.
+    let leaky = client_of(&proxy).await;
+    let leaky_pid: i32 = leaky
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    leaky
+        .batch_execute(
+            "SET application_name = 'leaky'; SELECT pg_advisory_lock(4242);
+             BEGIN; CREATE TEMP TABLE left_behind (x int);",
+        )
+        .await
+        .unwrap();
+    drop(leaky);
+    until("the session back, reset, beside the spare", || {
+        proxy.idle_sessions() == 2
+    })
+    .await;
+    let from_pool = proxy.clients_from_pool();
+    // Two clients take both idle sessions: one of them is the leaky client's.
+    let (a, b) = tokio::join!(client_of(&proxy), client_of(&proxy));
+    let mut pids = Vec::new();
+    for client in [&a, &b] {
+        let row = client
+            .query_one(
+                "SELECT pg_backend_pid(), current_setting('application_name'),
+                        to_regclass('pg_temp.left_behind') IS NULL,
+                        (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242)",
+                &[],
+            )
+            .await
+            .unwrap();
+        pids.push(row.get::<_, i32>(0));
+        assert_eq!(row.get::<_, String>(1), "", "application_name leaked");
+        assert!(row.get::<_, bool>(2), "a temporary table leaked");
+        assert_eq!(row.get::<_, i64>(3), 0, "the advisory lock leaked");
+    }
+    assert!(pids.contains(&leaky_pid), "{pids:?} reuse {leaky_pid}");
+    assert_eq!(
+        proxy.clients_from_pool(),
+        from_pool + 2,
+        "no upstream login on either client's path"
+    );
+}
+
+#[tokio::test]
+async fn startup_options_apply_to_a_pooled_session_and_end_with_the_client() {
+    let env = env(|_| {}).await;
+    let proxy = proxy_for(&env, Duration::from_secs(60)).await;
+    let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    config
+        .options("-c search_path=pgh_elsewhere,public")
+        .application_name("pgh-test");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('application_name'), pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pgh_elsewhere,public");
+    assert_eq!(row.get::<_, String>(1), "pgh-test");
+    let pid: i32 = row.get(2);
+    drop(client);
+    until("the session back", || proxy.idle_sessions() == 2).await;
+    let (a, b) = tokio::join!(client_of(&proxy), client_of(&proxy));
+    for client in [a, b] {
+        let row = client
+            .query_one(
+                "SELECT current_setting('search_path'), pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i32>(1) == pid {
+            assert_eq!(row.get::<_, String>(0), "\"$user\", public");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_query_does_not_hand_its_session_on() {
+    let env = env(|_| {}).await;
+    let proxy = proxy_for(&env, Duration::from_secs(60)).await;
+    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(3)").await });
+    let observer = client_of(&proxy).await;
+    until_running(&observer, "SELECT pg_sleep(3)").await;
+    // The client's connection goes away with its query in flight.
+    connection.abort();
+    query.abort();
+    until("the session discarded", || proxy.discarded_sessions() == 1).await;
 }
 
 #[tokio::test]
@@ -169,25 +285,8 @@ async fn cancel_requests_reach_the_database() {
     let cancel = client.cancel_token();
     let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
     // The sync point: the server runs the query (seen from a second session, same user).
-    let (observer, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let running: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if running == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the query never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let observer = client_of(&proxy).await;
+    until_running(&observer, "SELECT pg_sleep(30)").await;
     cancel
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -198,4 +297,24 @@ async fn cancel_requests_reach_the_database() {
         .unwrap();
     let error = result.expect_err("the query was cancelled");
     assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error}");
+}
+
+/// Waits until the server runs `query` (pg_stat_activity, seen from `observer`).
+async fn until_running(observer: &tokio_postgres::Client, query: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                &[&query],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -309,14 +309,14 @@ async fn read_backend_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Byte
 }
 
 /// A whole frame parsed by postgres-protocol.
-fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
+pub(crate) fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
     backend::Message::parse(&mut frame)
         .map_err(|e| Error::Protocol(format!("a malformed message from the server: {e}")))?
         .ok_or_else(|| Error::Protocol("a truncated message from the server".into()))
 }
 
 /// A server's ErrorResponse as `Error::Refused`.
-fn refused(body: &backend::ErrorResponseBody) -> Error {
+pub(crate) fn refused(body: &backend::ErrorResponseBody) -> Error {
     let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
     let mut fields = body.fields();
     while let Ok(Some(field)) = fields.next() {

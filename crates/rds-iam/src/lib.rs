@@ -14,6 +14,7 @@ pub mod dialer;
 mod error;
 pub mod proxy;
 pub mod scram;
+mod sessions;
 pub mod tls;
 pub mod token;
 pub mod wire;

@@ -1,7 +1,8 @@
 //! The local auth proxy: a plain Postgres endpoint on 127.0.0.1 for any client (psql, sqlx,
-//! the app), guarded by a per-run random password (SCRAM-SHA-256), that logs in upstream
-//! with verified TLS and a fresh IAM token for each client connection and then relays bytes.
-//! A session through it can outlive any token: only the login needs one.
+//! the app), guarded by a per-run random password (SCRAM-SHA-256). Upstream it keeps
+//! sessions already through verified TLS and an IAM login, and lends one to each client
+//! (see `sessions`): a client's connection costs no upstream round trip, and a session
+//! outlives any token (only the login needs one).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -10,15 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
-use tokio::io::{AsyncWriteExt, copy_bidirectional};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::cache::TokenCache;
-use crate::connect::{RdsTarget, open_raw, tls_stream};
+use crate::connect::{RdsTarget, tls_stream};
 use crate::dialer::Dialer;
 use crate::error::Error;
 use crate::scram::{self, ScramVerifier};
+use crate::sessions::Sessions;
 use crate::wire::{self, Startup};
 use tokio_postgres::error::SqlState;
 
@@ -61,6 +63,7 @@ pub struct Proxy {
     password: ProxyPassword,
     accept: JoinHandle<()>,
     activity: Arc<Activity>,
+    sessions: Arc<Sessions>,
 }
 
 /// Client sessions in flight and when the last one ended.
@@ -120,6 +123,27 @@ impl Proxy {
             .elapsed()
     }
 
+    /// Upstream logins so far (sessions opened; each is lent to many clients).
+    pub fn upstream_logins(&self) -> u64 {
+        self.sessions.logins.load(Ordering::Relaxed)
+    }
+
+    /// Clients served by an idle upstream session, opened before they came (by an earlier
+    /// client, or ahead of demand): no upstream round trip on their path.
+    pub fn clients_from_pool(&self) -> u64 {
+        self.sessions.from_pool.load(Ordering::Relaxed)
+    }
+
+    /// Upstream sessions idle now, ready for the next client.
+    pub fn idle_sessions(&self) -> usize {
+        self.sessions.idle_now()
+    }
+
+    /// Upstream sessions closed instead of reused (a client left mid-query, a failed reset).
+    pub fn discarded_sessions(&self) -> u64 {
+        self.sessions.discarded.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting clients.
     pub fn shutdown(self) {
         self.accept.abort();
@@ -156,6 +180,8 @@ pub fn serve(
         last_end: Mutex::new(Instant::now()),
     });
     let counted = activity.clone();
+    let sessions = Arc::new(Sessions::default());
+    let pool = sessions.clone();
     let accept = tokio::spawn(async move {
         loop {
             let (client, peer) = match listener.accept().await {
@@ -171,17 +197,15 @@ pub fn serve(
                 dialer.clone(),
                 tokens.clone(),
             );
-            let counted = counted.clone();
+            let (counted, pool) = (counted.clone(), pool.clone());
             tokio::spawn(async move {
-                let result = session(
-                    client,
-                    &target,
-                    &verifier,
-                    dialer.as_ref(),
-                    &tokens,
-                    &counted,
-                )
-                .await;
+                let upstream = Upstream {
+                    target,
+                    dialer,
+                    tokens,
+                    sessions: pool,
+                };
+                let result = session(client, &upstream, &verifier, &counted).await;
                 if let Err(error) = result {
                     tracing::info!(%peer, %error, "proxy: session ended with an error");
                 }
@@ -196,7 +220,16 @@ pub fn serve(
         password,
         accept,
         activity,
+        sessions,
     })
+}
+
+/// Everything a client's session needs of the upstream side.
+struct Upstream {
+    target: Arc<RdsTarget>,
+    dialer: Arc<dyn Dialer>,
+    tokens: Arc<TokenCache>,
+    sessions: Arc<Sessions>,
 }
 
 async fn refuse(client: &mut TcpStream, code: SqlState, message: &str) -> Result<(), Error> {
@@ -208,16 +241,19 @@ async fn refuse(client: &mut TcpStream, code: SqlState, message: &str) -> Result
 
 async fn session(
     mut client: TcpStream,
-    target: &RdsTarget,
+    upstream: &Upstream,
     verifier: &ScramVerifier,
-    dialer: &dyn Dialer,
-    tokens: &TokenCache,
     activity: &Arc<Activity>,
 ) -> Result<(), Error> {
     client.set_nodelay(true).ok();
     let login = tokio::time::timeout(
         AUTHENTICATION_TIMEOUT,
-        authenticate(&mut client, target, verifier, dialer),
+        authenticate(
+            &mut client,
+            &upstream.target,
+            verifier,
+            upstream.dialer.as_ref(),
+        ),
     )
     .await;
     let params = match login {
@@ -235,7 +271,7 @@ async fn session(
     };
     activity.sessions.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(activity.clone());
-    relay(client, target, params, dialer, tokens).await
+    relay(client, upstream, params).await
 }
 
 /// The client's startup and SCRAM login; `None` when it was answered already (refused,
@@ -291,49 +327,73 @@ async fn authenticate(
     Ok(Some(params))
 }
 
-/// After the login: the upstream session, and the relay.
+/// After the login: an upstream session (an idle one, else a new one), and the relay.
 async fn relay(
     mut client: TcpStream,
-    target: &RdsTarget,
+    upstream: &Upstream,
     params: Vec<(String, String)>,
-    dialer: &dyn Dialer,
-    tokens: &TokenCache,
 ) -> Result<(), Error> {
-    // The client's database replaces the target's; open_raw sends user and database first,
-    // then the client's other parameters (options, application_name, …) in its order.
-    let mut target = target.clone();
-    if let Some((_, database)) = params.iter().find(|(k, _)| k == "database") {
-        target.database = database.clone();
-    }
-    let (mut upstream, authentication_ok) =
-        match open_raw(&target, &params, dialer, tokens, &|waiting| {
-            tracing::info!("proxy: {waiting}")
-        })
-        .await
-        {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                refuse(
-                    &mut client,
-                    SqlState::CONNECTION_FAILURE,
-                    &format!(
-                        "the proxy could not log in to {}: {error}",
-                        target.endpoint.host
-                    ),
+    // The client's database replaces the target's.
+    let database = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map_or_else(|| upstream.target.database.clone(), |(_, v)| v.clone());
+    let sessions = &upstream.sessions;
+    let session = match sessions.take(&database) {
+        Some(session) => session,
+        None => {
+            let opened = sessions
+                .open(
+                    &upstream.target,
+                    &database,
+                    upstream.dialer.as_ref(),
+                    &upstream.tokens,
                 )
-                .await?;
-                return Err(error);
+                .await;
+            match opened {
+                Ok(session) => session,
+                Err(error) => {
+                    refuse(
+                        &mut client,
+                        SqlState::CONNECTION_FAILURE,
+                        &format!(
+                            "the proxy could not log in to {}: {error}",
+                            upstream.target.endpoint.host
+                        ),
+                    )
+                    .await?;
+                    return Err(error);
+                }
             }
-        };
-    client
-        .write_all(&authentication_ok)
-        .await
-        .map_err(|e| Error::io("failed to answer the client", e))?;
-    copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .map_err(|e| Error::io("relay", e))?;
-    Ok(())
+        }
+    };
+    // Ahead of demand: when this was the last idle session, open the next one meanwhile.
+    if sessions.none_idle(&database) && sessions.open_now() < MAX_SESSIONS {
+        let (target, dialer, tokens, pool) = (
+            upstream.target.clone(),
+            upstream.dialer.clone(),
+            upstream.tokens.clone(),
+            sessions.clone(),
+        );
+        let database = database.clone();
+        tokio::spawn(async move {
+            match pool
+                .open(&target, &database, dialer.as_ref(), &tokens)
+                .await
+            {
+                Ok(session) => pool.give_back(session),
+                Err(error) => {
+                    tracing::info!(%error, "proxy: could not open a spare upstream session")
+                }
+            }
+        });
+    }
+    sessions.serve_client(&mut client, session, &params).await
 }
+
+/// The most upstream sessions the proxy opens ahead of demand (clients beyond it are still
+/// served, each on a session of its own).
+const MAX_SESSIONS: usize = 64;
 
 async fn forward_cancel(
     target: &RdsTarget,
