@@ -312,10 +312,10 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     while let Some(word) = words.next() {
         let setting = if word == "-c" {
             words.next()
-        } else if let Some(rest) = word.strip_prefix("-c").or_else(|| word.strip_prefix("--")) {
-            Some(rest.to_owned())
         } else {
-            None
+            word.strip_prefix("-c")
+                .or_else(|| word.strip_prefix("--"))
+                .map(str::to_owned)
         };
         if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
             settings.push((name.replace('-', "_"), value.to_owned()));
