@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use pgharness::BackendKind;
 use pgharness::backend::rds::EnvFile;
 use pgharness::{Settings, events::Event};
-use pgharness_rds::RdsProxy;
 use pgharness_rds::report::Report;
+use pgharness_rds::{RdsProxy, RdsStats};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -63,6 +63,9 @@ pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
         }
     };
     tracing::info!(%reason, "RDS proxy stopping");
+    // For `down`, which prints them.
+    let stats = serde_json::to_string(&rds.stats()).unwrap_or_default();
+    let _ = std::fs::write(stats_path(&settings), stats);
     rds.stop().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -92,6 +95,7 @@ pub(crate) async fn up(
         );
         return Ok(Up { started_emulator });
     }
+    let _ = std::fs::remove_file(stats_path(settings));
     let progress = Progress::start("starting the RDS proxy");
     let log =
         pgharness::backend::secret::create_private(&settings.state_dir.join("rds-proxy.log"))?;
@@ -159,10 +163,20 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
         bail!("the RDS proxy (pid {pid}) did not stop within 20s");
     }
     let _ = std::fs::remove_file(&path);
+    let stats = std::fs::read_to_string(stats_path(settings))
+        .ok()
+        .and_then(|text| serde_json::from_str::<RdsStats>(&text).ok())
+        .map(|stats| format!(" ({stats})"))
+        .unwrap_or_default();
     Ok(Some(format!(
-        "RDS proxy (pid {pid}){}",
+        "RDS proxy (pid {pid}){stats}{}",
         file.session
             .map(|s| format!(", SSM session {s} terminated"))
             .unwrap_or_default()
     )))
+}
+
+/// Where the proxy process leaves its figures when it stops.
+fn stats_path(settings: &Settings) -> std::path::PathBuf {
+    settings.state_dir.join("rds-proxy.stats")
 }

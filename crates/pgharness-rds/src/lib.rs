@@ -13,4 +13,4 @@ pub mod report;
 
 pub use dialer::TunnelDialer;
 pub use error::Error;
-pub use proxy::RdsProxy;
+pub use proxy::{RdsProxy, RdsStats};

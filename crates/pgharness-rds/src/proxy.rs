@@ -21,7 +21,34 @@ use crate::error::Error;
 pub struct RdsProxy {
     proxy: rds_iam::Proxy,
     tunnel: Option<Arc<Tunnel>>,
+    tokens: Arc<TokenCache>,
     settings: Settings,
+}
+
+/// What a proxy did so far: the figures a run's summary shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RdsStats {
+    /// Upstream logins (sessions opened through the tunnel, TLS and IAM).
+    pub upstream_logins: u64,
+    /// Clients served by a session opened before they came (no upstream round trip).
+    pub clients_from_pool: u64,
+    /// Upstream sessions closed instead of reused.
+    pub discarded_sessions: u64,
+    /// IAM tokens signed.
+    pub tokens_minted: u64,
+}
+
+impl std::fmt::Display for RdsStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} upstream login(s), {} client(s) from the session pool, {} session(s) discarded, {} token(s) minted",
+            self.upstream_logins,
+            self.clients_from_pool,
+            self.discarded_sessions,
+            self.tokens_minted
+        )
+    }
 }
 
 fn emit(events: EventSink<'_>, event: Event) {
@@ -105,7 +132,13 @@ impl RdsProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(Error::Listen)?;
-        let proxy = rds_iam::serve(listener, target, ProxyPassword::random(), dialer, tokens)?;
+        let proxy = rds_iam::serve(
+            listener,
+            target,
+            ProxyPassword::random(),
+            dialer,
+            tokens.clone(),
+        )?;
         EnvFile {
             backend: "rds".into(),
             url: Some(SecretUrl::new(proxy.url())),
@@ -116,6 +149,7 @@ impl RdsProxy {
         Ok(RdsProxy {
             proxy,
             tunnel,
+            tokens,
             settings: settings.clone(),
         })
     }
@@ -128,6 +162,16 @@ impl RdsProxy {
     /// The SSM session id, when it tunnels.
     pub fn session_id(&self) -> Option<&str> {
         self.tunnel.as_ref().map(|t| t.session_id())
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> RdsStats {
+        RdsStats {
+            upstream_logins: self.proxy.upstream_logins(),
+            clients_from_pool: self.proxy.clients_from_pool(),
+            discarded_sessions: self.proxy.discarded_sessions(),
+            tokens_minted: self.tokens.minted(),
+        }
     }
 
     /// How long no client has been connected.

@@ -44,10 +44,11 @@ pub(crate) fn create_batch(
     batch.push(&ledger::mark("t0"));
     batch.push(&format!("CREATE SCHEMA {ident};"));
     // Session-wide for a test's own connection (it persists after COMMIT); only for this
-    // transaction when warming. Written as the startup option writes it.
+    // transaction when warming. Written as the claim writes it (`quote_ident` quotes only
+    // names that need it, like the startup option's plain `<schema>,public`).
     batch.push(&format!(
-        "SELECT set_config('search_path', {}, {});",
-        crate::script::quote_literal(&format!("{ident},public")),
+        "SELECT set_config('search_path', quote_ident({}) || ',public', {});",
+        crate::script::quote_literal(schema),
         !for_test
     ));
     batch.push(&ledger::mark("t1"));

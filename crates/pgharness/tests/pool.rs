@@ -189,6 +189,32 @@ async fn acquire(dir: &Path) -> TestDb {
         .unwrap()
 }
 
+#[tokio::test]
+async fn created_and_claimed_schemas_set_the_same_search_path_as_a_new_connection() {
+    let dir = own_migrations("search-path", "CREATE TABLE t (id int);");
+    // Its own migration set: the first acquire creates; the second claims the first's
+    // schema if it is back in the pool by then, else creates too.
+    for path in ["first", "second"] {
+        let db = acquire(&dir).await;
+        let expected = format!("{},public", db.schema());
+        let on_acquire: String = db
+            .client()
+            .query_one("SHOW search_path", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let fresh: String = db
+            .connect()
+            .await
+            .unwrap()
+            .query_one("SHOW search_path", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!([on_acquire, fresh], [expected.clone(), expected], "{path}");
+    }
+}
+
 /// A small deterministic generator, so that a failing case can be replayed from its seed.
 struct Rng(u64);
 
