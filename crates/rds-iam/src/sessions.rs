@@ -6,8 +6,8 @@
 //! BackendKeyData, so cancel requests reach the right backend); its startup parameters
 //! (`options=-c…`, `application_name`, …) are applied with one `set_config` statement sent
 //! ahead of its first query, whose answer the proxy swallows. When the client leaves, the
-//! session goes back only if it is at rest (no query in flight, no unsynchronised extended
-//! protocol) and a `ROLLBACK` (when a transaction was left open) and `DISCARD ALL` (which also
+//! session goes back only if it is at rest (no query in flight after a short wait for the
+//! answers owed, no unsynchronised extended protocol) and a `ROLLBACK` (when a transaction was left open) and `DISCARD ALL` (which also
 //! releases advisory locks, so pgharness's owner locks end with the client's connection, as
 //! they do without the proxy) succeed; otherwise it is closed.
 
@@ -37,6 +37,9 @@ use crate::wire;
 const MAX_IDLE: usize = 32;
 /// Frames larger than this are a broken peer (Postgres caps a message at 1 GB).
 const MAX_FRAME: usize = 1 << 30;
+/// How long the answers owed to a client that left are waited for before the session is
+/// given up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a reset may take before the session is given up.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -414,6 +417,35 @@ async fn relay(
                 client.write_all(&out).await.map_err(to_client)?;
             }
         }
+    }
+    // A client that leaves right after its last statement (a teardown sent without
+    // waiting) leaves answers owed: wait for them briefly, as the server finishes the
+    // statement anyway; a longer one costs the session.
+    if owed > 0 && !unsynced {
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            loop {
+                while let Some(length) = frame_length(&from_server)? {
+                    let frame = from_server.split_to(length);
+                    if frame[0] == b'Z' {
+                        owed -= 1;
+                        status = frame.get(5).copied().unwrap_or(b'E');
+                        if owed == 0 {
+                            return Ok::<bool, Error>(from_server.is_empty());
+                        }
+                    }
+                }
+                let read = upstream
+                    .stream
+                    .read_buf(&mut from_server)
+                    .await
+                    .map_err(|e| Error::io("failed to read from the server", e))?;
+                if read == 0 {
+                    return Ok(false);
+                }
+            }
+        })
+        .await;
+        return Ok(matches!(drained, Ok(Ok(true))).then_some(status));
     }
     let at_rest = owed == 0 && !unsynced && from_server.is_empty();
     Ok(at_rest.then_some(status))
