@@ -154,33 +154,24 @@ impl Sessions {
         let guard = OpenGuard(self.open.clone());
         self.logins.fetch_add(1, Ordering::Relaxed);
         let mut buffer = BytesMut::new();
-        loop {
-            while let Some(length) = frame_length(&buffer)? {
-                let frame = buffer.split_to(length);
-                match frame[0] {
-                    b'E' => return Err(error_of(frame)),
-                    b'Z' => {
-                        greeting.extend_from_slice(&frame);
-                        return Ok(Upstream {
-                            stream,
-                            greeting,
-                            database: database.to_owned(),
-                            _open: guard,
-                        });
-                    }
-                    _ => greeting.extend_from_slice(&frame),
+        while let Some(frame) = next_frame(&mut stream, &mut buffer).await? {
+            match frame[0] {
+                b'E' => return Err(error_of(frame)),
+                b'Z' => {
+                    greeting.extend_from_slice(&frame);
+                    return Ok(Upstream {
+                        stream,
+                        greeting,
+                        database: database.to_owned(),
+                        _open: guard,
+                    });
                 }
-            }
-            let read = stream
-                .read_buf(&mut buffer)
-                .await
-                .map_err(|e| Error::io("failed to read the server's greeting", e))?;
-            if read == 0 {
-                return Err(Error::Protocol(
-                    "the server closed the connection after the login".into(),
-                ));
+                _ => greeting.extend_from_slice(&frame),
             }
         }
+        Err(Error::Protocol(
+            "the server closed the connection after the login".into(),
+        ))
     }
 
     /// Serves one client on `upstream`, then gives the session back if it can be reset.
@@ -423,26 +414,16 @@ async fn relay(
     // statement anyway; a longer one costs the session.
     if owed > 0 && !unsynced {
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            loop {
-                while let Some(length) = frame_length(&from_server)? {
-                    let frame = from_server.split_to(length);
-                    if frame[0] == b'Z' {
-                        owed -= 1;
-                        status = frame.get(5).copied().unwrap_or(b'E');
-                        if owed == 0 {
-                            return Ok::<bool, Error>(from_server.is_empty());
-                        }
+            while let Some(frame) = next_frame(&mut upstream.stream, &mut from_server).await? {
+                if frame[0] == b'Z' {
+                    owed -= 1;
+                    status = frame.get(5).copied().unwrap_or(b'E');
+                    if owed == 0 {
+                        return Ok::<bool, Error>(from_server.is_empty());
                     }
                 }
-                let read = upstream
-                    .stream
-                    .read_buf(&mut from_server)
-                    .await
-                    .map_err(|e| Error::io("failed to read from the server", e))?;
-                if read == 0 {
-                    return Ok(false);
-                }
             }
+            Ok(false)
         })
         .await;
         return Ok(matches!(drained, Ok(Ok(true))).then_some(status));
@@ -467,34 +448,43 @@ async fn reset(upstream: &mut Upstream, status: u8) -> Result<(), Error> {
         .await
         .map_err(|e| Error::io("failed to reset a session", e))?;
     let mut buffer = BytesMut::new();
-    loop {
-        while let Some(length) = frame_length(&buffer)? {
-            let frame = buffer.split_to(length);
-            match frame[0] {
-                b'E' => return Err(error_of(frame)),
-                b'Z' => {
-                    owed -= 1;
-                    if owed == 0 {
-                        return if frame.get(5) == Some(&b'I') && buffer.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(Error::Protocol(
-                                "the session is not idle after its reset".into(),
-                            ))
-                        };
-                    }
+    while let Some(frame) = next_frame(&mut upstream.stream, &mut buffer).await? {
+        match frame[0] {
+            b'E' => return Err(error_of(frame)),
+            b'Z' => {
+                owed -= 1;
+                if owed == 0 {
+                    return if frame.get(5) == Some(&b'I') && buffer.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(Error::Protocol(
+                            "the session is not idle after its reset".into(),
+                        ))
+                    };
                 }
-                _ => {}
             }
+            _ => {}
         }
-        if upstream
-            .stream
-            .read_buf(&mut buffer)
+    }
+    Err(Error::Protocol("the server closed the session".into()))
+}
+
+/// The next whole frame from the server, reading into `buffer` as needed; `None` when the
+/// server closed the connection.
+async fn next_frame(
+    stream: &mut TlsStream<BoxStream>,
+    buffer: &mut BytesMut,
+) -> Result<Option<BytesMut>, Error> {
+    loop {
+        if let Some(length) = frame_length(buffer)? {
+            return Ok(Some(buffer.split_to(length)));
+        }
+        let read = stream
+            .read_buf(buffer)
             .await
-            .map_err(|e| Error::io("failed to reset a session", e))?
-            == 0
-        {
-            return Err(Error::Protocol("the server closed the session".into()));
+            .map_err(|e| Error::io("failed to read from the server", e))?;
+        if read == 0 {
+            return Ok(None);
         }
     }
 }
