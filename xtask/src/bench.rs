@@ -27,12 +27,15 @@ pub(crate) struct Bench {
     /// Also write every figure to this file as JSON: `[{"name", "value", "unit", "target"}]`.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Only the schema-pool figures (no token or tunnel figures).
-    #[arg(long, conflicts_with = "tunnel_only")]
+    /// Only the schema-pool figures (no token, tunnel or RDS-path figures).
+    #[arg(long, conflicts_with_all = ["tunnel_only", "rds_only"])]
     pool_only: bool,
     /// Only the token and SSM tunnel figures.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rds_only")]
     tunnel_only: bool,
+    /// Only the RDS-path figures: acquire through the emulated path at RTT 0 and 30 ms.
+    #[arg(long)]
+    rds_only: bool,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -131,14 +134,17 @@ impl Bench {
                 "release"
             }
         );
-        if !self.tunnel_only {
+        if !self.tunnel_only && !self.rds_only {
             self.acquire().await?;
         }
-        if !self.pool_only {
+        if !self.pool_only && !self.rds_only {
             token_minting();
             for pacing in [false, true] {
                 self.tunnel(pacing).await?;
             }
+        }
+        if !self.pool_only && !self.tunnel_only {
+            self.rds().await?;
         }
         if let Some(path) = &self.json {
             let figures = FIGURES.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,6 +283,67 @@ impl Bench {
         );
 
         self.suite_overhead(&settings, &server).await
+    }
+
+    /// The schema pool through the emulated RDS path (fake-aws, one SSM session, the proxy's
+    /// pooled upstream sessions) at RTT 0 and 30 ms: the claimed acquire's p50 at each, and
+    /// the round trips the link adds to an acquire.
+    async fn rds(&self) -> anyhow::Result<()> {
+        println!(
+            "RDS path, emulated (fake-aws; benchmark migration set; claims from a warmed pool):"
+        );
+        let mut p50s = Vec::new();
+        for rtt in [Duration::ZERO, Duration::from_millis(30)] {
+            let mut settings = crate::settings(Some(BackendKind::Rds))?;
+            anyhow::ensure!(
+                crate::emulator::running(&settings).is_none(),
+                "an emulator already runs, at an RTT this bench cannot know: stop it with `cargo xtask down` and `cargo xtask emulate --stop`"
+            );
+            let options = crate::emulator::EmulatorOptions {
+                rtt: (!rtt.is_zero()).then_some(rtt),
+                ..Default::default()
+            };
+            let up = crate::rds::up(&settings, true, &options).await?;
+            let claimed = self.rds_claims(&mut settings).await;
+            crate::rds::down(&settings).await?;
+            if up.started_emulator {
+                crate::emulator::stop(&settings).await?;
+            }
+            let p50 = percentile(&claimed?, 0.5);
+            figure(
+                &format!("rds_acquire_p50_rtt{}_ms", rtt.as_millis()),
+                ms(p50),
+                "ms",
+                "",
+                &format!("acquire at RTT {} ms, claimed, p50", rtt.as_millis()),
+            );
+            p50s.push(p50);
+        }
+        figure(
+            "rds_acquire_rtts",
+            (ms(p50s[1]) - ms(p50s[0])) / 30.0,
+            "RTT",
+            "<= 1.5",
+            "round trips the link adds to an acquire: (p50 at 30 ms - p50 at 0) / 30 ms",
+        );
+        Ok(())
+    }
+
+    /// Claimed acquires through the run's RDS proxy, after warming the pool through it.
+    async fn rds_claims(
+        &self,
+        settings: &mut pgharness::Settings,
+    ) -> anyhow::Result<Vec<Duration>> {
+        settings.teardown = pgharness::Teardown::Inline;
+        settings.migrations = bench_migrations()?;
+        settings.run_id = Some(format!("bench-rds-{}", std::process::id()));
+        let server = pgharness::backend::ensure(settings, &pgharness::events::log_only).await?;
+        let admin = crate::servers::admin_client(&server).await?;
+        pgharness::pool::warm(&admin, &settings.migrations, 3, 3).await?;
+        let (settings, n) = (settings.clone(), self.schemas.min(20));
+        let (claimed, _) =
+            tokio::task::spawn_blocking(move || claim_loop(&settings, n, "rds")).await??;
+        Ok(claimed)
     }
 
     /// 40 trivial tests with the fixture against the same 40 with a plain connection, each
