@@ -6,10 +6,10 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use common::{USER, env};
-use rds_iam::clock::{Clock, ManualClock, SystemClock};
+use common::{USER, env, env_on_a_manual_clock};
+use rds_iam::clock::{Clock, SystemClock};
 use rds_iam::{ProxyPassword, serve};
 use tokio::net::TcpListener;
 
@@ -68,12 +68,7 @@ async fn client_of(proxy: &rds_iam::Proxy) -> tokio_postgres::Client {
 
 #[tokio::test]
 async fn a_session_outlives_its_token_and_a_new_client_gets_in_after_it() {
-    let clock = ManualClock::new(SystemTime::now());
-    let env = env(|config| {
-        config.token_ttl = Duration::from_secs(2);
-        config.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let (env, clock) = env_on_a_manual_clock(Duration::from_secs(2)).await;
     let proxy = proxy_with_clock(&env, Duration::from_secs(1), Arc::new(clock.clone())).await;
     let session = client_of(&proxy).await;
     session.simple_query("SELECT 1").await.unwrap();
@@ -104,12 +99,7 @@ async fn a_session_outlives_its_token_and_a_new_client_gets_in_after_it() {
 
 #[tokio::test]
 async fn the_proxy_replaces_a_cached_token_the_server_refuses() {
-    let clock = ManualClock::new(SystemTime::now());
-    let env = env(|config| {
-        config.token_ttl = Duration::from_secs(20);
-        config.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let (env, clock) = env_on_a_manual_clock(Duration::from_secs(20)).await;
     let tokens_clock: Arc<dyn Clock> = Arc::new(clock.clone());
     let proxy = proxy_with_clock(&env, rds_iam::cache::DEFAULT_REUSE, tokens_clock).await;
     let first = client_of(&proxy).await;

@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{USER, env, ignore_waits, login_with};
+use common::{USER, env, env_on_a_manual_clock, ignore_waits, login_with};
 use rds_iam::clock::ManualClock;
 use rds_iam::connect::is_transient;
 use rds_iam::{TokenRequest, connect};
@@ -121,12 +121,7 @@ async fn after_the_token_ttl_a_new_connection_gets_a_fresh_token() {
 
 #[tokio::test]
 async fn a_cached_token_the_server_refuses_is_replaced_once() {
-    let clock = ManualClock::new(SystemTime::now());
-    let env = env(|config| {
-        config.token_ttl = Duration::from_secs(20);
-        config.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let (env, clock) = env_on_a_manual_clock(Duration::from_secs(20)).await;
     // The cache keeps a token for 14m30s; this endpoint honours it for 20 s only.
     let tokens = env.tokens_with(Arc::new(clock.clone()), rds_iam::cache::DEFAULT_REUSE);
     connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)

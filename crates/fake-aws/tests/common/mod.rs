@@ -74,6 +74,20 @@ pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
     )
 }
 
+/// A fake RDS whose tokens live `token_ttl`, on a manual clock the test moves (share it with
+/// the token cache, so that both sides see the same time).
+pub(crate) async fn env_on_a_manual_clock(
+    token_ttl: Duration,
+) -> (Env, rds_iam::clock::ManualClock) {
+    let clock = rds_iam::clock::ManualClock::new(std::time::SystemTime::now());
+    let env = env(|config| {
+        config.token_ttl = token_ttl;
+        config.clock = Arc::new(clock.clone());
+    })
+    .await;
+    (env, clock)
+}
+
 pub(crate) async fn env(configure: impl FnOnce(&mut RdsFrontConfig)) -> Env {
     let (backend, password) = backend().await;
     let keys = KeyPair::random_temporary();
