@@ -219,8 +219,8 @@ async fn login(
 
 /// A raw, authenticated upstream connection for the proxy: TLS verified, StartupMessage
 /// sent with `params` (user and database are the target's), the IAM token given and
-/// accepted. Returns the stream and the server's AuthenticationOk, for the caller to relay
-/// before the rest (parameters, BackendKeyData, ReadyForQuery) follows on the stream.
+/// accepted. Returns the stream at rest and the server's greeting, AuthenticationOk through
+/// the first ReadyForQuery (ParameterStatus…, BackendKeyData), for the proxy's clients.
 pub(crate) async fn open_raw(
     target: &RdsTarget,
     params: &[(String, String)],
@@ -262,7 +262,12 @@ async fn login_raw(
     .map_err(io)?;
     stream.write_all(&out).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
-    match parse(read_backend_frame(&mut stream).await?)? {
+    let closed = || Error::Protocol("the server closed the connection during the login".into());
+    let mut buffer = BytesMut::new();
+    let frame = next_frame(&mut stream, &mut buffer)
+        .await?
+        .ok_or_else(closed)?;
+    match parse(frame)? {
         backend::Message::AuthenticationCleartextPassword => {}
         backend::Message::ErrorResponse(body) => return Err(refused(&body)),
         other => {
@@ -277,46 +282,89 @@ async fn login_raw(
     frontend::password_message(token.expose().as_bytes(), &mut out).map_err(io)?;
     stream.write_all(&out).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
-    let frame = read_backend_frame(&mut stream).await?;
-    match parse(frame.clone())? {
-        backend::Message::AuthenticationOk => Ok((stream, frame)),
-        backend::Message::ErrorResponse(body) => Err(refused(&body)),
-        other => Err(Error::Protocol(format!(
-            "the server answered the IAM token with {} instead of AuthenticationOk",
-            describe(&other)
-        ))),
+    let mut greeting = next_frame(&mut stream, &mut buffer)
+        .await?
+        .ok_or_else(closed)?;
+    match parse(greeting.clone())? {
+        backend::Message::AuthenticationOk => {}
+        backend::Message::ErrorResponse(body) => return Err(refused(&body)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "the server answered the IAM token with {} instead of AuthenticationOk",
+                describe(&other)
+            )));
+        }
+    }
+    while let Some(frame) = next_frame(&mut stream, &mut buffer).await? {
+        match frame[0] {
+            b'E' => return Err(error_of(frame)),
+            b'Z' => {
+                greeting.extend_from_slice(&frame);
+                return Ok((stream, greeting));
+            }
+            _ => greeting.extend_from_slice(&frame),
+        }
+    }
+    Err(closed())
+}
+
+/// Frames larger than this are a broken peer (Postgres caps a message at 1 GB).
+const MAX_FRAME: usize = 1 << 30;
+
+/// The length of the complete frame (tag, length, body) at the front of `buffer`, if it is
+/// all there.
+pub(crate) fn frame_length(buffer: &[u8]) -> Result<Option<usize>, Error> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if !(4..=MAX_FRAME).contains(&length) {
+        return Err(Error::Protocol(format!(
+            "a message '{}' of {length} bytes",
+            buffer[0] as char
+        )));
+    }
+    Ok((buffer.len() > length).then_some(length + 1))
+}
+
+/// The next whole frame from the server, reading into `buffer` as needed; `None` when the
+/// server closed the connection.
+pub(crate) async fn next_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buffer: &mut BytesMut,
+) -> Result<Option<BytesMut>, Error> {
+    loop {
+        if let Some(length) = frame_length(buffer)? {
+            return Ok(Some(buffer.split_to(length)));
+        }
+        let read = stream
+            .read_buf(buffer)
+            .await
+            .map_err(|e| Error::io("failed to read from the server", e))?;
+        if read == 0 {
+            return Ok(None);
+        }
     }
 }
 
-/// Reads one whole message from the server, as it came.
-async fn read_backend_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<BytesMut, Error> {
-    const MAX_MESSAGE: usize = 1 << 20;
-    let io = |e| Error::io("failed to read from the database", e);
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await.map_err(io)?;
-    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=MAX_MESSAGE).contains(&length) {
-        return Err(Error::Protocol(format!(
-            "a message '{}' of {length} bytes from the server",
-            header[0] as char
-        )));
+/// A frame that should be an ErrorResponse, as `Error::Refused`.
+pub(crate) fn error_of(frame: BytesMut) -> Error {
+    match parse(frame) {
+        Ok(backend::Message::ErrorResponse(body)) => refused(&body),
+        Ok(_) => Error::Protocol("expected an ErrorResponse".into()),
+        Err(error) => error,
     }
-    let mut frame = BytesMut::with_capacity(length + 1);
-    frame.extend_from_slice(&header);
-    frame.resize(length + 1, 0);
-    stream.read_exact(&mut frame[5..]).await.map_err(io)?;
-    Ok(frame)
 }
 
 /// A whole frame parsed by postgres-protocol.
-pub(crate) fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
+fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
     backend::Message::parse(&mut frame)
         .map_err(|e| Error::Protocol(format!("a malformed message from the server: {e}")))?
         .ok_or_else(|| Error::Protocol("a truncated message from the server".into()))
 }
 
 /// A server's ErrorResponse as `Error::Refused`.
-pub(crate) fn refused(body: &backend::ErrorResponseBody) -> Error {
+fn refused(body: &backend::ErrorResponseBody) -> Error {
     let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
     let mut fields = body.fields();
     while let Ok(Some(field)) = fields.next() {

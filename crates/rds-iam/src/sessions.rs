@@ -21,22 +21,19 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::escape::escape_literal;
-use postgres_protocol::message::backend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 use tokio_rustls::client::TlsStream;
 
 use crate::cache::TokenCache;
-use crate::connect::{self, RdsTarget};
+use crate::connect::{self, RdsTarget, error_of, frame_length, next_frame};
 use crate::dialer::{BoxStream, Dialer};
 use crate::error::Error;
 use crate::wire;
 
 /// The most idle sessions kept per database.
 const MAX_IDLE: usize = 32;
-/// Frames larger than this are a broken peer (Postgres caps a message at 1 GB).
-const MAX_FRAME: usize = 1 << 30;
 /// How long the answers owed to a client that left are waited for before the session is
 /// given up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -145,33 +142,18 @@ impl Sessions {
         let mut target = target.clone();
         target.database = database.to_owned();
         let params = [("client_encoding".to_owned(), "UTF8".to_owned())];
-        let (mut stream, mut greeting) =
-            connect::open_raw(&target, &params, dialer, tokens, &|waiting| {
-                tracing::info!("proxy: {waiting}")
-            })
-            .await?;
+        let (stream, greeting) = connect::open_raw(&target, &params, dialer, tokens, &|waiting| {
+            tracing::info!("proxy: {waiting}")
+        })
+        .await?;
         self.open.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenGuard(self.open.clone());
         self.logins.fetch_add(1, Ordering::Relaxed);
-        let mut buffer = BytesMut::new();
-        while let Some(frame) = next_frame(&mut stream, &mut buffer).await? {
-            match frame[0] {
-                b'E' => return Err(error_of(frame)),
-                b'Z' => {
-                    greeting.extend_from_slice(&frame);
-                    return Ok(Upstream {
-                        stream,
-                        greeting,
-                        database: database.to_owned(),
-                        _open: guard,
-                    });
-                }
-                _ => greeting.extend_from_slice(&frame),
-            }
-        }
-        Err(Error::Protocol(
-            "the server closed the connection after the login".into(),
-        ))
+        Ok(Upstream {
+            stream,
+            greeting,
+            database: database.to_owned(),
+            _open: OpenGuard(self.open.clone()),
+        })
     }
 
     /// Serves one client on `upstream`, then gives the session back if it can be reset.
@@ -221,29 +203,6 @@ fn at_rest(stream: &mut TlsStream<BoxStream>) -> bool {
         Pin::new(stream).poll_read(&mut cx, &mut buffer),
         Poll::Pending
     )
-}
-
-/// The length of the complete frame at the front of `buffer`, if it is all there.
-fn frame_length(buffer: &[u8]) -> Result<Option<usize>, Error> {
-    if buffer.len() < 5 {
-        return Ok(None);
-    }
-    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-    if !(4..=MAX_FRAME).contains(&length) {
-        return Err(Error::Protocol(format!(
-            "a message '{}' of {length} bytes",
-            buffer[0] as char
-        )));
-    }
-    Ok((buffer.len() > length).then_some(length + 1))
-}
-
-fn error_of(frame: BytesMut) -> Error {
-    match connect::parse(frame) {
-        Ok(backend::Message::ErrorResponse(body)) => connect::refused(&body),
-        Ok(_) => Error::Protocol("expected an ErrorResponse".into()),
-        Err(error) => error,
-    }
 }
 
 /// A simple-protocol Query message.
@@ -467,26 +426,6 @@ async fn reset(upstream: &mut Upstream, status: u8) -> Result<(), Error> {
         }
     }
     Err(Error::Protocol("the server closed the session".into()))
-}
-
-/// The next whole frame from the server, reading into `buffer` as needed; `None` when the
-/// server closed the connection.
-async fn next_frame(
-    stream: &mut TlsStream<BoxStream>,
-    buffer: &mut BytesMut,
-) -> Result<Option<BytesMut>, Error> {
-    loop {
-        if let Some(length) = frame_length(buffer)? {
-            return Ok(Some(buffer.split_to(length)));
-        }
-        let read = stream
-            .read_buf(buffer)
-            .await
-            .map_err(|e| Error::io("failed to read from the server", e))?;
-        if read == 0 {
-            return Ok(None);
-        }
-    }
 }
 
 #[cfg(test)]
