@@ -187,12 +187,14 @@ fn client_for(values: &std::collections::HashMap<String, String>) -> aws_sdk_ssm
     )
 }
 
-#[tokio::test]
-async fn the_binary_injects_faults_from_its_flags() {
-    use aws_sdk_ssm::error::ProvideErrorMetadata;
-    // A refused StartSession, as a person reproduces it by hand.
-    let (mut refusing, values) = binary(&["--refuse-start", "AccessDeniedException"]);
-    let error = client_for(&values)
+/// The recipe's StartSession against a fake-aws binary.
+async fn start_on_binary(
+    values: &std::collections::HashMap<String, String>,
+) -> Result<
+    aws_sdk_ssm::operation::start_session::StartSessionOutput,
+    aws_sdk_ssm::error::SdkError<aws_sdk_ssm::operation::start_session::StartSessionError>,
+> {
+    client_for(values)
         .start_session()
         .target(&values["FAKE_AWS_SSM_TARGET"])
         .document_name("AWS-StartPortForwardingSessionToRemoteHost")
@@ -200,22 +202,21 @@ async fn the_binary_injects_faults_from_its_flags() {
         .parameters("portNumber", vec!["5432".into()])
         .send()
         .await
-        .expect_err("refused");
+}
+
+#[tokio::test]
+async fn the_binary_injects_faults_from_its_flags() {
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    // A refused StartSession, as a person reproduces it by hand.
+    let (mut refusing, values) = binary(&["--refuse-start", "AccessDeniedException"]);
+    let error = start_on_binary(&values).await.expect_err("refused");
     assert_eq!(error.code(), Some("AccessDeniedException"), "{error:?}");
     refusing.kill().unwrap();
     refusing.wait().unwrap();
 
     // The service's `1000 Bye`, at once after the data channel opens.
     let (mut closing, values) = binary(&["--bye-after", "0s"]);
-    let output = client_for(&values)
-        .start_session()
-        .target(&values["FAKE_AWS_SSM_TARGET"])
-        .document_name("AWS-StartPortForwardingSessionToRemoteHost")
-        .parameters("host", vec!["db.example".into()])
-        .parameters("portNumber", vec!["5432".into()])
-        .send()
-        .await
-        .expect("StartSession");
+    let output = start_on_binary(&values).await.expect("StartSession");
     let mut ws = open_channel(&output).await;
     let mut close = None;
     while let Some(Ok(frame)) = ws.next().await {

@@ -239,6 +239,14 @@ async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_wh
     );
 }
 
+/// psql's arguments to run `sql` as the superuser on `host` (an address or a socket
+/// directory) and `port`.
+fn psql_args<'a>(host: &'a str, port: &'a str, sql: &'a str) -> [&'a str; 10] {
+    [
+        "-h", host, "-p", port, "-U", "postgres", "-d", "postgres", "-XAtc", sql,
+    ]
+}
+
 /// psql as another OS user (nobody), with no password of its own; its output.
 fn psql_as_nobody(args: &[&str]) -> std::process::Output {
     std::process::Command::new("setpriv")
@@ -263,18 +271,11 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
         .expect("native starts");
     let port = server.config().get_ports()[0].to_string();
     // Over TCP: the superuser needs the workspace's password, which nobody lacks.
-    let tcp = psql_as_nobody(&[
-        "-h",
+    let tcp = psql_as_nobody(&psql_args(
         "127.0.0.1",
-        "-p",
         &port,
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-XAtc",
         "COPY (SELECT 1) TO PROGRAM 'true'",
-    ]);
+    ));
     assert!(!tcp.status.success(), "another user logged in over TCP");
     let said = String::from_utf8_lossy(&tcp.stderr);
     assert!(
@@ -295,18 +296,7 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
     )
     .unwrap();
     let sock = std::path::Path::new(state["base_dir"].as_str().unwrap()).join("sock");
-    let socket = psql_as_nobody(&[
-        "-h",
-        sock.to_str().unwrap(),
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-XAtc",
-        "SELECT 1",
-    ]);
+    let socket = psql_as_nobody(&psql_args(sock.to_str().unwrap(), &port, "SELECT 1"));
     assert!(
         !socket.status.success(),
         "another user logged in over the socket"
@@ -320,18 +310,7 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
         assert_eq!(mode, 0o600, "{}", file.display());
     }
     let owner = std::process::Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-XAtc",
-            "SELECT 1",
-        ])
+        .args(psql_args("127.0.0.1", &port, "SELECT 1"))
         .env("PGPASSFILE", &pgpass)
         .env_remove("PGPASSWORD")
         .output()

@@ -34,8 +34,9 @@ async fn no_session_token_reaches_the_logs() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    // The first websocket closes with `1000 Bye` once the client has sent 300 bytes: the tunnel resumes (ResumeSession, a new token, a
-    // new open frame) and the queries cross the second websocket.
+    // The first websocket closes with `1000 Bye` once the client has sent 300 bytes: the
+    // tunnel resumes (ResumeSession, a new token, a new open frame) and the queries cross
+    // the second websocket.
     let env = env(|config| {
         config.faults = fake_aws::ssm::Faults {
             bye_after_bytes: Some(300),
