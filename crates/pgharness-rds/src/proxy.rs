@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgharness::backend::rds::{EnvFile, env_file_path};
-use pgharness::events::{Event, EventSink};
+use pgharness::events::{Event, EventSink, emit};
 use pgharness::{SecretUrl, Settings};
 use rds_iam::credentials::DefaultChain;
 use rds_iam::dialer::Dialer;
@@ -49,11 +49,6 @@ impl std::fmt::Display for RdsStats {
             self.tokens_minted
         )
     }
-}
-
-fn emit(events: EventSink<'_>, event: Event) {
-    tracing::debug!(?event, "pgharness-rds event");
-    events(event);
 }
 
 impl RdsProxy {

@@ -87,7 +87,9 @@ pub fn log_only(event: Event) {
     tracing::debug!(?event, "pgharness event");
 }
 
-pub(crate) fn emit(sink: EventSink<'_>, event: Event) {
+/// Reports `event` to `sink`, logging it too (for libraries that report pgharness events,
+/// such as `pgharness-rds`).
+pub fn emit(sink: EventSink<'_>, event: Event) {
     tracing::debug!(?event, "pgharness event");
     sink(event);
 }
