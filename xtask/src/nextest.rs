@@ -11,8 +11,14 @@ use tokio_postgres::Client;
 /// Nextest's name for the group of tests that use a database.
 pub(crate) const DB_GROUP: &str = "@tool:pgharness:db";
 
-/// How many DB tests may run at once on this server.
-pub(crate) async fn budget(client: &Client, pool_size: usize) -> anyhow::Result<(u32, u32)> {
+/// How many DB tests may run at once on this server, and the server's max_connections;
+/// through the RDS proxy also within its session budget (`sessions`), which it shares with
+/// every machine on the cluster.
+pub(crate) async fn budget(
+    client: &Client,
+    pool_size: usize,
+    sessions: Option<u32>,
+) -> anyhow::Result<(u32, u32)> {
     let row = client
         .query_one(
             "SELECT current_setting('max_connections')::int,
@@ -29,6 +35,12 @@ pub(crate) async fn budget(client: &Client, pool_size: usize) -> anyhow::Result<
         in_use as u32,
         pool_size,
     );
+    let threads = match sessions {
+        Some(sessions) => threads.min(pgharness::budget::max_parallel_tests(
+            sessions, 0, 0, pool_size,
+        )),
+        None => threads,
+    };
     Ok((threads, max as u32))
 }
 

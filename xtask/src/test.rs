@@ -206,9 +206,12 @@ impl Test {
                 stale.dropped.len()
             );
         }
-        let (threads, max_connections) = nextest::budget(&admin, settings.pool_size).await?;
+        let sessions = (kind == BackendKind::Rds).then_some(settings.rds.max_sessions);
+        let (threads, max_connections) =
+            nextest::budget(&admin, settings.pool_size, sessions).await?;
+        let rds_budget = sessions.map_or_else(String::new, |n| format!(", rds.max_sessions={n}"));
         eprintln!(
-            "xtask: max_connections={max_connections}, pool_size={}: at most {threads} database tests at once",
+            "xtask: max_connections={max_connections}{rds_budget}, pool_size={}: at most {threads} database tests at once",
             settings.pool_size
         );
         let tool_config = nextest::write_tool_config(settings, threads)?;

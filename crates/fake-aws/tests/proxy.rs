@@ -30,6 +30,7 @@ async fn proxy_with_clock(
         ProxyPassword::random(),
         Arc::new(env.dialer.clone()),
         tokens,
+        common::budget(16),
     )
     .unwrap()
 }

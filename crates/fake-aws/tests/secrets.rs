@@ -61,6 +61,7 @@ async fn no_secret_reaches_the_logs() {
         password.clone(),
         Arc::new(env.dialer.clone()),
         Arc::new(env.tokens()),
+        common::budget(16),
     )
     .unwrap();
     let config: tokio_postgres::Config = proxy.url().parse().unwrap();

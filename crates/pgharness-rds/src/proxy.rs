@@ -36,6 +36,9 @@ pub struct RdsStats {
     pub discarded_sessions: u64,
     /// IAM tokens signed.
     pub tokens_minted: u64,
+    /// Clients that waited for a session because the budget was all in use.
+    #[serde(default)]
+    pub clients_waited: u64,
 }
 
 impl std::fmt::Display for RdsStats {
@@ -47,7 +50,15 @@ impl std::fmt::Display for RdsStats {
             self.clients_from_pool,
             self.discarded_sessions,
             self.tokens_minted
-        )
+        )?;
+        if self.clients_waited > 0 {
+            write!(
+                f,
+                ", {} client(s) waited for the session budget",
+                self.clients_waited
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -133,6 +144,7 @@ impl RdsProxy {
             ProxyPassword::random(),
             dialer,
             tokens.clone(),
+            rds_iam::Budget::new(settings.rds.max_sessions),
         )?;
         EnvFile {
             backend: "rds".into(),
@@ -166,6 +178,7 @@ impl RdsProxy {
             clients_from_pool: self.proxy.clients_from_pool(),
             discarded_sessions: self.proxy.discarded_sessions(),
             tokens_minted: self.tokens.minted(),
+            clients_waited: self.proxy.clients_waited(),
         }
     }
 

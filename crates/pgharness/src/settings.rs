@@ -256,6 +256,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "rds_ca_bundle",
     "rds_wake_deadline",
     "rds_idle",
+    "rds_max_sessions",
     "rds_ssm_target",
 ];
 
@@ -278,6 +279,9 @@ pub struct RdsSettings {
     pub wake_deadline: Duration,
     /// `[rds] idle`: the background proxy exits after this long without clients (default 30m).
     pub idle: Duration,
+    /// `[rds] max_sessions`: the most upstream sessions the proxies of every machine running
+    /// against this cluster hold at once (one budget, kept on the server; default 64).
+    pub max_sessions: u32,
     /// `[rds.ssm] target`: the jumphost's instance id; without it the host is dialed directly.
     pub ssm_target: Option<String>,
 }
@@ -487,6 +491,14 @@ impl Settings {
                 Duration::from_secs(30 * 60),
                 parse_duration,
             )?,
+            max_sessions: parse(get("rds_max_sessions"), "rds.max_sessions", 64, |v| match v
+                .parse::<u32>()
+            {
+                Ok(n) if (8..=10_000).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "`{v}` is not a whole number from 8 to 10000 (pgharness keeps 6 for itself)"
+                )),
+            })?,
             ssm_target: get("rds_ssm_target").map(|(v, _)| v.to_owned()),
         };
         if settings.backend == BackendKind::Url && settings.url.is_none() {

@@ -73,6 +73,17 @@ pub enum Error {
         /// The last failure.
         last: String,
     },
+    /// Every session of the budget stayed in use for as long as a client may wait.
+    #[error(
+        "too many connections: all {sessions} upstream sessions of the cluster's budget stayed in use for {}; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer clients at once",
+        humantime_secs(*.waited)
+    )]
+    BudgetExhausted {
+        /// The budget's sessions (all proxies sharing it together).
+        sessions: u32,
+        /// How long the client waited.
+        waited: std::time::Duration,
+    },
     /// The peer broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -192,6 +203,10 @@ pub(crate) fn describe_chain(error: &(dyn std::error::Error + 'static)) -> Strin
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+fn humantime_secs(duration: std::time::Duration) -> String {
+    format!("{} s", duration.as_secs_f32())
 }
 
 fn describe_db(error: &tokio_postgres::Error) -> String {

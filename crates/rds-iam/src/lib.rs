@@ -6,6 +6,7 @@
 //! This crate knows nothing of SSM: it opens streams through a [`Dialer`].
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod cache;
 pub mod clock;
 pub mod connect;
@@ -19,6 +20,7 @@ pub mod tls;
 pub mod token;
 pub mod wire;
 
+pub use budget::Budget;
 pub use cache::TokenCache;
 pub use connect::{RdsTarget, Waiting, connect};
 pub use dialer::{Dialer, TcpDialer};

@@ -2,7 +2,9 @@
 //! the app), guarded by a per-run random password (SCRAM-SHA-256). Upstream it keeps
 //! sessions already through verified TLS and an IAM login, and lends one to each client
 //! (see `sessions`): a client's connection costs no upstream round trip, and a session
-//! outlives any token (only the login needs one).
+//! outlives any token (only the login needs one). Its sessions count against a [`Budget`]
+//! shared with every proxy on the same cluster; a client beyond it waits for a session
+//! instead of meeting `53300`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::budget::Budget;
 use crate::cache::TokenCache;
 use crate::connect::{RdsTarget, tls_stream};
 use crate::dialer::Dialer;
@@ -62,6 +65,7 @@ pub struct Proxy {
     database: String,
     password: ProxyPassword,
     accept: JoinHandle<()>,
+    sweep: JoinHandle<()>,
     activity: Arc<Activity>,
     sessions: Arc<Sessions>,
 }
@@ -144,6 +148,21 @@ impl Proxy {
         self.sessions.discarded.load(Ordering::Relaxed)
     }
 
+    /// Clients that had to wait for a session because the budget was all in use.
+    pub fn clients_waited(&self) -> u64 {
+        self.sessions.waited.load(Ordering::Relaxed)
+    }
+
+    /// Clients waiting for a session now.
+    pub fn waiting_clients(&self) -> usize {
+        self.sessions.waiting_now()
+    }
+
+    /// Upstream sessions open now, idle or lent (never more than the budget).
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.open_now()
+    }
+
     /// Stops accepting clients.
     pub fn shutdown(self) {
         self.accept.abort();
@@ -153,6 +172,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
+        self.sweep.abort();
     }
 }
 
@@ -161,13 +181,15 @@ impl Drop for Proxy {
 /// has authenticated it does not count as a session (nor keep the proxy from its idle stop).
 pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts a proxy on `listener` (bind 127.0.0.1:0 for an ephemeral port).
+/// Starts a proxy on `listener` (bind 127.0.0.1:0 for an ephemeral port), whose upstream
+/// sessions stay within `budget` together with every other proxy on it.
 pub fn serve(
     listener: TcpListener,
     target: RdsTarget,
     password: ProxyPassword,
     dialer: Arc<dyn Dialer>,
     tokens: Arc<TokenCache>,
+    budget: Budget,
 ) -> Result<Proxy, Error> {
     let addr = listener
         .local_addr()
@@ -180,8 +202,23 @@ pub fn serve(
         last_end: Mutex::new(Instant::now()),
     });
     let counted = activity.clone();
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(budget));
     let pool = sessions.clone();
+    // Idle sessions give their slots up when another proxy waits for one.
+    let sweep = tokio::spawn({
+        let sessions = Arc::downgrade(&sessions);
+        async move {
+            let mut ticks = tokio::time::interval(crate::sessions::POLL * 4);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(sessions) = sessions.upgrade() else {
+                    return;
+                };
+                sessions.yield_to_waiting_proxies().await;
+            }
+        }
+    });
     let accept = tokio::spawn(async move {
         loop {
             let (client, peer) = match listener.accept().await {
@@ -219,6 +256,7 @@ pub fn serve(
         database,
         password,
         accept,
+        sweep,
         activity,
         sessions,
     })
@@ -253,6 +291,7 @@ async fn session(
             &upstream.target,
             verifier,
             upstream.dialer.as_ref(),
+            &upstream.sessions,
         ),
     )
     .await;
@@ -281,6 +320,7 @@ async fn authenticate(
     target: &RdsTarget,
     verifier: &ScramVerifier,
     dialer: &dyn Dialer,
+    sessions: &Sessions,
 ) -> Result<Option<Vec<(String, String)>>, Error> {
     let mut client = client;
     let protocol = |e: wire::WireError| Error::Protocol(e.to_string());
@@ -292,7 +332,9 @@ async fn authenticate(
                 .await
                 .map_err(|e| Error::io("failed to answer the client", e))?,
             Startup::Cancel(packet) => {
-                return forward_cancel(target, dialer, &packet).await.map(|()| None);
+                return forward_cancel(target, dialer, sessions, &packet)
+                    .await
+                    .map(|()| None);
             }
             Startup::Startup(params) => break params,
         }
@@ -339,36 +381,36 @@ async fn relay(
         .find(|(k, _)| k == "database")
         .map_or_else(|| upstream.target.database.clone(), |(_, v)| v.clone());
     let sessions = &upstream.sessions;
-    let session = match sessions.take(&database) {
-        Some(session) => session,
-        None => {
-            let opened = sessions
-                .open(
-                    &upstream.target,
-                    &database,
-                    upstream.dialer.as_ref(),
-                    &upstream.tokens,
-                )
-                .await;
-            match opened {
-                Ok(session) => session,
-                Err(error) => {
-                    refuse(
-                        &mut client,
-                        SqlState::CONNECTION_FAILURE,
-                        &format!(
-                            "the proxy could not log in to {}: {error}",
-                            upstream.target.endpoint.host
-                        ),
-                    )
-                    .await?;
-                    return Err(error);
+    let leased = sessions
+        .lease(
+            &upstream.target,
+            &database,
+            upstream.dialer.as_ref(),
+            &upstream.tokens,
+        )
+        .await;
+    let session = match leased {
+        Ok(session) => session,
+        Err(error) => {
+            let (code, message) = match &error {
+                Error::BudgetExhausted { .. } => {
+                    (SqlState::TOO_MANY_CONNECTIONS, error.to_string())
                 }
-            }
+                _ => (
+                    SqlState::CONNECTION_FAILURE,
+                    format!(
+                        "the proxy could not log in to {}: {error}",
+                        upstream.target.endpoint.host
+                    ),
+                ),
+            };
+            refuse(&mut client, code, &message).await?;
+            return Err(error);
         }
     };
-    // Ahead of demand: when this was the last idle session, open the next one meanwhile.
-    if sessions.none_idle(&database) && sessions.open_now() < MAX_SESSIONS {
+    // Ahead of demand: when this was the last idle session, open the next one meanwhile,
+    // if the budget has room.
+    if sessions.none_idle(&database) {
         let (target, dialer, tokens, pool) = (
             upstream.target.clone(),
             upstream.dialer.clone(),
@@ -378,10 +420,11 @@ async fn relay(
         let database = database.clone();
         tokio::spawn(async move {
             match pool
-                .open(&target, &database, dialer.as_ref(), &tokens)
+                .open_spare(&target, &database, dialer.as_ref(), &tokens)
                 .await
             {
-                Ok(session) => pool.give_back(session),
+                Ok(Some(session)) => pool.give_back(session),
+                Ok(None) => {}
                 Err(error) => {
                     tracing::info!(%error, "proxy: could not open a spare upstream session")
                 }
@@ -391,18 +434,33 @@ async fn relay(
     sessions.serve_client(&mut client, session, &params).await
 }
 
-/// The most upstream sessions the proxy opens ahead of demand (clients beyond it are still
-/// served, each on a session of its own).
-const MAX_SESSIONS: usize = 64;
-
+/// Forwards a cancel request with a key the proxy showed a client that still holds its
+/// session, rewritten to the backend's own key; any other key cancels nothing (as Postgres
+/// ignores an unknown key).
 async fn forward_cancel(
     target: &RdsTarget,
     dialer: &dyn Dialer,
+    sessions: &Sessions,
     packet: &[u8],
 ) -> Result<(), Error> {
+    let key = |at: usize| {
+        packet
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let (Some(pid), Some(secret)) = (key(8), key(12)) else {
+        return Err(Error::Protocol("a malformed cancel request".into()));
+    };
+    let Some((pid, secret)) = sessions.backend_key((pid, secret)) else {
+        tracing::debug!("proxy: a cancel request with a key no client holds now; ignored");
+        return Ok(());
+    };
+    let mut forwarded = packet[..8].to_vec();
+    forwarded.extend_from_slice(&pid.to_be_bytes());
+    forwarded.extend_from_slice(&secret.to_be_bytes());
     let mut upstream = tls_stream(target, dialer).await?;
     upstream
-        .write_all(packet)
+        .write_all(&forwarded)
         .await
         .map_err(|e| Error::io("failed to forward a cancel request", e))?;
     upstream.shutdown().await.ok();
@@ -439,6 +497,7 @@ mod tests {
             ProxyPassword::random(),
             Arc::new(TcpDialer::new("127.0.0.1:9")),
             Arc::new(TokenCache::new(Arc::new(StaticCredentials(credentials)))),
+            Budget::default(),
         )
         .unwrap()
     }

@@ -1,15 +1,22 @@
 //! Upstream sessions kept across the proxy's clients: each is opened once (a stream through
-//! the dialer, TLS verified, an IAM login) and then lent to one client after another, so a
-//! client's connection costs no upstream round trip.
+//! the dialer, TLS verified, an IAM login, a slot of the [`Budget`] taken) and then lent to
+//! one client after another, so a client's connection costs no upstream round trip.
 //!
-//! A client is shown the session's own greeting (its ParameterStatus messages and real
-//! BackendKeyData, so cancel requests reach the right backend); its startup parameters
-//! (`options=-c…`, `application_name`, …) are applied with one `set_config` statement sent
-//! ahead of its first query, whose answer the proxy swallows. When the client leaves, the
-//! session goes back only if it is at rest (no query in flight after a short wait for the
-//! answers owed, no unsynchronised extended protocol) and a `ROLLBACK` (when a transaction was left open) and `DISCARD ALL` (which also
-//! releases advisory locks, so pgharness's owner locks end with the client's connection, as
-//! they do without the proxy) succeed; otherwise it is closed.
+//! A client is shown the session's greeting (its ParameterStatus messages) with a cancel key
+//! of the proxy's own in BackendKeyData, mapped to the backend's key while the client holds
+//! the session: its cancel requests reach its backend, and a key kept after it left cancels
+//! nobody else's query. Its startup parameters (`options=-c…`, `application_name`, …) are
+//! applied with one `set_config` statement sent ahead of its first query, whose answer the
+//! proxy swallows. When the client leaves, the session goes back only if it is at rest (no
+//! query in flight after a short wait for the answers owed, no unsynchronised extended
+//! protocol) and one pipelined reset succeeds: `ROLLBACK` (when a transaction was left
+//! open), `DISCARD ALL` (which also releases advisory locks, so pgharness's owner locks end
+//! with the client's connection, as they do without the proxy) and the slot taken again;
+//! otherwise it is closed.
+//!
+//! The budget (see `budget`): a proxy opens sessions while its share allows; past that a
+//! client waits (at most `Budget::wait`) for one to be given back, and the first session a
+//! client needs when every slot is held elsewhere polls for one.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,12 +27,18 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use fallible_iterator::FallibleIterator;
 use postgres_protocol::escape::escape_literal;
+use postgres_protocol::message::backend;
+use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_rustls::client::TlsStream;
 
+use crate::budget::{Budget, LOGINS_WITHOUT_SLOT};
 use crate::cache::TokenCache;
 use crate::connect::{self, RdsTarget, error_of, frame_length, next_frame};
 use crate::dialer::{BoxStream, Dialer};
@@ -39,30 +52,65 @@ const MAX_IDLE: usize = 32;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a reset may take before the session is given up.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a proxy that waits for a slot tries again, and how often one with idle
+/// sessions looks for another proxy's waiting flag.
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 
-/// An upstream session through its login, at rest.
+/// A backend's cancel key (process id, secret), as BackendKeyData carries it.
+pub(crate) type CancelKey = (i32, i32);
+
+/// An upstream session through its login, at rest, holding a slot of the budget.
 pub(crate) struct Upstream {
     stream: TlsStream<BoxStream>,
     /// From AuthenticationOk to the first ReadyForQuery: what each client is shown.
     greeting: BytesMut,
+    /// The backend's own cancel key (from the greeting).
+    key: Option<CancelKey>,
     database: String,
+    /// The budget slot (advisory lock) this session holds.
+    slot: u32,
     _open: OpenGuard,
 }
 
-/// Counts a session for as long as it is open.
-struct OpenGuard(Arc<AtomicUsize>);
+/// Counts a session for as long as it is open, holds its place in the proxy's own share
+/// of the budget, and tells waiting clients when it closes.
+struct OpenGuard {
+    open: Arc<AtomicUsize>,
+    changed: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Counts a waiting client for as long as it waits.
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// The idle sessions, by database, and what happened to sessions so far.
-#[derive(Default)]
+/// The idle sessions, by database, the budget, and what happened to sessions so far.
 pub(crate) struct Sessions {
+    budget: Budget,
     idle: Mutex<HashMap<String, Vec<Upstream>>>,
+    /// This proxy's sessions, open or opening: never more than the whole budget.
+    permits: Arc<Semaphore>,
+    /// Logins whose session holds no slot yet.
+    unslotted: Semaphore,
+    /// Told whenever a session is given back or closed.
+    changed: Arc<Notify>,
     open: Arc<AtomicUsize>,
+    /// Clients waiting for a session now.
+    waiting: AtomicUsize,
+    /// The cancel keys shown to clients now, and the keys of the backends they hold.
+    cancel_keys: Mutex<HashMap<CancelKey, CancelKey>>,
     /// Upstream logins (sessions opened).
     pub(crate) logins: AtomicU64,
     /// Clients served by an idle session, opened before they came: no upstream round trip
@@ -70,11 +118,14 @@ pub(crate) struct Sessions {
     pub(crate) from_pool: AtomicU64,
     /// Sessions closed instead of reused (a client left mid-query, a reset failed).
     pub(crate) discarded: AtomicU64,
+    /// Clients that had to wait because the budget was all in use.
+    pub(crate) waited: AtomicU64,
 }
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions")
+            .field("budget", &self.budget)
             .field("open", &self.open.load(Ordering::Relaxed))
             .field("logins", &self.logins.load(Ordering::Relaxed))
             .field("from_pool", &self.from_pool.load(Ordering::Relaxed))
@@ -82,7 +133,33 @@ impl std::fmt::Debug for Sessions {
     }
 }
 
+/// Where a session comes from when none is idle, and whether it may wait for a slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// A spare opened ahead of demand: without a free slot it is closed at once.
+    None,
+    /// A client's: it waits for a slot until then.
+    Until(Instant),
+}
+
 impl Sessions {
+    pub(crate) fn new(budget: Budget) -> Sessions {
+        Sessions {
+            budget,
+            idle: Mutex::default(),
+            permits: Arc::new(Semaphore::new(budget.sessions as usize)),
+            unslotted: Semaphore::new(LOGINS_WITHOUT_SLOT),
+            changed: Arc::default(),
+            open: Arc::default(),
+            waiting: AtomicUsize::new(0),
+            cancel_keys: Mutex::default(),
+            logins: AtomicU64::new(0),
+            from_pool: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+        }
+    }
+
     /// An idle session for `database` whose server has not hung up meanwhile.
     pub(crate) fn take(&self, database: &str) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,11 +185,26 @@ impl Sessions {
 
     /// Keeps an idle session (a spare opened ahead of demand, or one reset after a client).
     pub(crate) fn give_back(&self, upstream: Upstream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(upstream.database.clone()).or_default();
-        if list.len() < MAX_IDLE {
-            list.push(upstream);
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(upstream.database.clone()).or_default();
+            if list.len() < MAX_IDLE {
+                list.push(upstream);
+            }
         }
+        self.changed.notify_waiters();
+    }
+
+    /// Closes one idle session of a database other than `database`, to make room in the
+    /// budget for it; whether there was one.
+    fn close_idle_elsewhere(&self, database: &str) -> bool {
+        let closed = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.iter_mut()
+                .filter(|(name, _)| name.as_str() != database)
+                .find_map(|(_, list)| list.pop())
+        };
+        closed.is_some()
     }
 
     /// Idle sessions now, all databases.
@@ -130,67 +222,390 @@ impl Sessions {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Opens a session to `database`: a neutral startup (user, database, UTF8), so that a
-    /// reset brings it back to the same defaults for every client.
-    pub(crate) async fn open(
+    /// Clients waiting for a session now.
+    pub(crate) fn waiting_now(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// A session for a client of `database`: an idle one, else a new one while the budget
+    /// allows, else the first one given back. A client waits at most the budget's `wait`.
+    pub(crate) async fn lease(
         &self,
         target: &RdsTarget,
         database: &str,
         dialer: &dyn Dialer,
         tokens: &TokenCache,
     ) -> Result<Upstream, Error> {
+        let deadline = Instant::now() + self.budget.wait;
+        let mut waiting: Option<WaitGuard<'_>> = None;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(upstream) = self.take(database) {
+                return Ok(upstream);
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                drop(waiting);
+                return self
+                    .open(
+                        target,
+                        database,
+                        dialer,
+                        tokens,
+                        permit,
+                        Patience::Until(deadline),
+                    )
+                    .await;
+            }
+            if self.close_idle_elsewhere(database) {
+                continue;
+            }
+            if waiting.is_none() {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                waiting = Some(WaitGuard(&self.waiting));
+                self.waited.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    sessions = self.budget.sessions,
+                    "proxy: all of this proxy's upstream sessions are lent; a client waits for one"
+                );
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(self.exhausted());
+            }
+        }
+    }
+
+    /// A spare session for `database`, opened ahead of demand when the budget allows.
+    pub(crate) async fn open_spare(
+        &self,
+        target: &RdsTarget,
+        database: &str,
+        dialer: &dyn Dialer,
+        tokens: &TokenCache,
+    ) -> Result<Option<Upstream>, Error> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        match self
+            .open(target, database, dialer, tokens, permit, Patience::None)
+            .await
+        {
+            Ok(upstream) => Ok(Some(upstream)),
+            Err(Error::BudgetExhausted { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn exhausted(&self) -> Error {
+        Error::BudgetExhausted {
+            sessions: self.budget.sessions,
+            waited: self.budget.wait,
+        }
+    }
+
+    /// Opens a session to `database` and takes a slot for it: a neutral startup (user,
+    /// database, UTF8), so that a reset brings it back to the same defaults for every client.
+    async fn open(
+        &self,
+        target: &RdsTarget,
+        database: &str,
+        dialer: &dyn Dialer,
+        tokens: &TokenCache,
+        permit: OwnedSemaphorePermit,
+        patience: Patience,
+    ) -> Result<Upstream, Error> {
+        let _unslotted = self
+            .unslotted
+            .acquire()
+            .await
+            .map_err(|_| Error::Protocol("the proxy is shutting down".into()))?;
         let mut target = target.clone();
         target.database = database.to_owned();
         let params = [("client_encoding".to_owned(), "UTF8".to_owned())];
-        let (stream, greeting) = connect::open_raw(&target, &params, dialer, tokens, &|waiting| {
-            tracing::info!("proxy: {waiting}")
-        })
-        .await?;
+        let (mut stream, greeting) =
+            connect::open_raw(&target, &params, dialer, tokens, &|waiting| {
+                tracing::info!("proxy: {waiting}")
+            })
+            .await?;
         self.open.fetch_add(1, Ordering::Relaxed);
         self.logins.fetch_add(1, Ordering::Relaxed);
-        Ok(Upstream {
-            stream,
-            greeting,
-            database: database.to_owned(),
-            _open: OpenGuard(self.open.clone()),
-        })
+        let guard = OpenGuard {
+            open: self.open.clone(),
+            changed: self.changed.clone(),
+            _permit: permit,
+        };
+        let first = rand::rng().random_range(1..=self.budget.sessions);
+        let mut flagged = false;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (slot, _) = claim(&mut stream, &self.budget, first).await?;
+            if let Some(slot) = slot {
+                if flagged {
+                    run(&mut stream, &self.budget.lower_flag()).await?;
+                }
+                return Ok(Upstream {
+                    key: cancel_key(&greeting),
+                    stream,
+                    greeting,
+                    database: database.to_owned(),
+                    slot,
+                    _open: guard,
+                });
+            }
+            let Patience::Until(deadline) = patience else {
+                return Err(self.exhausted());
+            };
+            if !flagged {
+                run(&mut stream, &self.budget.raise_flag()).await?;
+                flagged = true;
+                tracing::info!(
+                    sessions = self.budget.sessions,
+                    "proxy: every slot of the cluster's session budget is held (by other proxies \
+                     sharing it); waiting for one"
+                );
+            }
+            if Instant::now() >= deadline {
+                return Err(self.exhausted());
+            }
+            // A session of this proxy given back meanwhile serves as well.
+            let poll = tokio::time::sleep_until(deadline.min(Instant::now() + POLL));
+            tokio::select! {
+                () = poll => {}
+                () = changed => {
+                    if let Some(upstream) = self.take(database) {
+                        return Ok(upstream);
+                    }
+                }
+            }
+        }
     }
 
-    /// Serves one client on `upstream`, then gives the session back if it can be reset.
+    /// Serves one client on `upstream`, then gives the session back if it can be reset (and
+    /// no other proxy waits for its slot).
     pub(crate) async fn serve_client(
         &self,
         client: &mut TcpStream,
         mut upstream: Upstream,
         startup: &[(String, String)],
     ) -> Result<(), Error> {
-        let outcome = relay(client, &mut upstream, startup).await;
-        match outcome {
+        let shown = self.lend_cancel_key(upstream.key);
+        let outcome = relay(client, &mut upstream, startup, shown).await;
+        if let Some(shown) = shown {
+            self.cancel_keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&shown);
+        }
+        let reason = match outcome {
             Ok(Some(status)) => {
-                match tokio::time::timeout(RESET_TIMEOUT, reset(&mut upstream, status)).await {
-                    Ok(Ok(())) => self.give_back(upstream),
+                match tokio::time::timeout(
+                    RESET_TIMEOUT,
+                    reset(&mut upstream, status, &self.budget),
+                )
+                .await
+                {
+                    Ok(Ok(Reset::Kept)) => {
+                        self.give_back(upstream);
+                        return Ok(());
+                    }
+                    Ok(Ok(Reset::OthersWait)) if self.waiting_now() > 0 => {
+                        self.give_back(upstream);
+                        return Ok(());
+                    }
+                    // Not counted as discarded: the slot goes to another proxy's client.
+                    Ok(Ok(Reset::OthersWait)) => return Ok(()),
+                    Ok(Ok(Reset::SlotLost)) => "lost its budget slot",
                     Ok(Err(error)) => {
                         tracing::info!(%error, "proxy: an upstream session could not be reset; closing it");
-                        self.discarded.fetch_add(1, Ordering::Relaxed);
+                        "could not be reset"
                     }
-                    Err(_) => {
-                        tracing::info!(
-                            "proxy: an upstream session took too long to reset; closing it"
-                        );
-                        self.discarded.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(_) => "took too long to reset",
                 }
-                Ok(())
             }
-            Ok(None) => {
-                self.discarded.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+            Ok(None) => "was left mid-statement",
             Err(error) => {
                 self.discarded.fetch_add(1, Ordering::Relaxed);
-                Err(error)
+                return Err(error);
+            }
+        };
+        tracing::debug!("proxy: an upstream session {reason}; closing it");
+        self.discarded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A key of the proxy's own for the client to cancel with, mapped to the backend's for
+    /// as long as the client holds the session: a key kept after it left cancels nothing.
+    fn lend_cancel_key(&self, backend: Option<CancelKey>) -> Option<CancelKey> {
+        let backend = backend?;
+        let mut keys = self.cancel_keys.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let shown: CancelKey = (rand::rng().random_range(1..i32::MAX), rand::rng().random());
+            if let std::collections::hash_map::Entry::Vacant(entry) = keys.entry(shown) {
+                entry.insert(backend);
+                return Some(shown);
             }
         }
     }
+
+    /// The backend key behind a key shown to a client now.
+    pub(crate) fn backend_key(&self, shown: CancelKey) -> Option<CancelKey> {
+        self.cancel_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&shown)
+            .copied()
+    }
+
+    /// Gives the slots of idle sessions back when another proxy waits for one: looks for a
+    /// waiting flag through one idle session, and closes every idle session if one is up
+    /// (unless a client of this proxy waits too).
+    pub(crate) async fn yield_to_waiting_proxies(&self) {
+        let probe = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.values_mut().find_map(Vec::pop)
+        };
+        let Some(mut probe) = probe else { return };
+        let sql = format!("SELECT {}", self.budget.others_waiting());
+        let answer = tokio::time::timeout(RESET_TIMEOUT, query_row(&mut probe.stream, &sql)).await;
+        match answer {
+            Ok(Ok(row)) if row.first().and_then(Option::as_deref) == Some("t") => {
+                if self.waiting_now() == 0 {
+                    let closed: Vec<Upstream> = self
+                        .idle
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values_mut()
+                        .flat_map(std::mem::take)
+                        .collect();
+                    tracing::info!(
+                        sessions = closed.len() + 1,
+                        "proxy: another proxy waits for a session slot; closing idle sessions"
+                    );
+                } else {
+                    self.give_back(probe);
+                }
+            }
+            Ok(Ok(_)) => self.give_back(probe),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "proxy: an idle session failed its check; closing it");
+                self.discarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.discarded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The cancel key in a greeting's BackendKeyData.
+fn cancel_key(greeting: &[u8]) -> Option<CancelKey> {
+    let mut rest = greeting;
+    while let Ok(Some(length)) = frame_length(rest) {
+        let (frame, tail) = rest.split_at(length);
+        if frame[0] == b'K' && frame.len() == 13 {
+            let pid = i32::from_be_bytes(frame[5..9].try_into().ok()?);
+            let secret = i32::from_be_bytes(frame[9..13].try_into().ok()?);
+            return Some((pid, secret));
+        }
+        rest = tail;
+    }
+    None
+}
+
+/// The greeting with its BackendKeyData's key replaced by `shown`.
+fn greeting_with_key(greeting: &[u8], shown: Option<CancelKey>) -> BytesMut {
+    let mut out = BytesMut::with_capacity(greeting.len());
+    let mut rest = greeting;
+    while let Ok(Some(length)) = frame_length(rest) {
+        let (frame, tail) = rest.split_at(length);
+        match shown {
+            Some((pid, secret)) if frame[0] == b'K' && frame.len() == 13 => {
+                out.extend_from_slice(&frame[..5]);
+                out.put_i32(pid);
+                out.put_i32(secret);
+            }
+            _ => out.extend_from_slice(frame),
+        }
+        rest = tail;
+    }
+    out
+}
+
+/// Runs one statement on a session at rest and returns its first row's values as text.
+async fn query_row(
+    stream: &mut TlsStream<BoxStream>,
+    sql: &str,
+) -> Result<Vec<Option<String>>, Error> {
+    stream
+        .write_all(&query(sql))
+        .await
+        .map_err(|e| Error::io("failed to write to the server", e))?;
+    let mut buffer = BytesMut::new();
+    let mut row = None;
+    let mut failed = None;
+    while let Some(frame) = next_frame(stream, &mut buffer).await? {
+        match frame[0] {
+            b'E' => failed = Some(error_of(frame)),
+            b'D' if row.is_none() => row = Some(data_row(frame)?),
+            b'Z' => {
+                if !buffer.is_empty() {
+                    return Err(Error::Protocol(
+                        "the server said more than it was asked".into(),
+                    ));
+                }
+                return match failed {
+                    Some(error) => Err(error),
+                    None => Ok(row.unwrap_or_default()),
+                };
+            }
+            _ => {}
+        }
+    }
+    Err(Error::Protocol("the server closed the session".into()))
+}
+
+/// Runs one statement on a session at rest, for its effect.
+async fn run(stream: &mut TlsStream<BoxStream>, sql: &str) -> Result<(), Error> {
+    query_row(stream, sql).await.map(drop)
+}
+
+/// A DataRow's values as text.
+fn data_row(frame: BytesMut) -> Result<Vec<Option<String>>, Error> {
+    let malformed = |e: std::io::Error| Error::Protocol(format!("a malformed row: {e}"));
+    let Some(backend::Message::DataRow(body)) =
+        backend::Message::parse(&mut frame.clone()).map_err(malformed)?
+    else {
+        return Err(Error::Protocol("a truncated row".into()));
+    };
+    let buffer = body.buffer();
+    body.ranges()
+        .map(|range| Ok(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned())))
+        .collect()
+        .map_err(malformed)
+}
+
+/// Takes a slot for a session at rest (its own `first`, else the next free one): the slot,
+/// if any was free, and whether another proxy waits for one.
+async fn claim(
+    stream: &mut TlsStream<BoxStream>,
+    budget: &Budget,
+    first: u32,
+) -> Result<(Option<u32>, bool), Error> {
+    let row = query_row(stream, &budget.claim_statement(first)).await?;
+    claimed(&row)
+}
+
+fn claimed(row: &[Option<String>]) -> Result<(Option<u32>, bool), Error> {
+    let unexpected = || Error::Protocol(format!("an unexpected answer to the slot claim: {row:?}"));
+    let slot = match row.first().ok_or_else(unexpected)? {
+        Some(slot) => Some(slot.parse().map_err(|_| unexpected())?),
+        None => None,
+    };
+    let others_wait = row.get(1).ok_or_else(unexpected)?.as_deref() == Some("t");
+    Ok((slot, others_wait))
 }
 
 /// Whether an idle session's stream has nothing to say (an idle server says nothing; a
@@ -283,11 +698,12 @@ async fn relay(
     client: &mut TcpStream,
     upstream: &mut Upstream,
     startup: &[(String, String)],
+    shown: Option<CancelKey>,
 ) -> Result<Option<u8>, Error> {
     let to_client = |e| Error::io("failed to write to the client", e);
     let to_server = |e| Error::io("failed to write to the server", e);
     client
-        .write_all(&upstream.greeting)
+        .write_all(&greeting_with_key(&upstream.greeting, shown))
         .await
         .map_err(to_client)?;
     // ReadyForQuery messages the server still owes, and how many of them answer the
@@ -391,41 +807,66 @@ async fn relay(
     Ok(at_rest.then_some(status))
 }
 
+/// What a reset left.
+enum Reset {
+    /// At rest, holding a slot: ready for the next client.
+    Kept,
+    /// At rest, holding a slot, and another proxy waits for one.
+    OthersWait,
+    /// Another proxy took every free slot in the instant `DISCARD ALL` had released this
+    /// session's.
+    SlotLost,
+}
+
 /// Brings a session back to a fresh one's state: `ROLLBACK` when a transaction was left
-/// open, then `DISCARD ALL`; both must succeed and leave it idle.
-async fn reset(upstream: &mut Upstream, status: u8) -> Result<(), Error> {
+/// open, then `DISCARD ALL`, then its slot taken again (`DISCARD ALL` released it), all in
+/// one round trip; each must succeed and leave it idle.
+async fn reset(upstream: &mut Upstream, status: u8, budget: &Budget) -> Result<Reset, Error> {
     let mut statements = BytesMut::new();
-    let mut owed = 1;
+    let mut owed = 2;
     if status != b'I' {
         statements.extend_from_slice(&query("ROLLBACK"));
         owed += 1;
     }
     statements.extend_from_slice(&query("DISCARD ALL"));
-    upstream
-        .stream
+    statements.extend_from_slice(&query(&budget.claim_statement(upstream.slot)));
+    let stream = &mut upstream.stream;
+    stream
         .write_all(&statements)
         .await
         .map_err(|e| Error::io("failed to reset a session", e))?;
     let mut buffer = BytesMut::new();
-    while let Some(frame) = next_frame(&mut upstream.stream, &mut buffer).await? {
+    let mut row = None;
+    while owed > 0 {
+        let frame = next_frame(stream, &mut buffer)
+            .await?
+            .ok_or_else(|| Error::Protocol("the server closed the session".into()))?;
         match frame[0] {
             b'E' => return Err(error_of(frame)),
+            b'D' => row = Some(data_row(frame)?),
             b'Z' => {
                 owed -= 1;
-                if owed == 0 {
-                    return if frame.get(5) == Some(&b'I') && buffer.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(Error::Protocol(
-                            "the session is not idle after its reset".into(),
-                        ))
-                    };
+                if owed == 0 && (frame.get(5) != Some(&b'I') || !buffer.is_empty()) {
+                    return Err(Error::Protocol(
+                        "the session is not idle after its reset".into(),
+                    ));
                 }
             }
             _ => {}
         }
     }
-    Err(Error::Protocol("the server closed the session".into()))
+    let (slot, others_wait) = claimed(&row.unwrap_or_default())?;
+    Ok(match slot {
+        None => Reset::SlotLost,
+        Some(slot) => {
+            upstream.slot = slot;
+            if others_wait {
+                Reset::OthersWait
+            } else {
+                Reset::Kept
+            }
+        }
+    })
 }
 
 #[cfg(test)]

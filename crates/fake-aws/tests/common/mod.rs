@@ -134,6 +134,15 @@ impl Env {
 
 pub(crate) fn ignore_waits(_: rds_iam::Waiting) {}
 
+/// A session budget of `sessions` on a lock space of its own: test processes share the
+/// server, and must not share (or wait on) each other's budgets.
+pub(crate) fn budget(sessions: u32) -> rds_iam::Budget {
+    rds_iam::Budget {
+        lock_space: rand::random_range(0x1000_0000..0x7000_0000),
+        ..rds_iam::Budget::new(sessions)
+    }
+}
+
 /// Logs in to the fake RDS endpoint with `password` as the IAM token, over TLS configured
 /// by `tls` and checked against `server_name`; the raw path a client other than rds-iam takes.
 pub(crate) async fn login_with(
