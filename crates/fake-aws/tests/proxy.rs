@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{USER, env, env_on_a_manual_clock};
+use common::{USER, client_of, env, env_on_a_manual_clock, until};
 use rds_iam::clock::{Clock, SystemClock};
 use rds_iam::{ProxyPassword, serve};
 use tokio::net::TcpListener;
@@ -49,22 +49,6 @@ fn psql(proxy: &rds_iam::Proxy, password: &str, sql: &[&str]) -> std::process::O
         command.args(["-c", statement]);
     }
     command.output().expect("psql is installed")
-}
-
-/// Waits until `done` holds: a sync point on the proxy's own counters.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn client_of(proxy: &rds_iam::Proxy) -> tokio_postgres::Client {
-    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 #[tokio::test]

@@ -21,9 +21,13 @@ pub(crate) struct Env {
     pub(crate) backend: SocketAddr,
 }
 
-/// The run's Postgres (container or native, as configured), with the IAM user created
-/// (its password on the backend: the admin's, which the fake front logs in with).
-pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
+/// An admin connection to the run's Postgres (container or native, as configured), past
+/// every proxy and fake.
+pub(crate) async fn admin() -> tokio_postgres::Client {
+    admin_with_config().await.0
+}
+
+async fn admin_with_config() -> (tokio_postgres::Client, tokio_postgres::Config) {
     let mut settings = pgharness::Settings::load().expect("settings");
     // An admin on a local server, also in a run of the rds backend: these tests create roles
     // and point the fakes at the server themselves.
@@ -40,9 +44,25 @@ pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
         .await
         .expect("admin connection");
     tokio::spawn(connection);
+    (client, config)
+}
+
+/// The run's Postgres (container or native, as configured), with the IAM user created
+/// (its password on the backend: the admin's, which the fake front logs in with).
+pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
+    backend_for(USER, None).await
+}
+
+/// The run's Postgres with IAM user `user` created, limited to `connection_limit`
+/// connections at once when given (Postgres refuses more with `53300`).
+pub(crate) async fn backend_for(
+    user: &str,
+    connection_limit: Option<i32>,
+) -> (SocketAddr, Option<String>) {
+    let (client, config) = admin_with_config().await;
     // Concurrent test processes race to create it; losing the race is fine.
     if let Err(error) = client
-        .batch_execute(&format!("CREATE ROLE {USER} LOGIN"))
+        .batch_execute(&format!("CREATE ROLE {user} LOGIN"))
         .await
     {
         let code = error
@@ -51,23 +71,31 @@ pub(crate) async fn backend() -> (SocketAddr, Option<String>) {
             .unwrap_or_default();
         assert!(
             code == "42710" || code == "23505",
-            "creating {USER}: {error}"
+            "creating {user}: {error}"
         );
     }
     let password = config
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut alter = String::new();
     if let Some(password) = &password {
-        client
-            // Test processes run this at once: one at a time, or Postgres says "tuple
-            // concurrently updated".
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(7366); ALTER ROLE {USER} PASSWORD '{}'; COMMIT;",
-                password.replace('\'', "''")
-            ))
-            .await
-            .expect("the IAM user's backend password");
+        alter.push_str(&format!(
+            "ALTER ROLE {user} PASSWORD {};",
+            postgres_protocol::escape::escape_literal(password)
+        ));
     }
+    alter.push_str(&format!(
+        "ALTER ROLE {user} CONNECTION LIMIT {};",
+        connection_limit.unwrap_or(-1)
+    ));
+    client
+        // Test processes run this at once: one at a time, or Postgres says "tuple
+        // concurrently updated".
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7366); {alter} COMMIT;"
+        ))
+        .await
+        .expect("the IAM user's backend password and limit");
     (
         SocketAddr::from(([127, 0, 0, 1], config.get_ports()[0])),
         password,
@@ -89,9 +117,19 @@ pub(crate) async fn env_on_a_manual_clock(
 }
 
 pub(crate) async fn env(configure: impl FnOnce(&mut RdsFrontConfig)) -> Env {
-    let (backend, password) = backend().await;
+    env_as(USER, None, configure).await
+}
+
+/// A fake RDS for IAM user `user`, at most `connection_limit` connections of it at once on
+/// the backend when given.
+pub(crate) async fn env_as(
+    user: &str,
+    connection_limit: Option<i32>,
+    configure: impl FnOnce(&mut RdsFrontConfig),
+) -> Env {
+    let (backend, password) = backend_for(user, connection_limit).await;
     let keys = KeyPair::random_temporary();
-    let mut config = RdsFrontConfig::new(backend, vec![USER.to_owned()]);
+    let mut config = RdsFrontConfig::new(backend, vec![user.to_owned()]);
     config.backend_password = password;
     configure(&mut config);
     let front = RdsFront::start(config, Arc::new(CredentialStore::new([keys.clone()])))
@@ -102,7 +140,7 @@ pub(crate) async fn env(configure: impl FnOnce(&mut RdsFrontConfig)) -> Env {
     })
     .unwrap();
     let target = RdsTarget {
-        endpoint: TokenRequest::new(front.hostname(), front.port(), USER, Some(front.region()))
+        endpoint: TokenRequest::new(front.hostname(), front.port(), user, Some(front.region()))
             .unwrap(),
         database: "postgres".into(),
         tls,
@@ -133,6 +171,49 @@ impl Env {
 }
 
 pub(crate) fn ignore_waits(_: rds_iam::Waiting) {}
+
+/// Waits until `done` holds: a sync point on a proxy's own counters.
+pub(crate) async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until backend `pid` runs a statement (pg_stat_activity, seen from `observer`).
+pub(crate) async fn until_running(observer: &tokio_postgres::Client, pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: bool = observer
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active')",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} never ran its statement"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client of a proxy, its connection driven in the background.
+pub(crate) async fn client_of(proxy: &rds_iam::Proxy) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
 
 /// A session budget of `sessions` on a lock space of its own: test processes share the
 /// server, and must not share (or wait on) each other's budgets.

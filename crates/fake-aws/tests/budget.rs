@@ -1,0 +1,177 @@
+//! One session budget across proxies: several proxies in front of one server (CI shards on
+//! several machines) together stay within it, clients beyond it wait in their proxy instead
+//! of meeting `53300`, and idle sessions give their slots up to a proxy that waits.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{USER, client_of, env, env_as, until};
+use rds_iam::budget::LOGINS_WITHOUT_SLOT;
+use rds_iam::{Budget, Proxy, ProxyPassword, serve};
+use tokio::net::TcpListener;
+
+async fn proxy(env: &common::Env, budget: Budget) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve(
+        listener,
+        env.target.clone(),
+        ProxyPassword::random(),
+        Arc::new(env.dialer.clone()),
+        Arc::new(env.tokens()),
+        budget,
+    )
+    .unwrap()
+}
+
+/// Slot locks of `budget` held on the server now.
+async fn slots_held(observer: &tokio_postgres::Client, budget: &Budget) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                AND classid = $1::int::oid AND objid > 0 AND objsubid = 2",
+            &[&budget.lock_space],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn two_proxies_sharing_one_server_stay_within_the_budget() {
+    // Six sessions between two proxies. Each proxy alone could hold six, so without a
+    // budget kept on the server they would open twelve; the server itself refuses more than
+    // the budget plus each proxy's logins that hold no slot yet.
+    let budget = common::budget(6);
+    let limit = budget.sessions as i32 + 2 * LOGINS_WITHOUT_SLOT as i32;
+    let env = env_as("iam_budget", Some(limit), |_| {}).await;
+    let (a, b) = (
+        Arc::new(proxy(&env, budget).await),
+        Arc::new(proxy(&env, budget).await),
+    );
+    let observer = common::admin().await;
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        let proxy = if i % 2 == 0 { a.clone() } else { b.clone() };
+        clients.push(tokio::spawn(async move {
+            let client = client_of(&proxy).await;
+            // Each holds its session a while, so that the others queue behind it.
+            client.simple_query("SELECT pg_sleep(0.1)").await.unwrap();
+        }));
+    }
+    let mut most = 0;
+    while clients.iter().any(|c| !c.is_finished()) {
+        most = most.max(slots_held(&observer, &budget).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for client in clients {
+        client
+            .await
+            .expect("every client got a session, none met 53300");
+    }
+    assert!(most <= 6, "{most} slots held at once");
+    assert!(
+        a.clients_waited() + b.clients_waited() > 0,
+        "clients beyond the budget waited"
+    );
+    assert!(a.open_sessions() + b.open_sessions() <= 6);
+    // Every session still open holds exactly one slot (re-taken after each reset).
+    assert_eq!(
+        slots_held(&observer, &budget).await,
+        (a.open_sessions() + b.open_sessions()) as i64
+    );
+}
+
+#[tokio::test]
+async fn idle_sessions_give_their_slots_to_a_proxy_that_waits() {
+    let env = env(|_| {}).await;
+    let budget = common::budget(2);
+    let first = proxy(&env, budget).await;
+    // Two clients that leave: both sessions stay idle at the first proxy, holding the
+    // whole budget.
+    let (x, y) = tokio::join!(client_of(&first), client_of(&first));
+    x.simple_query("SELECT 1").await.unwrap();
+    y.simple_query("SELECT 1").await.unwrap();
+    drop((x, y));
+    until("both sessions idle", || first.idle_sessions() == 2).await;
+    // A client of a second proxy gets in: its proxy raises the waiting flag, and the first
+    // closes its idle sessions.
+    let second = proxy(&env, budget).await;
+    let client = tokio::time::timeout(Duration::from_secs(20), client_of(&second))
+        .await
+        .expect("the second proxy got a slot");
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, USER);
+    assert!(first.open_sessions() < 2, "the first proxy gave a slot up");
+}
+
+#[tokio::test]
+async fn a_client_that_waits_longer_than_the_budget_allows_is_told_why() {
+    let env = env(|_| {}).await;
+    let budget = Budget {
+        wait: Duration::from_millis(300),
+        ..common::budget(1)
+    };
+    let proxy = proxy(&env, budget).await;
+    let holder = client_of(&proxy).await;
+    holder.simple_query("SELECT 1").await.unwrap();
+    let config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    let Err(error) = config.connect(tokio_postgres::NoTls).await else {
+        panic!("the only session is held")
+    };
+    let db = error.as_db_error().expect("a refusal from the proxy");
+    assert_eq!(db.code().code(), "53300");
+    assert!(db.message().contains("max_sessions"), "{}", db.message());
+    assert_eq!(proxy.clients_waited(), 1);
+    // Once the holder leaves, its session serves the next client.
+    drop(holder);
+    until("the session back", || proxy.idle_sessions() == 1).await;
+    client_of(&proxy)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_cancel_key_kept_after_its_client_left_cancels_nothing() {
+    let env = env(|_| {}).await;
+    let proxy = proxy(&env, common::budget(1)).await;
+    let gone = client_of(&proxy).await;
+    let stale = gone.cancel_token();
+    let pid: i32 = gone
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(gone);
+    until("the session back", || proxy.idle_sessions() == 1).await;
+    // The next client is lent the same backend.
+    let next = Arc::new(client_of(&proxy).await);
+    let query = tokio::spawn({
+        let next = next.clone();
+        async move {
+            let row = next
+                .query_one("SELECT pg_backend_pid(), pg_sleep(1)::text", &[])
+                .await?;
+            Ok::<i32, tokio_postgres::Error>(row.get(0))
+        }
+    });
+    // A sync point: the query runs (seen from the server's side, on another connection).
+    let observer = common::admin().await;
+    common::until_running(&observer, pid).await;
+    stale
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("the cancel request is sent");
+    let ran_on = query
+        .await
+        .unwrap()
+        .expect("the next client's query was not cancelled");
+    assert_eq!(ran_on, pid, "the next client had the same backend");
+}
