@@ -190,6 +190,70 @@ async fn acquire(dir: &Path) -> TestDb {
 }
 
 #[tokio::test]
+async fn a_schema_pooled_by_another_role_is_not_claimed() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let dir = own_migrations("owner", "CREATE TABLE t (id int);");
+    // The admin's schema goes back to the pool.
+    let db = acquire(&dir).await;
+    let admins = db.schema().to_owned();
+    drop(db);
+    assert_eq!(
+        ledger_status(&admin, &admins).await.as_deref(),
+        Some("ready")
+    );
+    // Another role with the same migrations gets a schema of its own, and can use it.
+    let role = format!(
+        "pgh_other_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let password = format!("pw-{role}");
+    let database: String = admin
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             GRANT CREATE ON DATABASE {database} TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut settings = inline_settings();
+    settings.backend = pgharness::BackendKind::Url;
+    settings.url = Some(pgharness::SecretUrl::new(format!(
+        "postgres://{role}:{password}@127.0.0.1:{}/{database}",
+        server.config().get_ports()[0]
+    )));
+    let theirs = TestDb::builder()
+        .settings(settings)
+        .migrations(&dir)
+        .build()
+        .await
+        .expect("the other role acquires");
+    assert_ne!(theirs.schema(), admins, "claimed the admin's schema");
+    theirs
+        .client()
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .expect("its own table");
+    let schema = theirs.schema().to_owned();
+    drop(theirs);
+    assert_eq!(
+        ledger_status(&admin, &admins).await.as_deref(),
+        Some("ready")
+    );
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA {schema} CASCADE; DELETE FROM pgharness.ledger WHERE schema_name = '{schema}';
+             REVOKE CREATE ON DATABASE {database} FROM {role}; DROP ROLE {role};"
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn created_and_claimed_schemas_set_the_same_search_path_as_a_new_connection() {
     let dir = own_migrations("search-path", "CREATE TABLE t (id int);");
     // Its own migration set: the first acquire creates; the second claims the first's
