@@ -37,7 +37,7 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
         keep_server: false,
         emulated: backend == BackendKind::Rds,
         emulator: crate::emulator::EmulatorOptions {
-            rtt: Some(std::time::Duration::from_millis(10)),
+            rtt: Some(std::time::Duration::from_millis(30)),
             ..Default::default()
         },
         nextest_args: args.iter().map(|s| s.to_string()).collect(),
@@ -394,8 +394,9 @@ impl Ci {
         .await?;
         // Last, so that a nextest summary closes the log: the workspace (the example suite,
         // fake-aws's and ssm-tunnel's tests on a local admin server) through the whole
-        // emulated RDS path (SSM tunnel, smux, TLS, IAM tokens, the local auth proxy), with
-        // one SSM session for the run.
+        // emulated RDS path (SSM tunnel, smux, TLS, IAM tokens, the local auth proxy and its
+        // session pool), with one SSM session for the run, at 30 ms RTT (a cluster a region
+        // away).
         // No package filter, as the README runs it: the workspace meant for this backend.
         tests(BackendKind::Rds, &["--profile", "ci"]).await?;
         eprintln!("xtask ci: all green");
