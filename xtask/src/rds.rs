@@ -74,6 +74,8 @@ pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
 pub(crate) struct Up {
     /// Whether it started the emulator (then `down` of the run stops it).
     pub(crate) started_emulator: bool,
+    /// Whether it started the proxy (a proxy of an earlier `up` stays up after the run).
+    pub(crate) started_proxy: bool,
 }
 
 /// Starts the RDS proxy (and the emulator with `emulated`) unless it runs.
@@ -93,7 +95,10 @@ pub(crate) async fn up(
             "xtask: the RDS proxy already runs (pid {})",
             file.proxy_pid.unwrap_or_default()
         );
-        return Ok(Up { started_emulator });
+        return Ok(Up {
+            started_emulator,
+            started_proxy: false,
+        });
     }
     let _ = std::fs::remove_file(stats_path(settings));
     let progress = Progress::start("starting the RDS proxy");
@@ -146,7 +151,10 @@ pub(crate) async fn up(
             );
         }
     }
-    Ok(Up { started_emulator })
+    Ok(Up {
+        started_emulator,
+        started_proxy: true,
+    })
 }
 
 /// Stops the RDS proxy (ending its SSM session); returns what it stopped.

@@ -132,6 +132,8 @@ impl Test {
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while starting")),
         };
         let started_emulator = up.as_ref().is_ok_and(|up| up.started_emulator);
+        // A proxy an earlier `cargo xtask up` started stays up, as that command said.
+        let started_proxy = up.as_ref().map_or(true, |up| up.started_proxy);
         let outcome = match up {
             Ok(_) => {
                 match pgharness::backend::ensure(&settings, &pgharness::events::log_only).await {
@@ -156,6 +158,12 @@ impl Test {
         let outcome = outcome.map(|(code, _)| code);
         // Teardown runs after failures and Ctrl-C too.
         let emulator_values = crate::emulator::running(&settings);
+        if !started_proxy {
+            eprintln!(
+                "xtask: the RDS proxy of `cargo xtask up` stays up; stop it with `cargo xtask down`"
+            );
+            return outcome;
+        }
         if let Some(what) = crate::rds::down(&settings).await? {
             eprintln!("xtask: stopped {what}");
         }
@@ -215,12 +223,25 @@ impl Test {
             settings.pool_size
         );
         let tool_config = nextest::write_tool_config(settings, threads)?;
+        let args = nextest::nextest_args(&self.nextest_args);
+        // Through the RDS path tests wait on the link, not on the CPU: unless told otherwise,
+        // run as many at once as the budget allows rather than one per core.
+        let latency_bound = kind == BackendKind::Rds && explicit_threads(&args).is_none();
+        if latency_bound {
+            eprintln!(
+                "xtask: {threads} test threads (the tests wait on the link; `--test-threads N` to change)"
+            );
+        }
 
         let janitor = Janitor::spawn(
             admin.clone(),
             run_id.clone(),
             settings.migrations.clone(),
-            warm_target(threads, &nextest::nextest_args(&self.nextest_args)),
+            if latency_bound {
+                u64::from(threads) + 1
+            } else {
+                warm_target(threads, &args)
+            },
         );
         let mut env = vec![
             ("PGHARNESS_BACKEND".to_owned(), kind.to_string()),
@@ -229,6 +250,9 @@ impl Test {
         ];
         if let Some(image) = &settings.image {
             env.push(("PGHARNESS_IMAGE".to_owned(), image.clone()));
+        }
+        if latency_bound {
+            env.push(("NEXTEST_TEST_THREADS".to_owned(), threads.to_string()));
         }
         let status = nextest::run(&settings.root, &tool_config, &self.nextest_args, &env).await;
         janitor.stop().await;
@@ -344,7 +368,17 @@ impl Janitor {
 /// `--test-threads`/`-j`, else the CPU count, within the DB test group), plus one spare
 /// while finished schemas are being reset.
 fn warm_target(group: u32, nextest_args: &[String]) -> u64 {
-    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+    let threads = explicit_threads(nextest_args)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u64));
+    threads.min(u64::from(group)) + 1
+}
+
+/// The test threads the nextest arguments (`--test-threads`/`-j`) or `NEXTEST_TEST_THREADS`
+/// ask for.
+fn explicit_threads(nextest_args: &[String]) -> Option<u64> {
+    let mut threads = std::env::var("NEXTEST_TEST_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut args = nextest_args.iter();
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
@@ -352,10 +386,10 @@ fn warm_target(group: u32, nextest_args: &[String]) -> u64 {
             other => other.strip_prefix("--test-threads=").map(str::to_owned),
         };
         if let Some(n) = value.and_then(|v| v.parse::<u64>().ok()) {
-            threads = n;
+            threads = Some(n);
         }
     }
-    threads.min(u64::from(group)) + 1
+    threads
 }
 
 fn ms(value: Option<f64>) -> String {

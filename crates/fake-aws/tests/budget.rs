@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{USER, client_of, env, env_as, until};
-use rds_iam::budget::LOGINS_WITHOUT_SLOT;
 use rds_iam::{Budget, Proxy, ProxyPassword, serve};
 use tokio::net::TcpListener;
 
@@ -42,9 +41,12 @@ async fn slots_held(observer: &tokio_postgres::Client, budget: &Budget) -> i64 {
 async fn two_proxies_sharing_one_server_stay_within_the_budget() {
     // Six sessions between two proxies. Each proxy alone could hold six, so without a
     // budget kept on the server they would open twelve; the server itself refuses more than
-    // the budget plus each proxy's logins that hold no slot yet.
-    let budget = common::budget(6);
-    let limit = budget.sessions as i32 + 2 * LOGINS_WITHOUT_SLOT as i32;
+    // the budget plus each proxy's one login that holds no slot yet.
+    let budget = Budget {
+        logins_without_slot: 1,
+        ..common::budget(6)
+    };
+    let limit = budget.sessions as i32 + 2;
     let env = env_as("iam_budget", Some(limit), |_| {}).await;
     let (a, b) = (
         Arc::new(proxy(&env, budget).await),

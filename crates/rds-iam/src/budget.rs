@@ -12,13 +12,9 @@
 //! database too.
 //!
 //! What the server can see at most, then: `sessions` sessions holding slots, plus, for each
-//! proxy, [`LOGINS_WITHOUT_SLOT`] logins that have not taken one yet.
+//! proxy, [`Budget::logins_without_slot`] logins that have not taken one yet.
 
 use std::time::Duration;
-
-/// Logins a proxy runs at once before their session holds a slot: the margin each proxy may
-/// add to [`Budget::sessions`] for an instant.
-pub const LOGINS_WITHOUT_SLOT: usize = 2;
 
 /// The upstream sessions that all proxies sharing a lock space may hold at once, and how long
 /// a client waits for one.
@@ -31,6 +27,10 @@ pub struct Budget {
     pub lock_space: i32,
     /// How long a client waits for a session before it is refused with `53300`.
     pub wait: Duration,
+    /// Logins a proxy runs at once before their session holds a slot: the margin each proxy
+    /// may add to `sessions` for an instant, and how fast a burst of clients gets sessions
+    /// (a login is about five round trips of the link).
+    pub logins_without_slot: u32,
 }
 
 impl Budget {
@@ -38,6 +38,8 @@ impl Budget {
     pub const LOCK_SPACE: i32 = 0x7067_6803;
     /// How long a client waits by default (as PgBouncer's `query_wait_timeout`).
     pub const DEFAULT_WAIT: Duration = Duration::from_secs(120);
+    /// Logins at once before their session holds a slot, by default.
+    pub const DEFAULT_LOGINS_WITHOUT_SLOT: u32 = 8;
 
     /// A budget of `sessions` (at least 1) on the default lock space.
     pub fn new(sessions: u32) -> Budget {
@@ -45,6 +47,7 @@ impl Budget {
             sessions: sessions.max(1),
             lock_space: Budget::LOCK_SPACE,
             wait: Budget::DEFAULT_WAIT,
+            logins_without_slot: Budget::DEFAULT_LOGINS_WITHOUT_SLOT,
         }
     }
 
@@ -107,6 +110,7 @@ mod tests {
             sessions: 3,
             lock_space: 7,
             wait: Duration::ZERO,
+            logins_without_slot: 1,
         };
         let sql = budget.claim_statement(3);
         assert!(

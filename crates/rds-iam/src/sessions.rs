@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_rustls::client::TlsStream;
 
-use crate::budget::{Budget, LOGINS_WITHOUT_SLOT};
+use crate::budget::Budget;
 use crate::cache::TokenCache;
 use crate::connect::{self, RdsTarget, error_of, frame_length, next_frame};
 use crate::dialer::{BoxStream, Dialer};
@@ -148,7 +148,7 @@ impl Sessions {
             budget,
             idle: Mutex::default(),
             permits: Arc::new(Semaphore::new(budget.sessions as usize)),
-            unslotted: Semaphore::new(LOGINS_WITHOUT_SLOT),
+            unslotted: Semaphore::new(budget.logins_without_slot.max(1) as usize),
             changed: Arc::default(),
             open: Arc::default(),
             waiting: AtomicUsize::new(0),
