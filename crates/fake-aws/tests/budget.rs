@@ -153,19 +153,20 @@ async fn a_cancel_key_kept_after_its_client_left_cancels_nothing() {
         .get(0);
     drop(gone);
     until("the session back", || proxy.idle_sessions() == 1).await;
+    // The observer first: under load its setup may take longer than the query.
+    let observer = common::admin().await;
     // The next client is lent the same backend.
     let next = Arc::new(client_of(&proxy).await);
     let query = tokio::spawn({
         let next = next.clone();
         async move {
             let row = next
-                .query_one("SELECT pg_backend_pid(), pg_sleep(1)::text", &[])
+                .query_one("SELECT pg_backend_pid(), pg_sleep(2)::text", &[])
                 .await?;
             Ok::<i32, tokio_postgres::Error>(row.get(0))
         }
     });
     // A sync point: the query runs (seen from the server's side, on another connection).
-    let observer = common::admin().await;
     common::until_running(&observer, pid).await;
     stale
         .cancel_query(tokio_postgres::NoTls)
