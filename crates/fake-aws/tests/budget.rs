@@ -78,7 +78,12 @@ async fn two_proxies_sharing_one_server_stay_within_the_budget() {
         "clients beyond the budget waited"
     );
     assert!(a.open_sessions() + b.open_sessions() <= 6);
-    // Every session still open holds exactly one slot (re-taken after each reset).
+    // Every session still open holds exactly one slot (re-taken after each reset), once
+    // the resets after the last clients are done.
+    until("every session back at its proxy", || {
+        a.idle_sessions() == a.open_sessions() && b.idle_sessions() == b.open_sessions()
+    })
+    .await;
     assert_eq!(
         slots_held(&observer, &budget).await,
         (a.open_sessions() + b.open_sessions()) as i64

@@ -72,17 +72,26 @@ pub(crate) struct Upstream {
     _open: OpenGuard,
 }
 
-/// Counts a session for as long as it is open, holds its place in the proxy's own share
-/// of the budget, and tells waiting clients when it closes.
+/// Holds a session's place in the proxy's own share of the budget, counts it as open once
+/// it holds a slot, and tells waiting clients when it closes.
 struct OpenGuard {
-    open: Arc<AtomicUsize>,
+    open: Option<Arc<AtomicUsize>>,
     changed: Arc<Notify>,
     _permit: OwnedSemaphorePermit,
 }
 
+impl OpenGuard {
+    fn count(&mut self, open: &Arc<AtomicUsize>) {
+        open.fetch_add(1, Ordering::Relaxed);
+        self.open = Some(open.clone());
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(open) = &self.open {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
         self.changed.notify_waiters();
     }
 }
@@ -217,7 +226,7 @@ impl Sessions {
             .sum()
     }
 
-    /// Sessions open now, idle or lent.
+    /// Sessions open now that hold a slot, idle or lent.
     pub(crate) fn open_now(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
@@ -328,10 +337,9 @@ impl Sessions {
                 tracing::info!("proxy: {waiting}")
             })
             .await?;
-        self.open.fetch_add(1, Ordering::Relaxed);
         self.logins.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenGuard {
-            open: self.open.clone(),
+        let mut guard = OpenGuard {
+            open: None,
             changed: self.changed.clone(),
             _permit: permit,
         };
@@ -343,6 +351,7 @@ impl Sessions {
             changed.as_mut().enable();
             let (slot, _) = claim(&mut stream, &self.budget, first).await?;
             if let Some(slot) = slot {
+                guard.count(&self.open);
                 if flagged {
                     run(&mut stream, &self.budget.lower_flag()).await?;
                 }
