@@ -88,6 +88,11 @@ pub(crate) struct Claimant<'a> {
     pub(crate) connect_ms: f64,
 }
 
+/// Only the claimant's own schemas: one made by another role (a local run as the admin, then
+/// an RDS run as the IAM user, on one server) holds tables the claimant may not touch.
+const OWNED_BY_CURRENT_USER: &str = "(SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = schema_name) \
+     = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)";
+
 /// One statement that claims a ready schema for the claimant: marks its ledger row
 /// active for the test, takes its owner lock and sets the session's
 /// `search_path`. Its one row holds the schema's name; no row on a miss. With
@@ -97,11 +102,6 @@ pub(crate) struct Claimant<'a> {
 /// A plain statement rather than a function: plpgsql would be compiled afresh in every
 /// test's new session. The lock and `search_path` are in the final `SELECT` over the
 /// data-modifying CTE's one row, so they happen exactly once, and only for a claimed row.
-/// Only the claimant's own schemas: one made by another role (a local run as the admin, then
-/// an RDS run as the IAM user, on one server) holds tables the claimant may not touch.
-const OWNED_BY_CURRENT_USER: &str = "(SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = schema_name) \
-     = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)";
-
 pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
     let miss = if or_raise_on_miss {
         "\nUNION ALL SELECT pgharness.miss() WHERE NOT EXISTS (SELECT 1 FROM claimed)"
