@@ -357,7 +357,7 @@ pub(crate) fn error_of(frame: BytesMut) -> Error {
 }
 
 /// A whole frame parsed by postgres-protocol.
-fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
+pub(crate) fn parse(mut frame: BytesMut) -> Result<backend::Message, Error> {
     backend::Message::parse(&mut frame)
         .map_err(|e| Error::Protocol(format!("a malformed message from the server: {e}")))?
         .ok_or_else(|| Error::Protocol("a truncated message from the server".into()))

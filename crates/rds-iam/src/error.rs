@@ -75,8 +75,7 @@ pub enum Error {
     },
     /// Every session of the budget stayed in use for as long as a client may wait.
     #[error(
-        "too many connections: all {sessions} upstream sessions of the cluster's budget stayed in use for {}; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer clients at once",
-        humantime_secs(*.waited)
+        "too many connections: all {sessions} upstream sessions of the cluster's budget stayed in use for {waited:?}; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer clients at once"
     )]
     BudgetExhausted {
         /// The budget's sessions (all proxies sharing it together).
@@ -203,10 +202,6 @@ pub(crate) fn describe_chain(error: &(dyn std::error::Error + 'static)) -> Strin
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
-}
-
-fn humantime_secs(duration: std::time::Duration) -> String {
-    format!("{} s", duration.as_secs_f32())
 }
 
 fn describe_db(error: &tokio_postgres::Error) -> String {

@@ -23,7 +23,7 @@ use crate::connect::{RdsTarget, tls_stream};
 use crate::dialer::Dialer;
 use crate::error::Error;
 use crate::scram::{self, ScramVerifier};
-use crate::sessions::Sessions;
+use crate::sessions::{CancelKey, Sessions};
 use crate::wire::{self, Startup};
 use tokio_postgres::error::SqlState;
 
@@ -331,8 +331,11 @@ async fn authenticate(
                 .write_all(b"N")
                 .await
                 .map_err(|e| Error::io("failed to answer the client", e))?,
-            Startup::Cancel(packet) => {
-                return forward_cancel(target, dialer, sessions, &packet)
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                return forward_cancel(target, dialer, sessions, (process_id, secret_key))
                     .await
                     .map(|()| None);
             }
@@ -441,23 +444,14 @@ async fn forward_cancel(
     target: &RdsTarget,
     dialer: &dyn Dialer,
     sessions: &Sessions,
-    packet: &[u8],
+    shown: CancelKey,
 ) -> Result<(), Error> {
-    let key = |at: usize| {
-        packet
-            .get(at..at + 4)
-            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let (Some(pid), Some(secret)) = (key(8), key(12)) else {
-        return Err(Error::Protocol("a malformed cancel request".into()));
-    };
-    let Some((pid, secret)) = sessions.backend_key((pid, secret)) else {
+    let Some((process_id, secret_key)) = sessions.backend_key(shown) else {
         tracing::debug!("proxy: a cancel request with a key no client holds now; ignored");
         return Ok(());
     };
-    let mut forwarded = packet[..8].to_vec();
-    forwarded.extend_from_slice(&pid.to_be_bytes());
-    forwarded.extend_from_slice(&secret.to_be_bytes());
+    let mut forwarded = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(process_id, secret_key, &mut forwarded);
     let mut upstream = tls_stream(target, dialer).await?;
     upstream
         .write_all(&forwarded)

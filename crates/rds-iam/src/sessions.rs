@@ -64,8 +64,8 @@ pub(crate) struct Upstream {
     stream: TlsStream<BoxStream>,
     /// From AuthenticationOk to the first ReadyForQuery: what each client is shown.
     greeting: BytesMut,
-    /// The backend's own cancel key (from the greeting).
-    key: Option<CancelKey>,
+    /// Where the greeting's BackendKeyData carries the backend's cancel key.
+    key_at: Option<usize>,
     database: String,
     /// The budget slot (advisory lock) this session holds.
     slot: u32,
@@ -356,7 +356,7 @@ impl Sessions {
                     run(&mut stream, &self.budget.lower_flag()).await?;
                 }
                 return Ok(Upstream {
-                    key: cancel_key(&greeting),
+                    key_at: key_offset(&greeting),
                     stream,
                     greeting,
                     database: database.to_owned(),
@@ -400,7 +400,7 @@ impl Sessions {
         mut upstream: Upstream,
         startup: &[(String, String)],
     ) -> Result<(), Error> {
-        let shown = self.lend_cancel_key(upstream.key);
+        let shown = self.lend_cancel_key(upstream.key());
         let outcome = relay(client, &mut upstream, startup, shown).await;
         if let Some(shown) = shown {
             self.cancel_keys
@@ -509,38 +509,76 @@ impl Sessions {
     }
 }
 
-/// The cancel key in a greeting's BackendKeyData.
-fn cancel_key(greeting: &[u8]) -> Option<CancelKey> {
-    let mut rest = greeting;
-    while let Ok(Some(length)) = frame_length(rest) {
-        let (frame, tail) = rest.split_at(length);
-        if frame[0] == b'K' && frame.len() == 13 {
-            let pid = i32::from_be_bytes(frame[5..9].try_into().ok()?);
-            let secret = i32::from_be_bytes(frame[9..13].try_into().ok()?);
-            return Some((pid, secret));
+/// Where the cancel key (process id, secret) of a greeting's BackendKeyData starts.
+fn key_offset(greeting: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Ok(Some(length)) = frame_length(&greeting[at..]) {
+        if greeting[at] == b'K' && length == 13 {
+            return Some(at + 5);
         }
-        rest = tail;
+        at += length;
     }
     None
 }
 
-/// The greeting with its BackendKeyData's key replaced by `shown`.
-fn greeting_with_key(greeting: &[u8], shown: Option<CancelKey>) -> BytesMut {
-    let mut out = BytesMut::with_capacity(greeting.len());
-    let mut rest = greeting;
-    while let Ok(Some(length)) = frame_length(rest) {
-        let (frame, tail) = rest.split_at(length);
-        match shown {
-            Some((pid, secret)) if frame[0] == b'K' && frame.len() == 13 => {
-                out.extend_from_slice(&frame[..5]);
-                out.put_i32(pid);
-                out.put_i32(secret);
-            }
-            _ => out.extend_from_slice(frame),
-        }
-        rest = tail;
+impl Upstream {
+    /// The backend's own cancel key.
+    fn key(&self) -> Option<CancelKey> {
+        let key = self.greeting.get(self.key_at?..)?;
+        let word = |i: usize| key.get(i..i + 4)?.try_into().ok().map(i32::from_be_bytes);
+        Some((word(0)?, word(4)?))
     }
-    out
+
+    /// The greeting a client is shown: the backend's key replaced by `shown`.
+    fn greeting_with_key(&self, shown: Option<CancelKey>) -> BytesMut {
+        let mut greeting = self.greeting.clone();
+        if let (Some(at), Some((pid, secret))) = (self.key_at, shown) {
+            greeting[at..at + 4].copy_from_slice(&pid.to_be_bytes());
+            greeting[at + 4..at + 8].copy_from_slice(&secret.to_be_bytes());
+        }
+        greeting
+    }
+}
+
+/// Sends `statements` to a session at rest in one write (one round trip) and reads every
+/// answer: the first row any of them returned, as text, and the transaction status of the
+/// last ReadyForQuery. The first error ends it (the caller closes the session).
+async fn pipeline(
+    stream: &mut TlsStream<BoxStream>,
+    statements: &[&str],
+) -> Result<(Vec<Option<String>>, u8), Error> {
+    let mut out = BytesMut::new();
+    for sql in statements {
+        out.extend_from_slice(&query(sql));
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::io("failed to write to the server", e))?;
+    let mut buffer = BytesMut::new();
+    let mut row = None;
+    let mut owed = statements.len();
+    while let Some(frame) = next_frame(stream, &mut buffer).await? {
+        match frame[0] {
+            b'E' => return Err(error_of(frame)),
+            b'D' if row.is_none() => row = Some(data_row(frame)?),
+            b'Z' => {
+                owed -= 1;
+                if owed > 0 {
+                    continue;
+                }
+                if !buffer.is_empty() {
+                    return Err(Error::Protocol(
+                        "the server said more than it was asked".into(),
+                    ));
+                }
+                let status = frame.get(5).copied().unwrap_or(b'E');
+                return Ok((row.unwrap_or_default(), status));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::Protocol("the server closed the session".into()))
 }
 
 /// Runs one statement on a session at rest and returns its first row's values as text.
@@ -548,32 +586,7 @@ async fn query_row(
     stream: &mut TlsStream<BoxStream>,
     sql: &str,
 ) -> Result<Vec<Option<String>>, Error> {
-    stream
-        .write_all(&query(sql))
-        .await
-        .map_err(|e| Error::io("failed to write to the server", e))?;
-    let mut buffer = BytesMut::new();
-    let mut row = None;
-    let mut failed = None;
-    while let Some(frame) = next_frame(stream, &mut buffer).await? {
-        match frame[0] {
-            b'E' => failed = Some(error_of(frame)),
-            b'D' if row.is_none() => row = Some(data_row(frame)?),
-            b'Z' => {
-                if !buffer.is_empty() {
-                    return Err(Error::Protocol(
-                        "the server said more than it was asked".into(),
-                    ));
-                }
-                return match failed {
-                    Some(error) => Err(error),
-                    None => Ok(row.unwrap_or_default()),
-                };
-            }
-            _ => {}
-        }
-    }
-    Err(Error::Protocol("the server closed the session".into()))
+    pipeline(stream, &[sql]).await.map(|(row, _)| row)
 }
 
 /// Runs one statement on a session at rest, for its effect.
@@ -583,17 +596,14 @@ async fn run(stream: &mut TlsStream<BoxStream>, sql: &str) -> Result<(), Error> 
 
 /// A DataRow's values as text.
 fn data_row(frame: BytesMut) -> Result<Vec<Option<String>>, Error> {
-    let malformed = |e: std::io::Error| Error::Protocol(format!("a malformed row: {e}"));
-    let Some(backend::Message::DataRow(body)) =
-        backend::Message::parse(&mut frame.clone()).map_err(malformed)?
-    else {
-        return Err(Error::Protocol("a truncated row".into()));
+    let backend::Message::DataRow(body) = connect::parse(frame)? else {
+        return Err(Error::Protocol("a row that is not a DataRow".into()));
     };
     let buffer = body.buffer();
     body.ranges()
         .map(|range| Ok(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned())))
         .collect()
-        .map_err(malformed)
+        .map_err(|e| Error::Protocol(format!("a malformed row: {e}")))
 }
 
 /// Takes a slot for a session at rest (its own `first`, else the next free one): the slot,
@@ -712,7 +722,7 @@ async fn relay(
     let to_client = |e| Error::io("failed to write to the client", e);
     let to_server = |e| Error::io("failed to write to the server", e);
     client
-        .write_all(&greeting_with_key(&upstream.greeting, shown))
+        .write_all(&upstream.greeting_with_key(shown))
         .await
         .map_err(to_client)?;
     // ReadyForQuery messages the server still owes, and how many of them answer the
@@ -831,40 +841,19 @@ enum Reset {
 /// open, then `DISCARD ALL`, then its slot taken again (`DISCARD ALL` released it), all in
 /// one round trip; each must succeed and leave it idle.
 async fn reset(upstream: &mut Upstream, status: u8, budget: &Budget) -> Result<Reset, Error> {
-    let mut statements = BytesMut::new();
-    let mut owed = 2;
+    let claim = budget.claim_statement(upstream.slot);
+    let statements: &[&str] = if status == b'I' {
+        &["DISCARD ALL", &claim]
+    } else {
+        &["ROLLBACK", "DISCARD ALL", &claim]
+    };
+    let (row, status) = pipeline(&mut upstream.stream, statements).await?;
     if status != b'I' {
-        statements.extend_from_slice(&query("ROLLBACK"));
-        owed += 1;
+        return Err(Error::Protocol(
+            "the session is not idle after its reset".into(),
+        ));
     }
-    statements.extend_from_slice(&query("DISCARD ALL"));
-    statements.extend_from_slice(&query(&budget.claim_statement(upstream.slot)));
-    let stream = &mut upstream.stream;
-    stream
-        .write_all(&statements)
-        .await
-        .map_err(|e| Error::io("failed to reset a session", e))?;
-    let mut buffer = BytesMut::new();
-    let mut row = None;
-    while owed > 0 {
-        let frame = next_frame(stream, &mut buffer)
-            .await?
-            .ok_or_else(|| Error::Protocol("the server closed the session".into()))?;
-        match frame[0] {
-            b'E' => return Err(error_of(frame)),
-            b'D' => row = Some(data_row(frame)?),
-            b'Z' => {
-                owed -= 1;
-                if owed == 0 && (frame.get(5) != Some(&b'I') || !buffer.is_empty()) {
-                    return Err(Error::Protocol(
-                        "the session is not idle after its reset".into(),
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-    let (slot, others_wait) = claimed(&row.unwrap_or_default())?;
+    let (slot, others_wait) = claimed(&row)?;
     Ok(match slot {
         None => Reset::SlotLost,
         Some(slot) => {

@@ -36,8 +36,13 @@ pub enum Startup {
     Ssl,
     /// GSSENCRequest: answer `N`.
     GssEnc,
-    /// CancelRequest: the whole packet, to forward as is.
-    Cancel(Vec<u8>),
+    /// CancelRequest: the key of the backend whose query is to be cancelled.
+    Cancel {
+        /// BackendKeyData's process id.
+        process_id: i32,
+        /// BackendKeyData's secret key.
+        secret_key: i32,
+    },
     /// StartupMessage with its parameters in order.
     Startup(Vec<(String, String)>),
 }
@@ -69,11 +74,15 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
     match code {
         SSL_REQUEST => Ok(Startup::Ssl),
         GSSENC_REQUEST => Ok(Startup::GssEnc),
-        CANCEL_REQUEST => {
-            let mut packet = (length as u32).to_be_bytes().to_vec();
-            packet.extend_from_slice(&body);
-            Ok(Startup::Cancel(packet))
-        }
+        CANCEL_REQUEST => match body[4..] {
+            [p0, p1, p2, p3, s0, s1, s2, s3] => Ok(Startup::Cancel {
+                process_id: i32::from_be_bytes([p0, p1, p2, p3]),
+                secret_key: i32::from_be_bytes([s0, s1, s2, s3]),
+            }),
+            _ => Err(WireError::Malformed(format!(
+                "cancel request of {length} bytes (16 expected)"
+            ))),
+        },
         PROTOCOL_3_0 => parse_params(&body[4..]).map(Startup::Startup),
         other => Err(WireError::Malformed(format!(
             "unsupported protocol version {}.{}",
