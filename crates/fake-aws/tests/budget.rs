@@ -8,20 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{USER, client_of, env, env_as, until};
-use rds_iam::{Budget, Proxy, ProxyPassword, serve};
-use tokio::net::TcpListener;
+use rds_iam::{Budget, Proxy, ProxyPassword};
 
 async fn proxy(env: &common::Env, budget: Budget) -> Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    serve(
-        listener,
-        env.target.clone(),
-        ProxyPassword::random(),
-        Arc::new(env.dialer.clone()),
-        Arc::new(env.tokens()),
-        budget,
-    )
-    .unwrap()
+    common::proxy(env, ProxyPassword::random(), env.tokens(), budget).await
 }
 
 /// Slot locks of `budget` held on the server now.
@@ -108,12 +98,7 @@ async fn idle_sessions_give_their_slots_to_a_proxy_that_waits() {
     let client = tokio::time::timeout(Duration::from_secs(20), client_of(&second))
         .await
         .expect("the second proxy got a slot");
-    let user: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(user, USER);
+    assert_eq!(common::current_user(&client).await, USER);
     assert!(first.open_sessions() < 2, "the first proxy gave a slot up");
 }
 

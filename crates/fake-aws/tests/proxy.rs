@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{USER, client_of, env, env_on_a_manual_clock, until};
+use rds_iam::ProxyPassword;
 use rds_iam::clock::{Clock, SystemClock};
-use rds_iam::{ProxyPassword, serve};
-use tokio::net::TcpListener;
 
 async fn proxy_for(env: &common::Env, reuse_for: Duration) -> rds_iam::Proxy {
     proxy_with_clock(env, reuse_for, Arc::new(SystemClock)).await
@@ -22,17 +21,13 @@ async fn proxy_with_clock(
     reuse_for: Duration,
     clock: Arc<dyn Clock>,
 ) -> rds_iam::Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tokens = Arc::new(env.tokens_with(clock, reuse_for));
-    serve(
-        listener,
-        env.target.clone(),
+    common::proxy(
+        env,
         ProxyPassword::random(),
-        Arc::new(env.dialer.clone()),
-        tokens,
+        env.tokens_with(clock, reuse_for),
         common::budget(16),
     )
-    .unwrap()
+    .await
 }
 
 fn psql(proxy: &rds_iam::Proxy, password: &str, sql: &[&str]) -> std::process::Output {

@@ -18,12 +18,7 @@ async fn a_fresh_token_logs_in_over_verified_tls() {
     let client = connect(&env.target, None, &env.dialer, &tokens, &ignore_waits)
         .await
         .expect("IAM login");
-    let user: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(user, USER);
+    assert_eq!(common::current_user(&client).await, USER);
     assert_eq!((env.front.logins(), env.front.refused()), (1, 0));
 }
 

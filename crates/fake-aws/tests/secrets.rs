@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use common::{env, ignore_waits};
 use rds_iam::clock::ManualClock;
-use rds_iam::{ProxyPassword, connect, serve};
+use rds_iam::{ProxyPassword, connect};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -53,17 +53,8 @@ async fn no_secret_reaches_the_logs() {
     );
 
     // The proxy, with a right and a wrong password.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let password = ProxyPassword::random();
-    let proxy = serve(
-        listener,
-        env.target.clone(),
-        password.clone(),
-        Arc::new(env.dialer.clone()),
-        Arc::new(env.tokens()),
-        common::budget(16),
-    )
-    .unwrap();
+    let proxy = common::proxy(&env, password.clone(), env.tokens(), common::budget(16)).await;
     let config: tokio_postgres::Config = proxy.url().parse().unwrap();
     let (proxied, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);

@@ -207,6 +207,34 @@ pub(crate) async fn until_running(observer: &tokio_postgres::Client, pid: i32) {
     }
 }
 
+/// A local auth proxy in front of the fake RDS, on an ephemeral port.
+pub(crate) async fn proxy(
+    env: &Env,
+    password: rds_iam::ProxyPassword,
+    tokens: TokenCache,
+    budget: rds_iam::Budget,
+) -> rds_iam::Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    rds_iam::serve(
+        listener,
+        env.target.clone(),
+        password,
+        Arc::new(env.dialer.clone()),
+        Arc::new(tokens),
+        budget,
+    )
+    .unwrap()
+}
+
+/// The user a client is logged in as, on the server's side.
+pub(crate) async fn current_user(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A client of a proxy, its connection driven in the background.
 pub(crate) async fn client_of(proxy: &rds_iam::Proxy) -> tokio_postgres::Client {
     let config: tokio_postgres::Config = proxy.url().parse().unwrap();
