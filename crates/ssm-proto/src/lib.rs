@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod handshake;
+pub mod liveness;
 pub mod message;
 pub mod mux;
 pub mod payload;

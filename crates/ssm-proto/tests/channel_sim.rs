@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ssm_proto::channel::{DataChannel, Event, Role};
+use ssm_proto::channel::{self, DataChannel, Event, Role};
+use ssm_proto::liveness::{Liveness, LivenessAction, LivenessConfig};
 use ssm_proto::message::PayloadType;
 
 #[derive(Clone, Copy)]
@@ -31,6 +32,8 @@ struct Sim {
     client: DataChannel,
     agent: DataChannel,
     cut: bool,
+    /// When a frame last reached the client.
+    client_heard: Option<Instant>,
 }
 
 impl Sim {
@@ -45,6 +48,7 @@ impl Sim {
             client: DataChannel::new(Role::Client, now, 1_700_000_000_000, seed, 512),
             agent: DataChannel::new(Role::Agent, now, 1_700_000_000_000, seed ^ 1, 512),
             cut: false,
+            client_heard: None,
         }
     }
 
@@ -89,6 +93,7 @@ impl Sim {
                 self.agent.handle_frame(self.now, &frame);
             } else {
                 self.client.handle_frame(self.now, &frame);
+                self.client_heard = Some(self.now);
             }
         }
         self.client.handle_timeout(self.now);
@@ -241,6 +246,75 @@ fn a_cut_link_and_a_reconnect_lose_and_duplicate_nothing() {
         at_agent == upload,
         "bytes lost or duplicated across the reconnect"
     );
+}
+
+#[test]
+fn a_blackholed_link_is_declared_dead_in_bounded_time_and_the_transfer_resumes() {
+    let faults = Faults {
+        latency: Duration::from_millis(15),
+        loss: 0.0,
+        duplicate: 0.0,
+        reorder: 0.0,
+    };
+    let config = LivenessConfig {
+        ping_every: Duration::from_secs(10),
+        dead_after: Duration::from_secs(15),
+    };
+    let mut sim = Sim::new(11, faults);
+    let mut live = Liveness::new(config, sim.now);
+    let upload = data(4 * 1024 * 1024, 11);
+    let mut found_dead_after = None;
+    let (at_agent, _) = transfer(&mut sim, &upload, &[], |sim, progress| {
+        if let Some(heard) = sim.client_heard.take() {
+            live.heard(heard);
+        }
+        live.awaiting_acks(sim.now, sim.client.unacked() > 0);
+        if found_dead_after.is_some() || progress < upload.len() / 3 {
+            return;
+        }
+        // A blackhole: what is in flight and everything after it vanishes, and the agent
+        // stops reading. The client keeps resending into it; its liveness must call it.
+        let cut_at = sim.now;
+        sim.cut = true;
+        sim.wire.clear();
+        loop {
+            sim.step();
+            if let Some(heard) = sim.client_heard.take() {
+                live.heard(heard);
+            }
+            live.awaiting_acks(sim.now, sim.client.unacked() > 0);
+            if let Some(LivenessAction::Dead { silent_for }) = live.poll(sim.now) {
+                found_dead_after = Some((sim.now - cut_at, silent_for));
+                break;
+            }
+            let next = [sim.client.poll_timeout(), Some(live.poll_timeout())]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap();
+            sim.now = next.max(sim.now + Duration::from_millis(1));
+            assert!(sim.now - cut_at < Duration::from_secs(600), "never declared dead");
+        }
+        // ResumeSession: a new websocket.
+        sim.cut = false;
+        let now = sim.now;
+        sim.client.reconnected(now);
+        sim.agent.reconnected(now);
+        live.reset(now);
+    });
+    let (after_cut, silent_for) = found_dead_after.expect("the blackhole was found");
+    // Dead once the peer has been silent for dead_after: its last ack was in flight when
+    // the link was cut, so a little less than that after the cut, never much more.
+    assert!(
+        silent_for >= config.dead_after && silent_for <= config.dead_after + channel::TICK,
+        "declared dead after {silent_for:?} of silence"
+    );
+    assert!(
+        after_cut > config.dead_after - Duration::from_millis(100)
+            && after_cut <= config.dead_after + Duration::from_secs(1),
+        "declared dead {after_cut:?} after the cut"
+    );
+    assert!(at_agent == upload, "bytes lost or duplicated across the resume");
 }
 
 #[test]

@@ -1,7 +1,11 @@
 //! The control plane: StartSession, ResumeSession and TerminateSession through aws-sdk-ssm
 //! (endpoint, region and credentials from aws-config, so `AWS_ENDPOINT_URL_SSM` works).
 //! StartSession and ResumeSession run with logging off: the SDK logs response bodies at
-//! TRACE, and theirs carry the session token.
+//! TRACE, and theirs carry the session token. Every call has a deadline ([`API_DEADLINE`]):
+//! a hung endpoint is a [`Error::TimedOut`] naming the call, never a wait without end.
+
+use std::future::Future;
+use std::time::Duration;
 
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use tracing::instrument::WithSubscriber;
@@ -28,6 +32,24 @@ impl std::fmt::Debug for SessionGrant {
             .field("stream_url", &self.stream_url)
             .finish()
     }
+}
+
+/// How long one SSM API call (with the SDK's own retries) may take.
+pub const API_DEADLINE: Duration = Duration::from_secs(20);
+
+/// `call` within [`API_DEADLINE`].
+async fn within<T>(
+    operation: &'static str,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(API_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::TimedOut {
+                waiting_for: format!("the SSM endpoint ({operation})"),
+                after: API_DEADLINE,
+            })
+        })
 }
 
 /// An SSM client for the environment's configuration, with `region` overriding it.
@@ -97,11 +119,14 @@ pub async fn start(
     if let Some(local) = local_port {
         request = request.parameters("localPortNumber", vec![local.to_string()]);
     }
-    let output = request
-        .send()
-        .with_subscriber(NoSubscriber::default())
-        .await
-        .map_err(|e| api_error("StartSession", e))?;
+    let output = within("StartSession", async {
+        request
+            .send()
+            .with_subscriber(NoSubscriber::default())
+            .await
+            .map_err(|e| api_error("StartSession", e))
+    })
+    .await?;
     Ok(SessionGrant {
         session_id: output.session_id().unwrap_or_default().to_owned(),
         token: output.token_value().unwrap_or_default().to_owned(),
@@ -111,13 +136,16 @@ pub async fn start(
 
 /// ResumeSession. An empty token means the session is over.
 pub async fn resume(client: &aws_sdk_ssm::Client, session_id: &str) -> Result<SessionGrant, Error> {
-    let output = client
-        .resume_session()
-        .session_id(session_id)
-        .send()
-        .with_subscriber(NoSubscriber::default())
-        .await
-        .map_err(|e| api_error("ResumeSession", e))?;
+    let output = within("ResumeSession", async {
+        client
+            .resume_session()
+            .session_id(session_id)
+            .send()
+            .with_subscriber(NoSubscriber::default())
+            .await
+            .map_err(|e| api_error("ResumeSession", e))
+    })
+    .await?;
     Ok(SessionGrant {
         session_id: session_id.to_owned(),
         token: output.token_value().unwrap_or_default().to_owned(),
@@ -127,11 +155,14 @@ pub async fn resume(client: &aws_sdk_ssm::Client, session_id: &str) -> Result<Se
 
 /// TerminateSession.
 pub async fn terminate(client: &aws_sdk_ssm::Client, session_id: &str) -> Result<(), Error> {
-    client
-        .terminate_session()
-        .session_id(session_id)
-        .send()
-        .await
-        .map_err(|e| api_error("TerminateSession", e))?;
+    within("TerminateSession", async {
+        client
+            .terminate_session()
+            .session_id(session_id)
+            .send()
+            .await
+            .map_err(|e| api_error("TerminateSession", e))
+    })
+    .await?;
     Ok(())
 }

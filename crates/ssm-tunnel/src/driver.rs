@@ -1,14 +1,19 @@
 //! The session driver: one task that owns the websocket and pumps the sans-IO core
-//! (`ssm_proto::channel`, `handshake`, `mux`). Handles talk to it over channels.
+//! (`ssm_proto::channel`, `handshake`, `mux`, `liveness`). Handles talk to it over channels.
+//!
+//! It never waits on a write: frames go to the link's writer task, and the driver keeps
+//! reading (acks, pongs, data) whatever the network does with them. A link that owes an
+//! answer and stays silent for `liveness.dead_after` is given up, and the session is resumed
+//! on a new websocket, with every call and every wait of the resume under a deadline.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use ssm_proto::channel::{DataChannel, Event, Role};
 use ssm_proto::handshake::{self, Mode, PortSession};
+use ssm_proto::liveness::{Liveness, LivenessAction, LivenessConfig};
 use ssm_proto::message::PayloadType;
 use ssm_proto::mux::{Mux, MuxEvent};
 use ssm_proto::payload::{Flag, HandshakeRequest};
@@ -17,9 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::control::{self, SessionGrant};
-use crate::error::Error;
+use crate::error::{Error, humanize};
 use crate::stream::TunnelStream;
-use crate::websocket::{self, Ws};
+use crate::websocket::{self, Link};
 
 /// What handles ask of the driver.
 pub(crate) enum Command {
@@ -54,7 +59,13 @@ pub(crate) struct Driver {
     pub(crate) ssm: aws_sdk_ssm::Client,
     pub(crate) grant: SessionGrant,
     pub(crate) client_id: String,
-    pub(crate) ws: Ws,
+    pub(crate) link: Link,
+    /// When a link is declared dead.
+    pub(crate) liveness: LivenessConfig,
+    /// How long a lost link may take to resume before the session is given up.
+    pub(crate) resume_for: Duration,
+    /// How long one websocket open may take.
+    pub(crate) open_deadline: Duration,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) ready: Option<oneshot::Sender<Result<PortSession, Error>>>,
     pub(crate) chunk_size: usize,
@@ -65,6 +76,7 @@ pub(crate) struct Driver {
 
 struct State {
     channel: DataChannel,
+    liveness: Liveness,
     mux: Mux,
     mode: Option<Mode>,
     streams: HashMap<u32, Stream>,
@@ -165,29 +177,33 @@ impl State {
 }
 
 impl Driver {
-    async fn flush(
-        &mut self,
-        state: &mut State,
-    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-        let mut any = false;
+    /// Hands what the channel has for the wire to the link's writer; `false` when the link
+    /// can no longer be written.
+    fn transmit(&mut self, state: &mut State) -> bool {
         while let Some(frame) = state.channel.poll_transmit() {
-            self.ws.feed(Message::Binary(frame.into())).await?;
-            any = true;
+            if !self.link.send(Message::Binary(frame.into())) {
+                return false;
+            }
         }
-        if any {
-            self.ws.flush().await?;
-        }
-        Ok(())
+        !self.link.broken()
     }
 
-    /// ResumeSession and a new websocket; unacknowledged data is resent in order.
-    async fn reconnect(&mut self, state: &mut State) -> Result<(), Error> {
-        let mut last = String::new();
-        for attempt in 0..8u32 {
-            tokio::time::sleep(Duration::from_millis(100 * (1 << attempt.min(5)))).await;
+    /// ResumeSession and a new websocket, retried with backoff for up to `resume_for` (each
+    /// call under its own deadline); unacknowledged data is then resent in order.
+    async fn reconnect(&mut self, state: &mut State, why: &str) -> Result<(), Error> {
+        tracing::info!(session = %self.grant.session_id, why, "the data channel is lost; resuming");
+        let give_up_at = tokio::time::Instant::now() + self.resume_for;
+        let mut last = String::from("no attempt finished");
+        for attempt in 0u32.. {
+            let backoff = Duration::from_millis(100 << attempt.min(5)).min(Duration::from_secs(2));
+            if tokio::time::Instant::now() + backoff >= give_up_at {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
             let grant = match control::resume(&self.ssm, &self.grant.session_id).await {
                 Ok(grant) => grant,
-                Err(error) if error.is_unreachable() => {
+                Err(error) if error.is_unreachable() || error.is_timeout() => {
+                    tracing::debug!(%error, attempt, "ResumeSession failed; trying again");
                     last = error.to_string();
                     continue;
                 }
@@ -210,25 +226,31 @@ impl Driver {
                 &grant.token,
                 &self.client_id,
                 handshake::CLIENT_VERSION,
+                self.open_deadline,
             )
             .await
             {
-                Ok(ws) => {
-                    self.ws = ws;
+                Ok(link) => {
+                    self.link = link;
                     self.grant = SessionGrant {
                         stream_url: url,
                         ..grant
                     };
                     state.channel.reconnected(Instant::now());
+                    state.liveness.reset(Instant::now());
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(session = %self.grant.session_id, "data channel resumed");
+                    tracing::info!(session = %self.grant.session_id, attempts = attempt + 1, "data channel resumed");
                     return Ok(());
                 }
-                Err(error) => last = error.to_string(),
+                Err(error) => {
+                    tracing::debug!(%error, attempt, "the resumed websocket did not open; trying again");
+                    last = error.to_string();
+                }
             }
         }
         Err(Error::Channel(format!(
-            "could not resume the session: {last}"
+            "could not resume the session within {} ({why}); last: {last}",
+            humanize(self.resume_for)
         )))
     }
 
@@ -426,17 +448,17 @@ impl Driver {
             PayloadType::Flag,
             Flag::TerminateSession.to_payload(),
         );
-        let _ = self.flush(state).await;
+        self.transmit(state);
         if let Err(error) = control::terminate(&self.ssm, &self.grant.session_id).await {
             tracing::warn!(%error, "TerminateSession failed");
         }
-        let _ = self.ws.close(None).await;
     }
 
     pub(crate) async fn run(mut self) {
         let (local_tx, mut local_rx) = mpsc::channel(64);
         let mut state = State {
             channel: DataChannel::new(Role::Client, Instant::now(), unix_ms(), rand_seed(), 1024),
+            liveness: Liveness::new(self.liveness, Instant::now()),
             mux: Mux::default(),
             mode: None,
             streams: HashMap::new(),
@@ -448,14 +470,16 @@ impl Driver {
             basic_boundary: Boundary::Clear,
         };
         let mut keepalive = tokio::time::interval(Duration::from_secs(10));
-        let mut ping = tokio::time::interval(Duration::from_secs(300));
         let outcome: Result<(), Error> = loop {
-            if self.flush(&mut state).await.is_err() {
-                if let Err(error) = self.reconnect(&mut state).await {
+            if !self.transmit(&mut state) {
+                if let Err(error) = self.reconnect(&mut state, "a write failed").await {
                     break Err(error);
                 }
                 continue;
             }
+            let now = Instant::now();
+            state.liveness.awaiting_acks(now, state.channel.unacked() > 0);
+            let liveness_at = tokio::time::Instant::from_std(state.liveness.poll_timeout());
             let timer = state
                 .channel
                 .poll_timeout()
@@ -463,37 +487,33 @@ impl Driver {
             let may_take_local =
                 state.pending.is_empty() && state.channel.can_send() && state.mode.is_some();
             let keepalive_on = matches!(state.mode, Some(Mode::Mux { keepalive: true }));
+            let mut lost: Option<String> = None;
             tokio::select! {
-                frame = self.ws.next() => match frame {
-                    Some(Ok(Message::Binary(bytes))) => state.channel.handle_frame(Instant::now(), &bytes),
-                    Some(Ok(Message::Close(frame))) => {
-                        tracing::info!(?frame, "the data channel websocket was closed; resuming");
-                        if let Err(error) = self.reconnect(&mut state).await {
-                            break Err(error);
-                        }
+                frame = self.link.next() => {
+                    if matches!(frame, Some(Ok(_))) {
+                        state.liveness.heard(Instant::now());
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => {
-                        tracing::info!(%error, "the data channel websocket failed; resuming");
-                        if let Err(error) = self.reconnect(&mut state).await {
-                            break Err(error);
+                    match frame {
+                        Some(Ok(Message::Binary(bytes))) => state.channel.handle_frame(Instant::now(), &bytes),
+                        Some(Ok(Message::Close(frame))) => {
+                            lost = Some(format!("the websocket was closed ({frame:?})"));
                         }
-                    }
-                    None => {
-                        if let Err(error) = self.reconnect(&mut state).await {
-                            break Err(error);
-                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => lost = Some(format!("the websocket failed: {error}")),
+                        None => lost = Some("the websocket ended".into()),
                     }
                 },
                 command = self.commands.recv() => match command {
                     Some(Command::Open(reply)) => self.open_stream(&mut state, reply),
                     Some(Command::Close(reply)) => {
                         self.terminate(&mut state).await;
+                        self.link_close().await;
                         let _ = reply.send(());
                         break Ok(());
                     }
                     None => {
                         self.terminate(&mut state).await;
+                        self.link_close().await;
                         break Ok(());
                     }
                 },
@@ -501,9 +521,26 @@ impl Driver {
                 _ = async { tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)).await }, if timer.is_some() => {
                     state.channel.handle_timeout(Instant::now());
                 }
+                _ = tokio::time::sleep_until(liveness_at) => match state.liveness.poll(Instant::now()) {
+                    Some(LivenessAction::Ping) => {
+                        self.link.send(Message::Ping(b"keepalive".to_vec().into()));
+                    }
+                    Some(LivenessAction::Dead { silent_for }) => {
+                        tracing::warn!(
+                            session = %self.grant.session_id,
+                            silent_for = %humanize(silent_for),
+                            unacked = state.channel.unacked(),
+                            "the data channel stopped answering; resuming the session on a new websocket"
+                        );
+                        lost = Some(format!("nothing came back for {}", humanize(silent_for)));
+                    }
+                    None => {}
+                },
                 _ = keepalive.tick(), if keepalive_on => state.mux.keepalive(),
-                _ = ping.tick() => {
-                    let _ = self.ws.send(Message::Ping(b"keepalive".to_vec().into())).await;
+            }
+            if let Some(why) = lost {
+                if let Err(error) = self.reconnect(&mut state, &why).await {
+                    break Err(error);
                 }
             }
             if let Err(error) = self.handle_events(&mut state) {
@@ -528,6 +565,11 @@ impl Driver {
                 drop(stream);
             }
         }
+    }
+
+    /// Sends a close frame after what is queued, waiting a moment for it to go.
+    async fn link_close(&mut self) {
+        self.link.close(Duration::from_secs(2)).await;
     }
 }
 

@@ -44,6 +44,14 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A call or a wait got no answer in time (the SSM API, the websocket, the handshake).
+    #[error("{waiting_for} did not answer within {}; check the network (VPN, proxy, firewall) and AWS_ENDPOINT_URL_SSM", humanize(*.after))]
+    TimedOut {
+        /// What was waited for.
+        waiting_for: String,
+        /// How long.
+        after: std::time::Duration,
+    },
     /// The data channel websocket could not be opened or broke beyond repair.
     #[error("data channel: {0}")]
     Channel(String),
@@ -71,6 +79,20 @@ fn hint(code: &str) -> &'static str {
         }
         "InvalidDocument" => " (the document must be AWS-StartPortForwardingSessionToRemoteHost)",
         _ => "",
+    }
+}
+
+/// `15 s`, `2 min`, `150 ms`.
+pub(crate) fn humanize(after: std::time::Duration) -> String {
+    let ms = after.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms % 60_000 == 0 {
+        format!("{} min", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", after.as_secs_f64())
     }
 }
 
@@ -104,6 +126,11 @@ impl Error {
     /// Whether the SSM endpoint did not answer (worth retrying).
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Unreachable { .. })
+    }
+
+    /// Whether a call or a wait timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::TimedOut { .. })
     }
 
     /// Whether no AWS credentials could be found.

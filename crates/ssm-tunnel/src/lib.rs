@@ -14,4 +14,4 @@ mod websocket;
 pub use error::{BoxError, Error};
 pub use ssm_proto::handshake::Mode;
 pub use stream::TunnelStream;
-pub use tunnel::{Tunnel, TunnelConfig};
+pub use tunnel::{LivenessConfig, Tunnel, TunnelConfig};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ssm_proto::handshake::{self, Mode, PortSession};
+pub use ssm_proto::liveness::LivenessConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -31,6 +32,13 @@ pub struct TunnelConfig {
     pub chunk_size: usize,
     /// How long the handshake may take.
     pub handshake_timeout: Duration,
+    /// How long the data channel websocket may take to open.
+    pub open_timeout: Duration,
+    /// When a silent link is declared dead (and the session resumed on a new websocket).
+    pub liveness: LivenessConfig,
+    /// How long a lost link may take to resume (ResumeSession and a new websocket, retried
+    /// with backoff) before the session is given up.
+    pub resume_for: Duration,
 }
 
 impl TunnelConfig {
@@ -44,6 +52,9 @@ impl TunnelConfig {
             region: None,
             chunk_size: 1024,
             handshake_timeout: Duration::from_secs(30),
+            open_timeout: Duration::from_secs(20),
+            liveness: LivenessConfig::default(),
+            resume_for: Duration::from_secs(180),
         }
     }
 }
@@ -83,15 +94,16 @@ impl Tunnel {
         let session_id = grant.session_id.clone();
         tracing::info!(session = %session_id, target = %config.target, "SSM session started");
         let client_id = uuid::Uuid::new_v4().to_string();
-        let ws = match websocket::open(
+        let link = match websocket::open(
             &grant.stream_url,
             &grant.token,
             &client_id,
             handshake::CLIENT_VERSION,
+            config.open_timeout,
         )
         .await
         {
-            Ok(ws) => ws,
+            Ok(link) => link,
             Err(error) => {
                 let _ = control::terminate(&ssm, &session_id).await;
                 return Err(error);
@@ -104,7 +116,10 @@ impl Tunnel {
             ssm: ssm.clone(),
             grant,
             client_id,
-            ws,
+            link,
+            liveness: config.liveness,
+            resume_for: config.resume_for,
+            open_deadline: config.open_timeout,
             commands: receiver,
             ready: Some(ready_tx),
             chunk_size: config.chunk_size,
@@ -129,10 +144,10 @@ impl Tunnel {
             Err(_) => {
                 task.abort();
                 let _ = control::terminate(&ssm, &session_id).await;
-                return Err(Error::Channel(format!(
-                    "no handshake from the agent within {:?}",
-                    config.handshake_timeout
-                )));
+                return Err(Error::TimedOut {
+                    waiting_for: "the SSM agent's handshake".into(),
+                    after: config.handshake_timeout,
+                });
             }
         };
         tracing::info!(session = %session_id, mode = ?session.mode, agent = %session.agent_version, "SSM tunnel ready");

@@ -111,10 +111,13 @@ async fn json_api(
 }
 
 fn stream_url(state: &State, id: &str, cell: u32) -> String {
-    format!(
-        "ws://{}/v1/data-channel/{id}?role=publish_subscribe&cell-number={cell}",
-        state.addr
-    )
+    let advertised = state
+        .config
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .advertise
+        .unwrap_or(state.addr);
+    format!("ws://{advertised}/v1/data-channel/{id}?role=publish_subscribe&cell-number={cell}")
 }
 
 fn start_session(state: &Arc<State>, input: &Value) -> Response {
@@ -376,6 +379,18 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
     {
         return;
     }
+    // Writes go through a task of their own, so that this loop keeps reading while the
+    // network does not take what it writes (a real service's websocket does not stop
+    // reading because one write is slow; two ends that do deadlock once both buffers fill).
+    let (to_sink, mut frames) = mpsc::unbounded_channel::<WsMessage>();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = frames.recv().await {
+            let closing = matches!(frame, WsMessage::Close(_));
+            if sink.send(frame).await.is_err() || closing {
+                return;
+            }
+        }
+    });
     let started = Instant::now();
     let mut bytes_in: u64 = 0;
     let bye_due = || {
@@ -395,7 +410,7 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                     // this websocket carries (the clock limit is checked on a tick below).
                     if first_connection && faults.bye_after_bytes.is_some_and(|limit| bytes_in >= limit) {
                         tracing::info!(session = %id, bytes_in, "fake SSM: closing the websocket with 1000 Bye (fault)");
-                        let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() }))).await;
+                        let _ = to_sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() })));
                         break;
                     }
                 }
@@ -404,12 +419,12 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
             },
             out = out_rx.recv() => match out {
                 Some(WsOut::Binary(frame)) => {
-                    if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                    if to_sink.send(WsMessage::Binary(frame.into())).is_err() {
                         break;
                     }
                 }
                 Some(WsOut::Close(code, reason)) => {
-                    let _ = sink.send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    let _ = to_sink.send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() })));
                     break;
                 }
                 None => {
@@ -421,7 +436,7 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                             match frame {
                                 WsMessage::Close(_) => break,
                                 WsMessage::Ping(data) => {
-                                    let _ = sink.send(WsMessage::Pong(data)).await;
+                                    let _ = to_sink.send(WsMessage::Pong(data));
                                 }
                                 _ => {}
                             }
@@ -432,16 +447,19 @@ async fn websocket(state: Arc<State>, id: String, socket: WebSocket) {
                 }
             },
             _ = ping.tick() => {
-                let _ = sink.send(WsMessage::Ping(Bytes::from_static(b"keepalive"))).await;
+                let _ = to_sink.send(WsMessage::Ping(Bytes::from_static(b"keepalive")));
             }
             _ = bye_check.tick(), if first_connection => {
                 if bye_due() {
                     tracing::info!(session = %id, "fake SSM: closing the websocket with 1000 Bye (fault)");
-                    let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() }))).await;
+                    let _ = to_sink.send(WsMessage::Close(Some(CloseFrame { code: 1000, reason: "Bye".into() })));
                     break;
                 }
             }
         }
     }
+    // What is queued (a close frame) goes, unless the network takes nothing.
+    drop(to_sink);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     let _ = in_tx.send(WsIn::Closed);
 }

@@ -39,6 +39,9 @@ pub struct SsmConfig {
     pub customer_message: String,
     /// Where it listens.
     pub listen: SocketAddr,
+    /// The address its StreamUrls name, when clients reach it through something in front of
+    /// it (a load balancer; in tests, a relay that plays the network). Default: `listen`'s.
+    pub advertise: Option<SocketAddr>,
 }
 
 impl Default for SsmConfig {
@@ -55,6 +58,7 @@ impl Default for SsmConfig {
             new_stream_url_on_resume: true,
             customer_message: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
         }
     }
 }

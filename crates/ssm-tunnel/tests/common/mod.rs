@@ -1,6 +1,8 @@
 //! fake-aws's SSM service in front of the run's real Postgres, and an SSM client for it.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub(crate) mod relay;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -70,10 +72,15 @@ pub(crate) async fn env(configure: impl FnOnce(&mut SsmConfig)) -> Env {
 
 impl Env {
     pub(crate) fn client(&self) -> aws_sdk_ssm::Client {
+        self.client_at(&self.ssm.endpoint_url())
+    }
+
+    /// A client of the SSM API at `endpoint` (e.g. a relay in front of the fake).
+    pub(crate) fn client_at(&self, endpoint: &str) -> aws_sdk_ssm::Client {
         let config = aws_sdk_ssm::Config::builder()
             .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
             .region(aws_sdk_ssm::config::Region::new("eu-west-2"))
-            .endpoint_url(self.ssm.endpoint_url())
+            .endpoint_url(endpoint)
             .credentials_provider(self.keys.to_credentials())
             .build();
         aws_sdk_ssm::Client::from_conf(config)
