@@ -163,10 +163,13 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
         let url = pgharness::backend::rds::EnvFile::read(&settings)?
             .and_then(|f| f.url)
             .ok_or_else(|| anyhow::anyhow!("`up` wrote no DATABASE_URL"))?;
+        // As the README says to: libpq's service file, no password on the command line.
         let psql = std::process::Command::new("psql")
-            .arg(url.expose())
+            .env("PGSERVICEFILE", pgharness::backend::rds::service_file_path(&settings))
+            .env("PGSERVICE", "pgharness")
             .args(["-XAtc", "SELECT current_user"])
             .output()?;
+        drop(url);
         if String::from_utf8_lossy(&psql.stdout).trim() != crate::emulator::USER {
             bail!(
                 "psql through the RDS proxy failed: {}",
@@ -183,6 +186,91 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
         bail!("`down` did not leave fake-aws with zero open sessions:\n{text}");
     }
     Ok(())
+}
+
+/// Watches every process's command line (`/proc/*/cmdline`, readable by every local user)
+/// for the passwords of a run: the RDS proxy's (the env file's `DATABASE_URL`) and the local
+/// server's. Polls every 20 ms until stopped; returns what it found, redacted.
+struct CmdlineWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl CmdlineWatch {
+    fn start(settings: &pgharness::Settings) -> CmdlineWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state_dir = settings.state_dir.clone();
+        let settings = settings.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut found = Vec::new();
+            let mut scans = 0u64;
+            let mut secrets: Vec<String> = Vec::new();
+            let mut refreshed = std::time::Instant::now() - std::time::Duration::from_secs(1);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if refreshed.elapsed() >= std::time::Duration::from_millis(250) {
+                    refreshed = std::time::Instant::now();
+                    let proxy = pgharness::backend::rds::EnvFile::read(&settings)
+                        .ok()
+                        .flatten()
+                        .and_then(|f| f.url)
+                        .and_then(|u| u.expose().parse::<pgharness::tokio_postgres::Config>().ok())
+                        .and_then(|c| c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()));
+                    let server = std::fs::read_to_string(state_dir.join("server-password"))
+                        .ok()
+                        .map(|p| p.trim().to_owned());
+                    for secret in [proxy, server].into_iter().flatten() {
+                        if secret.len() >= 16 && !secrets.contains(&secret) {
+                            secrets.push(secret);
+                        }
+                    }
+                }
+                scans += 1;
+                let Ok(entries) = std::fs::read_dir("/proc") else { break };
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                        continue;
+                    }
+                    let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                        continue;
+                    };
+                    let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                    if secrets.iter().any(|secret| text.contains(secret.as_str())) {
+                        let mut shown = text.clone();
+                        for secret in &secrets {
+                            shown = shown.replace(secret.as_str(), "<password>");
+                        }
+                        let line = format!("pid {}: {}", name.to_string_lossy(), shown.trim());
+                        if !found.contains(&line) {
+                            found.push(line);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            (scans, found)
+        });
+        CmdlineWatch { stop, thread }
+    }
+
+    /// Stops watching; an error lists the command lines that held a password.
+    fn finish(self, leg: &str) -> anyhow::Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (scans, found) = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the command-line watch panicked"))?;
+        if !found.is_empty() {
+            bail!(
+                "a password appeared on a command line during {leg} ({} process(es)):\n{}",
+                found.len(),
+                found.join("\n")
+            );
+        }
+        eprintln!("xtask ci: no password on any command line during {leg} ({scans} scans of /proc)");
+        Ok(())
+    }
 }
 
 /// Whether this workspace's native server or container runs.
@@ -371,7 +459,10 @@ impl Ci {
         }
         doctor_checks().await?;
         interrupt_check().await?;
-        up_then_plain_tools_check().await?;
+        let watch = CmdlineWatch::start(&crate::settings(None)?);
+        let checked = up_then_plain_tools_check().await;
+        watch.finish("up --backend rds --emulated, plain nextest and psql")?;
+        checked?;
         kept_schema_check().await?;
         overlapping_runs_check().await?;
         emulated_run_stops_its_postgres_check().await?;
@@ -398,7 +489,10 @@ impl Ci {
         // session pool), with one SSM session for the run, at 30 ms RTT (a cluster a region
         // away).
         // No package filter, as the README runs it: the workspace meant for this backend.
-        tests(BackendKind::Rds, &["--profile", "ci"]).await?;
+        let watch = CmdlineWatch::start(&crate::settings(None)?);
+        let tested = tests(BackendKind::Rds, &["--profile", "ci"]).await;
+        watch.finish("the emulated RDS leg")?;
+        tested?;
         eprintln!("xtask ci: all green");
         Ok(ExitCode::SUCCESS)
     }

@@ -82,9 +82,9 @@ impl Up {
             let path = pgharness::backend::rds::env_file_path(&settings);
             println!("PGHARNESS_BACKEND=rds");
             eprintln!(
-                "xtask: tests pick up {} by themselves; psql: psql \"$(sed -n 's/^DATABASE_URL=//p' {})\"; stop with `cargo xtask down`",
+                "xtask: tests pick up {} by themselves; psql: PGSERVICEFILE={} PGSERVICE=pgharness psql; stop with `cargo xtask down`",
                 path.display(),
-                path.display()
+                pgharness::backend::rds::service_file_path(&settings).display()
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -125,9 +125,9 @@ impl Up {
         }
         println!("PGHARNESS_BACKEND={kind}");
         eprintln!(
-            "xtask: wrote {} (DATABASE_URL, with the server's password; mode 0600); psql: psql \"$(sed -n 's/^DATABASE_URL=//p' {})\"; stop with `cargo xtask down`",
+            "xtask: wrote {} (DATABASE_URL, with the server's password; mode 0600); psql: PGSERVICEFILE={} PGSERVICE=pgharness psql; stop with `cargo xtask down`",
             path.display(),
-            path.display()
+            pgharness::backend::rds::service_file_path(&settings).display()
         );
         Ok(ExitCode::SUCCESS)
     }

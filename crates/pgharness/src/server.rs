@@ -108,11 +108,11 @@ impl Server {
         let options = format!("PGOPTIONS='-csearch_path={schema},public'");
         if self.backend == BackendKind::Rds {
             // The run's RDS proxy (left up while a kept schema is inspected) writes its URL,
-            // with the per-run password, into the env file.
-            let env = state_dir.join("env");
+            // with the per-run password, into a 0600 libpq service file: no password on
+            // psql's command line, where every local user could read it.
             return format!(
-                "{options} psql \"$(sed -n 's/^DATABASE_URL=//p' '{}')\"",
-                env.display()
+                "{options} PGSERVICEFILE='{}' PGSERVICE=pgharness psql",
+                state_dir.join("pg_service.conf").display()
             );
         }
         if matches!(self.backend, BackendKind::Container | BackendKind::Native) {
@@ -170,6 +170,38 @@ impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({} backend)", self.describe(), self.backend)
     }
+}
+
+/// A `postgres://` URL as libpq environment variables (see `TestDb::libpq_env`); an
+/// unparsable URL gives none.
+pub fn libpq_env(url: &str) -> Vec<(&'static str, String)> {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return Vec::new();
+    };
+    let mut env = Vec::new();
+    if let Some(host) = config.get_hosts().first() {
+        let host = match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        };
+        env.push(("PGHOST", host));
+    }
+    if let Some(port) = config.get_ports().first() {
+        env.push(("PGPORT", port.to_string()));
+    }
+    if let Some(user) = config.get_user() {
+        env.push(("PGUSER", user.to_owned()));
+    }
+    if let Some(password) = config.get_password() {
+        env.push(("PGPASSWORD", String::from_utf8_lossy(password).into_owned()));
+    }
+    if let Some(database) = config.get_dbname() {
+        env.push(("PGDATABASE", database.to_owned()));
+    }
+    if let Some(options) = config.get_options() {
+        env.push(("PGOPTIONS", options.to_owned()));
+    }
+    env
 }
 
 #[cfg(test)]
@@ -230,7 +262,27 @@ mod tests {
             !command.contains("p3r-run") && !command.contains("PGHARNESS_URL"),
             "{command}"
         );
-        assert!(command.contains("/w/target/pgharness/env"), "{command}");
+        assert_eq!(
+            command,
+            "PGOPTIONS='-csearch_path=t_a,public' PGSERVICEFILE='/w/target/pgharness/pg_service.conf' PGSERVICE=pgharness psql"
+        );
+    }
+
+    #[test]
+    fn a_url_becomes_libpq_environment_variables() {
+        assert_eq!(
+            super::libpq_env(
+                "postgres://app:s%40cret@127.0.0.1:6000/app?options=-csearch_path%3Dt_a%2Cpublic"
+            ),
+            vec![
+                ("PGHOST", "127.0.0.1".to_owned()),
+                ("PGPORT", "6000".to_owned()),
+                ("PGUSER", "app".to_owned()),
+                ("PGPASSWORD", "s@cret".to_owned()),
+                ("PGDATABASE", "app".to_owned()),
+                ("PGOPTIONS", "-csearch_path=t_a,public".to_owned()),
+            ]
+        );
     }
 
     #[test]

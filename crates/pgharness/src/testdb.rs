@@ -371,6 +371,15 @@ impl TestDb {
         self.server.url_for_schema(&self.schema)
     }
 
+    /// The test's connection as libpq environment variables (`PGHOST`, `PGPORT`, `PGUSER`,
+    /// `PGPASSWORD`, `PGDATABASE`, `PGOPTIONS` with the schema's `search_path`), for `psql`,
+    /// `pg_dump` or any libpq program: `Command::new("psql").envs(db.libpq_env())`. Its
+    /// command line then holds no password (every local user can read
+    /// `/proc/<pid>/cmdline`; a process's environment only its owner can).
+    pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
+        crate::server::libpq_env(&self.connection_string())
+    }
+
     /// The tokio-postgres configuration of the test's connections.
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.config

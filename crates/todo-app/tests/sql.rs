@@ -80,14 +80,18 @@ async fn the_connection_string_works_for_another_client(#[future] test_db: TestD
 
 #[rstest]
 #[tokio::test]
-async fn psql_accepts_the_connection_string(#[future] test_db: TestDb) {
+async fn psql_reaches_the_schema_with_no_password_on_its_command_line(#[future] test_db: TestDb) {
     let db = test_db.await;
     db.client()
         .execute("INSERT INTO users (email, name) VALUES ('p@q.r', 'P')", &[])
         .await
         .unwrap();
+    // The password goes in the environment, which only its owner can read; a command line
+    // is readable by every local user in /proc.
     let output = std::process::Command::new("psql")
-        .arg(db.connection_string())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(db.libpq_env())
         .args([
             "-XAtc",
             "SELECT current_schema() || ' ' || count(*) FROM users",

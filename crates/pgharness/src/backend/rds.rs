@@ -28,6 +28,37 @@ pub fn env_file_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("env")
 }
 
+/// `target/pgharness/pg_service.conf` (0600): the env file's `DATABASE_URL` as libpq's
+/// service `pgharness`, so that `PGSERVICEFILE=… PGSERVICE=pgharness psql` connects with no
+/// password on any command line (`/proc/<pid>/cmdline` is readable by every local user).
+pub fn service_file_path(settings: &Settings) -> PathBuf {
+    settings.state_dir.join("pg_service.conf")
+}
+
+/// The libpq service section for `url`: `host`, `port`, `user`, `password`, `dbname`.
+fn service_section(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut text = String::from("[pgharness]\n");
+    text.push_str(&format!("host={}\n", url.host_str()?));
+    text.push_str(&format!("port={}\n", url.port().unwrap_or(5432)));
+    if !url.username().is_empty() {
+        text.push_str(&format!("user={}\n", decode(url.username())));
+    }
+    if let Some(password) = url.password() {
+        text.push_str(&format!("password={}\n", decode(password)));
+    }
+    let database = url.path().trim_start_matches('/');
+    if !database.is_empty() {
+        text.push_str(&format!("dbname={}\n", decode(database)));
+    }
+    Some(text)
+}
+
 impl EnvFile {
     /// Reads the env file, if there is one.
     pub fn read(settings: &Settings) -> Result<Option<EnvFile>, Error> {
@@ -78,7 +109,17 @@ impl EnvFile {
             .map_err(|e| Error::io("failed to create", &temporary, e))?;
         std::io::Write::write_all(&mut file, text.as_bytes())
             .map_err(|e| Error::io("failed to write", &temporary, e))?;
-        std::fs::rename(&temporary, &path).map_err(|e| Error::io("failed to write", &path, e))
+        std::fs::rename(&temporary, &path).map_err(|e| Error::io("failed to write", &path, e))?;
+        let service = service_file_path(settings);
+        match self.url.as_ref().and_then(|url| service_section(url.expose())) {
+            Some(section) => super::secret::write_private(&service, &section),
+            None => match std::fs::remove_file(&service) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io("failed to remove", &service, e))
+                }
+                _ => Ok(()),
+            },
+        }
     }
 
     /// Whether its background proxy still runs.
@@ -118,4 +159,18 @@ pub(crate) fn ensure(settings: &Settings) -> Result<Server, Error> {
 /// Whether the run's RDS proxy runs.
 pub(crate) fn is_running(settings: &Settings) -> bool {
     matches!(EnvFile::read(settings), Ok(Some(file)) if file.backend == "rds" && file.proxy_alive())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_section;
+
+    #[test]
+    fn the_service_section_decodes_the_url() {
+        assert_eq!(
+            service_section("postgres://iam%40app:p%2Fw@127.0.0.1:6000/app%20db").as_deref(),
+            Some("[pgharness]\nhost=127.0.0.1\nport=6000\nuser=iam@app\npassword=p/w\ndbname=app db\n")
+        );
+        assert_eq!(service_section("not a url"), None);
+    }
 }
