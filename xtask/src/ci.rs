@@ -106,7 +106,7 @@ async fn interrupt_check() -> anyhow::Result<()> {
     std::fs::File::open(&log)?.read_to_string(&mut text)?;
     let _ = std::fs::remove_file(&log);
     let settings = crate::settings(None)?;
-    if !text.contains("0 session(s) open after down") {
+    if !text.contains("; 0 of them open after down") {
         bail!("an SSM session was left open after Ctrl-C:\n{text}");
     }
     if crate::emulator::running(&settings).is_some()

@@ -206,7 +206,15 @@ pub(crate) async fn stop(settings: &Settings) -> anyhow::Result<Option<String>> 
 }
 
 /// StartSession calls and open sessions, from fake-aws's stats endpoint.
-pub(crate) fn stats(values: &HashMap<String, String>) -> anyhow::Result<(u64, u64)> {
+/// What fake-aws's SSM service counted.
+pub(crate) struct SsmStats {
+    /// StartSession calls so far.
+    pub(crate) start_session_calls: u64,
+    /// The sessions still open.
+    pub(crate) open: Vec<String>,
+}
+
+pub(crate) fn stats(values: &HashMap<String, String>) -> anyhow::Result<SsmStats> {
     let endpoint = values
         .get("AWS_ENDPOINT_URL_SSM")
         .context("the emulator has no SSM endpoint")?;
@@ -222,10 +230,20 @@ pub(crate) fn stats(values: &HashMap<String, String>) -> anyhow::Result<(u64, u6
     stream.read_to_string(&mut response)?;
     let body = response.split("\r\n\r\n").nth(1).context("no body")?;
     let json: serde_json::Value = serde_json::from_str(body)?;
-    Ok((
-        json["StartSessionCalls"].as_u64().unwrap_or(0),
-        json["OpenSessions"].as_u64().unwrap_or(0),
-    ))
+    let open = json["Sessions"]
+        .as_array()
+        .map(|sessions| {
+            sessions
+                .iter()
+                .filter(|s| s["Ended"] == serde_json::Value::Bool(false))
+                .filter_map(|s| s["SessionId"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(SsmStats {
+        start_session_calls: json["StartSessionCalls"].as_u64().unwrap_or(0),
+        open,
+    })
 }
 
 #[derive(clap::Args)]

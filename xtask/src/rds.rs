@@ -164,6 +164,15 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
     };
     let path = pgharness::backend::rds::env_file_path(settings);
     let Some(pid) = file.proxy_pid.filter(|_| file.proxy_alive()) else {
+        // A proxy that died left its SSM session (and the database sessions behind it) open.
+        let progress = Progress::start("ending what a dead RDS proxy left");
+        let ended =
+            pgharness_rds::end_stale_session(settings, &|event| progress.event(event)).await;
+        progress.finish(if ended {
+            "ended the SSM session of a dead RDS proxy"
+        } else {
+            "no RDS proxy runs"
+        });
         let _ = std::fs::remove_file(&path);
         return Ok(None);
     };
@@ -182,6 +191,20 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
             .map(|s| format!(", SSM session {s} terminated"))
             .unwrap_or_default()
     )))
+}
+
+/// After a run: a line naming the RDS proxy if it died under the run (tests then failed
+/// with "the RDS proxy … is not running"), `None` while it runs.
+pub(crate) fn died_during_run(settings: &Settings) -> Option<String> {
+    let file = EnvFile::read(settings).ok().flatten()?;
+    if file.backend != "rds" || file.proxy_alive() {
+        return None;
+    }
+    Some(format!(
+        "the RDS proxy (pid {}) died during the run (its log: {}); the next `cargo xtask up --backend rds` or `down` ends the SSM session it left open",
+        file.proxy_pid.unwrap_or_default(),
+        settings.state_dir.join("rds-proxy.log").display()
+    ))
 }
 
 /// Where the proxy process leaves its figures when it stops.

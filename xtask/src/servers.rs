@@ -156,10 +156,12 @@ pub(crate) async fn stop_all(settings: &Settings) -> anyhow::Result<Vec<String>>
     let mut stopped = Vec::new();
     stopped.extend(crate::rds::down(settings).await?);
     if let Some(values) = crate::emulator::running(settings)
-        && let Ok((start_sessions, open)) = crate::emulator::stats(&values)
+        && let Ok(stats) = crate::emulator::stats(&values)
     {
         stopped.push(format!(
-            "(fake-aws: {start_sessions} StartSession call(s), {open} session(s) open)"
+            "(fake-aws: {} StartSession call(s), {} session(s) open)",
+            stats.start_session_calls,
+            stats.open.len()
         ));
     }
     stopped.extend(crate::emulator::stop(settings).await?);

@@ -112,10 +112,11 @@ impl Test {
                 .collect();
             return Box::pin(test.run_rds(settings)).await;
         }
-        // StartSession calls before this run (an emulator may already be running).
+        // StartSession calls and open sessions before this run (an emulator may already be
+        // running, shared with other runs): the run is judged on its own sessions only.
         let before = crate::emulator::running(&settings)
             .and_then(|v| crate::emulator::stats(&v).ok())
-            .map_or(0, |(calls, _)| calls);
+            .map_or((0, Vec::new()), |stats| (stats.start_session_calls, stats.open));
         // The local Postgres behind an emulator this run starts: stopped with it, unless
         // it ran before.
         let emulator_postgres = if self.emulated && crate::emulator::running(&settings).is_none() {
@@ -168,10 +169,15 @@ impl Test {
             eprintln!("xtask: stopped {what}");
         }
         if let Some(values) = emulator_values.filter(|_| self.emulated) {
-            let (calls, open) = crate::emulator::stats(&values)?;
-            let start_sessions = calls.saturating_sub(before);
+            let stats = crate::emulator::stats(&values)?;
+            let start_sessions = stats.start_session_calls.saturating_sub(before.0);
+            let open = stats
+                .open
+                .iter()
+                .filter(|id| !before.1.contains(id))
+                .count();
             eprintln!(
-                "xtask: fake-aws saw {start_sessions} StartSession call(s) in this run; {open} session(s) open after down"
+                "xtask: fake-aws saw {start_sessions} StartSession call(s) in this run; {open} of them open after down"
             );
             if started_emulator && let Some(what) = crate::emulator::stop(&settings).await? {
                 eprintln!("xtask: stopped {what}");
@@ -256,6 +262,19 @@ impl Test {
         }
         let status = nextest::run(&settings.root, &tool_config, &self.nextest_args, &env).await;
         janitor.stop().await;
+        if kind == BackendKind::Rds
+            && let Some(died) = crate::rds::died_during_run(settings)
+        {
+            // Nothing more can be asked of the cluster through it: say so, and let
+            // nextest's result stand.
+            eprintln!("xtask: {died}");
+            let code = match status?.code() {
+                Some(0) => ExitCode::SUCCESS,
+                Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                None => ExitCode::FAILURE,
+            };
+            return Ok((code, 0));
+        }
         let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
         tracing::debug!(
             recycled = finished.recycled.len(),
@@ -322,11 +341,18 @@ impl Janitor {
             None
         };
         let task = tokio::spawn(async move {
+            let mut warnings = Warnings::default();
             loop {
+                if admin.is_closed() {
+                    tracing::warn!("the janitor's connection closed; finished schemas wait for the next run's reaper");
+                    return;
+                }
+                let mut failed = false;
                 let recycled = match ledger::reap(&admin, &scope).await {
                     Ok(report) => report.recycled.len() + report.dropped.len(),
                     Err(error) => {
-                        tracing::warn!(%error, "janitor pass failed");
+                        failed = true;
+                        warnings.warn("janitor pass failed", &error);
                         0
                     }
                 };
@@ -335,15 +361,19 @@ impl Janitor {
                     Some(warmer) => match warmer.warm(&admin, target, 1).await {
                         Ok(warmed) => warmed.created,
                         Err(error) => {
-                            tracing::warn!(%error, "warming the schema pool failed");
+                            failed = true;
+                            warnings.warn("warming the schema pool failed", &error);
                             0
                         }
                     },
                     None => 0,
                 };
                 // Tests finish every few milliseconds: go again at once after work, and
-                // otherwise look again soon (a look is one query).
-                let pause = if created > 0 || recycled > 0 {
+                // otherwise look again soon (a look is one query). After a failure, wait a
+                // second: the same failure would come back at once.
+                let pause = if failed {
+                    Duration::from_secs(1)
+                } else if created > 0 || recycled > 0 {
                     Duration::ZERO
                 } else {
                     Duration::from_millis(10)
@@ -361,6 +391,33 @@ impl Janitor {
     pub(crate) async fn stop(self) {
         self.stop.notify_one();
         let _ = self.task.await;
+    }
+}
+
+/// The janitor's warnings, rate-limited: a failure that repeats (a migration that does not
+/// apply, a server gone) is logged once, then once a minute with how often it came back.
+#[derive(Default)]
+struct Warnings {
+    last: Option<(String, std::time::Instant, u64)>,
+}
+
+impl Warnings {
+    fn warn(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        let text = format!("{what}: {error}");
+        match &mut self.last {
+            Some((last, at, repeats)) if *last == text => {
+                *repeats += 1;
+                if at.elapsed() >= Duration::from_secs(60) {
+                    tracing::warn!(repeats = *repeats, "{text} (again)");
+                    *at = std::time::Instant::now();
+                    *repeats = 0;
+                }
+            }
+            _ => {
+                tracing::warn!("{text}");
+                self.last = Some((text, std::time::Instant::now(), 0));
+            }
+        }
     }
 }
 

@@ -54,6 +54,9 @@ impl Progress {
                 format!("opening the SSM tunnel through {target} to {host}:{port}")
             }
             Event::TunnelOpen { session } => format!("SSM session {session} open"),
+            Event::EndedStaleSession { session, pid } => format!(
+                "terminated SSM session {session} of a proxy that died (pid {pid}), with its database sessions"
+            ),
             Event::LoggingIn { host, user } => format!("logging in to {host} as {user} (IAM)"),
             Event::WaitingForDatabase { waited, reason } => format!(
                 "waiting for the database to resume… {}s ({reason})",

@@ -13,4 +13,4 @@ pub mod report;
 
 pub use dialer::TunnelDialer;
 pub use error::Error;
-pub use proxy::{RdsProxy, RdsStats};
+pub use proxy::{RdsProxy, RdsStats, end_stale_session};

@@ -62,6 +62,52 @@ impl std::fmt::Display for RdsStats {
     }
 }
 
+/// A proxy killed without its teardown (kill -9, an OOM kill, a machine that slept) leaves
+/// its SSM session open: the agent keeps the session's connections to the cluster for a
+/// resume, and with them the proxy's database sessions, their advisory locks (the run lock,
+/// schemas' owner locks, budget slots) and their connection slots, until the service's idle
+/// timeout (20 minutes by default). The next proxy of the workspace ends that session, which
+/// closes them all.
+/// Returns whether it ended one.
+pub async fn end_stale_session(settings: &Settings, events: EventSink<'_>) -> bool {
+    let region = settings
+        .rds
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_default();
+    end_stale_session_in(settings, &region, events).await
+}
+
+async fn end_stale_session_in(settings: &Settings, region: &str, events: EventSink<'_>) -> bool {
+    let Ok(Some(file)) = EnvFile::read(settings) else {
+        return false;
+    };
+    let (Some(session), Some(pid)) = (file.session.clone(), file.proxy_pid) else {
+        return false;
+    };
+    if file.backend != "rds" || file.proxy_alive() {
+        return false;
+    }
+    let ended = async {
+        let region = (!region.is_empty()).then_some(region);
+        let client = ssm_tunnel::control::client(region).await?;
+        ssm_tunnel::control::terminate(&client, &session).await
+    };
+    match ended.await {
+        Ok(()) => {
+            emit(events, Event::EndedStaleSession { session, pid });
+            // The env file named it; a new one is written once this proxy serves.
+            let _ = std::fs::remove_file(env_file_path(settings));
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, %session, pid, "could not terminate the SSM session of a proxy that died");
+            false
+        }
+    }
+}
+
 impl RdsProxy {
     /// Opens the SSM session (when `[rds] ssm_target` is set), checks an IAM login, serves
     /// the local auth proxy on 127.0.0.1 and writes `target/pgharness/env` (0600) with its
@@ -80,6 +126,7 @@ impl RdsProxy {
         let (dialer, tunnel): (Arc<dyn Dialer>, Option<Arc<Tunnel>>) =
             match &settings.rds.ssm_target {
                 Some(target) => {
+                    end_stale_session_in(settings, &endpoint.region, events).await;
                     emit(
                         events,
                         Event::OpeningTunnel {

@@ -14,6 +14,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::driver;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
+use crate::settings::BackendKind;
 
 /// What a connection attempt waits out.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,19 @@ pub(crate) enum Patience {
     /// Full connection slots only: a refused connection fails at once (a server that is
     /// only believed to run, see `backend::known`).
     Full,
+}
+
+impl Patience {
+    /// What a first connection to a server of `backend` waits out: nobody starts a `url`
+    /// server, and the RDS proxy was found running before the test connected (a refusal
+    /// means it is gone, see `backend::rds::proxy_gone`), so only full slots are waited out
+    /// there; a local server may still be starting.
+    pub(crate) fn for_backend(backend: BackendKind) -> Patience {
+        match backend {
+            BackendKind::Url | BackendKind::Rds => Patience::Full,
+            _ => Patience::StartingOrFull,
+        }
+    }
 }
 
 /// Whether waiting could help after this failure.
@@ -143,6 +157,7 @@ pub(crate) async fn wait_ready(
 /// connections on pgharness' runtime.
 pub(crate) struct PatientConnect {
     pub(crate) timeout: Duration,
+    pub(crate) patience: Patience,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -155,7 +170,7 @@ impl deadpool_postgres::Connect for PatientConnect {
         let config = pg_config.clone();
         let deadline = Instant::now() + self.timeout;
         Box::pin(async move {
-            connect_patiently(&config, deadline, Patience::StartingOrFull, |error, waited| {
+            connect_patiently(&config, deadline, self.patience, |error, waited| {
                 tracing::info!(%error, ?waited, "pgharness pool: waiting for a connection slot");
             })
             .await

@@ -57,6 +57,14 @@ pub enum Event {
         /// Its port.
         port: u16,
     },
+    /// The SSM session of an RDS proxy that died (killed, or its machine slept) was left
+    /// open, with its database sessions and their locks behind it: it was terminated.
+    EndedStaleSession {
+        /// The session id.
+        session: String,
+        /// The dead proxy's pid.
+        pid: i32,
+    },
     /// The SSM session is open.
     TunnelOpen {
         /// Its session id.

@@ -47,6 +47,14 @@ pub struct TestDb {
     state_dir: PathBuf,
 }
 
+/// A failed connection to the RDS proxy says so when the proxy is gone.
+fn explain(server: &Server, state_dir: &std::path::Path, error: Error) -> Error {
+    if server.backend() != BackendKind::Rds {
+        return error;
+    }
+    backend::rds::proxy_gone(state_dir).unwrap_or(error)
+}
+
 /// Options for one test's database. Start from [`TestDb::builder`].
 #[derive(Clone, Debug, Default)]
 #[must_use]
@@ -165,10 +173,10 @@ impl TestDbBuilder {
         let deadline = connect_started + settings.acquire_timeout;
         // Nobody is starting a `url` server, nor one merely believed to run: a refused
         // connection fails at once (53300 is still waited out).
-        let patience = if believed || server.backend() == BackendKind::Url {
+        let patience = if believed {
             Patience::Full
         } else {
-            Patience::StartingOrFull
+            Patience::for_backend(server.backend())
         };
         let connected = connect::connect(
             &server.config(),
@@ -201,7 +209,7 @@ impl TestDbBuilder {
                 )
                 .await?
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err(explain(&server, &settings.state_dir, error)),
         };
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
@@ -251,6 +259,7 @@ impl TestDbBuilder {
             config.clone(),
             PatientConnect {
                 timeout: settings.acquire_timeout,
+                patience: Patience::for_backend(server.backend()),
             },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -401,11 +410,12 @@ impl TestDb {
         connect::connect(
             &self.config,
             deadline,
-            Patience::StartingOrFull,
+            Patience::for_backend(self.server.backend()),
             &log_only,
             &self.server.describe(),
         )
         .await
+        .map_err(|error| explain(&self.server, &self.state_dir, error))
     }
 
     /// Loads `fixtures/<name>.sql` into the schema, in one transaction.

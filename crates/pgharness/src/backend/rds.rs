@@ -62,7 +62,12 @@ fn service_section(url: &str) -> Option<String> {
 impl EnvFile {
     /// Reads the env file, if there is one.
     pub fn read(settings: &Settings) -> Result<Option<EnvFile>, Error> {
-        let path = env_file_path(settings);
+        EnvFile::read_in(&settings.state_dir)
+    }
+
+    /// Reads the env file of the state directory `state_dir`, if there is one.
+    pub(crate) fn read_in(state_dir: &std::path::Path) -> Result<Option<EnvFile>, Error> {
+        let path = state_dir.join("env");
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -128,9 +133,35 @@ impl EnvFile {
     }
 }
 
+const START_IT: &str = "start it with `cargo xtask up --backend rds` (or run the tests with `cargo xtask test --backend rds`)";
+
+/// After a connection to the proxy failed: the error that names a proxy which is gone, if
+/// it is (its pid no longer runs, or the env file is gone with it). A connection refused by
+/// a dead proxy is not worth waiting out, and "connection refused" alone does not say why.
+pub(crate) fn proxy_gone(state_dir: &std::path::Path) -> Option<Error> {
+    let file = EnvFile::read_in(state_dir).ok()?;
+    match file {
+        Some(file) if file.backend == "rds" && file.proxy_alive() => None,
+        Some(file) if file.backend == "rds" => Some(Error::Backend {
+            backend: "rds",
+            message: format!(
+                "the RDS proxy (pid {}) is not running (it stopped or was killed during the run); {START_IT}",
+                file.proxy_pid.unwrap_or_default()
+            ),
+        }),
+        _ => Some(Error::Backend {
+            backend: "rds",
+            message: format!(
+                "the RDS proxy stopped during the run ({} is gone); {START_IT}",
+                state_dir.join("env").display()
+            ),
+        }),
+    }
+}
+
 /// The server the run's RDS proxy serves.
 pub(crate) fn ensure(settings: &Settings) -> Result<Server, Error> {
-    let fix = "start it with `cargo xtask up --backend rds` (or run the tests with `cargo xtask test --backend rds`)";
+    let fix = START_IT;
     let file = EnvFile::read(settings)?
         .filter(|f| f.backend == "rds")
         .ok_or_else(|| Error::Backend {
