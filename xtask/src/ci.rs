@@ -165,7 +165,10 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("`up` wrote no DATABASE_URL"))?;
         // As the README says to: libpq's service file, no password on the command line.
         let psql = std::process::Command::new("psql")
-            .env("PGSERVICEFILE", pgharness::backend::rds::service_file_path(&settings))
+            .env(
+                "PGSERVICEFILE",
+                pgharness::backend::rds::service_file_path(&settings),
+            )
             .env("PGSERVICE", "pgharness")
             .args(["-XAtc", "SELECT current_user"])
             .output()?;
@@ -215,7 +218,10 @@ impl CmdlineWatch {
                         .flatten()
                         .and_then(|f| f.url)
                         .and_then(|u| u.expose().parse::<pgharness::tokio_postgres::Config>().ok())
-                        .and_then(|c| c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()));
+                        .and_then(|c| {
+                            c.get_password()
+                                .map(|p| String::from_utf8_lossy(p).into_owned())
+                        });
                     let server = std::fs::read_to_string(state_dir.join("server-password"))
                         .ok()
                         .map(|p| p.trim().to_owned());
@@ -226,7 +232,9 @@ impl CmdlineWatch {
                     }
                 }
                 scans += 1;
-                let Ok(entries) = std::fs::read_dir("/proc") else { break };
+                let Ok(entries) = std::fs::read_dir("/proc") else {
+                    break;
+                };
                 for entry in entries.flatten() {
                     let name = entry.file_name();
                     if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
@@ -268,7 +276,9 @@ impl CmdlineWatch {
                 found.join("\n")
             );
         }
-        eprintln!("xtask ci: no password on any command line during {leg} ({scans} scans of /proc)");
+        eprintln!(
+            "xtask ci: no password on any command line during {leg} ({scans} scans of /proc)"
+        );
         Ok(())
     }
 }

@@ -116,7 +116,9 @@ impl Test {
         // running, shared with other runs): the run is judged on its own sessions only.
         let before = crate::emulator::running(&settings)
             .and_then(|v| crate::emulator::stats(&v).ok())
-            .map_or((0, Vec::new()), |stats| (stats.start_session_calls, stats.open));
+            .map_or((0, Vec::new()), |stats| {
+                (stats.start_session_calls, stats.open)
+            });
         // The local Postgres behind an emulator this run starts: stopped with it, unless
         // it ran before.
         let emulator_postgres = if self.emulated && crate::emulator::running(&settings).is_none() {
@@ -344,7 +346,9 @@ impl Janitor {
             let mut warnings = Warnings::default();
             loop {
                 if admin.is_closed() {
-                    tracing::warn!("the janitor's connection closed; finished schemas wait for the next run's reaper");
+                    tracing::warn!(
+                        "the janitor's connection closed; finished schemas wait for the next run's reaper"
+                    );
                     return;
                 }
                 let mut failed = false;

@@ -168,3 +168,97 @@ async fn a_cancel_key_kept_after_its_client_left_cancels_nothing() {
         .expect("the next client's query was not cancelled");
     assert_eq!(ran_on, pid, "the next client had the same backend");
 }
+
+/// A "test" through the proxy as pgharness's TestDb opens it: a first client, then two more
+/// while it still holds the first (its pool), each naming the test with the lease option
+/// when `leases` is on.
+async fn hold_and_wait(proxy: Arc<Proxy>, test: usize, leases: bool) -> Result<(), String> {
+    let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    if leases {
+        config.options(format!("-c{}=t{test}:3", rds_iam::leases::LEASE_OPTION));
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        tokio::spawn(connection);
+        client
+            .simple_query("SELECT pg_sleep(0.02)")
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        held.push(client);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_tests_on_a_budget_of_eight_never_hold_and_wait() {
+    // Before: every session was held by a test waiting for its next one, and all of them
+    // waited out the proxy's whole wait.
+    let budget = Budget {
+        wait: Duration::from_secs(20),
+        ..common::budget(8)
+    };
+    let env = env(|_| {}).await;
+    let proxy = Arc::new(proxy(&env, budget).await);
+    let started = std::time::Instant::now();
+    let tests: Vec<_> = (0..32)
+        .map(|k| tokio::spawn(hold_and_wait(proxy.clone(), k, true)))
+        .collect();
+    for test in tests {
+        test.await
+            .unwrap()
+            .expect("every test gets its three sessions together");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "no test waited out the budget's wait ({:?})",
+        started.elapsed()
+    );
+    assert!(proxy.open_sessions() <= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_beyond_its_reservation_on_a_full_budget_is_refused_at_once_naming_it() {
+    let budget = Budget {
+        wait: Duration::from_secs(20),
+        ..common::budget(2)
+    };
+    let env = env(|_| {}).await;
+    let proxy = Arc::new(proxy(&env, budget).await);
+    // Another test holds one session of two.
+    let other = hold_one(&proxy, "other:1").await;
+    // This test reserved one; its second would need a session that is not free.
+    let first = hold_one(&proxy, "this:1").await;
+    let started = std::time::Instant::now();
+    let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    config.options(format!("-c{}=this:1", rds_iam::leases::LEASE_OPTION));
+    let error = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+    let db = error.as_db_error().expect("an answer from the proxy");
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS
+    );
+    assert!(db.message().contains("max_sessions"), "{}", db.message());
+    assert!(db.message().contains("holds 1"), "{}", db.message());
+    drop((other, first));
+}
+
+async fn hold_one(proxy: &Proxy, lease: &str) -> tokio_postgres::Client {
+    let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
+    config.options(format!("-c{}={lease}", rds_iam::leases::LEASE_OPTION));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+}

@@ -14,3 +14,14 @@ pub mod report;
 pub use dialer::TunnelDialer;
 pub use error::Error;
 pub use proxy::{RdsProxy, RdsStats, end_stale_session};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pgharness_and_the_proxy_name_the_lease_option_alike() {
+        assert_eq!(
+            pgharness::backend::rds::LEASE_OPTION,
+            rds_iam::leases::LEASE_OPTION
+        );
+    }
+}

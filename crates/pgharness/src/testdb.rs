@@ -169,6 +169,22 @@ impl TestDbBuilder {
             .unwrap_or_else(|| settings.fixtures.clone());
         let fixtures = script::load_fixtures(&fixtures_dir, &self.fixtures)?;
 
+        let acquire_id = uuid::Uuid::new_v4().to_string();
+        let pool_size = self.pool_size.unwrap_or(settings.pool_size);
+        // Through the RDS proxy, every connection of the test names it and how many sessions
+        // it holds at most (its client and its pool), so that the proxy grants them together
+        // and no test ever waits for a session while it holds one (rds-iam's `leases`).
+        let lease = (server.backend() == BackendKind::Rds).then(|| {
+            format!(
+                " -c{}={acquire_id}:{}",
+                backend::rds::LEASE_OPTION,
+                pool_size + 1
+            )
+        });
+        let mut first = server.config();
+        if let Some(lease) = &lease {
+            first.options(lease.trim_start());
+        }
         let connect_started = Instant::now();
         let deadline = connect_started + settings.acquire_timeout;
         // Nobody is starting a `url` server, nor one merely believed to run: a refused
@@ -178,14 +194,8 @@ impl TestDbBuilder {
         } else {
             Patience::for_backend(server.backend())
         };
-        let connected = connect::connect(
-            &server.config(),
-            deadline,
-            patience,
-            &log_only,
-            &server.describe(),
-        )
-        .await;
+        let connected =
+            connect::connect(&first, deadline, patience, &log_only, &server.describe()).await;
         let client = match connected {
             Ok(client) => {
                 if believed && self.settings.is_none() {
@@ -213,7 +223,6 @@ impl TestDbBuilder {
         };
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
 
-        let acquire_id = uuid::Uuid::new_v4().to_string();
         let host = hostname();
         let (hash, source) = match &migrations {
             Some(migrations) => (migrations.hash.as_str(), migrations.source.as_str()),
@@ -251,10 +260,12 @@ impl TestDbBuilder {
         let key = naming::lock_key(&schema);
 
         let mut config = server.config();
-        config.options(format!("-csearch_path={schema},public"));
+        config.options(format!(
+            "-csearch_path={schema},public{}",
+            lease.as_deref().unwrap_or_default()
+        ));
         config.application_name(&schema);
 
-        let pool_size = self.pool_size.unwrap_or(settings.pool_size);
         let manager = Manager::from_connect(
             config.clone(),
             PatientConnect {

@@ -36,8 +36,10 @@ pub struct Budget {
 impl Budget {
     /// The slots' lock space: `"pgh"` and 3 (pgharness's own locks use 0 to 2).
     pub const LOCK_SPACE: i32 = 0x7067_6803;
-    /// How long a client waits by default (as PgBouncer's `query_wait_timeout`).
-    pub const DEFAULT_WAIT: Duration = Duration::from_secs(120);
+    /// How long a client waits by default: well under a test runner's timeout (nextest's
+    /// slow-timeout kills at 120 s in our profiles), so that a test told `53300` names the
+    /// budget instead of being killed without a word.
+    pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
     /// Logins at once before their session holds a slot, by default.
     pub const DEFAULT_LOGINS_WITHOUT_SLOT: u32 = 8;
 

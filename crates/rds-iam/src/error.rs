@@ -75,13 +75,28 @@ pub enum Error {
     },
     /// Every session of the budget stayed in use for as long as a client may wait.
     #[error(
-        "too many connections: all {sessions} upstream sessions of the cluster's budget stayed in use for {waited:?}; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer clients at once"
+        "too many connections: waited {waited:?} for {asked} session(s), and all of the {sessions} upstream sessions of the cluster's budget (max_sessions) stayed in use; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer tests at once"
     )]
     BudgetExhausted {
         /// The budget's sessions (all proxies sharing it together).
         sessions: u32,
+        /// The sessions the client asked for together (its test's, see `leases`).
+        asked: u32,
         /// How long the client waited.
         waited: std::time::Duration,
+    },
+    /// A test asked for more sessions than the budget could give it without waiting while it
+    /// holds some (which could deadlock), or for more than the whole budget.
+    #[error(
+        "too many connections: this test holds {holding} upstream session(s) and asks for {asked}, and the {sessions} sessions of the cluster's budget (max_sessions) are all in use; a test that holds sessions never waits for more (that deadlocks when every test does), so it is refused now: give tests fewer connections (PGHARNESS_POOL_SIZE), run fewer tests at once, or raise `[rds] max_sessions`"
+    )]
+    OverBudget {
+        /// Sessions the test would hold with this one.
+        asked: u32,
+        /// Sessions it holds.
+        holding: u32,
+        /// The budget's sessions.
+        sessions: u32,
     },
     /// The peer broke the protocol.
     #[error("protocol: {0}")]

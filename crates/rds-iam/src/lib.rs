@@ -13,6 +13,7 @@ pub mod connect;
 pub mod credentials;
 pub mod dialer;
 mod error;
+pub mod leases;
 pub mod proxy;
 pub mod scram;
 mod sessions;

@@ -22,6 +22,7 @@ use crate::cache::TokenCache;
 use crate::connect::{RdsTarget, tls_stream};
 use crate::dialer::Dialer;
 use crate::error::Error;
+use crate::leases::{self, Leases};
 use crate::scram::{self, ScramVerifier};
 use crate::sessions::{CancelKey, Sessions};
 use crate::wire::{self, Startup};
@@ -204,6 +205,7 @@ pub fn serve(
     let counted = activity.clone();
     let sessions = Arc::new(Sessions::new(budget));
     let pool = sessions.clone();
+    let leases = Leases::new(budget.sessions, budget.wait);
     // Idle sessions give their slots up when another proxy waits for one.
     let sweep = tokio::spawn({
         let sessions = Arc::downgrade(&sessions);
@@ -234,13 +236,14 @@ pub fn serve(
                 dialer.clone(),
                 tokens.clone(),
             );
-            let (counted, pool) = (counted.clone(), pool.clone());
+            let (counted, pool, leases) = (counted.clone(), pool.clone(), leases.clone());
             tokio::spawn(async move {
                 let upstream = Upstream {
                     target,
                     dialer,
                     tokens,
                     sessions: pool,
+                    leases,
                 };
                 let result = session(client, &upstream, &verifier, &counted).await;
                 if let Err(error) = result {
@@ -268,6 +271,7 @@ struct Upstream {
     dialer: Arc<dyn Dialer>,
     tokens: Arc<TokenCache>,
     sessions: Arc<Sessions>,
+    leases: Arc<Leases>,
 }
 
 async fn refuse(client: &mut TcpStream, code: SqlState, message: &str) -> Result<(), Error> {
@@ -383,20 +387,26 @@ async fn relay(
         .iter()
         .find(|(k, _)| k == "database")
         .map_or_else(|| upstream.target.database.clone(), |(_, v)| v.clone());
+    let (request, params) = leases::take_request(params);
     let sessions = &upstream.sessions;
-    let leased = sessions
-        .lease(
-            &upstream.target,
-            &database,
-            upstream.dialer.as_ref(),
-            &upstream.tokens,
-        )
-        .await;
-    let session = match leased {
-        Ok(session) => session,
+    let leased = async {
+        let lease = upstream.leases.acquire(request, sessions).await?;
+        let session = sessions
+            .lease(
+                &upstream.target,
+                &database,
+                upstream.dialer.as_ref(),
+                &upstream.tokens,
+            )
+            .await?;
+        Ok::<_, Error>((lease, session))
+    }
+    .await;
+    let (_lease, session) = match leased {
+        Ok(leased) => leased,
         Err(error) => {
             let (code, message) = match &error {
-                Error::BudgetExhausted { .. } => {
+                Error::BudgetExhausted { .. } | Error::OverBudget { .. } => {
                     (SqlState::TOO_MANY_CONNECTIONS, error.to_string())
                 }
                 _ => (

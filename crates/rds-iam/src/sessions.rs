@@ -97,7 +97,7 @@ impl Drop for OpenGuard {
 }
 
 /// Counts a waiting client for as long as it waits.
-struct WaitGuard<'a>(&'a AtomicUsize);
+pub(crate) struct WaitGuard<'a>(&'a AtomicUsize);
 
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
@@ -236,6 +236,13 @@ impl Sessions {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// Counts a client that waits for a session, until the guard drops.
+    pub(crate) fn start_waiting(&self) -> WaitGuard<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waited.fetch_add(1, Ordering::Relaxed);
+        WaitGuard(&self.waiting)
+    }
+
     /// A session for a client of `database`: an idle one, else a new one while the budget
     /// allows, else the first one given back. A client waits at most the budget's `wait`.
     pub(crate) async fn lease(
@@ -271,9 +278,7 @@ impl Sessions {
                 continue;
             }
             if waiting.is_none() {
-                self.waiting.fetch_add(1, Ordering::Relaxed);
-                waiting = Some(WaitGuard(&self.waiting));
-                self.waited.fetch_add(1, Ordering::Relaxed);
+                waiting = Some(self.start_waiting());
                 tracing::info!(
                     sessions = self.budget.sessions,
                     "proxy: all of this proxy's upstream sessions are lent; a client waits for one"
@@ -309,6 +314,7 @@ impl Sessions {
     fn exhausted(&self) -> Error {
         Error::BudgetExhausted {
             sessions: self.budget.sessions,
+            asked: 1,
             waited: self.budget.wait,
         }
     }

@@ -293,7 +293,10 @@ fn a_blackholed_link_is_declared_dead_in_bounded_time_and_the_transfer_resumes()
                 .min()
                 .unwrap();
             sim.now = next.max(sim.now + Duration::from_millis(1));
-            assert!(sim.now - cut_at < Duration::from_secs(600), "never declared dead");
+            assert!(
+                sim.now - cut_at < Duration::from_secs(600),
+                "never declared dead"
+            );
         }
         // ResumeSession: a new websocket.
         sim.cut = false;
@@ -314,7 +317,10 @@ fn a_blackholed_link_is_declared_dead_in_bounded_time_and_the_transfer_resumes()
             && after_cut <= config.dead_after + Duration::from_secs(1),
         "declared dead {after_cut:?} after the cut"
     );
-    assert!(at_agent == upload, "bytes lost or duplicated across the resume");
+    assert!(
+        at_agent == upload,
+        "bytes lost or duplicated across the resume"
+    );
 }
 
 #[test]

@@ -478,7 +478,9 @@ impl Driver {
                 continue;
             }
             let now = Instant::now();
-            state.liveness.awaiting_acks(now, state.channel.unacked() > 0);
+            state
+                .liveness
+                .awaiting_acks(now, state.channel.unacked() > 0);
             let liveness_at = tokio::time::Instant::from_std(state.liveness.poll_timeout());
             let timer = state
                 .channel

@@ -49,7 +49,12 @@ pub(crate) async fn open(
     }
 }
 
-async fn open_ws(url: &str, token: &str, client_id: &str, client_version: &str) -> Result<Ws, Error> {
+async fn open_ws(
+    url: &str,
+    token: &str,
+    client_id: &str,
+    client_version: &str,
+) -> Result<Ws, Error> {
     let (mut ws, _) =
         tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(tls()?))
             .await
@@ -138,7 +143,10 @@ impl Drop for Link {
 
 /// The writer: feeds every queued frame, flushing when the queue is empty; ends at the first
 /// error or after a close frame.
-async fn write_frames(mut sink: SplitSink<Ws, Message>, mut frames: mpsc::UnboundedReceiver<Message>) {
+async fn write_frames(
+    mut sink: SplitSink<Ws, Message>,
+    mut frames: mpsc::UnboundedReceiver<Message>,
+) {
     while let Some(frame) = frames.recv().await {
         let mut closing = matches!(frame, Message::Close(_));
         if sink.feed(frame).await.is_err() {

@@ -49,7 +49,9 @@ async fn round_trip(stream: ssm_tunnel::TunnelStream, data: Vec<u8>) -> Vec<u8> 
         write
     });
     let mut back = vec![0; len];
-    read.read_exact(&mut back).await.expect("all the bytes come back");
+    read.read_exact(&mut back)
+        .await
+        .expect("all the bytes come back");
     drop(writer.await.unwrap());
     back
 }
@@ -101,7 +103,10 @@ async fn transfers_survive(fail: impl Fn(&Relay), outage: Duration) -> Duration 
     }
     let recovered_after = restored.elapsed();
     assert!(tunnel.ended().is_none(), "{:?}", tunnel.ended());
-    assert!(tunnel.reconnects() >= 1, "the session was resumed on a new websocket");
+    assert!(
+        tunnel.reconnects() >= 1,
+        "the session was resumed on a new websocket"
+    );
     assert_eq!(env.ssm.start_session_calls(), 1, "resumed, not restarted");
     // Postgres through the same session.
     let db = Tunnel::open_with(
@@ -110,7 +115,9 @@ async fn transfers_survive(fail: impl Fn(&Relay), outage: Duration) -> Duration 
     )
     .await
     .unwrap();
-    query_over(db.connect().await.unwrap()).await.expect("a query after the outage");
+    query_over(db.connect().await.unwrap())
+        .await
+        .expect("a query after the outage");
     recovered_after
 }
 
@@ -166,6 +173,13 @@ async fn a_data_channel_that_never_answers_is_a_named_timeout() {
         .await
         .expect_err("the websocket cannot open");
     assert!(error.is_timeout(), "{error}");
-    assert!(error.to_string().contains("data channel websocket"), "{error}");
-    assert_eq!(env.ssm.open_sessions(), 0, "the session is terminated, not left open");
+    assert!(
+        error.to_string().contains("data channel websocket"),
+        "{error}"
+    );
+    assert_eq!(
+        env.ssm.open_sessions(),
+        0,
+        "the session is terminated, not left open"
+    );
 }

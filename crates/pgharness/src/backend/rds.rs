@@ -23,6 +23,11 @@ pub struct EnvFile {
     pub session: Option<String>,
 }
 
+/// The startup option (`-c pgharness.lease=<test>:<sessions>`) through which a test's
+/// connections ask the RDS proxy for their sessions together (rds-iam's `leases`; the two
+/// names are checked equal in pgharness-rds, which sees both crates).
+pub const LEASE_OPTION: &str = "pgharness.lease";
+
 /// `target/pgharness/env`.
 pub fn env_file_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("env")
@@ -116,7 +121,11 @@ impl EnvFile {
             .map_err(|e| Error::io("failed to write", &temporary, e))?;
         std::fs::rename(&temporary, &path).map_err(|e| Error::io("failed to write", &path, e))?;
         let service = service_file_path(settings);
-        match self.url.as_ref().and_then(|url| service_section(url.expose())) {
+        match self
+            .url
+            .as_ref()
+            .and_then(|url| service_section(url.expose()))
+        {
             Some(section) => super::secret::write_private(&service, &section),
             None => match std::fs::remove_file(&service) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -200,7 +209,9 @@ mod tests {
     fn the_service_section_decodes_the_url() {
         assert_eq!(
             service_section("postgres://iam%40app:p%2Fw@127.0.0.1:6000/app%20db").as_deref(),
-            Some("[pgharness]\nhost=127.0.0.1\nport=6000\nuser=iam@app\npassword=p/w\ndbname=app db\n")
+            Some(
+                "[pgharness]\nhost=127.0.0.1\nport=6000\nuser=iam@app\npassword=p/w\ndbname=app db\n"
+            )
         );
         assert_eq!(service_section("not a url"), None);
     }

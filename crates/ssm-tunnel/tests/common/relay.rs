@@ -135,7 +135,10 @@ async fn pipe(
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let carried = weather
-            .wait_for(|w| w.network == Network::Resetting || (w.network == Network::Forwarding && w.epoch == epoch))
+            .wait_for(|w| {
+                w.network == Network::Resetting
+                    || (w.network == Network::Forwarding && w.epoch == epoch)
+            })
             .await
             .map(|w| w.network)
             .ok();

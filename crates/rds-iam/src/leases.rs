@@ -1,0 +1,393 @@
+//! Sessions granted together, so that clients cannot deadlock on the budget.
+//!
+//! A test holds one session (its client) and then asks for more (its pool). With every
+//! session of the budget held by tests that each wait for one more, nobody ever gets one:
+//! hold-and-wait. So a client may wait for the budget only while its test holds nothing:
+//! - A client that names its test (`-c pgharness.lease=<id>:<n>` in its startup options,
+//!   as pgharness's own connections do on the rds backend) gets `n` sessions reserved at
+//!   once when it is its test's first: it waits for all `n` together, holding none while it
+//!   waits. The test's later clients draw on the reservation and never wait; one beyond it
+//!   gets a session only if the budget has one free right now, and is refused at once with
+//!   `53300` otherwise (waiting while holding is what deadlocks). The reservation ends with
+//!   the test's last client.
+//! - A client that names no test (psql, an app's own pool) reserves its one session alone.
+//!
+//! The reservations count the sessions lent to clients, at most the budget's: whatever is
+//! reserved can always be served by an idle session, a new one, or one closed elsewhere.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::Error;
+use crate::sessions::Sessions;
+
+/// The startup option (`-c pgharness.lease=<id>:<n>`) a client names its test with.
+pub const LEASE_OPTION: &str = "pgharness.lease";
+
+/// What a client asks for: its test's id and how many sessions the test holds at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub(crate) test: String,
+    pub(crate) sessions: u32,
+}
+
+impl Request {
+    /// `<id>:<n>` (as in the option's value).
+    pub(crate) fn parse(value: &str) -> Option<Request> {
+        let (test, sessions) = value.rsplit_once(':')?;
+        let sessions = sessions.parse().ok().filter(|n| *n >= 1)?;
+        (!test.is_empty()).then(|| Request {
+            test: test.to_owned(),
+            sessions,
+        })
+    }
+}
+
+/// Takes the lease option out of a client's startup parameters (it is the proxy's, not the
+/// server's): the request it makes, and the parameters without it.
+pub(crate) fn take_request(
+    mut params: Vec<(String, String)>,
+) -> (Option<Request>, Vec<(String, String)>) {
+    let mut request = None;
+    for (name, value) in params.iter_mut() {
+        if name != "options" {
+            continue;
+        }
+        let mut kept = Vec::new();
+        let mut words = value.split_whitespace().peekable();
+        while let Some(word) = words.next() {
+            let setting = match word {
+                "-c" => words.peek().copied(),
+                _ => word.strip_prefix("-c"),
+            };
+            if let Some(lease) = setting
+                .and_then(|s| s.strip_prefix(LEASE_OPTION))
+                .and_then(|s| s.strip_prefix('='))
+            {
+                request = Request::parse(lease);
+                if word == "-c" {
+                    words.next();
+                }
+                continue;
+            }
+            kept.push(word);
+        }
+        *value = kept.join(" ");
+    }
+    params.retain(|(name, value)| name != "options" || !value.is_empty());
+    (request, params)
+}
+
+struct Group {
+    permits: OwnedSemaphorePermit,
+    clients: u32,
+}
+
+/// The reservations of one proxy.
+pub(crate) struct Leases {
+    permits: Arc<Semaphore>,
+    sessions: u32,
+    wait: Duration,
+    groups: Mutex<HashMap<String, Group>>,
+}
+
+/// A client's share of a reservation; ends with the client.
+pub(crate) struct Lease {
+    leases: Arc<Leases>,
+    test: Option<String>,
+    _own: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(test) = &self.test else { return };
+        let mut groups = self.leases.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(group) = groups.get_mut(test) {
+            group.clients = group.clients.saturating_sub(1);
+            if group.clients == 0 {
+                groups.remove(test);
+            }
+        }
+    }
+}
+
+impl Leases {
+    /// Reservations of at most `sessions` sessions; a client waits at most `wait` for its own.
+    pub(crate) fn new(sessions: u32, wait: Duration) -> Arc<Leases> {
+        Arc::new(Leases {
+            permits: Arc::new(Semaphore::new(sessions as usize)),
+            sessions,
+            wait,
+            groups: Mutex::default(),
+        })
+    }
+
+    /// Sessions reserved now.
+    #[cfg(test)]
+    pub(crate) fn reserved(&self) -> usize {
+        self.sessions as usize - self.permits.available_permits()
+    }
+
+    /// The client's lease: from its test's reservation, or a reservation made now.
+    /// `sessions` counts the clients that wait.
+    pub(crate) async fn acquire(
+        self: &Arc<Leases>,
+        request: Option<Request>,
+        sessions: &Sessions,
+    ) -> Result<Lease, Error> {
+        let Some(request) = request else {
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let _waiting = sessions.start_waiting();
+                    tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+                        .await
+                        .map_err(|_| self.exhausted(1))?
+                        .map_err(|_| self.exhausted(1))?
+                }
+            };
+            return Ok(Lease {
+                leases: self.clone(),
+                test: None,
+                _own: Some(permit),
+            });
+        };
+        if request.sessions > self.sessions {
+            return Err(Error::OverBudget {
+                asked: request.sessions,
+                holding: 0,
+                sessions: self.sessions,
+            });
+        }
+        if let Some(lease) = self.join(&request)? {
+            return Ok(lease);
+        }
+        // The test's first client: wait for all of its sessions at once, holding none.
+        let permits = match self
+            .permits
+            .clone()
+            .try_acquire_many_owned(request.sessions)
+        {
+            Ok(permits) => permits,
+            Err(_) => {
+                let _waiting = sessions.start_waiting();
+                tokio::time::timeout(
+                    self.wait,
+                    self.permits.clone().acquire_many_owned(request.sessions),
+                )
+                .await
+                .map_err(|_| self.exhausted(request.sessions))?
+                .map_err(|_| self.exhausted(request.sessions))?
+            }
+        };
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        match groups.get_mut(&request.test) {
+            // Two first clients of one test raced: one reservation of both.
+            Some(group) => {
+                group.permits.merge(permits);
+                group.clients += 1;
+            }
+            None => {
+                groups.insert(
+                    request.test.clone(),
+                    Group {
+                        permits,
+                        clients: 1,
+                    },
+                );
+            }
+        }
+        Ok(Lease {
+            leases: self.clone(),
+            test: Some(request.test),
+            _own: None,
+        })
+    }
+
+    /// A later client of a test with a reservation: within it, or one more session if one
+    /// is free right now, else refused at once. `None`: the test has no reservation yet.
+    fn join(self: &Arc<Leases>, request: &Request) -> Result<Option<Lease>, Error> {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(group) = groups.get_mut(&request.test) else {
+            return Ok(None);
+        };
+        if group.clients as usize >= group.permits.num_permits() {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(more) => group.permits.merge(more),
+                Err(_) => {
+                    return Err(Error::OverBudget {
+                        asked: group.clients + 1,
+                        holding: group.clients,
+                        sessions: self.sessions,
+                    });
+                }
+            }
+        }
+        group.clients += 1;
+        Ok(Some(Lease {
+            leases: self.clone(),
+            test: Some(request.test.clone()),
+            _own: None,
+        }))
+    }
+
+    fn exhausted(&self, asked: u32) -> Error {
+        Error::BudgetExhausted {
+            sessions: self.sessions,
+            asked,
+            waited: self.wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Leases {
+        async fn acquire_for_test(
+            self: &Arc<Leases>,
+            request: Option<Request>,
+        ) -> Result<Lease, Error> {
+            let sessions = Sessions::new(crate::Budget::new(self.sessions));
+            self.acquire(request, &sessions).await
+        }
+    }
+
+    fn request(test: &str, sessions: u32) -> Option<Request> {
+        Some(Request {
+            test: test.into(),
+            sessions,
+        })
+    }
+
+    #[test]
+    fn the_option_names_a_test_and_its_sessions() {
+        assert_eq!(Request::parse("t-1:3"), request("t-1", 3));
+        assert_eq!(Request::parse("a:b:2"), request("a:b", 2));
+        assert_eq!(Request::parse("t:0"), None);
+        assert_eq!(Request::parse(":2"), None);
+        assert_eq!(Request::parse("t"), None);
+    }
+
+    #[test]
+    fn the_lease_option_is_taken_out_of_the_startup_options() {
+        let params = |options: &str| {
+            vec![
+                ("user".to_owned(), "app".to_owned()),
+                ("options".to_owned(), options.to_owned()),
+            ]
+        };
+        let (request, rest) =
+            take_request(params("-csearch_path=t_a,public -cpgharness.lease=abc:3"));
+        assert_eq!(request, super::tests::request("abc", 3));
+        assert_eq!(rest, params("-csearch_path=t_a,public"));
+        let (request, rest) = take_request(params("-c pgharness.lease=abc:2"));
+        assert_eq!(request, super::tests::request("abc", 2));
+        assert_eq!(rest, vec![("user".to_owned(), "app".to_owned())]);
+        let (request, rest) = take_request(params("-cstatement_timeout=5s"));
+        assert_eq!(request, None);
+        assert_eq!(rest, params("-cstatement_timeout=5s"));
+    }
+
+    #[tokio::test]
+    async fn a_test_waits_for_all_of_its_sessions_at_once_and_its_later_clients_never_wait() {
+        let leases = Leases::new(4, Duration::from_millis(200));
+        let a1 = leases.acquire_for_test(request("a", 3)).await.unwrap();
+        assert_eq!(leases.reserved(), 3);
+        // b asks for 3: only 1 is free, so b waits, holding nothing, and is refused in time.
+        let refused = leases
+            .acquire_for_test(request("b", 3))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(refused, Error::BudgetExhausted { asked: 3, .. }),
+            "{refused}"
+        );
+        assert_eq!(leases.reserved(), 3, "b holds nothing after its wait");
+        // a's later clients come from its reservation, at once.
+        let a2 = leases.acquire_for_test(request("a", 3)).await.unwrap();
+        let a3 = leases.acquire_for_test(request("a", 3)).await.unwrap();
+        assert_eq!(leases.reserved(), 3);
+        // A fourth is beyond the reservation: the free session is taken without waiting.
+        let a4 = leases.acquire_for_test(request("a", 3)).await.unwrap();
+        assert_eq!(leases.reserved(), 4);
+        // A fifth finds the budget full: refused at once, never waits while a holds four.
+        let started = std::time::Instant::now();
+        let error = leases
+            .acquire_for_test(request("a", 3))
+            .await
+            .err()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(
+            matches!(
+                error,
+                Error::OverBudget {
+                    holding: 4,
+                    sessions: 4,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // The reservation ends with a's last client; then b gets its three.
+        drop((a1, a2, a3));
+        assert_eq!(leases.reserved(), 4, "a still has a client");
+        drop(a4);
+        assert_eq!(leases.reserved(), 0);
+        let _b = leases.acquire_for_test(request("b", 3)).await.unwrap();
+        assert_eq!(leases.reserved(), 3);
+    }
+
+    #[tokio::test]
+    async fn many_tests_on_a_small_budget_all_finish() {
+        // Budget 8, 32 tests of 3 sessions each, every test holding its first session while
+        // it opens the other two: without reservations this deadlocks.
+        let leases = Leases::new(8, Duration::from_secs(30));
+        let tasks: Vec<_> = (0..32)
+            .map(|k| {
+                let leases = leases.clone();
+                tokio::spawn(async move {
+                    let id = format!("t{k}");
+                    let first = leases.acquire_for_test(request(&id, 3)).await?;
+                    tokio::task::yield_now().await;
+                    let second = leases.acquire_for_test(request(&id, 3)).await?;
+                    let third = leases.acquire_for_test(request(&id, 3)).await?;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    drop((first, second, third));
+                    Ok::<_, Error>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().expect("every test gets its sessions");
+        }
+        assert_eq!(leases.reserved(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_test_that_asks_for_more_than_the_budget_is_told_at_once() {
+        let leases = Leases::new(2, Duration::from_secs(30));
+        let error = leases
+            .acquire_for_test(request("a", 3))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                error,
+                Error::OverBudget {
+                    asked: 3,
+                    sessions: 2,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+}
