@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use pgharness::BackendKind;
 
 use crate::test::Test;
@@ -12,6 +12,41 @@ pub(crate) struct Ci {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Run only these end-to-end checks (no lints, fuzzing or test legs), e.g.
+    /// `--only dead-proxy --only hold-and-wait`.
+    #[arg(long, value_enum)]
+    only: Vec<Check>,
+}
+
+/// The end-to-end checks of `cargo xtask ci`, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Check {
+    Doctor,
+    Interrupt,
+    UpThenPlainTools,
+    DeadProxy,
+    HoldAndWait,
+    KeptSchema,
+    OverlappingRuns,
+    EmulatedRunStopsItsPostgres,
+}
+
+async fn check(check: Check) -> anyhow::Result<()> {
+    match check {
+        Check::Doctor => doctor_checks().await,
+        Check::Interrupt => interrupt_check().await,
+        Check::UpThenPlainTools => {
+            let watch = CmdlineWatch::start(&crate::settings(None)?);
+            let checked = up_then_plain_tools_check().await;
+            watch.finish("up --backend rds --emulated, plain nextest and psql")?;
+            checked
+        }
+        Check::DeadProxy => dead_proxy_check().await,
+        Check::HoldAndWait => hold_and_wait_check().await,
+        Check::KeptSchema => kept_schema_check().await,
+        Check::OverlappingRuns => overlapping_runs_check().await,
+        Check::EmulatedRunStopsItsPostgres => emulated_run_stops_its_postgres_check().await,
+    }
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -283,6 +318,125 @@ impl CmdlineWatch {
     }
 }
 
+/// An admin client of the local Postgres behind the emulator (which `up --emulated` started).
+async fn emulated_cluster_admin() -> anyhow::Result<pgharness::tokio_postgres::Client> {
+    let mut local = crate::settings(None)?;
+    local.url = None;
+    local.backend = pgharness::backend::resolve_local(&local, &pgharness::events::log_only).await?;
+    let server = pgharness::backend::ensure(&local, &pgharness::events::log_only).await?;
+    crate::servers::admin_client(&server).await
+}
+
+/// kill -9 of the RDS proxy mid-run: tests say the proxy is gone (at once, not after the
+/// acquire timeout), and the next `up` ends the SSM session the dead proxy left, which gives
+/// back the database sessions behind it and their locks.
+async fn dead_proxy_check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: kill -9 of the RDS proxy, then a test, then the next up");
+    const LOCK: i64 = 0x7067_6899;
+    if !xtask(&["up", "--backend", "rds", "--emulated"])
+        .status()?
+        .success()
+    {
+        bail!("`cargo xtask up --backend rds --emulated` failed");
+    }
+    let settings = crate::settings(None)?;
+    let outcome = async {
+        let file = pgharness::backend::rds::EnvFile::read(&settings)?
+            .ok_or_else(|| anyhow::anyhow!("`up` wrote no env file"))?;
+        let (pid, session) = (
+            file.proxy_pid.context("no proxy pid")?,
+            file.session.clone().context("no SSM session")?,
+        );
+        let url = file.url.context("no DATABASE_URL")?;
+        // A client through the proxy holding a lock, as a test holds its schema's.
+        let config: pgharness::tokio_postgres::Config = url.expose().parse()?;
+        let (holder, connection) = config.connect(pgharness::tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        holder.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        while pgharness::backend::process_alive(pid) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let admin = emulated_cluster_admin().await?;
+        let held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                    AND ((classid::bigint << 32) | objid::bigint) = $1";
+        let count: i64 = admin.query_one(held, &[&LOCK]).await?.get(0);
+        if count != 1 {
+            bail!("the dead proxy's session should still hold its lock before the next up ({count})");
+        }
+        // A test now fails at once, naming the proxy.
+        let started = std::time::Instant::now();
+        let test = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::project_root())
+            .args(["nextest", "run", "-p", "todo-app", "-E", "test(=deletes_a_todo)", "--no-tests=fail"])
+            .env("PGHARNESS_BACKEND", "rds")
+            .output()?;
+        let output = String::from_utf8_lossy(&test.stdout).into_owned()
+            + &String::from_utf8_lossy(&test.stderr);
+        if test.status.success() || !output.contains(&format!("the RDS proxy (pid {pid}) is not running")) {
+            bail!("a test after the proxy died did not say so:\n{output}");
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("a test took {:?} to find the proxy gone", started.elapsed());
+        }
+        // The next up ends the old session; its database sessions and locks go with it.
+        let up = xtask(&["up", "--backend", "rds", "--emulated"]).output()?;
+        let said = String::from_utf8_lossy(&up.stderr).into_owned();
+        if !up.status.success() || !said.contains(&format!("terminated SSM session {session}")) {
+            bail!("the next up did not end the dead proxy's session:\n{said}");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let count: i64 = admin.query_one(held, &[&LOCK]).await?.get(0);
+            if count == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the dead proxy's lock is still held 15 s after its session ended");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let values = crate::emulator::running(&settings).context("the emulator stopped")?;
+        if crate::emulator::stats(&values)?.open.contains(&session) {
+            bail!("the dead proxy's SSM session {session} is still open");
+        }
+        eprintln!(
+            "xtask ci: the dead proxy was named in {:.1}s; its session and lock were gone after the next up",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+    .await;
+    xtask(&["down"]).output()?;
+    outcome
+}
+
+/// With a session budget of 8, plain `cargo nextest run --test-threads 32` after `up`:
+/// every test gets its sessions together, none holds some while it waits for more.
+async fn hold_and_wait_check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: max_sessions = 8, plain cargo nextest with 32 threads");
+    let up = xtask(&["up", "--backend", "rds", "--emulated"])
+        .env("PGHARNESS_RDS_MAX_SESSIONS", "8")
+        .status()?;
+    if !up.success() {
+        bail!("`cargo xtask up --backend rds --emulated` failed");
+    }
+    let nextest =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::project_root())
+            .args(["nextest", "run", "-p", "todo-app", "--test-threads", "32"])
+            .env("PGHARNESS_BACKEND", "rds")
+            .status();
+    xtask(&["down"]).output()?;
+    if !nextest?.success() {
+        bail!("plain `cargo nextest run --test-threads 32` on a budget of 8 failed");
+    }
+    Ok(())
+}
+
 /// Whether this workspace's native server or container runs.
 async fn local_server_runs() -> anyhow::Result<bool> {
     let settings = crate::settings(None)?;
@@ -444,6 +598,13 @@ fn actionlint() -> anyhow::Result<()> {
 
 impl Ci {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        if !self.only.is_empty() {
+            for one in &self.only {
+                check(*one).await?;
+            }
+            eprintln!("xtask ci: the checks asked for are green");
+            return Ok(ExitCode::SUCCESS);
+        }
         crate::prereq::install_missing(&[crate::prereq::PSQL, crate::prereq::SERVER])?;
         crate::prereq::pip_install_missing(&[
             crate::prereq::BOTOCORE,
@@ -467,15 +628,9 @@ impl Ci {
         if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
             bail!("fuzzing failed");
         }
-        doctor_checks().await?;
-        interrupt_check().await?;
-        let watch = CmdlineWatch::start(&crate::settings(None)?);
-        let checked = up_then_plain_tools_check().await;
-        watch.finish("up --backend rds --emulated, plain nextest and psql")?;
-        checked?;
-        kept_schema_check().await?;
-        overlapping_runs_check().await?;
-        emulated_run_stops_its_postgres_check().await?;
+        for one in <Check as clap::ValueEnum>::value_variants() {
+            check(*one).await?;
+        }
         // Every test of the workspace on a container.
         tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
         // The example suite on the native backend, 32 tests at once against

@@ -221,29 +221,48 @@ async fn thirty_two_tests_on_a_budget_of_eight_never_hold_and_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_test_beyond_its_reservation_on_a_full_budget_is_refused_at_once_naming_it() {
+async fn two_tests_that_wait_on_each_other_beyond_their_reservations_are_told_at_once() {
     let budget = Budget {
         wait: Duration::from_secs(20),
         ..common::budget(2)
     };
     let env = env(|_| {}).await;
     let proxy = Arc::new(proxy(&env, budget).await);
-    // Another test holds one session of two.
-    let other = hold_one(&proxy, "other:1").await;
-    // This test reserved one; its second would need a session that is not free.
-    let first = hold_one(&proxy, "this:1").await;
+    // Two tests hold one session each, the whole budget, and each opens one more.
+    let mut held = vec![
+        Some(hold_one(&proxy, "a:1").await),
+        Some(hold_one(&proxy, "b:1").await),
+    ];
     let started = std::time::Instant::now();
-    let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
-    config.options(format!("-c{}=this:1", rds_iam::leases::LEASE_OPTION));
-    let error = config
-        .connect(tokio_postgres::NoTls)
+    let mut more: Vec<_> = ["a:1", "b:1"]
+        .into_iter()
+        .map(|lease| {
+            let proxy = proxy.clone();
+            Some(tokio::spawn(async move {
+                let mut config: tokio_postgres::Config = proxy.url().parse().unwrap();
+                config.options(format!("-c{}={lease}", rds_iam::leases::LEASE_OPTION));
+                config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map(|(client, _)| client)
+            }))
+        })
+        .collect();
+    // Each waits for the other's session: one is told at once, not after 20 s.
+    let refused = loop {
+        if let Some(k) = (0..2).find(|&k| more[k].as_ref().is_some_and(|t| t.is_finished())) {
+            break k;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "nobody told");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let error = more[refused]
+        .take()
+        .unwrap()
         .await
+        .unwrap()
         .err()
         .expect("refused");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused at once"
-    );
     let db = error.as_db_error().expect("an answer from the proxy");
     assert_eq!(
         db.code(),
@@ -251,7 +270,16 @@ async fn a_test_beyond_its_reservation_on_a_full_budget_is_refused_at_once_namin
     );
     assert!(db.message().contains("max_sessions"), "{}", db.message());
     assert!(db.message().contains("holds 1"), "{}", db.message());
-    drop((other, first));
+    // That test fails and ends; the other one then gets its session (or was told too).
+    held[refused] = None;
+    let other = more[1 - refused].take().unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), other)
+        .await
+        .expect("the other does not wait on")
+        .unwrap();
+    if let Err(error) = outcome {
+        assert!(error.to_string().contains("max_sessions"), "{error}");
+    }
 }
 
 async fn hold_one(proxy: &Proxy, lease: &str) -> tokio_postgres::Client {

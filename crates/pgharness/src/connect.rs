@@ -26,6 +26,10 @@ pub(crate) enum Patience {
     /// Full connection slots only: a refused connection fails at once (a server that is
     /// only believed to run, see `backend::known`).
     Full,
+    /// Nothing: the RDS proxy waits for sessions itself (within its budget, and never for a
+    /// test that holds sessions while it waits: see rds-iam's `leases`), so its `53300` is
+    /// final, and a retry here would be a test holding sessions while it waits for more.
+    Never,
 }
 
 impl Patience {
@@ -35,7 +39,8 @@ impl Patience {
     /// there; a local server may still be starting.
     pub(crate) fn for_backend(backend: BackendKind) -> Patience {
         match backend {
-            BackendKind::Url | BackendKind::Rds => Patience::Full,
+            BackendKind::Url => Patience::Full,
+            BackendKind::Rds => Patience::Never,
             _ => Patience::StartingOrFull,
         }
     }
@@ -43,11 +48,17 @@ impl Patience {
 
 /// Whether waiting could help after this failure.
 fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
+    if patience == Patience::Never {
+        return false;
+    }
     match error.code() {
         Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => patience != Patience::Starting,
-        Some(code) => code == &SqlState::CANNOT_CONNECT_NOW && patience != Patience::Full,
+        Some(code) => {
+            code == &SqlState::CANNOT_CONNECT_NOW
+                && matches!(patience, Patience::Starting | Patience::StartingOrFull)
+        }
         // No SQLSTATE: refused, reset, closed before the startup finished.
-        None => patience != Patience::Full,
+        None => patience == Patience::Starting || patience == Patience::StartingOrFull,
     }
 }
 
@@ -111,7 +122,10 @@ pub(crate) async fn connect(
     match result {
         Ok((client, _handle)) => Ok(client),
         // A wait for a starting server that ran out (with `Full` nothing waited for it).
-        Err(error) if patience != Patience::Full && transient(&error, Patience::Starting) => {
+        Err(error)
+            if matches!(patience, Patience::Starting | Patience::StartingOrFull)
+                && transient(&error, Patience::Starting) =>
+        {
             Err(Error::Timeout {
                 what: format!(
                     "waiting to connect to {what} (last error: {})",

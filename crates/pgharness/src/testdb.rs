@@ -45,6 +45,8 @@ pub struct TestDb {
     run_id: String,
     keep_name: String,
     state_dir: PathBuf,
+    /// The RDS proxy lease option of this test process's connections (rds backend only).
+    lease: Option<String>,
 }
 
 /// A failed connection to the RDS proxy says so when the proxy is gone.
@@ -171,13 +173,15 @@ impl TestDbBuilder {
 
         let acquire_id = uuid::Uuid::new_v4().to_string();
         let pool_size = self.pool_size.unwrap_or(settings.pool_size);
-        // Through the RDS proxy, every connection of the test names it and how many sessions
-        // it holds at most (its client and its pool), so that the proxy grants them together
-        // and no test ever waits for a session while it holds one (rds-iam's `leases`).
+        // Through the RDS proxy, every connection of the test process names it and how many
+        // sessions a test holds (its client and its pool), so that the proxy grants them
+        // together and a test never deadlocks waiting for a session while it holds others
+        // (rds-iam's `leases`).
         let lease = (server.backend() == BackendKind::Rds).then(|| {
             format!(
-                " -c{}={acquire_id}:{}",
+                " -c{}={}:{}",
                 backend::rds::LEASE_OPTION,
+                process_run_id(),
                 pool_size + 1
             )
         });
@@ -304,6 +308,7 @@ impl TestDbBuilder {
             run_id,
             keep_name,
             state_dir: settings.state_dir.clone(),
+            lease,
         })
     }
 }
@@ -388,7 +393,16 @@ impl TestDb {
     /// `options=-csearch_path=<schema>,public`. It includes the server's password, if any:
     /// do not log it.
     pub fn connection_string(&self) -> String {
-        self.server.url_for_schema(&self.schema)
+        let url = self.server.url_for_schema(&self.schema);
+        match &self.lease {
+            // The lease goes with the search_path (see `build`): `-` and `.` need no escape,
+            // and the id is a uuid.
+            Some(lease) => format!(
+                "{url}%20{}",
+                lease.trim_start().replace('=', "%3D").replace(':', "%3A")
+            ),
+            None => url,
+        }
     }
 
     /// The test's connection as libpq environment variables (`PGHOST`, `PGPORT`, `PGUSER`,

@@ -4,16 +4,21 @@
 //! session of the budget held by tests that each wait for one more, nobody ever gets one:
 //! hold-and-wait. So a client may wait for the budget only while its test holds nothing:
 //! - A client that names its test (`-c pgharness.lease=<id>:<n>` in its startup options,
-//!   as pgharness's own connections do on the rds backend) gets `n` sessions reserved at
-//!   once when it is its test's first: it waits for all `n` together, holding none while it
-//!   waits. The test's later clients draw on the reservation and never wait; one beyond it
-//!   gets a session only if the budget has one free right now, and is refused at once with
-//!   `53300` otherwise (waiting while holding is what deadlocks). The reservation ends with
-//!   the test's last client.
-//! - A client that names no test (psql, an app's own pool) reserves its one session alone.
+//!   as every connection of a pgharness test process does on the rds backend, its
+//!   `connection_string()` included) gets `n` sessions reserved at once when it is its test's
+//!   first: it waits for all `n` together, holding none while it waits. The test's later
+//!   clients draw on the reservation and never wait.
+//! - One beyond the reservation (a second `TestDb`, an app's own pool) takes a free session
+//!   if there is one, else waits for one while its test holds others. That can deadlock, but
+//!   only when every reserved session belongs to a test that waits like this (a single kind of
+//!   resource: a deadlock is exactly "every holder waits"), so that is checked while it waits,
+//!   and then the waiters are refused with `53300` at once, naming `max_sessions`, instead of
+//!   all of them waiting out the budget's wait together.
+//! - A client that names no test (psql, a tool) reserves its one session alone.
 //!
-//! The reservations count the sessions lent to clients, at most the budget's: whatever is
-//! reserved can always be served by an idle session, a new one, or one closed elsewhere.
+//! The reservations end with their test's last client. They count the sessions lent to
+//! clients, at most the budget's: whatever is reserved can always be served by an idle
+//! session, a new one, or one closed elsewhere.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,9 +86,20 @@ pub(crate) fn take_request(
     (request, params)
 }
 
+/// How often a client waiting beyond its test's reservation checks for a deadlock.
+const DEADLOCK_CHECK: Duration = Duration::from_millis(50);
+
+enum Joined {
+    Lease(Lease),
+    MustWait,
+    First,
+}
+
 struct Group {
     permits: OwnedSemaphorePermit,
     clients: u32,
+    /// Clients of the test waiting for a session beyond its reservation.
+    waiting: u32,
 }
 
 /// The reservations of one proxy.
@@ -162,8 +178,10 @@ impl Leases {
                 sessions: self.sessions,
             });
         }
-        if let Some(lease) = self.join(&request)? {
-            return Ok(lease);
+        match self.join(&request) {
+            Joined::Lease(lease) => return Ok(lease),
+            Joined::MustWait => return self.wait_beyond(request, sessions).await,
+            Joined::First => {}
         }
         // The test's first client: wait for all of its sessions at once, holding none.
         let permits = match self
@@ -196,42 +214,123 @@ impl Leases {
                     Group {
                         permits,
                         clients: 1,
+                        waiting: 0,
                     },
                 );
             }
         }
-        Ok(Lease {
-            leases: self.clone(),
-            test: Some(request.test),
-            _own: None,
-        })
+        Ok(self.lease(&request.test))
     }
 
     /// A later client of a test with a reservation: within it, or one more session if one
-    /// is free right now, else refused at once. `None`: the test has no reservation yet.
-    fn join(self: &Arc<Leases>, request: &Request) -> Result<Option<Lease>, Error> {
+    /// is free right now.
+    fn join(self: &Arc<Leases>, request: &Request) -> Joined {
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         let Some(group) = groups.get_mut(&request.test) else {
-            return Ok(None);
+            return Joined::First;
         };
         if group.clients as usize >= group.permits.num_permits() {
             match self.permits.clone().try_acquire_owned() {
                 Ok(more) => group.permits.merge(more),
-                Err(_) => {
-                    return Err(Error::OverBudget {
-                        asked: group.clients + 1,
-                        holding: group.clients,
-                        sessions: self.sessions,
-                    });
-                }
+                Err(_) => return Joined::MustWait,
             }
         }
         group.clients += 1;
-        Ok(Some(Lease {
+        Joined::Lease(self.lease(&request.test))
+    }
+
+    fn lease(self: &Arc<Leases>, test: &str) -> Lease {
+        Lease {
             leases: self.clone(),
-            test: Some(request.test.clone()),
+            test: Some(test.to_owned()),
             _own: None,
-        }))
+        }
+    }
+
+    /// Whether every reserved session belongs to a test that waits for more: then none
+    /// will ever be given back.
+    fn deadlocked(&self) -> bool {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let held_by_waiters: usize = groups
+            .values()
+            .filter(|g| g.waiting > 0)
+            .map(|g| g.permits.num_permits())
+            .sum();
+        held_by_waiters > 0 && held_by_waiters >= self.sessions as usize
+    }
+
+    /// One session beyond the test's reservation, while the test holds its reservation:
+    /// waits for a free one unless that deadlocks.
+    async fn wait_beyond(
+        self: &Arc<Leases>,
+        request: Request,
+        sessions: &Sessions,
+    ) -> Result<Lease, Error> {
+        let holding = {
+            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+            groups.get_mut(&request.test).map(|group| {
+                group.waiting += 1;
+                group.clients
+            })
+        };
+        let Some(holding) = holding else {
+            // Its test's last client left meanwhile: it is the first again.
+            return Box::pin(self.acquire(Some(request), sessions)).await;
+        };
+        let _waiting = sessions.start_waiting();
+        let outcome = async {
+            let deadline = tokio::time::Instant::now() + self.wait;
+            let mut checks = tokio::time::interval(DEADLOCK_CHECK);
+            loop {
+                tokio::select! {
+                    permit = self.permits.clone().acquire_owned() => {
+                        return permit.map_err(|_| self.exhausted(1));
+                    }
+                    _ = checks.tick() => {
+                        if self.deadlocked() {
+                            return Err(Error::OverBudget {
+                                asked: holding + 1,
+                                holding,
+                                sessions: self.sessions,
+                            });
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(self.exhausted(1));
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        drop(_waiting);
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let group = groups.get_mut(&request.test);
+        match (outcome, group) {
+            (Ok(more), Some(group)) => {
+                group.waiting -= 1;
+                group.permits.merge(more);
+                group.clients += 1;
+                Ok(self.lease(&request.test))
+            }
+            (Err(error), Some(group)) => {
+                group.waiting -= 1;
+                Err(error)
+            }
+            // The test's other clients all left while this one waited (they hold the
+            // group); what it got is its own.
+            (Ok(more), None) => {
+                groups.insert(
+                    request.test.clone(),
+                    Group {
+                        permits: more,
+                        clients: 1,
+                        waiting: 0,
+                    },
+                );
+                Ok(self.lease(&request.test))
+            }
+            (Err(error), None) => Err(error),
+        }
     }
 
     fn exhausted(&self, asked: u32) -> Error {
@@ -368,6 +467,91 @@ mod tests {
             task.await.unwrap().expect("every test gets its sessions");
         }
         assert_eq!(leases.reserved(), 0);
+    }
+
+    #[tokio::test]
+    async fn beyond_its_reservation_a_test_waits_for_a_session_another_test_gives_back() {
+        let leases = Leases::new(4, Duration::from_secs(30));
+        let a = leases.acquire_for_test(request("a", 2)).await.unwrap();
+        let a2 = leases.acquire_for_test(request("a", 2)).await.unwrap();
+        let b = leases.acquire_for_test(request("b", 2)).await.unwrap();
+        // a's third client waits (b holds the rest and waits for nothing: no deadlock)…
+        let waiter = tokio::spawn({
+            let leases = leases.clone();
+            async move { leases.acquire_for_test(request("a", 2)).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished(), "it waits while b's test runs");
+        // …until b's test ends.
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("given b's session")
+            .unwrap()
+            .unwrap();
+        drop((a, a2));
+    }
+
+    #[tokio::test]
+    async fn two_tests_waiting_on_each_other_are_refused_not_left_waiting() {
+        let leases = Leases::new(4, Duration::from_secs(30));
+        let mut holders = HashMap::new();
+        for test in ["a", "b"] {
+            let first = leases.acquire_for_test(request(test, 2)).await.unwrap();
+            let second = leases.acquire_for_test(request(test, 2)).await.unwrap();
+            holders.insert(test, (first, second));
+        }
+        let started = std::time::Instant::now();
+        let mut waiters: HashMap<_, _> = ["a", "b"]
+            .into_iter()
+            .map(|test| {
+                let leases = leases.clone();
+                let waiter = tokio::spawn(async move {
+                    leases.acquire_for_test(request(test, 2)).await.map(drop)
+                });
+                (test, waiter)
+            })
+            .collect();
+        // Each waits for a session the other holds: one of them (or both) is refused at
+        // once, rather than both waiting out the budget's 30 s.
+        let refused = loop {
+            if let Some(test) = waiters
+                .iter()
+                .find(|(_, w)| w.is_finished())
+                .map(|(t, _)| *t)
+            {
+                break test;
+            }
+            assert!(started.elapsed() < Duration::from_secs(1), "nobody refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let error = waiters
+            .remove(refused)
+            .unwrap()
+            .await
+            .unwrap()
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                error,
+                Error::OverBudget {
+                    holding: 2,
+                    sessions: 4,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // The refused test fails and ends; the other, if still waiting, gets its session.
+        holders.remove(refused);
+        for (_, waiter) in waiters {
+            let outcome = tokio::time::timeout(Duration::from_secs(1), waiter)
+                .await
+                .expect("the other test does not wait on")
+                .unwrap();
+            assert!(matches!(outcome, Ok(()) | Err(Error::OverBudget { .. })));
+        }
     }
 
     #[tokio::test]

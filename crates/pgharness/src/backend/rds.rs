@@ -184,7 +184,7 @@ pub(crate) fn ensure(settings: &Settings) -> Result<Server, Error> {
         return Err(Error::Backend {
             backend: "rds",
             message: format!(
-                "the RDS proxy (pid {}) is no longer running; {fix}",
+                "the RDS proxy (pid {}) is not running; {fix}",
                 file.proxy_pid.unwrap_or_default()
             ),
         });
