@@ -145,7 +145,7 @@ impl Tunnel {
                 task.abort();
                 let _ = control::terminate(&ssm, &session_id).await;
                 return Err(Error::TimedOut {
-                    waiting_for: "the SSM agent's handshake".into(),
+                    waiting_for: "the SSM agent (its handshake)".into(),
                     after: config.handshake_timeout,
                 });
             }
