@@ -158,8 +158,65 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", render(error.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each said once: a cause whose text its parent's
+/// message already carries (libraries that put the cause in their message and also return
+/// it from `source()`) is not repeated.
+pub(crate) fn render(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = String::new();
+    for cause in std::iter::successors(Some(error), |e| e.source()) {
+        let text = cause.to_string();
+        if text.is_empty() || said.contains(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
+}
+
+#[cfg(test)]
+mod render_tests {
+    #[derive(Debug)]
+    struct Leaf;
+    impl std::fmt::Display for Leaf {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connection refused")
+        }
+    }
+    impl std::error::Error for Leaf {}
+
+    /// A message that embeds its cause and also returns it.
+    #[derive(Debug)]
+    struct Embeds(Leaf);
+    impl std::fmt::Display for Embeds {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "failed to log in: {}", self.0)
+        }
+    }
+    impl std::error::Error for Embeds {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let error = anyhow::Error::new(Embeds(Leaf)).context("failed to start the RDS proxy");
+        assert_eq!(
+            format!("{error:#}").matches("connection refused").count(),
+            1 + 1
+        );
+        assert_eq!(
+            super::render(error.as_ref()),
+            "failed to start the RDS proxy: failed to log in: connection refused"
+        );
     }
 }

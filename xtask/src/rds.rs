@@ -31,7 +31,7 @@ pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
         Ok(rds) => rds,
         Err(error) => {
             report(Report::Failed {
-                error: format!("{:#}", anyhow::Error::new(error)),
+                error: crate::render(&error),
             });
             return Ok(ExitCode::FAILURE);
         }

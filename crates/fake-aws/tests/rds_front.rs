@@ -251,6 +251,99 @@ async fn a_cluster_that_never_resumes_is_a_clear_timeout() {
     );
 }
 
+/// A dialer whose every stream is refused, as the jumphost's dial of a host that does not
+/// exist (or of a port nothing listens on) comes back through the tunnel.
+#[derive(Debug)]
+struct RefusedDialer;
+
+impl rds_iam::Dialer for RefusedDialer {
+    fn dial(
+        &self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::io::Result<rds_iam::dialer::BoxStream>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the jumphost could not connect to the host",
+            ))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_misspelt_endpoint_is_an_error_at_once_not_a_resume_wait() {
+    let env = env(|_| {}).await;
+    let mut target = env.target.clone();
+    // A name under a domain that never resolves (RFC 2606), as a typo in the endpoint.
+    target.endpoint.host = "aurora-tset.cluster-c0ffee.eu-west-2.rds.invalid".into();
+    target.wake_deadline = Duration::from_secs(60);
+    let started = Instant::now();
+    let error = connect(&target, None, &RefusedDialer, &env.tokens(), &ignore_waits)
+        .await
+        .expect_err("nothing answers");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("does not resolve") && text.contains("PGHARNESS_RDS_HOST"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_of_an_unknown_ca_or_another_name_is_refused_at_once_with_the_fix() {
+    let env = env(|_| {}).await;
+    // The system's public CAs, not the cluster's.
+    let mut unknown_ca = env.target.clone();
+    unknown_ca.tls = rds_iam::tls::client_config(&rds_iam::TlsPolicy::VerifyFull {
+        ca_bundle: "/etc/ssl/certs/ca-certificates.crt".into(),
+    })
+    .unwrap();
+    // The right CA, and a name the certificate is not for.
+    let mut other_name = env.target.clone();
+    other_name.endpoint.host = "other.cluster-c0ffee.eu-west-2.rds.amazonaws.com".into();
+    for (target, fix) in [
+        (unknown_ca, "PGHARNESS_RDS_CA_BUNDLE"),
+        (other_name, "endpoint name"),
+    ] {
+        let started = Instant::now();
+        let error = connect(&target, None, &env.dialer, &env.tokens(), &ignore_waits)
+            .await
+            .expect_err("the certificate is refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not waited out as a resume"
+        );
+        let text = error.to_string();
+        assert!(text.contains(fix), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_endpoint_whose_name_resolves_is_still_waited_for() {
+    let env = env(|_| {}).await;
+    let mut target = env.target.clone();
+    target.endpoint.host = "localhost".into();
+    target.wake_deadline = Duration::from_secs(2);
+    let error = connect(&target, None, &RefusedDialer, &env.tokens(), &ignore_waits)
+        .await
+        .expect_err("nothing answers");
+    assert!(
+        error
+            .to_string()
+            .contains("did not accept connections within"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn turning_verification_off_works_but_is_logged_loudly() {
     #[derive(Clone, Default)]

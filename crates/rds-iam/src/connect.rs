@@ -91,10 +91,38 @@ fn io_transient(error: &std::io::Error) -> bool {
     )
 }
 
+/// Whether nothing listened where the stream was dialed (through a tunnel: the jumphost's
+/// dial was refused, which is also how a name the jumphost cannot resolve ends).
+fn dial_refused(error: &Error) -> bool {
+    crate::error::chain(error).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// Whether `host` surely does not resolve: RDS endpoints are public DNS names (resolving to
+/// private addresses), so one that does not resolve here is misspelt. A lookup that does not
+/// answer within 2 s proves nothing.
+async fn does_not_resolve(host: &str, port: u16) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::lookup_host((host, port))
+        )
+        .await,
+        Ok(Err(_))
+    )
+}
+
 /// Retries `attempt` while it fails transiently, until `deadline`, reporting once a second.
+/// A refused connection to a `host` that does not resolve is an error at once.
 pub(crate) async fn with_wake<T, F, Fut>(
     deadline: Duration,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
+    (host, port): (&str, u16),
     mut attempt: F,
 ) -> Result<T, Error>
 where
@@ -104,6 +132,7 @@ where
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut last_report = started;
+    let mut name_checked = false;
     loop {
         let error = match attempt().await {
             Ok(value) => return Ok(value),
@@ -111,6 +140,15 @@ where
         };
         if !is_transient(&error) {
             return Err(error);
+        }
+        if !name_checked && dial_refused(&error) {
+            name_checked = true;
+            if does_not_resolve(host, port).await {
+                return Err(Error::UnknownHost {
+                    host: host.to_owned(),
+                    port,
+                });
+            }
         }
         let waited = started.elapsed();
         if waited + delay > deadline {
@@ -163,11 +201,16 @@ pub async fn connect(
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<Client, Error> {
-    with_wake(target.wake_deadline, on_wait, || {
-        with_fresh_token_on_refusal(target, tokens, |token| {
-            login(target, options, dialer, token)
-        })
-    })
+    with_wake(
+        target.wake_deadline,
+        on_wait,
+        (&target.endpoint.host, target.endpoint.port),
+        || {
+            with_fresh_token_on_refusal(target, tokens, |token| {
+                login(target, options, dialer, token)
+            })
+        },
+    )
     .await
 }
 
@@ -228,11 +271,16 @@ pub(crate) async fn open_raw(
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<(TlsStream<BoxStream>, BytesMut), Error> {
-    with_wake(target.wake_deadline, on_wait, || {
-        with_fresh_token_on_refusal(target, tokens, |token| {
-            login_raw(target, params, dialer, token)
-        })
-    })
+    with_wake(
+        target.wake_deadline,
+        on_wait,
+        (&target.endpoint.host, target.endpoint.port),
+        || {
+            with_fresh_token_on_refusal(target, tokens, |token| {
+                login_raw(target, params, dialer, token)
+            })
+        },
+    )
     .await
 }
 

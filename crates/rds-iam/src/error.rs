@@ -73,6 +73,16 @@ pub enum Error {
         /// The last failure.
         last: String,
     },
+    /// Nothing answered at the endpoint, and its name does not resolve.
+    #[error(
+        "nothing answered at {host}:{port}, and {host} does not resolve: is `[rds] host` (PGHARNESS_RDS_HOST) the cluster's endpoint, spelt right? (it looks like <cluster>.cluster-<id>.<region>.rds.amazonaws.com)"
+    )]
+    UnknownHost {
+        /// The endpoint's name.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
     /// Every session of the budget stayed in use for as long as a client may wait.
     #[error(
         "too many connections: waited {waited:?} for {asked} session(s), and all of the {sessions} upstream sessions of the cluster's budget (max_sessions) stayed in use; raise the budget (`[rds] max_sessions`, PGHARNESS_RDS_MAX_SESSIONS) within the cluster's max_connections, or run fewer tests at once"
@@ -222,6 +232,31 @@ pub(crate) fn describe_chain(error: &(dyn std::error::Error + 'static)) -> Strin
 fn describe_db(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => describe_chain(error),
+        None => {
+            let described = describe_chain(error);
+            match rustls_in_chain(error) {
+                Some(rustls::Error::InvalidCertificate(certificate)) => {
+                    format!("{described}{}", certificate_fix(certificate))
+                }
+                _ => described,
+            }
+        }
+    }
+}
+
+/// What to do about a certificate the client would not accept.
+fn certificate_fix(error: &rustls::CertificateError) -> &'static str {
+    match error {
+        rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => {
+            "; the CA bundle does not hold the cluster's CA: set `[rds] ca_bundle` (PGHARNESS_RDS_CA_BUNDLE) to the bundle of the cluster's region (or AWS's global bundle)"
+        }
+        rustls::CertificateError::NotValidForName
+        | rustls::CertificateError::NotValidForNameContext { .. } => {
+            "; the certificate is not for `[rds] host`: use the cluster's own endpoint name (`<cluster>.cluster-<id>.<region>.rds.amazonaws.com`), not an address or an alias"
+        }
+        rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
+            "; the certificate has expired, or this machine's clock is wrong"
+        }
+        _ => "",
     }
 }

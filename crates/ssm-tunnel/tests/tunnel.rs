@@ -361,7 +361,10 @@ async fn a_slow_handshake_is_waited_for_within_the_timeout_and_not_beyond() {
         .await
         .expect_err("too slow");
     assert!(
-        error.is_timeout() && error.to_string().contains("the SSM agent (its handshake) did not answer"),
+        error.is_timeout()
+            && error
+                .to_string()
+                .contains("the SSM agent (its handshake) did not answer"),
         "{error}"
     );
     assert_eq!(
