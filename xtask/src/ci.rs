@@ -25,6 +25,7 @@ enum Check {
     Interrupt,
     UpThenPlainTools,
     DeadProxy,
+    ProxyKilledMidRun,
     HoldAndWait,
     KeptSchema,
     OverlappingRuns,
@@ -42,6 +43,7 @@ async fn check(check: Check) -> anyhow::Result<()> {
             checked
         }
         Check::DeadProxy => dead_proxy_check().await,
+        Check::ProxyKilledMidRun => proxy_killed_mid_run_check().await,
         Check::HoldAndWait => hold_and_wait_check().await,
         Check::KeptSchema => kept_schema_check().await,
         Check::OverlappingRuns => overlapping_runs_check().await,
@@ -412,6 +414,74 @@ async fn dead_proxy_check() -> anyhow::Result<()> {
     .await;
     xtask(&["down"]).output()?;
     outcome
+}
+
+/// kill -9 of the RDS proxy during `cargo xtask test --backend rds --emulated`: the run says
+/// the proxy died (no failure on its ledger, no flood of janitor warnings), keeps nextest's
+/// failing exit code, and ends the SSM session the proxy left.
+async fn proxy_killed_mid_run_check() -> anyhow::Result<()> {
+    use std::io::Read;
+    eprintln!(
+        "xtask ci: kill -9 of the RDS proxy during `cargo xtask test --backend rds --emulated`"
+    );
+    let settings = crate::settings(None)?;
+    let log = settings.state_dir.join("ci-proxy-killed.log");
+    std::fs::create_dir_all(&settings.state_dir)?;
+    let output = std::fs::File::create(&log)?;
+    let mut child = xtask(&[
+        "test",
+        "--backend",
+        "rds",
+        "--emulated",
+        "-p",
+        "todo-app",
+        "--",
+        "--test-threads",
+        "1",
+    ])
+    .stdout(output.try_clone()?)
+    .stderr(output)
+    .spawn()?;
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let pid = loop {
+        text.clear();
+        std::fs::File::open(&log)?.read_to_string(&mut text)?;
+        let proxy = pgharness::backend::rds::EnvFile::read(&settings)?
+            .and_then(|f| f.proxy_pid)
+            .filter(|_| text.contains("PASS ["));
+        if let Some(pid) = proxy {
+            break pid;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("the run did not get to its tests:\n{text}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let status = child.wait()?;
+    text.clear();
+    std::fs::File::open(&log)?.read_to_string(&mut text)?;
+    let _ = std::fs::remove_file(&log);
+    if status.success() {
+        bail!("the run passed although its proxy was killed:\n{text}");
+    }
+    if !text.contains(&format!("the RDS proxy (pid {pid}) died during the run")) {
+        bail!("the run did not say its proxy died:\n{text}");
+    }
+    let failed_on_ledger = text
+        .lines()
+        .any(|line| line.starts_with("error:") && line.contains("ledger"));
+    if failed_on_ledger || text.matches("janitor").count() > 1 {
+        bail!("the run failed on its ledger or flooded janitor warnings:\n{text}");
+    }
+    if !text.contains("; 0 of them open after down") {
+        bail!("the dead proxy's SSM session was left open:\n{text}");
+    }
+    Ok(())
 }
 
 /// With a session budget of 8, plain `cargo nextest run --test-threads 32` after `up`:

@@ -206,6 +206,31 @@ pub(crate) async fn stop(settings: &Settings) -> anyhow::Result<Option<String>> 
 }
 
 /// StartSession calls and open sessions, from fake-aws's stats endpoint.
+/// An SSM client of the running emulator, with its endpoint, region and keys.
+pub(crate) fn ssm_client(values: &HashMap<String, String>) -> anyhow::Result<aws_sdk_ssm::Client> {
+    let get = |k: &str| {
+        values
+            .get(k)
+            .cloned()
+            .with_context(|| format!("the emulator's env file has no {k}"))
+    };
+    let credentials = aws_credential_types::Credentials::new(
+        get("AWS_ACCESS_KEY_ID")?,
+        get("AWS_SECRET_ACCESS_KEY")?,
+        values.get("AWS_SESSION_TOKEN").cloned(),
+        None,
+        "fake-aws",
+    );
+    Ok(aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::Config::builder()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new(get("AWS_REGION")?))
+            .endpoint_url(get("AWS_ENDPOINT_URL_SSM")?)
+            .credentials_provider(credentials)
+            .build(),
+    ))
+}
+
 /// What fake-aws's SSM service counted.
 pub(crate) struct SsmStats {
     /// StartSession calls so far.

@@ -166,8 +166,18 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
     let Some(pid) = file.proxy_pid.filter(|_| file.proxy_alive()) else {
         // A proxy that died left its SSM session (and the database sessions behind it) open.
         let progress = Progress::start("ending what a dead RDS proxy left");
-        let ended =
-            pgharness_rds::end_stale_session(settings, &|event| progress.event(event)).await;
+        let sink = |event| progress.event(event);
+        let ended = match crate::emulator::running(settings) {
+            // The emulator's endpoint and keys are the proxy's environment, not this one's.
+            Some(values) => match crate::emulator::ssm_client(&values) {
+                Ok(ssm) => pgharness_rds::end_stale_session_with(settings, &ssm, &sink).await,
+                Err(error) => {
+                    tracing::warn!(%error, "no SSM client for the emulator");
+                    false
+                }
+            },
+            None => pgharness_rds::end_stale_session(settings, &sink).await,
+        };
         progress.finish(if ended {
             "ended the SSM session of a dead RDS proxy"
         } else {

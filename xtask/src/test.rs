@@ -354,6 +354,7 @@ impl Janitor {
                 let mut failed = false;
                 let recycled = match ledger::reap(&admin, &scope).await {
                     Ok(report) => report.recycled.len() + report.dropped.len(),
+                    Err(_) if admin.is_closed() => continue,
                     Err(error) => {
                         failed = true;
                         warnings.warn("janitor pass failed", &error);
@@ -364,6 +365,7 @@ impl Janitor {
                 let created = match &warmer {
                     Some(warmer) => match warmer.warm(&admin, target, 1).await {
                         Ok(warmed) => warmed.created,
+                        Err(_) if admin.is_closed() => continue,
                         Err(error) => {
                             failed = true;
                             warnings.warn("warming the schema pool failed", &error);

@@ -13,7 +13,7 @@ pub mod report;
 
 pub use dialer::TunnelDialer;
 pub use error::Error;
-pub use proxy::{RdsProxy, RdsStats, end_stale_session};
+pub use proxy::{RdsProxy, RdsStats, end_stale_session, end_stale_session_with};
 
 #[cfg(test)]
 mod tests {

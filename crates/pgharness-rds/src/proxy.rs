@@ -68,18 +68,32 @@ impl std::fmt::Display for RdsStats {
 /// schemas' owner locks, budget slots) and their connection slots, until the service's idle
 /// timeout (20 minutes by default). The next proxy of the workspace ends that session, which
 /// closes them all.
-/// Returns whether it ended one.
+/// Returns whether it ended one. The SSM client comes from the environment (as the proxy's).
 pub async fn end_stale_session(settings: &Settings, events: EventSink<'_>) -> bool {
     let region = settings
         .rds
         .region
         .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .unwrap_or_default();
-    end_stale_session_in(settings, &region, events).await
+        .or_else(|| std::env::var("AWS_REGION").ok());
+    end_stale_session_in(settings, region.as_deref(), None, events).await
 }
 
-async fn end_stale_session_in(settings: &Settings, region: &str, events: EventSink<'_>) -> bool {
+/// [`end_stale_session`] with an SSM client of the caller's (e.g. for an emulator whose
+/// endpoint and keys are not in this process's environment).
+pub async fn end_stale_session_with(
+    settings: &Settings,
+    ssm: &aws_sdk_ssm::Client,
+    events: EventSink<'_>,
+) -> bool {
+    end_stale_session_in(settings, None, Some(ssm), events).await
+}
+
+async fn end_stale_session_in(
+    settings: &Settings,
+    region: Option<&str>,
+    ssm: Option<&aws_sdk_ssm::Client>,
+    events: EventSink<'_>,
+) -> bool {
     let Ok(Some(file)) = EnvFile::read(settings) else {
         return false;
     };
@@ -90,9 +104,13 @@ async fn end_stale_session_in(settings: &Settings, region: &str, events: EventSi
         return false;
     }
     let ended = async {
-        let region = (!region.is_empty()).then_some(region);
-        let client = ssm_tunnel::control::client(region).await?;
-        ssm_tunnel::control::terminate(&client, &session).await
+        match ssm {
+            Some(ssm) => ssm_tunnel::control::terminate(ssm, &session).await,
+            None => {
+                let client = ssm_tunnel::control::client(region).await?;
+                ssm_tunnel::control::terminate(&client, &session).await
+            }
+        }
     };
     match ended.await {
         Ok(()) => {
@@ -126,7 +144,7 @@ impl RdsProxy {
         let (dialer, tunnel): (Arc<dyn Dialer>, Option<Arc<Tunnel>>) =
             match &settings.rds.ssm_target {
                 Some(target) => {
-                    end_stale_session_in(settings, &endpoint.region, events).await;
+                    end_stale_session_in(settings, Some(&endpoint.region), None, events).await;
                     emit(
                         events,
                         Event::OpeningTunnel {
