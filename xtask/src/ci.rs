@@ -238,9 +238,12 @@ struct CmdlineWatch {
 
 impl CmdlineWatch {
     fn start(settings: &pgharness::Settings) -> CmdlineWatch {
+        CmdlineWatch::start_in(settings.state_dir.clone())
+    }
+
+    /// Watches for the passwords kept in `state_dir` (`env`'s DATABASE_URL, `server-password`).
+    fn start_in(state_dir: std::path::PathBuf) -> CmdlineWatch {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let state_dir = settings.state_dir.clone();
-        let settings = settings.clone();
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut found = Vec::new();
@@ -250,11 +253,14 @@ impl CmdlineWatch {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 if refreshed.elapsed() >= std::time::Duration::from_millis(250) {
                     refreshed = std::time::Instant::now();
-                    let proxy = pgharness::backend::rds::EnvFile::read(&settings)
+                    let proxy = std::fs::read_to_string(state_dir.join("env"))
                         .ok()
-                        .flatten()
-                        .and_then(|f| f.url)
-                        .and_then(|u| u.expose().parse::<pgharness::tokio_postgres::Config>().ok())
+                        .and_then(|text| {
+                            text.lines()
+                                .find_map(|l| l.strip_prefix("DATABASE_URL="))
+                                .map(str::to_owned)
+                        })
+                        .and_then(|u| u.parse::<pgharness::tokio_postgres::Config>().ok())
                         .and_then(|c| {
                             c.get_password()
                                 .map(|p| String::from_utf8_lossy(p).into_owned())
@@ -505,6 +511,39 @@ async fn hold_and_wait_check() -> anyhow::Result<()> {
         bail!("plain `cargo nextest run --test-threads 32` on a budget of 8 failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod cmdline_watch_tests {
+    #[test]
+    fn a_password_on_a_command_line_is_found_and_not_shown() {
+        let dir = std::env::temp_dir().join(format!("pgharness-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = format!("{:032x}", rand_secret());
+        std::fs::write(
+            dir.join("env"),
+            format!("PGHARNESS_BACKEND=rds\nDATABASE_URL=postgres://iam_app:{secret}@127.0.0.1:1/postgres\n"),
+        )
+        .unwrap();
+        let watch = super::CmdlineWatch::start_in(dir.clone());
+        // As `psql "$(sed … env)"` did.
+        let mut leaky = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.5"])
+            .arg(format!("postgres://iam_app:{secret}@127.0.0.1:1/postgres"))
+            .spawn()
+            .unwrap();
+        leaky.wait().unwrap();
+        let error = watch.finish("a test").expect_err("the leak is found");
+        let text = format!("{error:#}");
+        assert!(text.contains("sleep 0.5 postgres://iam_app:<password>@"), "{text}");
+        assert!(text.contains("(1 process(es))"), "{text}");
+        assert!(!text.contains(&secret));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn rand_secret() -> u128 {
+        u128::from_le_bytes(*uuid::Uuid::new_v4().as_bytes())
+    }
 }
 
 /// Whether this workspace's native server or container runs.
