@@ -535,7 +535,10 @@ mod cmdline_watch_tests {
         leaky.wait().unwrap();
         let error = watch.finish("a test").expect_err("the leak is found");
         let text = format!("{error:#}");
-        assert!(text.contains("sleep 0.5 postgres://iam_app:<password>@"), "{text}");
+        assert!(
+            text.contains("sleep 0.5 postgres://iam_app:<password>@"),
+            "{text}"
+        );
         assert!(text.contains("(1 process(es))"), "{text}");
         assert!(!text.contains(&secret));
         let _ = std::fs::remove_dir_all(&dir);
