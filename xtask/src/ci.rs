@@ -513,42 +513,6 @@ async fn hold_and_wait_check() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod cmdline_watch_tests {
-    #[test]
-    fn a_password_on_a_command_line_is_found_and_not_shown() {
-        let dir = std::env::temp_dir().join(format!("pgharness-watch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let secret = format!("{:032x}", rand_secret());
-        std::fs::write(
-            dir.join("env"),
-            format!("PGHARNESS_BACKEND=rds\nDATABASE_URL=postgres://iam_app:{secret}@127.0.0.1:1/postgres\n"),
-        )
-        .unwrap();
-        let watch = super::CmdlineWatch::start_in(dir.clone());
-        // As `psql "$(sed … env)"` did.
-        let mut leaky = std::process::Command::new("sh")
-            .args(["-c", "sleep 0.5"])
-            .arg(format!("postgres://iam_app:{secret}@127.0.0.1:1/postgres"))
-            .spawn()
-            .unwrap();
-        leaky.wait().unwrap();
-        let error = watch.finish("a test").expect_err("the leak is found");
-        let text = format!("{error:#}");
-        assert!(
-            text.contains("sleep 0.5 postgres://iam_app:<password>@"),
-            "{text}"
-        );
-        assert!(text.contains("(1 process(es))"), "{text}");
-        assert!(!text.contains(&secret));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn rand_secret() -> u128 {
-        u128::from_le_bytes(*uuid::Uuid::new_v4().as_bytes())
-    }
-}
-
 /// Whether this workspace's native server or container runs.
 async fn local_server_runs() -> anyhow::Result<bool> {
     let settings = crate::settings(None)?;
@@ -772,5 +736,41 @@ impl Ci {
         tested?;
         eprintln!("xtask ci: all green");
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[cfg(test)]
+mod cmdline_watch_tests {
+    #[test]
+    fn a_password_on_a_command_line_is_found_and_not_shown() {
+        let dir = std::env::temp_dir().join(format!("pgharness-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = format!("{:032x}", rand_secret());
+        std::fs::write(
+            dir.join("env"),
+            format!("PGHARNESS_BACKEND=rds\nDATABASE_URL=postgres://iam_app:{secret}@127.0.0.1:1/postgres\n"),
+        )
+        .unwrap();
+        let watch = super::CmdlineWatch::start_in(dir.clone());
+        // As `psql "$(sed … env)"` did.
+        let mut leaky = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.5"])
+            .arg(format!("postgres://iam_app:{secret}@127.0.0.1:1/postgres"))
+            .spawn()
+            .unwrap();
+        leaky.wait().unwrap();
+        let error = watch.finish("a test").expect_err("the leak is found");
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("sleep 0.5 postgres://iam_app:<password>@"),
+            "{text}"
+        );
+        assert!(text.contains("(1 process(es))"), "{text}");
+        assert!(!text.contains(&secret));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn rand_secret() -> u128 {
+        u128::from_le_bytes(*uuid::Uuid::new_v4().as_bytes())
     }
 }

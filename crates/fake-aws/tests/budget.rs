@@ -229,7 +229,7 @@ async fn two_tests_that_wait_on_each_other_beyond_their_reservations_are_told_at
     let env = env(|_| {}).await;
     let proxy = Arc::new(proxy(&env, budget).await);
     // Two tests hold one session each, the whole budget, and each opens one more.
-    let mut held = vec![
+    let mut held = [
         Some(hold_one(&proxy, "a:1").await),
         Some(hold_one(&proxy, "b:1").await),
     ];
@@ -261,8 +261,7 @@ async fn two_tests_that_wait_on_each_other_beyond_their_reservations_are_told_at
         .unwrap()
         .await
         .unwrap()
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let db = error.as_db_error().expect("an answer from the proxy");
     assert_eq!(
         db.code(),

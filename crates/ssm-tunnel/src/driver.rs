@@ -540,10 +540,10 @@ impl Driver {
                 },
                 _ = keepalive.tick(), if keepalive_on => state.mux.keepalive(),
             }
-            if let Some(why) = lost {
-                if let Err(error) = self.reconnect(&mut state, &why).await {
-                    break Err(error);
-                }
+            if let Some(why) = lost
+                && let Err(error) = self.reconnect(&mut state, &why).await
+            {
+                break Err(error);
             }
             if let Err(error) = self.handle_events(&mut state) {
                 break Err(error);

@@ -121,7 +121,7 @@ async fn carry(client: TcpStream, to: SocketAddr, mut weather: watch::Receiver<W
     let up = tokio::spawn(pipe(client_read, server_write, born.epoch, weather.clone()));
     let down = tokio::spawn(pipe(server_read, client_write, born.epoch, weather));
     // Either direction ending ends both (a reset, or a close passed on).
-    let _ = tokio::select! { _ = up => {}, _ = down => {} };
+    tokio::select! { _ = up => {}, _ = down => {} }
 }
 
 /// Copies one direction while the network carries this connection's generation; parks
