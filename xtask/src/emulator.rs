@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use pgharness::backend::ProcessId;
 use pgharness::{BackendKind, Settings};
 
 use crate::ui::Progress;
@@ -20,15 +21,32 @@ pub(crate) fn env_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("emulator.env")
 }
 
+/// Where xtask records the fake-aws process it started (pid and start time) and for which
+/// workspace: a pid alone may have passed to another process, and a copied checkout's
+/// record names the original's emulator.
+fn process_path(settings: &Settings) -> PathBuf {
+    settings.state_dir.join("emulator.process")
+}
+
+/// The fake-aws process this workspace started, if it still runs.
+fn process(settings: &Settings) -> Option<ProcessId> {
+    let text = std::fs::read_to_string(process_path(settings)).ok()?;
+    let mut lines = text.lines();
+    let process: ProcessId = lines.next()?.parse().ok()?;
+    let workspace = lines.next()?;
+    (Path::new(workspace) == settings.root && process.is_running()).then_some(process)
+}
+
 /// The running emulator's KEY=value lines, if it runs.
 pub(crate) fn running(settings: &Settings) -> Option<HashMap<String, String>> {
+    let process = process(settings)?;
     let text = std::fs::read_to_string(env_path(settings)).ok()?;
     let values: HashMap<String, String> = text
         .lines()
         .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
         .collect();
     let pid: i32 = values.get("FAKE_AWS_PID")?.parse().ok()?;
-    pgharness::backend::process_alive(pid).then_some(values)
+    (pid == process.pid).then_some(values)
 }
 
 /// The environment a client of the emulator needs: its endpoints, test credentials and CA
@@ -155,9 +173,14 @@ pub(crate) async fn ensure(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    command
+    let child = command
         .spawn()
         .with_context(|| format!("failed to start {}", binary.display()))?;
+    let process = ProcessId::of(child.id() as i32).context("fake-aws exited at once")?;
+    std::fs::write(
+        process_path(settings),
+        format!("{process}\n{}\n", settings.root.display()),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(values) = running(settings) {
@@ -195,14 +218,16 @@ fn target_dir(settings: &Settings) -> PathBuf {
 
 /// Stops the emulator if it runs.
 pub(crate) async fn stop(settings: &Settings) -> anyhow::Result<Option<String>> {
-    let Some(values) = running(settings) else {
+    let Some(process) = running(settings).and_then(|_| process(settings)) else {
+        // Another checkout's files, copied here, or a stale record: the files go, no signal.
         let _ = std::fs::remove_file(env_path(settings));
+        let _ = std::fs::remove_file(process_path(settings));
         return Ok(None);
     };
-    let pid: i32 = values["FAKE_AWS_PID"].parse()?;
-    pgharness::backend::terminate_and_wait(pid, Duration::from_secs(10)).await;
+    process.terminate(Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(env_path(settings));
-    Ok(Some(format!("fake-aws (pid {pid})")))
+    let _ = std::fs::remove_file(process_path(settings));
+    Ok(Some(format!("fake-aws (pid {})", process.pid)))
 }
 
 /// StartSession calls and open sessions, from fake-aws's stats endpoint.

@@ -163,7 +163,7 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
         return Ok(None);
     };
     let path = pgharness::backend::rds::env_file_path(settings);
-    let Some(pid) = file.proxy_pid.filter(|_| file.proxy_alive()) else {
+    let Some(proxy) = file.proxy().filter(|_| file.proxy_alive()) else {
         // A proxy that died left its SSM session (and the database sessions behind it) open.
         let progress = Progress::start("ending what a dead RDS proxy left");
         let sink = |event| progress.event(event);
@@ -186,7 +186,8 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
         let _ = std::fs::remove_file(&path);
         return Ok(None);
     };
-    if !pgharness::backend::terminate_and_wait(pid, Duration::from_secs(20)).await {
+    let pid = proxy.pid;
+    if !proxy.terminate(Duration::from_secs(20)).await {
         bail!("the RDS proxy (pid {pid}) did not stop within 20s");
     }
     let _ = std::fs::remove_file(&path);

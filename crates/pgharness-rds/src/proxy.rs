@@ -215,7 +215,9 @@ impl RdsProxy {
             backend: "rds".into(),
             url: Some(SecretUrl::new(proxy.url())),
             proxy_pid: Some(std::process::id() as i32),
+            proxy_started: Some(pgharness::backend::ProcessId::current().started),
             session: tunnel.as_ref().map(|t| t.session_id().to_owned()),
+            workspace: Some(settings.root.clone()),
         }
         .write(settings)?;
         Ok(RdsProxy {

@@ -152,6 +152,97 @@ async fn native_starters_share_one_server_until_it_is_stopped() {
     );
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_copied_checkout_never_uses_stops_or_deletes_the_original_server() {
+    let original = isolated_settings(BackendKind::Native, "original");
+    let server = backend::ensure(&original, &log_only)
+        .await
+        .expect("native starts");
+    // `cp -a` of the checkout: the copy's target/pgharness holds the original's records.
+    let copy = isolated_settings(BackendKind::Native, "copy");
+    copy_dir(&original.state_dir, &copy.state_dir);
+    assert!(
+        backend::known(&copy).is_none(),
+        "the copy's tests would connect to the original's server"
+    );
+    let stopped = backend::stop(&copy, BackendKind::Native).await.unwrap();
+    assert!(stopped.is_empty(), "{stopped:?}");
+    let client = common::admin(&server).await;
+    let data_dir: String = client
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .await
+        .expect("the original's server still answers")
+        .get(0);
+    assert!(
+        std::path::Path::new(&data_dir).is_dir(),
+        "its data is still there"
+    );
+    drop(client);
+    // The copy gets a server of its own.
+    let own = backend::ensure(&copy, &log_only)
+        .await
+        .expect("native starts");
+    assert_ne!(own.describe(), server.describe());
+    backend::stop(&copy, BackendKind::Native).await.unwrap();
+    assert_eq!(
+        backend::stop(&original, BackendKind::Native)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_stale_pid_in_a_server_record_is_never_signalled() {
+    let settings = isolated_settings(BackendKind::Native, "stale");
+    std::fs::create_dir_all(&settings.state_dir).unwrap();
+    // An unrelated process that now has the pid a record names.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid = bystander.id() as i32;
+    let started = backend::ProcessId::of(pid).unwrap().started;
+    let base = settings.state_dir.join("stale-base");
+    for (name, started) in [("a", Some(started + 1)), ("b", None)] {
+        std::fs::create_dir_all(&base).unwrap();
+        let record = serde_json::json!({
+            "watchdog_pid": pid,
+            "watchdog_started": started,
+            "workspace": settings.root,
+            "port": 1,
+            "base_dir": base,
+            "bindir": "/usr/lib/postgresql/17/bin",
+        });
+        std::fs::write(
+            settings.state_dir.join(format!("native-{name}.json")),
+            record.to_string(),
+        )
+        .unwrap();
+        let stopped = backend::stop(&settings, BackendKind::Native).await.unwrap();
+        assert!(stopped.is_empty(), "{stopped:?}");
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "down signalled a process that only has the recorded pid (record {name})"
+        );
+    }
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
 #[tokio::test]
 async fn an_idle_native_server_stops_by_itself() {
     let mut settings = isolated_settings(BackendKind::Native, "idle");

@@ -22,6 +22,10 @@ struct Known {
     image: Option<String>,
     pg_bin: Option<PathBuf>,
     max_connections: u32,
+    /// The workspace that recorded it: a record copied into another checkout is not used
+    /// there (it names the other checkout's server).
+    #[serde(default)]
+    workspace: Option<PathBuf>,
 }
 
 fn path(settings: &Settings) -> PathBuf {
@@ -39,6 +43,7 @@ fn describe(settings: &Settings, server: &Server) -> Option<Known> {
         image: settings.image.clone(),
         pg_bin: settings.pg_bin.clone(),
         max_connections: settings.max_connections,
+        workspace: Some(settings.root.clone()),
     })
 }
 
@@ -73,7 +78,8 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
     let matches = known.requested == settings.backend.as_str()
         && known.image == settings.image
         && known.pg_bin == settings.pg_bin
-        && known.max_connections == settings.max_connections;
+        && known.max_connections == settings.max_connections
+        && known.workspace.as_deref() == Some(settings.root.as_path());
     let backend = match known.backend.as_str() {
         "container" => BackendKind::Container,
         "native" => BackendKind::Native,

@@ -4,8 +4,11 @@
 pub mod container;
 mod known;
 pub mod native;
+mod process;
 pub mod rds;
 pub mod secret;
+
+pub use process::ProcessId;
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};

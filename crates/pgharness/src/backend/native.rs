@@ -16,7 +16,7 @@ use nix::unistd::User;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::secret;
+use super::{ProcessId, secret};
 use crate::connect;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
@@ -36,9 +36,31 @@ fn backend_error(message: impl Into<String>) -> Error {
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     watchdog_pid: i32,
+    /// The watchdog's start time: with the pid, what names the process (`ProcessId`). A
+    /// record without it (an older version's) is never signalled.
+    #[serde(default)]
+    watchdog_started: Option<u64>,
+    /// The workspace that started the server: a record copied into another checkout (`cp -a`)
+    /// is never used, stopped or deleted from there.
+    #[serde(default)]
+    workspace: Option<PathBuf>,
     port: u16,
     base_dir: PathBuf,
     bindir: PathBuf,
+}
+
+impl State {
+    fn watchdog(&self) -> Option<ProcessId> {
+        self.watchdog_started.map(|started| ProcessId {
+            pid: self.watchdog_pid,
+            started,
+        })
+    }
+
+    /// Whether the record was written by this workspace's own server.
+    fn belongs_to(&self, settings: &Settings) -> bool {
+        self.workspace.as_deref() == Some(settings.root.as_path())
+    }
 }
 
 /// Finds the directory holding `initdb` and `postgres`: `PGHARNESS_PG_BIN`, then
@@ -127,7 +149,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
     let lock = lock(&paths.lock).await?;
     let password = secret::local_password(settings)?;
-    let (port, started) = match read_state(&paths.state).filter(alive) {
+    let (port, started) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
         Some(state) => (state.port, false),
         None => (start(settings, &bindir, &paths, &password, sink)?, true),
     };
@@ -153,7 +175,7 @@ pub fn is_running(settings: &Settings) -> bool {
     let Ok(bindir) = find_bindir(settings) else {
         return false;
     };
-    read_state(&paths(settings, &bindir).state).is_some_and(|state| alive(&state))
+    read_state(&paths(settings, &bindir).state).is_some_and(|state| alive(&state, settings))
 }
 
 /// Stops this workspace's native servers (for `cargo xtask down`).
@@ -173,10 +195,23 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
             continue;
         }
         let lock = lock(&path.with_extension("lock")).await?;
-        if let Some(state) = read_state(&path) {
-            super::terminate_and_wait(state.watchdog_pid, Duration::from_secs(30)).await;
-            let _ = std::fs::remove_dir_all(&state.base_dir);
-            stopped.push(format!("native server on 127.0.0.1:{}", state.port));
+        match read_state(&path) {
+            // Copied here with the rest of another checkout: that checkout's server and
+            // data are its own. Only the copy of the record goes.
+            Some(state) if !state.belongs_to(settings) => {
+                tracing::info!(record = %path.display(), "not stopping the native server of another workspace");
+            }
+            Some(state) => {
+                // Only the recorded watchdog itself is signalled, never a process that has
+                // its pid now.
+                let watchdog = state.watchdog().filter(ProcessId::is_running);
+                if let Some(watchdog) = watchdog {
+                    watchdog.terminate(Duration::from_secs(30)).await;
+                    stopped.push(format!("native server on 127.0.0.1:{}", state.port));
+                }
+                let _ = std::fs::remove_dir_all(&state.base_dir);
+            }
+            None => {}
         }
         let _ = std::fs::remove_file(&path);
         drop(lock);
@@ -206,8 +241,11 @@ fn read_state(path: &Path) -> Option<State> {
     serde_json::from_str(&text).ok()
 }
 
-fn alive(state: &State) -> bool {
-    super::process_alive(state.watchdog_pid)
+fn alive(state: &State, settings: &Settings) -> bool {
+    state.belongs_to(settings)
+        && state
+            .watchdog()
+            .is_some_and(|watchdog| watchdog.is_running())
         && TcpStream::connect_timeout(
             &(Ipv4Addr::LOCALHOST, state.port).into(),
             Duration::from_secs(1),
@@ -348,8 +386,11 @@ fn start(
     let child = watchdog
         .spawn()
         .map_err(|e| Error::io("failed to start", &script, e))?;
+    let watchdog = ProcessId::of(child.id() as i32);
     let state = State {
         watchdog_pid: child.id() as i32,
+        watchdog_started: watchdog.map(|w| w.started),
+        workspace: Some(settings.root.clone()),
         port,
         base_dir: base.clone(),
         bindir: bindir.to_path_buf(),

@@ -19,6 +19,12 @@ pub struct EnvFile {
     pub url: Option<SecretUrl>,
     /// `PGHARNESS_RDS_PROXY_PID`: the background process.
     pub proxy_pid: Option<i32>,
+    /// `PGHARNESS_RDS_PROXY_STARTED`: its start time, which with the pid names it (a pid
+    /// alone may have passed to another process since).
+    pub proxy_started: Option<u64>,
+    /// `PGHARNESS_WORKSPACE`: the workspace that wrote the file; a copy of it in another
+    /// checkout is not that checkout's (see [`EnvFile::read`]).
+    pub workspace: Option<PathBuf>,
     /// `PGHARNESS_RDS_SESSION`: its SSM session, if it tunnels.
     pub session: Option<String>,
 }
@@ -65,9 +71,22 @@ fn service_section(url: &str) -> Option<String> {
 }
 
 impl EnvFile {
-    /// Reads the env file, if there is one.
+    /// Reads this workspace's env file, if there is one: a file another workspace wrote
+    /// (copied here with a checkout) is none of this one's.
     pub fn read(settings: &Settings) -> Result<Option<EnvFile>, Error> {
-        EnvFile::read_in(&settings.state_dir)
+        Ok(EnvFile::read_in(&settings.state_dir)?.filter(|file| {
+            let ours = file
+                .workspace
+                .as_deref()
+                .is_none_or(|workspace| workspace == settings.root);
+            if !ours {
+                tracing::info!(
+                    workspace = ?file.workspace,
+                    "the env file was written by another workspace; ignoring it"
+                );
+            }
+            ours
+        }))
     }
 
     /// Reads the env file of the state directory `state_dir`, if there is one.
@@ -87,6 +106,8 @@ impl EnvFile {
                 "PGHARNESS_BACKEND" => file.backend = value.to_owned(),
                 "DATABASE_URL" => file.url = Some(SecretUrl::new(value)),
                 "PGHARNESS_RDS_PROXY_PID" => file.proxy_pid = value.parse().ok(),
+                "PGHARNESS_RDS_PROXY_STARTED" => file.proxy_started = value.parse().ok(),
+                "PGHARNESS_WORKSPACE" => file.workspace = Some(PathBuf::from(value)),
                 "PGHARNESS_RDS_SESSION" => file.session = Some(value.to_owned()),
                 _ => {}
             }
@@ -106,6 +127,13 @@ impl EnvFile {
         if let Some(pid) = self.proxy_pid {
             text.push_str(&format!("PGHARNESS_RDS_PROXY_PID={pid}\n"));
         }
+        if let Some(started) = self.proxy_started {
+            text.push_str(&format!("PGHARNESS_RDS_PROXY_STARTED={started}\n"));
+        }
+        text.push_str(&format!(
+            "PGHARNESS_WORKSPACE={}\n",
+            settings.root.display()
+        ));
         if let Some(session) = &self.session {
             text.push_str(&format!("PGHARNESS_RDS_SESSION={session}\n"));
         }
@@ -136,9 +164,18 @@ impl EnvFile {
         }
     }
 
-    /// Whether its background proxy still runs.
+    /// The background proxy, as recorded (pid and start time).
+    pub fn proxy(&self) -> Option<super::ProcessId> {
+        Some(super::ProcessId {
+            pid: self.proxy_pid?,
+            started: self.proxy_started?,
+        })
+    }
+
+    /// Whether its background proxy still runs: the recorded process itself, not another
+    /// that has its pid now.
     pub fn proxy_alive(&self) -> bool {
-        self.proxy_pid.is_some_and(super::process_alive)
+        self.proxy().is_some_and(|proxy| proxy.is_running())
     }
 }
 

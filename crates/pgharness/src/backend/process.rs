@@ -1,0 +1,135 @@
+//! The processes pgharness starts and records (a native server's watchdog, the RDS proxy,
+//! fake-aws), named by pid *and* start time. A recorded pid outlives its process: the kernel
+//! hands it to the next process that comes along, and a record that named the pid alone
+//! would have `down` send SIGTERM to whatever runs under it now. A pid whose start time is
+//! not the recorded one is not ours: never signalled, never taken for running.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A process as recorded: its pid and when it started (clock ticks after boot, the kernel's
+/// `starttime` in `/proc/<pid>/stat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    /// The pid.
+    pub pid: i32,
+    /// Its start time, in clock ticks after boot.
+    pub started: u64,
+}
+
+/// The state and start time fields of `/proc/<pid>/stat`.
+fn stat(pid: i32) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count after it.
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the stat line, starttime field 22.
+    let state = fields.first()?.to_string();
+    let started = fields.get(19)?.parse().ok()?;
+    Some((state, started))
+}
+
+impl ProcessId {
+    /// The process running under `pid` now, if any.
+    pub fn of(pid: i32) -> Option<ProcessId> {
+        let (_, started) = stat(pid)?;
+        Some(ProcessId { pid, started })
+    }
+
+    /// This process.
+    pub fn current() -> ProcessId {
+        let pid = std::process::id() as i32;
+        ProcessId::of(pid).unwrap_or(ProcessId { pid, started: 0 })
+    }
+
+    /// Whether the recorded process still runs: its pid is in use, not by a zombie, and by
+    /// a process that started when the recorded one did.
+    pub fn is_running(&self) -> bool {
+        match stat(self.pid) {
+            Some((state, started)) => {
+                started == self.started && !matches!(state.as_str(), "Z" | "X")
+            }
+            None => false,
+        }
+    }
+
+    /// Sends SIGTERM if the recorded process still runs (never to a pid that another
+    /// process now has), and waits up to `timeout` for it to go; true when it is gone.
+    pub async fn terminate(&self, timeout: Duration) -> bool {
+        if !self.is_running() {
+            return true;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_running() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        !self.is_running()
+    }
+}
+
+/// `pid:started`, as records hold it.
+impl fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.pid, self.started)
+    }
+}
+
+impl FromStr for ProcessId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ProcessId, String> {
+        let (pid, started) = text
+            .split_once(':')
+            .ok_or_else(|| format!("`{text}` is not pid:started"))?;
+        Ok(ProcessId {
+            pid: pid.parse().map_err(|e| format!("`{pid}`: {e}"))?,
+            started: started.parse().map_err(|e| format!("`{started}`: {e}"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_known_by_its_pid_and_start_time() {
+        let me = ProcessId::current();
+        assert!(me.started > 0);
+        assert!(me.is_running());
+        assert_eq!(me.to_string().parse::<ProcessId>(), Ok(me));
+        // The same pid with another start time is another process.
+        let other = ProcessId {
+            started: me.started + 1,
+            ..me
+        };
+        assert!(!other.is_running());
+    }
+
+    #[tokio::test]
+    async fn a_pid_that_now_belongs_to_another_process_is_not_signalled() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = sleeper.id() as i32;
+        let recorded = ProcessId {
+            pid,
+            started: ProcessId::of(pid).unwrap().started.saturating_sub(1),
+        };
+        assert!(recorded.terminate(Duration::from_secs(1)).await);
+        assert!(
+            sleeper.try_wait().unwrap().is_none(),
+            "the process that has the pid now was signalled"
+        );
+        // The recorded process itself is signalled (it lingers as our zombie, not running).
+        let real = ProcessId::of(pid).unwrap();
+        assert!(real.terminate(Duration::from_secs(5)).await);
+        let _ = sleeper.wait();
+    }
+}
