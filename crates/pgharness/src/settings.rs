@@ -430,8 +430,10 @@ impl Settings {
             max_connections: parse(get("max_connections"), "max_connections", 100, |v| match v
                 .parse::<u32>()
             {
-                Ok(n) if n >= 10 => Ok(n),
-                _ => Err(format!("`{v}` is not a whole number of at least 10")),
+                Ok(n) if (10..=MAX_CONNECTIONS).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "`{v}` is not a whole number from 10 to {MAX_CONNECTIONS} (each connection slot costs the server memory up front; a test server needs a few hundred at most)"
+                )),
             })?,
             reap_ttl: parse(
                 get("reap_ttl"),
@@ -589,6 +591,9 @@ fn parse<T>(
     }
 }
 
+/// The most `max_connections` a server pgharness starts may have.
+pub(crate) const MAX_CONNECTIONS: u32 = 10_000;
+
 /// The longest duration a setting may have: long enough for any wait, short enough that
 /// adding it to a clock never overflows.
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -681,6 +686,21 @@ mod tests {
         assert!(
             error.contains("`pool`") && error.contains("pgharness.toml"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn an_absurd_max_connections_is_refused_before_any_server_starts() {
+        let error = load(None, &[("PGHARNESS_MAX_CONNECTIONS", "1000000")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("setting `max_connections`"), "{error}");
+        assert!(error.contains("from 10 to 10000"), "{error}");
+        assert_eq!(
+            load(None, &[("PGHARNESS_MAX_CONNECTIONS", "10000")])
+                .unwrap()
+                .max_connections,
+            10000
         );
     }
 

@@ -244,6 +244,60 @@ async fn a_stale_pid_in_a_server_record_is_never_signalled() {
 }
 
 #[tokio::test]
+async fn a_native_server_that_exits_at_start_fails_at_once_with_its_fatal_line() {
+    // The machine's Postgres, but a `postgres` that refuses to start as a server (as one
+    // given more connection slots than the machine has memory for does).
+    let real = backend::native::find_bindir(&isolated_settings(BackendKind::Native, "probe"))
+        .expect("the Postgres binaries");
+    let bindir =
+        std::env::temp_dir().join(format!("pgharness-it-fatal-bin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&bindir).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap().flatten() {
+        if entry.file_name() != "postgres" {
+            std::fs::copy(entry.path(), bindir.join(entry.file_name())).unwrap();
+        }
+    }
+    let wrapper = bindir.join("postgres");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *listen_addresses=127.0.0.1*) \
+             echo 'FATAL:  could not map anonymous shared memory: Cannot allocate memory' >&2; exit 1;; \
+             *) exec '{}' \"$@\";; esac\n",
+            real.join("postgres").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut settings = isolated_settings(BackendKind::Native, "fatal");
+    settings.pg_bin = Some(bindir.clone());
+    settings.acquire_timeout = Duration::from_secs(60);
+    let started = Instant::now();
+    let error = backend::ensure(&settings, &log_only)
+        .await
+        .expect_err("the server cannot start");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited {:?}: the FATAL line was not noticed",
+        started.elapsed()
+    );
+    let text = error.to_string();
+    assert!(text.contains("exited at start"), "{text}");
+    assert!(text.contains("Cannot allocate memory"), "{text}");
+    // Nothing left: no data on tmpfs, no record, no watchdog.
+    let leftovers: Vec<_> = std::fs::read_dir(&settings.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("native-") && name.ends_with(".json"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!backend::is_running(&settings, BackendKind::Native).await);
+    let _ = std::fs::remove_dir_all(&bindir);
+}
+
+#[tokio::test]
 async fn an_idle_native_server_stops_by_itself() {
     let mut settings = isolated_settings(BackendKind::Native, "idle");
     settings.native_idle = Duration::from_secs(1);

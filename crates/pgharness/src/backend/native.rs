@@ -155,8 +155,24 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     };
     let server = Server::local(BackendKind::Native, port, &password);
     let what = format!("the native Postgres server on 127.0.0.1:{port}");
-    let mut ready =
-        connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what).await;
+    let config = server.config();
+    let mut ready = tokio::select! {
+        ready = connect::wait_ready(&config, settings.acquire_timeout, sink, &what) => ready,
+        fatal = startup_failure(&paths.base), if started => {
+            // A server that exits at start says why at once (its FATAL line), and leaves
+            // nothing behind: not its watchdog, not its data on tmpfs, not its record.
+            if let Some(watchdog) = read_state(&paths.state).and_then(|s| s.watchdog()) {
+                watchdog.terminate(Duration::from_secs(5)).await;
+            }
+            let _ = std::fs::remove_dir_all(&paths.base);
+            let _ = std::fs::remove_file(&paths.state);
+            drop(lock);
+            return Err(backend_error(format!(
+                "the native Postgres server exited at start: {fatal}; check the settings it was given (max_connections = {}) and the machine's memory",
+                settings.max_connections
+            )));
+        }
+    };
     if started && ready.is_ok() {
         ready = secret::lower_scram_cost(&server.config(), &password).await;
     }
@@ -168,6 +184,26 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         ))
     })?;
     Ok(server)
+}
+
+/// Waits until the server's log says it failed to start (a `FATAL:` or `PANIC:` line, and
+/// no `postmaster.pid`: the postmaster removes it when it gives up); returns that line.
+async fn startup_failure(base: &Path) -> String {
+    let (log, pid_file) = (base.join("server.log"), base.join("data/postmaster.pid"));
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            continue;
+        };
+        let fatal = text
+            .lines()
+            .find(|line| line.contains("FATAL:") || line.contains("PANIC:"));
+        if let Some(line) = fatal
+            && !pid_file.exists()
+        {
+            return line.trim().to_owned();
+        }
+    }
 }
 
 /// Whether this workspace's native server runs.
