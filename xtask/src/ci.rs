@@ -27,6 +27,7 @@ enum Check {
     DeadProxy,
     ProxyKilledMidRun,
     HoldAndWait,
+    ImageInterrupted,
     KeptSchema,
     OverlappingRuns,
     EmulatedRunStopsItsPostgres,
@@ -43,8 +44,13 @@ async fn check(check: Check) -> anyhow::Result<()> {
             checked
         }
         Check::DeadProxy => dead_proxy_check().await,
-        Check::ProxyKilledMidRun => proxy_killed_mid_run_check().await,
+        Check::ProxyKilledMidRun => {
+            proxy_killed_mid_run_check().await?;
+            eprintln!("xtask ci: the run named its dead proxy and ended its SSM session");
+            Ok(())
+        }
         Check::HoldAndWait => hold_and_wait_check().await,
+        Check::ImageInterrupted => image_interrupted_check().await,
         Check::KeptSchema => kept_schema_check().await,
         Check::OverlappingRuns => overlapping_runs_check().await,
         Check::EmulatedRunStopsItsPostgres => emulated_run_stops_its_postgres_check().await,
@@ -487,6 +493,57 @@ async fn proxy_killed_mid_run_check() -> anyhow::Result<()> {
     if !text.contains("; 0 of them open after down") {
         bail!("the dead proxy's SSM session was left open:\n{text}");
     }
+    Ok(())
+}
+
+/// SIGTERM to `cargo xtask image` mid-build: its root filesystem (hundreds of MB under
+/// /var/tmp) and anything debootstrap mounted in it are gone, and no step keeps running.
+async fn image_interrupted_check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: SIGTERM to `cargo xtask image` while debootstrap runs");
+    let mut child = xtask(&["image", "--force", "--tag", "pgharness-ci/interrupted:17"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let rootfs = std::path::PathBuf::from(format!("/var/tmp/pgharness-image-{}", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    // Once debootstrap has unpacked something.
+    while !rootfs.join("debootstrap").exists() && !rootfs.join("var").exists() {
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            bail!("`cargo xtask image` never got to debootstrap");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if output.status.success() {
+        bail!("the interrupted build claims success:\n{stderr}");
+    }
+    if rootfs.exists() {
+        bail!(
+            "{} is left behind after SIGTERM:\n{stderr}",
+            rootfs.display()
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.contains("/var/tmp/pgharness-image-") {
+        bail!("a mount of the interrupted build is left behind");
+    }
+    let stray = std::process::Command::new("pgrep")
+        .args(["-af", "debootstrap"])
+        .output()?;
+    if !stray.stdout.is_empty() {
+        bail!(
+            "debootstrap still runs after the build was stopped:\n{}",
+            String::from_utf8_lossy(&stray.stdout)
+        );
+    }
+    eprintln!("xtask ci: the interrupted image build left nothing behind");
     Ok(())
 }
 

@@ -83,18 +83,28 @@ fn mirror() -> String {
         .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
 }
 
+/// The process group of the step running now (0: none), for an interrupted build to stop.
+static STEP_GROUP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 async fn run_step(
     progress: &Progress,
     what: &str,
     command: &mut tokio::process::Command,
 ) -> anyhow::Result<()> {
     progress.say(what.to_owned());
+    // A group of its own, so that an interrupted build stops the step and everything it
+    // started (debootstrap runs dpkg in the chroot, `docker import` a tar).
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("failed to start: {what}"))?;
+    if let Some(pid) = child.id() {
+        STEP_GROUP.store(pid as i32, std::sync::atomic::Ordering::SeqCst);
+    }
     let stdout = child.stdout.take().context("no stdout")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let errors = tokio::spawn(async move {
@@ -113,6 +123,7 @@ async fn run_step(
         progress.say(format!("{what}: {}", line.trim()));
     }
     let status = child.wait().await?;
+    STEP_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
     let tail = errors.await.unwrap_or_default();
     if !status.success() {
         bail!("{what} failed ({status}):\n{}", tail.join("\n"));
@@ -144,12 +155,98 @@ pub(crate) async fn build(tag: &str) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let rootfs = PathBuf::from(format!("/var/tmp/pgharness-image-{}", std::process::id()));
-    let result = build_in(&progress, &rootfs, tag).await;
-    let _ = std::fs::remove_dir_all(&rootfs);
-    result?;
+    remove_leftovers();
+    let rootfs = PathBuf::from(format!("{ROOTFS_PREFIX}{}", std::process::id()));
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut terminate, mut interrupt, mut hangup) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::hangup())?,
+    );
+    let result = tokio::select! {
+        result = build_in(&progress, &rootfs, tag) => result,
+        _ = terminate.recv() => Err(anyhow::anyhow!("stopped (SIGTERM)")),
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = hangup.recv() => Err(anyhow::anyhow!("hung up")),
+    };
+    // A step still running was cut short: stop it and all it started before its files go.
+    let group = STEP_GROUP.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if group > 0 {
+        let group = nix::unistd::Pid::from_raw(group);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        // Until the whole group is gone (nothing writes into the files removed next).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nix::sys::signal::killpg(group, None).is_ok() && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    remove_rootfs(&rootfs);
+    result.with_context(|| format!("building {tag} failed; its temporary files are removed"))?;
     progress.finish(&format!("built {tag}"));
     Ok(())
+}
+
+/// Where a build's root filesystem goes (`<prefix><pid>`).
+const ROOTFS_PREFIX: &str = "/var/tmp/pgharness-image-";
+
+/// The root filesystems of earlier builds that were killed outright (SIGKILL leaves no
+/// chance to clean up): those whose process no longer runs.
+fn remove_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/var/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let pid = path
+            .to_str()
+            .and_then(|p| p.strip_prefix(ROOTFS_PREFIX))
+            .and_then(|pid| pid.parse::<i32>().ok());
+        if let Some(pid) = pid
+            && !pgharness::backend::process_alive(pid)
+        {
+            remove_rootfs(&path);
+        }
+    }
+}
+
+/// Removes a build's root filesystem. debootstrap mounts proc and sys inside it (and a
+/// build cut short leaves them mounted): those are unmounted first, and nothing is removed
+/// while anything is still mounted below it, since removing through a mount would delete
+/// the host's own files.
+fn remove_rootfs(rootfs: &Path) {
+    if !rootfs.exists() {
+        return;
+    }
+    let mounted_below = || -> Vec<String> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut below: Vec<String> = mounts
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            // /proc/self/mounts escapes spaces and the like as octal; our paths have none.
+            .filter(|point| Path::new(point).starts_with(rootfs))
+            .map(str::to_owned)
+            .collect();
+        below.sort_by_key(|point| std::cmp::Reverse(point.len()));
+        below
+    };
+    for point in mounted_below() {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &point])
+            .status();
+    }
+    let left = mounted_below();
+    if !left.is_empty() {
+        tracing::warn!(
+            ?left,
+            "not removing {}: still mounted below it",
+            rootfs.display()
+        );
+        return;
+    }
+    if let Err(error) = std::fs::remove_dir_all(rootfs) {
+        tracing::warn!(%error, "could not remove {}", rootfs.display());
+    }
 }
 
 async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Result<()> {
