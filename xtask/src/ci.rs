@@ -28,6 +28,7 @@ enum Check {
     ProxyKilledMidRun,
     HoldAndWait,
     ImageInterrupted,
+    ServerGoneMidRun,
     KeptSchema,
     OverlappingRuns,
     EmulatedRunStopsItsPostgres,
@@ -51,6 +52,7 @@ async fn check(check: Check) -> anyhow::Result<()> {
         }
         Check::HoldAndWait => hold_and_wait_check().await,
         Check::ImageInterrupted => image_interrupted_check().await,
+        Check::ServerGoneMidRun => server_gone_mid_run_check().await,
         Check::KeptSchema => kept_schema_check().await,
         Check::OverlappingRuns => overlapping_runs_check().await,
         Check::EmulatedRunStopsItsPostgres => emulated_run_stops_its_postgres_check().await,
@@ -494,6 +496,95 @@ async fn proxy_killed_mid_run_check() -> anyhow::Result<()> {
         bail!("the dead proxy's SSM session was left open:\n{text}");
     }
     Ok(())
+}
+
+/// The native server stopped at once (`pg_ctl stop -m immediate`: SIGQUIT to the
+/// postmaster) in the middle of `cargo xtask test`: a test process starts a new one, the
+/// retried test passes, and the run says the server went away, prints no kept-schema line
+/// for a server that is gone, no flood of warnings, and exits with nextest's code.
+async fn server_gone_mid_run_check() -> anyhow::Result<()> {
+    use std::io::Read;
+    eprintln!(
+        "xtask ci: the native server stopped immediately in the middle of `cargo xtask test`"
+    );
+    let settings = crate::settings(Some(BackendKind::Native))?;
+    let log = settings.state_dir.join("ci-server-gone.log");
+    std::fs::create_dir_all(&settings.state_dir)?;
+    let output = std::fs::File::create(&log)?;
+    let mut child = xtask(&[
+        "test",
+        "--backend",
+        "native",
+        "-p",
+        "todo-app",
+        "--retries",
+        "1",
+        "--no-fail-fast",
+        "--",
+        "--test-threads",
+        "1",
+    ])
+    .stdout(output.try_clone()?)
+    .stderr(output)
+    .spawn()?;
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let postmaster = loop {
+        text.clear();
+        std::fs::File::open(&log)?.read_to_string(&mut text)?;
+        if text.matches("PASS [").count() >= 3
+            && let Some(pid) = native_postmaster(&settings)
+        {
+            break pid;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("the run did not get to its tests:\n{text}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGQUIT,
+    )?;
+    let status = child.wait()?;
+    text.clear();
+    std::fs::File::open(&log)?.read_to_string(&mut text)?;
+    let _ = std::fs::remove_file(&log);
+    xtask(&["down"]).output()?;
+    if !text.contains("went away during the run") {
+        bail!("the run did not say its server went away:\n{text}");
+    }
+    if text.contains("kept ") && text.contains("psql") {
+        bail!("the run printed a kept schema on a server that is gone:\n{text}");
+    }
+    if text.matches("WARN").count() > 3 {
+        bail!("the run flooded warnings:\n{text}");
+    }
+    let all_passed = text.contains("30 tests run: 30 passed");
+    if all_passed != status.success() {
+        bail!("the run's exit code ({status}) is not nextest's:\n{text}");
+    }
+    eprintln!(
+        "xtask ci: the run said its server went away and exited with nextest's code ({status})"
+    );
+    Ok(())
+}
+
+/// The postmaster of this workspace's native server, from its `postmaster.pid`.
+fn native_postmaster(settings: &pgharness::Settings) -> Option<i32> {
+    for entry in std::fs::read_dir(&settings.state_dir).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("native-") && name.ends_with(".json")) {
+            continue;
+        }
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
+        let base = record["base_dir"].as_str()?;
+        let pid_file = std::path::Path::new(base).join("data/postmaster.pid");
+        let pid = std::fs::read_to_string(pid_file).ok()?;
+        return pid.lines().next()?.trim().parse().ok();
+    }
+    None
 }
 
 /// SIGTERM to `cargo xtask image` mid-build: its root filesystem (hundreds of MB under

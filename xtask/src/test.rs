@@ -270,12 +270,17 @@ impl Test {
             // Nothing more can be asked of the cluster through it: say so, and let
             // nextest's result stand.
             eprintln!("xtask: {died}");
-            let code = match status?.code() {
-                Some(0) => ExitCode::SUCCESS,
-                Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                None => ExitCode::FAILURE,
-            };
-            return Ok((code, 0));
+            return Ok((exit_code(status?), 0));
+        }
+        // The server went away under the run (stopped, crashed, or restarted by a test
+        // process): its ledger went with it. Say so once and let nextest's result stand,
+        // rather than failing on the ledger or printing kept schemas that no longer exist.
+        if admin.is_closed() || admin.simple_query("SELECT 1").await.is_err() {
+            eprintln!(
+                "xtask: the {kind} server ({}) went away during the run: no summary (its ledger went with it); nextest's result stands",
+                server.describe()
+            );
+            return Ok((exit_code(status?), 0));
         }
         let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
         tracing::debug!(
@@ -285,13 +290,16 @@ impl Test {
         );
         let summary = ledger::run_summary(&admin, &run_id).await?;
         print_summary(&summary, server, settings);
-        let status = status?;
-        let code = match status.code() {
-            Some(0) => ExitCode::SUCCESS,
-            Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            None => ExitCode::FAILURE,
-        };
-        Ok((code, summary.kept))
+        Ok((exit_code(status?), summary.kept))
+    }
+}
+
+/// nextest's exit code, as the run's.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
     }
 }
 
