@@ -198,7 +198,8 @@ impl Bench {
 
         // Hits: one migration set, its pool warmed, every schema recycled after its test.
         settings.migrations = bench_migrations()?;
-        pgharness::pool::warm(&admin, &settings.migrations, 3, 3).await?;
+        let ns = pgharness::ledger::Namespace::of(&server.config());
+        pgharness::pool::warm(&admin, &ns, &settings.migrations, 3, 3).await?;
         let (claimed, teardowns) = {
             let settings = settings.clone();
             let n = self.schemas;
@@ -262,9 +263,12 @@ impl Bench {
         );
         let row = admin
             .query_one(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY reset_ms),
-                        count(*) FILTER (WHERE path = 'claimed'), count(*) FILTER (WHERE path = 'created')
-                   FROM pgharness.acquires WHERE run_id = $1",
+                &format!(
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY reset_ms),
+                            count(*) FILTER (WHERE path = 'claimed'), count(*) FILTER (WHERE path = 'created')
+                       FROM {}.acquires WHERE run_id = $1",
+                    pgharness::ledger::Namespace::of(&server.config())
+                ),
                 &[&run_id],
             )
             .await?;
@@ -339,7 +343,8 @@ impl Bench {
         settings.run_id = Some(format!("bench-rds-{}", std::process::id()));
         let server = pgharness::backend::ensure(settings, &pgharness::events::log_only).await?;
         let admin = crate::servers::admin_client(&server).await?;
-        pgharness::pool::warm(&admin, &settings.migrations, 3, 3).await?;
+        let ns = pgharness::ledger::Namespace::of(&server.config());
+        pgharness::pool::warm(&admin, &ns, &settings.migrations, 3, 3).await?;
         let (settings, n) = (settings.clone(), self.schemas.min(20));
         let (claimed, _) =
             tokio::task::spawn_blocking(move || claim_loop(&settings, n, "rds")).await??;
@@ -422,6 +427,7 @@ impl Bench {
             let run_id = format!("bench-suite-{}-{round}", std::process::id());
             let janitor = crate::test::Janitor::spawn(
                 admin.clone(),
+                pgharness::ledger::Namespace::of(&server.config()),
                 run_id.clone(),
                 settings.migrations.clone(),
                 3,

@@ -37,7 +37,8 @@ impl Reap {
             let server =
                 pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
             let client = servers::admin_client(&server).await?;
-            let report = ledger::reap(&client, &scope).await?;
+            let ns = ledger::Namespace::of(&server.config());
+            let report = ledger::reap(&client, &ns, &scope).await?;
             eprintln!(
                 "xtask: {kind}: dropped {} schema(s), returned {} to the pool, {} still owned",
                 report.dropped.len(),

@@ -109,7 +109,8 @@ impl Up {
             );
         } else {
             let progress = Progress::start("filling the schema pool");
-            let warmed = pgharness::pool::warm(&admin, &settings.migrations, target, target)
+            let ns = pgharness::ledger::Namespace::of(&server.config());
+            let warmed = pgharness::pool::warm(&admin, &ns, &settings.migrations, target, target)
                 .await
                 .with_context(|| {
                     format!(

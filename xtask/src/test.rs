@@ -207,8 +207,10 @@ impl Test {
         let run_id = format!("xtask-{}", uuid::Uuid::new_v4());
         let admin = Arc::new(servers::admin_client(server).await?);
         ledger::hold_run_lock(&admin, &run_id).await?;
+        let ns = ledger::Namespace::of(&server.config());
         let stale = ledger::reap(
             &admin,
+            &ns,
             &ReapScope::Stale {
                 ttl: settings.reap_ttl,
                 run_grace: Duration::from_secs(30),
@@ -243,6 +245,7 @@ impl Test {
 
         let janitor = Janitor::spawn(
             admin.clone(),
+            ns.clone(),
             run_id.clone(),
             settings.migrations.clone(),
             if latency_bound {
@@ -282,13 +285,13 @@ impl Test {
             );
             return Ok((exit_code(status?), 0));
         }
-        let finished = ledger::reap(&admin, &ReapScope::FinishedInRun(run_id.clone())).await?;
+        let finished = ledger::reap(&admin, &ns, &ReapScope::FinishedInRun(run_id.clone())).await?;
         tracing::debug!(
             recycled = finished.recycled.len(),
             dropped = finished.dropped.len(),
             "final janitor pass"
         );
-        let summary = ledger::run_summary(&admin, &run_id).await?;
+        let summary = ledger::run_summary(&admin, &ns, &run_id).await?;
         print_summary(&summary, server, settings);
         Ok((exit_code(status?), summary.kept))
     }
@@ -335,6 +338,7 @@ pub(crate) struct Janitor {
 impl Janitor {
     pub(crate) fn spawn(
         admin: Arc<tokio_postgres::Client>,
+        ns: ledger::Namespace,
         run_id: String,
         migrations: std::path::PathBuf,
         target: u64,
@@ -360,7 +364,7 @@ impl Janitor {
                     return;
                 }
                 let mut failed = false;
-                let recycled = match ledger::reap(&admin, &scope).await {
+                let recycled = match ledger::reap(&admin, &ns, &scope).await {
                     Ok(report) => report.recycled.len() + report.dropped.len(),
                     Err(_) if admin.is_closed() => continue,
                     Err(error) => {
@@ -371,7 +375,7 @@ impl Janitor {
                 };
                 // One schema per pass, so that finished schemas never wait long.
                 let created = match &warmer {
-                    Some(warmer) => match warmer.warm(&admin, target, 1).await {
+                    Some(warmer) => match warmer.warm(&admin, &ns, target, 1).await {
                         Ok(warmed) => warmed.created,
                         Err(_) if admin.is_closed() => continue,
                         Err(error) => {

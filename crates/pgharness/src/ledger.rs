@@ -1,6 +1,14 @@
-//! The ledger `pgharness.ledger`: one row per test schema with its owner, status and phase
-//! timings. It is what the reaper trusts (it drops nothing that is not in it) and what the
+//! The ledger: one row per test schema with its status and phase timings, in the schema of
+//! the role that uses it ([`Namespace`], `pgharness_<role>.ledger`). It is what the reaper
+//! trusts (it drops nothing that is not in it, and only schemas the role owns) and what the
 //! run summary reads.
+//!
+//! Nothing of it is shared between roles: on a server where several roles run tests (a
+//! shared dev cluster, a local run as the admin then an RDS run as the IAM user), each role
+//! has its own ledger, acquire log and functions, owned by it and granted to nobody. So no
+//! role can write another's rows, replace the functions another calls, or have another's
+//! reaper drop its schemas; a schema of the role's name that another role made first is
+//! refused by name before anything in it is read or called ([`guard_sql`]).
 //!
 //! Liveness is decided by Postgres advisory locks, not by pids: a test holds a
 //! session-level lock on its schema's key for as long as its control connection lives, so
@@ -27,13 +35,87 @@ pub(crate) mod status {
     pub(crate) const DROPPED: &str = "dropped";
 }
 
-/// The ledger's tables and the schema pool's functions (`ledger.sql`).
+/// The ledger's tables and the schema pool's functions (`ledger.sql`), with `__NS__` for the
+/// role's schema.
 const LEDGER_SQL: &str = include_str!("ledger.sql");
+
+/// The schema of one role's pgharness objects: `pgharness_<role>` for a role name of
+/// lowercase letters, digits and `_` (up to 40 bytes), else `pgharness_<16 hex digits of
+/// the name's SHA-256>`. Always a plain identifier, never quoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// The namespace of the database role `user`.
+    pub fn for_user(user: &str) -> Namespace {
+        let plain = !user.is_empty()
+            && user.len() <= 40
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if plain {
+            Namespace(format!("pgharness_{user}"))
+        } else {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(user.as_bytes());
+            Namespace(format!("pgharness_{}", &hex::encode(digest)[..16]))
+        }
+    }
+
+    /// The namespace of the role a connection configuration logs in as.
+    pub fn of(config: &tokio_postgres::Config) -> Namespace {
+        Namespace::for_user(config.get_user().unwrap_or("postgres"))
+    }
+
+    /// The schema's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// The version marker of `ledger.sql` (a function named after it). Statements that need
 /// this version call it, so that an older installation fails them with 42883 and
 /// [`is_missing_ledger`] sends the caller to [`bootstrap`].
-pub(crate) const VERSION_PROBE: &str = "pgharness.version_8()";
+pub(crate) fn version_probe(ns: &Namespace) -> String {
+    format!("{ns}.version_9()")
+}
+
+/// What a failed guard says (see [`guard_sql`]), to be found in the error.
+const FOREIGN_MARK: &str = "pgharness: the schema belongs to another role";
+
+/// A statement that fails when the role's namespace exists but another role owns it, and
+/// does nothing otherwise; sent first in a batch, it keeps the rest of the batch from
+/// reading or calling anything in a schema someone else made. It calls nothing of ours:
+/// only the catalogs, and a cast of a text that is not a number (an error carrying the
+/// mark; `current_user` in it keeps the planner from folding it ahead of the check).
+pub(crate) fn guard_sql(ns: &Namespace) -> String {
+    format!(
+        "SELECT 1 WHERE CASE WHEN coalesce((SELECT n.nspowner = r.oid FROM pg_catalog.pg_namespace n, pg_catalog.pg_roles r
+  WHERE n.nspname = '{ns}' AND r.rolname = current_user), true) THEN false
+  ELSE ('{FOREIGN_MARK}: ' || current_user)::int > 0 END;"
+    )
+}
+
+/// The error for a namespace another role made, if `error` is the guard's.
+pub(crate) fn foreign_namespace(error: &tokio_postgres::Error, ns: &Namespace) -> Option<Error> {
+    let db = error.as_db_error()?;
+    db.message().contains(FOREIGN_MARK).then(|| foreign(ns))
+}
+
+fn foreign(ns: &Namespace) -> Error {
+    Error::Backend {
+        backend: "server",
+        message: format!(
+            "the schema {ns}, where pgharness keeps this role's ledger and functions, was made by another role: pgharness will not read it or run anything in it. Ask its owner to drop it (or drop it as an administrator), or log in as another role"
+        ),
+    }
+}
 
 /// Whether a failed statement failed because the ledger (or this version of it) is not
 /// installed yet: then [`bootstrap`] and try again.
@@ -49,9 +131,10 @@ pub(crate) fn is_missing_ledger(error: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Installs (or upgrades) the ledger and the pool's functions, once per server; safe to
-/// run concurrently. Costs nothing when they are there already except one query.
-pub async fn bootstrap(client: &Client) -> Result<(), Error> {
+/// Installs (or upgrades) the role's ledger and the pool's functions in its namespace,
+/// once per server and role; safe to run concurrently. Costs nothing when they are there
+/// already except one query. A namespace another role made is an error naming it.
+pub async fn bootstrap(client: &Client, ns: &Namespace) -> Result<(), Error> {
     let fail = |e| Error::postgres("failed to install pgharness' ledger", e);
     client.batch_execute("BEGIN").await.map_err(fail)?;
     let result = async {
@@ -61,12 +144,18 @@ pub async fn bootstrap(client: &Client) -> Result<(), Error> {
                 &[&BOOTSTRAP_LOCK_SPACE],
             )
             .await?;
+        client.batch_execute(&guard_sql(ns)).await?;
         let installed: bool = client
-            .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&VERSION_PROBE])
+            .query_one(
+                "SELECT to_regprocedure($1) IS NOT NULL",
+                &[&version_probe(ns)],
+            )
             .await?
             .get(0);
         if !installed {
-            client.batch_execute(LEDGER_SQL).await?;
+            client
+                .batch_execute(&LEDGER_SQL.replace("__NS__", ns.as_str()))
+                .await?;
         }
         client.batch_execute("COMMIT").await
     }
@@ -74,11 +163,30 @@ pub async fn bootstrap(client: &Client) -> Result<(), Error> {
     if result.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
-    result.map_err(fail)
+    result.map_err(|e| foreign_namespace(&e, ns).unwrap_or_else(|| fail(e)))
+}
+
+/// Checks, before anything in it is read or called, that the role's namespace is its own
+/// (or does not exist yet); returns whether it exists with this version installed.
+pub async fn check_namespace(client: &Client, ns: &Namespace) -> Result<bool, Error> {
+    client.batch_execute(&guard_sql(ns)).await.map_err(|e| {
+        foreign_namespace(&e, ns)
+            .unwrap_or_else(|| Error::postgres("failed to look for the ledger", e))
+    })?;
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regprocedure($1) IS NOT NULL",
+            &[&version_probe(ns)],
+        )
+        .await
+        .map_err(|e| Error::postgres("failed to look for the ledger", e))?
+        .get(0);
+    Ok(installed)
 }
 
 /// What a test says about itself when it claims or creates a schema.
 pub(crate) struct Claimant<'a> {
+    pub(crate) ns: &'a Namespace,
     pub(crate) hash: &'a str,
     pub(crate) source: &'a str,
     pub(crate) run_id: &'a str,
@@ -103,19 +211,21 @@ const OWNED_BY_CURRENT_USER: &str = "(SELECT nspowner FROM pg_catalog.pg_namespa
 /// test's new session. The lock and `search_path` are in the final `SELECT` over the
 /// data-modifying CTE's one row, so they happen exactly once, and only for a claimed row.
 pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
+    let ns = who.ns;
     let miss = if or_raise_on_miss {
-        "\nUNION ALL SELECT pgharness.miss() WHERE NOT EXISTS (SELECT 1 FROM claimed)"
+        format!("\nUNION ALL SELECT {ns}.miss() WHERE NOT EXISTS (SELECT 1 FROM claimed)")
     } else {
-        ""
+        String::new()
     };
     format!(
-        "WITH picked AS (
-  SELECT schema_name FROM pgharness.ledger
-   WHERE status = 'ready' AND migrations_hash = {hash} AND {VERSION_PROBE} IS NOT NULL
+        "{guard}
+WITH picked AS (
+  SELECT schema_name FROM {ns}.ledger
+   WHERE status = 'ready' AND migrations_hash = {hash} AND {probe} IS NOT NULL
      AND {OWNED_BY_CURRENT_USER}
    LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
-  UPDATE pgharness.ledger l
+  UPDATE {ns}.ledger l
      SET status = 'active', source = {source}, run_id = {run}, test_name = {test},
          attempt = {attempt}, host = {host}, pid = {pid}, ended_at = NULL,
          claimed_at = clock_timestamp(), uses = uses + 1
@@ -126,6 +236,8 @@ pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
 SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text, 0)
        || left(set_config('search_path', quote_ident(schema_name) || ',public', false), 0)
   FROM claimed{miss};",
+        guard = guard_sql(ns),
+        probe = version_probe(ns),
         hash = quote_literal(who.hash),
         source = quote_literal(who.source),
         run = quote_literal(who.run_id),
@@ -153,7 +265,8 @@ pub(crate) fn register_sql(
 ) -> String {
     let acquire = if for_test { "true" } else { "false" };
     format!(
-        "SELECT pgharness.register({}, {}, {}, {}, {}, {}, {}, {}, {lock_key}, {acquire}, {}, {create_ms}, {migrate_ms});",
+        "SELECT {}.register({}, {}, {}, {}, {}, {}, {}, {}, {lock_key}, {acquire}, {}, {create_ms}, {migrate_ms});",
+        who.ns,
         quote_literal(schema),
         quote_literal(who.hash),
         quote_literal(who.source),
@@ -201,6 +314,7 @@ pub(crate) struct AcquireLog<'a> {
 /// round trip. Its one row says what happened (`kept:<name>`, `passed`, `recycled`,
 /// `dropped:<why>`).
 pub(crate) fn finish_sql(
+    ns: &Namespace,
     schema: &str,
     log: &AcquireLog<'_>,
     finish: Finish,
@@ -214,9 +328,9 @@ pub(crate) fn finish_sql(
     };
     // Without a janitor, teardowns recycle what earlier tests could not (still in use then).
     let sweep = if finish == Finish::Recycle {
-        "\nSELECT pgharness.sweep(2);"
+        format!("\nSELECT {ns}.sweep(2);")
     } else {
-        ""
+        String::new()
     };
     let log = serde_json::json!({
         "id": log.id,
@@ -230,7 +344,7 @@ pub(crate) fn finish_sql(
     format!(
         "BEGIN;
 SET LOCAL lock_timeout = '10s';
-SELECT pgharness.finish({}, {}::jsonb, '{mode}', {});
+SELECT {ns}.finish({}, {}::jsonb, '{mode}', {});
 COMMIT;
 SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {lock_key});{sweep}",
         quote_literal(schema),
@@ -294,26 +408,26 @@ pub struct RunSummary {
 }
 
 /// Reads the summary of one run. A server that has no ledger yet has an empty summary.
-pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Error> {
-    let exists = client
-        .query_one("SELECT to_regclass('pgharness.acquires') IS NOT NULL", &[])
-        .await
-        .map_err(|e| Error::postgres("failed to look for the ledger", e))?;
-    if !exists.get::<_, bool>(0) {
+pub async fn run_summary(
+    client: &Client,
+    ns: &Namespace,
+    run_id: &str,
+) -> Result<RunSummary, Error> {
+    if !check_namespace(client, ns).await? {
         return Ok(RunSummary::default());
     }
     let row = client
         .query_one(
-            "SELECT count(DISTINCT test_name),
+            &format!("SELECT count(DISTINCT test_name),
                     count(*) FILTER (WHERE path = 'claimed'),
                     count(*) FILTER (WHERE path = 'created'),
                     count(*) FILTER (WHERE outcome = 'recycled'),
                     count(*) FILTER (WHERE outcome LIKE 'dropped%'),
                     count(*) FILTER (WHERE outcome = 'kept'),
                     count(*) FILTER (WHERE outcome IS NULL)
-                      + (SELECT count(*) FROM pgharness.ledger l
+                      + (SELECT count(*) FROM {ns}.ledger l
                           WHERE l.run_id = $1 AND l.status = 'active'
-                            AND NOT EXISTS (SELECT 1 FROM pgharness.acquires x WHERE x.schema_name = l.schema_name AND x.outcome IS NULL)),
+                            AND NOT EXISTS (SELECT 1 FROM {ns}.acquires x WHERE x.schema_name = l.schema_name AND x.outcome IS NULL)),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms),
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'claimed'),
@@ -321,15 +435,17 @@ pub async fn run_summary(client: &Client, run_id: &str) -> Result<RunSummary, Er
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'created'),
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY acquire_ms) FILTER (WHERE path = 'created'),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY reset_ms) FILTER (WHERE outcome = 'recycled')
-               FROM pgharness.acquires WHERE run_id = $1",
+               FROM {ns}.acquires WHERE run_id = $1"),
             &[&run_id],
         )
         .await
         .map_err(|e| Error::postgres("failed to read the run summary", e))?;
     let kept = client
         .query(
-            "SELECT schema_name, test_name FROM pgharness.acquires
-              WHERE run_id = $1 AND outcome = 'kept' ORDER BY at",
+            &format!(
+                "SELECT schema_name, test_name FROM {ns}.acquires
+                  WHERE run_id = $1 AND outcome = 'kept' ORDER BY at"
+            ),
             &[&run_id],
         )
         .await
@@ -391,12 +507,8 @@ pub struct ReapReport {
 /// Recycles or drops the schemas `scope` allows. Each one is first locked (its owner
 /// lock, or for a ready schema its ledger row), so a schema whose test is alive, or that a
 /// test is claiming, is never touched, even in a race.
-pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Error> {
-    let exists = client
-        .query_one("SELECT to_regclass('pgharness.acquires') IS NOT NULL", &[])
-        .await
-        .map_err(|e| Error::postgres("failed to look for the ledger", e))?;
-    if !exists.get::<_, bool>(0) {
+pub async fn reap(client: &Client, ns: &Namespace, scope: &ReapScope) -> Result<ReapReport, Error> {
+    if !check_namespace(client, ns).await? {
         return Ok(ReapReport::default());
     }
     // Advisory locks held in this database, as (space, key).
@@ -409,15 +521,15 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
     let query = match scope {
         ReapScope::FinishedInRun(run_id) => format!(
             "WITH held AS ({held})
-             SELECT schema_name, lock_key, 'recycle' FROM pgharness.ledger l
-              WHERE run_id = {} AND status = 'passed' AND {owner_gone}
+             SELECT schema_name, lock_key, 'recycle' FROM {ns}.ledger l
+              WHERE run_id = {} AND status = 'passed' AND {owner_gone} AND {OWNED_BY_CURRENT_USER}
               ORDER BY created_at",
             quote_literal(run_id)
         ),
         ReapScope::Stale { ttl, run_grace } => format!(
             "WITH held AS ({held}),
              live_runs AS (
-               SELECT run_id FROM pgharness.ledger l
+               SELECT run_id FROM {ns}.ledger l
                 WHERE status <> 'ready'
                 GROUP BY run_id
                HAVING bool_or(EXISTS (SELECT 1 FROM held WHERE held.space = {SCHEMA_LOCK_SPACE} AND held.key = l.lock_key))
@@ -426,16 +538,16 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
                    OR max(coalesce(ended_at, claimed_at, created_at)) > now() - make_interval(secs => {grace})
              )
              SELECT schema_name, lock_key, CASE WHEN status = 'kept' THEN 'drop' ELSE 'recycle' END
-               FROM pgharness.ledger l
-              WHERE status IN ('active', 'passed', 'kept')
+               FROM {ns}.ledger l
+              WHERE status IN ('active', 'passed', 'kept') AND {OWNED_BY_CURRENT_USER}
                 AND run_id NOT IN (SELECT run_id FROM live_runs)
                 AND {owner_gone}
                 AND (status <> 'kept' OR coalesce(ended_at, created_at) < now() - make_interval(secs => {ttl}))
              UNION ALL
-             SELECT schema_name, lock_key, 'discard' FROM pgharness.ledger l
-              WHERE status = 'ready'
+             SELECT schema_name, lock_key, 'discard' FROM {ns}.ledger l
+              WHERE status = 'ready' AND {OWNED_BY_CURRENT_USER}
                 AND (coalesce(ended_at, created_at) < now() - make_interval(secs => {idle})
-                     OR EXISTS (SELECT 1 FROM pgharness.ledger newer
+                     OR EXISTS (SELECT 1 FROM {ns}.ledger newer
                                  WHERE newer.source = l.source AND newer.source <> ''
                                    AND newer.migrations_hash <> l.migrations_hash
                                    AND coalesce(newer.claimed_at, newer.created_at)
@@ -458,7 +570,7 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
         let action: String = row.get(2);
         if action == "discard" {
             let dropped: bool = client
-                .query_one("SELECT pgharness.discard($1)", &[&schema])
+                .query_one(&format!("SELECT {ns}.discard($1)"), &[&schema])
                 .await
                 .map_err(|e| Error::postgres(format!("failed to drop schema {schema}"), e))?
                 .get(0);
@@ -482,11 +594,11 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
             continue;
         }
         let result = if action == "drop" {
-            drop_schema(client, &schema)
+            drop_schema(client, ns, &schema)
                 .await
                 .map(|()| Recycled::Dropped)
         } else {
-            recycle_schema(client, &schema).await
+            recycle_schema(client, ns, &schema).await
         };
         client
             .query_one(
@@ -503,10 +615,10 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
     }
     // History older than a week goes.
     client
-        .batch_execute(
-            "DELETE FROM pgharness.ledger WHERE status = 'dropped' AND ended_at < now() - interval '7 days';
-             DELETE FROM pgharness.acquires WHERE at < now() - interval '7 days';",
-        )
+        .batch_execute(&format!(
+            "DELETE FROM {ns}.ledger WHERE status = 'dropped' AND ended_at < now() - interval '7 days';
+             DELETE FROM {ns}.acquires WHERE at < now() - interval '7 days';"
+        ))
         .await
         .map_err(|e| Error::postgres("failed to trim the ledger", e))?;
     Ok(report)
@@ -514,10 +626,10 @@ pub async fn reap(client: &Client, scope: &ReapScope) -> Result<ReapReport, Erro
 
 /// Resets a schema whose owner is gone and returns it to the pool, or drops it when it
 /// cannot be reset. The caller holds its owner lock.
-async fn recycle_schema(client: &Client, schema: &str) -> Result<Recycled, Error> {
+async fn recycle_schema(client: &Client, ns: &Namespace, schema: &str) -> Result<Recycled, Error> {
     let outcome: String = client
         .query_one(
-            "SELECT pgharness.finish($1, NULL, 'recycle', NULL)",
+            &format!("SELECT {ns}.finish($1, NULL, 'recycle', NULL)"),
             &[&schema],
         )
         .await
@@ -543,15 +655,15 @@ fn run_lock_key_sql(run_id: &str) -> String {
     format!("('x' || substr(md5({run_id}), 1, 8))::bit(32)::int & 2147483647")
 }
 
-/// Drops one schema and records it; the SQL of a test's own teardown too.
-pub(crate) fn drop_sql(schema: &str) -> String {
-    let ident = crate::script::quote_ident(schema);
+/// Drops one schema (if the role owns it) and records it; the SQL of a test's own teardown
+/// too.
+pub(crate) fn drop_sql(ns: &Namespace, schema: &str) -> String {
     let literal = quote_literal(schema);
     format!(
         "BEGIN;
 {}
-DROP SCHEMA IF EXISTS {ident} CASCADE;
-UPDATE pgharness.ledger SET status = '{}', ended_at = coalesce(ended_at, now()),
+SELECT {ns}.discard_owned({literal});
+UPDATE {ns}.ledger SET status = '{}', ended_at = coalesce(ended_at, now()),
        drop_ms = {}
  WHERE schema_name = {literal};
 COMMIT;",
@@ -561,9 +673,9 @@ COMMIT;",
     )
 }
 
-async fn drop_schema(client: &Client, schema: &str) -> Result<(), Error> {
+async fn drop_schema(client: &Client, ns: &Namespace, schema: &str) -> Result<(), Error> {
     client
-        .batch_execute(&drop_sql(schema))
+        .batch_execute(&drop_sql(ns, schema))
         .await
         .map_err(|e| Error::postgres(format!("failed to drop schema {schema}"), e))
 }
@@ -594,7 +706,24 @@ mod tests {
 
     #[test]
     fn ledger_sql_defines_its_version_marker() {
-        let name = VERSION_PROBE.trim_end_matches("()");
+        let name = version_probe(&Namespace("__NS__".into()));
+        let name = name.trim_end_matches("()");
         assert!(LEDGER_SQL.contains(&format!("FUNCTION {name}()")), "{name}");
+    }
+
+    #[test]
+    fn a_role_s_namespace_is_a_plain_identifier() {
+        assert_eq!(Namespace::for_user("iam_app").as_str(), "pgharness_iam_app");
+        for user in ["App-User", "\"; DROP SCHEMA x; --", &"a".repeat(60)] {
+            let ns = Namespace::for_user(user);
+            assert!(ns.as_str().len() <= 63, "{ns}");
+            assert!(
+                ns.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{ns}"
+            );
+        }
+        assert_ne!(Namespace::for_user("Ab"), Namespace::for_user("ab_x"));
     }
 }

@@ -1,14 +1,19 @@
--- pgharness' own objects on a test server: the ledger (one row per schema), the acquire log
--- (one row per test that asked for a database) and the schema pool's functions.
+-- pgharness' own objects on a test server, one set per role: the ledger (one row per
+-- schema), the acquire log (one row per test that asked for a database) and the schema
+-- pool's functions, in the schema `__NS__` (`ledger::namespace`: `pgharness_<role>`), owned
+-- by that role and granted to nobody. Nothing is shared between roles, so no role can make
+-- another's pgharness drop, delete, alter or execute anything: a role only ever reads its
+-- own rows, calls its own functions and acts on schemas it owns.
 --
--- Installed by `ledger::bootstrap` under an advisory lock, idempotently; `claim(...)`'s
--- signature is the version marker (`ledger::VERSION_PROBE`): change it when this file
--- changes incompatibly. Runs as whichever role first asks; every role that may create
--- schemas may use it (test databases only). No superuser feature is used.
+-- Installed by `ledger::bootstrap` under an advisory lock, idempotently; the version
+-- function is the marker (`ledger::version_probe`): bump it when this file changes
+-- incompatibly. Every function runs with `search_path = pg_catalog, pg_temp`, so that a
+-- function or operator another role put in a schema of the caller's search_path (public)
+-- is never called in its place. No superuser feature is used.
 
-CREATE SCHEMA IF NOT EXISTS pgharness;
+CREATE SCHEMA IF NOT EXISTS __NS__;
 
-CREATE TABLE IF NOT EXISTS pgharness.ledger (
+CREATE TABLE IF NOT EXISTS __NS__.ledger (
   schema_name text PRIMARY KEY,
   run_id text NOT NULL,
   test_name text NOT NULL,
@@ -28,7 +33,7 @@ CREATE TABLE IF NOT EXISTS pgharness.ledger (
   drop_ms double precision
 );
 -- Pool columns (added to ledgers of older versions too).
-ALTER TABLE pgharness.ledger
+ALTER TABLE __NS__.ledger
   ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '',
   ADD COLUMN IF NOT EXISTS fresh jsonb,
   ADD COLUMN IF NOT EXISTS uses integer NOT NULL DEFAULT 0,
@@ -36,12 +41,11 @@ ALTER TABLE pgharness.ledger
 -- The primary key only: the ledger holds a row per schema (hundreds), so scans are cheap,
 -- and a claim's update then touches no other index (every index a test's first statement
 -- touches costs it a cold cache entry in its new session).
-DROP INDEX IF EXISTS pgharness.ledger_run, pgharness.ledger_ready;
 
 -- One row per acquire: which path it took (claimed from the pool, or created on a miss),
 -- its phase timings, and what became of the schema afterwards. Written by the test's
 -- teardown (`finish`), so that a claim touches nothing but the ledger.
-CREATE TABLE IF NOT EXISTS pgharness.acquires (
+CREATE TABLE IF NOT EXISTS __NS__.acquires (
   id text PRIMARY KEY,
   run_id text NOT NULL,
   test_name text NOT NULL,
@@ -57,12 +61,11 @@ CREATE TABLE IF NOT EXISTS pgharness.acquires (
   outcome text,
   reset_ms double precision
 );
-CREATE INDEX IF NOT EXISTS acquires_run ON pgharness.acquires (run_id);
+CREATE INDEX IF NOT EXISTS acquires_run ON __NS__.acquires (run_id);
 -- What a reset or a drop updates: the schema's acquire that has no outcome yet.
-CREATE INDEX IF NOT EXISTS acquires_open ON pgharness.acquires (schema_name) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS acquires_open ON __NS__.acquires (schema_name) WHERE outcome IS NULL;
 
-GRANT USAGE ON SCHEMA pgharness TO PUBLIC;
-GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger, pgharness.acquires TO PUBLIC;
+-- Nothing is granted to anyone: the role's own objects are for the role alone.
 
 -- The structure of a schema, as a hash. Relations are compared by content (leaving out
 -- what TRUNCATE, VACUUM and ANALYZE change: relfilenode, statistics, frozen xids); every
@@ -72,7 +75,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgharness.ledger, pgharness.acquires TO 
 -- through an index: the schema's objects are found by their pg_depend rows on it.
 -- The catalogs hold every pooled schema's objects, so a sequential scan grows with the
 -- pool; plpgsql's generic plan does not know the arrays are small: index scans only.
-CREATE OR REPLACE FUNCTION pgharness.fingerprint(nsp oid) RETURNS text
+CREATE OR REPLACE FUNCTION __NS__.fingerprint(nsp oid) RETURNS text
 LANGUAGE plpgsql STABLE SET enable_seqscan = off AS $fp$
 DECLARE
   direct oid[];
@@ -139,11 +142,33 @@ BEGIN
 END
 $fp$;
 
--- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint, a
--- query naming its tables that hold rows (children before parents), the tables that hold
--- rows now (seed data from the migrations) with a hash of their content, and a query for
--- every sequence's state with that state.
-CREATE OR REPLACE FUNCTION pgharness.capture(p_schema text) RETURNS jsonb
+-- The statements `capture` and `reset` run, built from names with format('%I'): which of
+-- `p_tables` hold rows (in their order), and every sequence's state.
+CREATE OR REPLACE FUNCTION __NS__.probe_query(p_schema text, p_tables text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $pq$
+  SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
+    FROM unnest(p_tables) WITH ORDINALITY AS u(x, i)
+$pq$;
+CREATE OR REPLACE FUNCTION __NS__.sequences_query(p_schema text, p_sequences text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $sq$
+  SELECT 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', x, p_schema, x), ' UNION ALL ') || ') s'
+    FROM unnest(p_sequences) AS u(x)
+$sq$;
+
+-- Whether the current role owns the schema: pgharness drops, empties and renames only its
+-- own schemas, whatever a ledger row says.
+CREATE OR REPLACE FUNCTION __NS__.owned(p_schema text) RETURNS boolean
+LANGUAGE sql STABLE AS $own$
+  SELECT coalesce((SELECT n.nspowner = r.oid FROM pg_namespace n, pg_roles r
+                    WHERE n.nspname = p_schema AND r.rolname = current_user), false)
+$own$;
+
+-- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint, its
+-- tables (children before parents), the tables that hold rows now (seed data from the
+-- migrations) with a hash of their content, and every sequence with its state. Names only:
+-- `reset` builds its statements from them with format('%I'), and no SQL text is ever kept
+-- in the ledger and executed.
+CREATE OR REPLACE FUNCTION __NS__.capture(p_schema text) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $cap$
 DECLARE
   nsp oid := to_regnamespace(quote_ident(p_schema));
@@ -155,8 +180,7 @@ DECLARE
   seed jsonb := '{}';
   seqs jsonb := '[]';
   digest text;
-  probe text;
-  seq_probe text;
+  seq_names text[];
 BEGIN
   SELECT coalesce(array_agg(c.relname ORDER BY c.relname), '{}') INTO remaining
     FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
@@ -191,17 +215,14 @@ BEGIN
       seed := seed || jsonb_build_object(t, digest);
     END IF;
   END LOOP;
-  -- One query each for what `reset` must look at: which tables (children first) hold rows,
-  -- and every sequence's state (the fresh state is that query's own answer now).
-  SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
-    INTO probe FROM unnest(ordered) WITH ORDINALITY AS u(x, i);
-  SELECT 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', c.relname, p_schema, c.relname), ' UNION ALL ') || ') s'
-    INTO seq_probe FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind = 'S';
-  IF seq_probe IS NOT NULL THEN
-    EXECUTE seq_probe INTO seqs;
+  SELECT array_agg(c.relname ORDER BY c.relname) INTO seq_names
+    FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind = 'S';
+  IF seq_names IS NOT NULL THEN
+    EXECUTE __NS__.sequences_query(p_schema, seq_names) INTO seqs;
   END IF;
-  RETURN jsonb_build_object('fingerprint', pgharness.fingerprint(nsp), 'seed', seed,
-                            'sequences', seqs, 'probe', probe, 'seq_probe', seq_probe);
+  RETURN jsonb_build_object('fingerprint', __NS__.fingerprint(nsp), 'seed', seed,
+                            'sequences', seqs, 'tables', to_jsonb(ordered),
+                            'sequence_names', to_jsonb(coalesce(seq_names, '{}')));
 END
 $cap$;
 
@@ -210,7 +231,7 @@ $cap$;
 -- as they were, and puts sequences back. Returns 'recycled', or why it cannot be:
 -- 'changed' (its structure changed), 'seed' (seed rows changed), 'busy' (another session
 -- of the test is still connected), 'failed' (a delete was refused), 'missing'.
-CREATE OR REPLACE FUNCTION pgharness.reset(p_schema text, p_fresh jsonb) RETURNS text
+CREATE OR REPLACE FUNCTION __NS__.reset(p_schema text, p_fresh jsonb) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $reset$
 DECLARE
   nsp oid := to_regnamespace(quote_ident(p_schema));
@@ -220,10 +241,12 @@ DECLARE
   digest text;
   s jsonb;
   seq_state jsonb;
+  probe text;
 BEGIN
-  IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->>'probe' IS NULL THEN
+  IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL OR NOT __NS__.owned(p_schema) THEN
     RETURN 'missing';
   END IF;
+  probe := __NS__.probe_query(p_schema, array(SELECT jsonb_array_elements_text(p_fresh->'tables')));
   -- Connections of the test that are still closing: wait briefly, never reset under them.
   FOR i IN 1..6 LOOP
     EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity
@@ -239,7 +262,7 @@ BEGIN
   BEGIN
     LOOP
       pass := pass + 1;
-      EXECUTE p_fresh->>'probe' INTO dirty_tables;
+      EXECUTE probe INTO dirty_tables;
       dirty_tables := array(SELECT x FROM unnest(dirty_tables) x WHERE NOT p_fresh->'seed' ? x);
       EXIT WHEN cardinality(dirty_tables) = 0;
       IF pass = 4 THEN
@@ -256,8 +279,9 @@ BEGIN
         RETURN 'seed';
       END IF;
     END LOOP;
-    IF p_fresh->>'seq_probe' IS NOT NULL THEN
-      EXECUTE p_fresh->>'seq_probe' INTO seq_state;
+    IF jsonb_array_length(p_fresh->'sequence_names') > 0 THEN
+      EXECUTE __NS__.sequences_query(p_schema,
+          array(SELECT jsonb_array_elements_text(p_fresh->'sequence_names'))) INTO seq_state;
       IF seq_state IS DISTINCT FROM p_fresh->'sequences' THEN
         FOR s IN SELECT jsonb_array_elements(p_fresh->'sequences') LOOP
           PERFORM setval(format('%I.%I', p_schema, s->>0)::regclass, (s->>1)::bigint, (s->>2)::boolean);
@@ -265,10 +289,10 @@ BEGIN
       END IF;
     END IF;
   EXCEPTION WHEN OTHERS THEN
-    RETURN CASE WHEN pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint'
+    RETURN CASE WHEN __NS__.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint'
                 THEN 'changed' ELSE 'failed' END;
   END;
-  IF pgharness.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
+  IF __NS__.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint' THEN
     RETURN 'changed';
   END IF;
   RETURN 'recycled';
@@ -278,22 +302,22 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION pgharness.version_8() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 8';
+CREATE OR REPLACE FUNCTION __NS__.version_9() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 9';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).
-CREATE OR REPLACE FUNCTION pgharness.register(p_schema text, p_hash text, p_source text, p_run text,
+CREATE OR REPLACE FUNCTION __NS__.register(p_schema text, p_hash text, p_source text, p_run text,
     p_test text, p_attempt integer, p_host text, p_pid integer, p_lock_key integer,
     p_for_test boolean, p_connect_ms double precision, p_create_ms double precision,
     p_migrate_ms double precision) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $reg$
 BEGIN
-  INSERT INTO pgharness.ledger (schema_name, run_id, test_name, attempt, host, pid, lock_key,
+  INSERT INTO __NS__.ledger (schema_name, run_id, test_name, attempt, host, pid, lock_key,
       migrations_hash, source, status, fresh, uses, claimed_at, ended_at,
       connect_ms, create_ms, migrate_ms)
   VALUES (p_schema, p_run, p_test, p_attempt, p_host, p_pid, p_lock_key, p_hash, p_source,
       CASE WHEN p_for_test THEN 'active' ELSE 'ready' END,
-      pgharness.capture(p_schema), CASE WHEN p_for_test THEN 1 ELSE 0 END,
+      __NS__.capture(p_schema), CASE WHEN p_for_test THEN 1 ELSE 0 END,
       CASE WHEN p_for_test THEN now() END,
       CASE WHEN NOT p_for_test THEN now() END,
       p_connect_ms, p_create_ms, p_migrate_ms);
@@ -303,17 +327,17 @@ $reg$;
 -- Recycles up to p_limit schemas whose test passed (status passed), whose owner is gone
 -- and that nobody else is handling: the janitor's work when there is no janitor (a plain
 -- `cargo nextest run`), done by a test's teardown after its own. Returns how many.
-CREATE OR REPLACE FUNCTION pgharness.sweep(p_limit integer) RETURNS integer
+CREATE OR REPLACE FUNCTION __NS__.sweep(p_limit integer) RETURNS integer
 LANGUAGE plpgsql VOLATILE AS $sweep$
 DECLARE
   r record;
   done integer := 0;
 BEGIN
-  FOR r IN SELECT schema_name, lock_key FROM pgharness.ledger
+  FOR r IN SELECT schema_name, lock_key FROM __NS__.ledger
             WHERE status = 'passed' AND ended_at < now() - interval '100 milliseconds'
             ORDER BY ended_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
     CONTINUE WHEN NOT pg_try_advisory_xact_lock(1885825024, r.lock_key); -- ledger::SCHEMA_LOCK_SPACE
-    PERFORM pgharness.finish(r.schema_name, NULL, 'recycle', NULL);
+    PERFORM __NS__.finish(r.schema_name, NULL, 'recycle', NULL);
     done := done + 1;
   END LOOP;
   RETURN done;
@@ -327,7 +351,7 @@ $sweep$;
 -- the janitor recycles it), 'recycle' (reset and back in the pool, or dropped when it
 -- cannot be reset). Returns the outcome: 'kept:<name>', 'passed', 'passed:busy',
 -- 'recycled', or 'dropped:<reason>'. The caller holds the owner lock.
-CREATE OR REPLACE FUNCTION pgharness.finish(p_schema text, p_acquire jsonb, p_mode text, p_keep_name text)
+CREATE OR REPLACE FUNCTION __NS__.finish(p_schema text, p_acquire jsonb, p_mode text, p_keep_name text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE AS $fin$
 DECLARE
@@ -339,7 +363,7 @@ DECLARE
   v_acquire_ms double precision := (p_acquire->>'acquire_ms')::double precision;
 BEGIN
   IF p_acquire IS NOT NULL THEN
-    INSERT INTO pgharness.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms,
+    INSERT INTO __NS__.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms,
         create_ms, migrate_ms, fixtures_ms, acquire_ms)
     SELECT p_acquire->>'id', p_acquire->>'run', p_acquire->>'test', p_schema, p_acquire->>'path',
            (p_acquire->>'connect_ms')::double precision, (p_acquire->>'claim_ms')::double precision,
@@ -347,50 +371,52 @@ BEGIN
            CASE WHEN p_acquire->>'path' = 'created' THEN l.migrate_ms END,
            nullif(current_setting('pgharness.fixtures_ms', true), '')::double precision,
            v_acquire_ms
-      FROM pgharness.ledger l WHERE l.schema_name = p_schema;
+      FROM __NS__.ledger l WHERE l.schema_name = p_schema;
   END IF;
   IF p_mode = 'keep' THEN
-    IF p_keep_name IS NOT NULL AND p_keep_name <> p_schema THEN
+    IF p_keep_name IS NOT NULL AND p_keep_name <> p_schema AND __NS__.owned(p_schema) THEN
       BEGIN
         EXECUTE format('ALTER SCHEMA %I RENAME TO %I', p_schema, p_keep_name);
-        UPDATE pgharness.ledger SET schema_name = p_keep_name WHERE schema_name = p_schema;
-        UPDATE pgharness.acquires SET schema_name = p_keep_name WHERE schema_name = p_schema;
+        UPDATE __NS__.ledger SET schema_name = p_keep_name WHERE schema_name = p_schema;
+        UPDATE __NS__.acquires SET schema_name = p_keep_name WHERE schema_name = p_schema;
         name := p_keep_name;
       EXCEPTION WHEN OTHERS THEN
         name := p_schema; -- the name is taken: keep the pool's name
       END;
     END IF;
-    UPDATE pgharness.ledger SET status = 'kept', ended_at = now(), acquire_ms = v_acquire_ms
+    UPDATE __NS__.ledger SET status = 'kept', ended_at = now(), acquire_ms = v_acquire_ms
      WHERE schema_name = name;
-    UPDATE pgharness.acquires SET outcome = 'kept' WHERE schema_name = name AND outcome IS NULL;
+    UPDATE __NS__.acquires SET outcome = 'kept' WHERE schema_name = name AND outcome IS NULL;
     RETURN 'kept:' || name;
   END IF;
   IF p_mode = 'pass' THEN
-    UPDATE pgharness.ledger SET status = 'passed', ended_at = now(), acquire_ms = v_acquire_ms
+    UPDATE __NS__.ledger SET status = 'passed', ended_at = now(), acquire_ms = v_acquire_ms
      WHERE schema_name = p_schema;
     RETURN 'passed';
   END IF;
-  SELECT fresh INTO fresh_state FROM pgharness.ledger WHERE schema_name = p_schema;
-  result := pgharness.reset(p_schema, fresh_state);
+  SELECT fresh INTO fresh_state FROM __NS__.ledger WHERE schema_name = p_schema;
+  result := __NS__.reset(p_schema, fresh_state);
   elapsed := 1000 * extract(epoch FROM clock_timestamp() - started);
   IF result = 'busy' THEN
     -- Still in use by a session of its test: whoever comes next (a later teardown's sweep,
     -- the janitor, the reaper) recycles it once that session is gone.
-    UPDATE pgharness.ledger SET status = 'passed', ended_at = now()
+    UPDATE __NS__.ledger SET status = 'passed', ended_at = now()
      WHERE schema_name = p_schema;
     RETURN 'passed:busy';
   END IF;
   IF result = 'recycled' THEN
-    UPDATE pgharness.ledger SET status = 'ready', ended_at = now() WHERE schema_name = p_schema;
-    UPDATE pgharness.acquires SET outcome = 'recycled', reset_ms = elapsed
+    UPDATE __NS__.ledger SET status = 'ready', ended_at = now() WHERE schema_name = p_schema;
+    UPDATE __NS__.acquires SET outcome = 'recycled', reset_ms = elapsed
      WHERE schema_name = p_schema AND outcome IS NULL;
     RETURN 'recycled';
   END IF;
-  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
-  UPDATE pgharness.ledger SET status = 'dropped', ended_at = now(),
+  IF __NS__.owned(p_schema) THEN
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
+  END IF;
+  UPDATE __NS__.ledger SET status = 'dropped', ended_at = now(),
          drop_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
    WHERE schema_name = p_schema;
-  UPDATE pgharness.acquires SET outcome = 'dropped:' || result,
+  UPDATE __NS__.acquires SET outcome = 'dropped:' || result,
          reset_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
    WHERE schema_name = p_schema AND outcome IS NULL;
   RETURN 'dropped:' || result;
@@ -399,26 +425,40 @@ $fin$;
 
 -- Drops a ready schema of the pool, unless a claimant has it locked this instant. True when
 -- it dropped it.
-CREATE OR REPLACE FUNCTION pgharness.discard(p_schema text) RETURNS boolean
+CREATE OR REPLACE FUNCTION __NS__.discard(p_schema text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $dis$
 DECLARE
   started timestamptz := clock_timestamp();
 BEGIN
-  PERFORM 1 FROM pgharness.ledger WHERE schema_name = p_schema AND status = 'ready'
+  PERFORM 1 FROM __NS__.ledger WHERE schema_name = p_schema AND status = 'ready'
     FOR UPDATE SKIP LOCKED;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
-  UPDATE pgharness.ledger SET status = 'dropped', ended_at = now(),
+  IF __NS__.owned(p_schema) THEN
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
+  END IF;
+  UPDATE __NS__.ledger SET status = 'dropped', ended_at = now(),
          drop_ms = 1000 * extract(epoch FROM clock_timestamp() - started)
    WHERE schema_name = p_schema;
   RETURN true;
 END
 $dis$;
 
+-- Drops a schema if the role owns it (a teardown's or the reaper's drop).
+CREATE OR REPLACE FUNCTION __NS__.discard_owned(p_schema text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $do$
+BEGIN
+  IF NOT __NS__.owned(p_schema) THEN
+    RETURN false;
+  END IF;
+  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', p_schema);
+  RETURN true;
+END
+$do$;
+
 -- A miss where the caller cannot take one (fixtures follow the claim in its round trip).
-CREATE OR REPLACE FUNCTION pgharness.miss() RETURNS text
+CREATE OR REPLACE FUNCTION __NS__.miss() RETURNS text
 LANGUAGE plpgsql VOLATILE AS $miss$
 BEGIN
   RAISE EXCEPTION 'no ready schema in the pool' USING ERRCODE = 'PH001';
@@ -426,7 +466,18 @@ END
 $miss$;
 
 -- Ready schemas of the pool, per migration set (for the warmer and the summary).
-CREATE OR REPLACE FUNCTION pgharness.ready_count(p_hash text) RETURNS bigint
+CREATE OR REPLACE FUNCTION __NS__.ready_count(p_hash text) RETURNS bigint
 LANGUAGE sql STABLE AS $rc$
-  SELECT count(*) FROM pgharness.ledger WHERE status = 'ready' AND migrations_hash = p_hash
+  SELECT count(*) FROM __NS__.ledger WHERE status = 'ready' AND migrations_hash = p_hash
 $rc$;
+
+-- Every function resolves names in pg_catalog only (tables are qualified): see the top.
+DO $sp$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+            WHERE p.pronamespace = '__NS__'::regnamespace AND p.proname <> 'version_9' LOOP
+    EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+  END LOOP;
+END
+$sp$;

@@ -1,7 +1,6 @@
 //! The schema pool: migrated schemas waiting, ready, per content hash of their
 //! migrations. A test claims one in one round trip (`ledger::claim_sql`); a passing test's
-//! schema is reset to its freshly migrated state and returned (`pgharness.finish` in
-//! `ledger.sql`), unless its structure changed; a miss creates one with [`create_batch`].
+//! schema is reset to its freshly migrated state and returned (`finish` in `ledger.sql`), unless its structure changed; a miss creates one with [`create_batch`].
 //! [`warm`] keeps enough ready for a run's parallelism, on one connection.
 //!
 //! Everything run-wide is in Postgres: nextest runs each test in its own process.
@@ -11,7 +10,7 @@ use std::path::Path;
 use tokio_postgres::Client;
 
 use crate::error::Error;
-use crate::ledger::{self, Claimant};
+use crate::ledger::{self, Claimant, Namespace};
 use crate::naming;
 use crate::script::{Batch, Migrations, SqlFile, quote_ident};
 
@@ -111,9 +110,15 @@ impl Warmer {
 
     /// Tops the pool up to `target` ready schemas, creating them one at a time on `client`
     /// (so a warmer never uses more than its one connection). Stops early at `max_new`.
-    pub async fn warm(&self, client: &Client, target: u64, max_new: u64) -> Result<Warmed, Error> {
+    pub async fn warm(
+        &self,
+        client: &Client,
+        ns: &Namespace,
+        target: u64,
+        max_new: u64,
+    ) -> Result<Warmed, Error> {
         let migrations = &self.migrations;
-        let ready_before = ready_count(client, &migrations.hash).await?;
+        let ready_before = ready_count(client, ns, &migrations.hash).await?;
         let mut warmed = Warmed {
             ready_before,
             created: 0,
@@ -121,6 +126,7 @@ impl Warmer {
         while ready_before + warmed.created < target && warmed.created < max_new {
             let schema = schema_name(&migrations.hash);
             let who = Claimant {
+                ns,
                 hash: &migrations.hash,
                 source: &migrations.source,
                 run_id: "warmer",
@@ -150,25 +156,29 @@ impl Warmer {
 /// Tops the pool of one migration set up to `target` ready schemas, once (see [`Warmer`]).
 pub async fn warm(
     client: &Client,
+    ns: &Namespace,
     migrations_dir: &Path,
     target: u64,
     max_new: u64,
 ) -> Result<Warmed, Error> {
     Warmer::new(migrations_dir)?
-        .warm(client, target, max_new)
+        .warm(client, ns, target, max_new)
         .await
 }
 
 /// Ready schemas of one migration set.
-async fn ready_count(client: &Client, hash: &str) -> Result<u64, Error> {
+async fn ready_count(client: &Client, ns: &Namespace, hash: &str) -> Result<u64, Error> {
+    if !ledger::check_namespace(client, ns).await? {
+        ledger::bootstrap(client, ns).await?;
+    }
     let query = &format!(
-        "SELECT pgharness.ready_count($1) + 0 * {}",
-        ledger::VERSION_PROBE
+        "SELECT {ns}.ready_count($1) + 0 * {}",
+        ledger::version_probe(ns)
     );
     let row = match client.query_one(query, &[&hash]).await {
         Ok(row) => row,
         Err(error) if ledger::is_missing_ledger(&error) => {
-            ledger::bootstrap(client).await?;
+            ledger::bootstrap(client, ns).await?;
             client
                 .query_one(query, &[&hash])
                 .await

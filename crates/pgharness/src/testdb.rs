@@ -47,6 +47,8 @@ pub struct TestDb {
     state_dir: PathBuf,
     /// The RDS proxy lease option of this test process's connections (rds backend only).
     lease: Option<String>,
+    /// The role's pgharness schema (its ledger and functions).
+    ns: ledger::Namespace,
 }
 
 /// A failed connection to the RDS proxy says so when the proxy is gone.
@@ -232,7 +234,9 @@ impl TestDbBuilder {
             Some(migrations) => (migrations.hash.as_str(), migrations.source.as_str()),
             None => ("none", ""),
         };
+        let ns = ledger::Namespace::of(&server.config());
         let who = ledger::Claimant {
+            ns: &ns,
             hash,
             source,
             run_id: &run_id,
@@ -309,6 +313,7 @@ impl TestDbBuilder {
             keep_name,
             state_dir: settings.state_dir.clone(),
             lease,
+            ns: ns.clone(),
         })
     }
 }
@@ -337,8 +342,15 @@ async fn claim(
                 return Ok(schema.flatten());
             }
             Err(error) if !installed && ledger::is_missing_ledger(&error) => {
-                ledger::bootstrap(client).await?;
+                ledger::bootstrap(client, who.ns).await?;
                 installed = true;
+            }
+            Err(error) if ledger::foreign_namespace(&error, who.ns).is_some() => {
+                return Err(
+                    ledger::foreign_namespace(&error, who.ns).unwrap_or_else(|| {
+                        Error::postgres("failed to claim a schema from the pool", error)
+                    }),
+                );
             }
             Err(error)
                 if error
@@ -509,7 +521,14 @@ impl Drop for TestDb {
             claim_ms: self.claim_ms,
             acquire_ms: self.acquire.as_secs_f64() * 1000.0,
         };
-        let sql = ledger::finish_sql(&self.schema, &log, finish, &self.keep_name, self.lock_key);
+        let sql = ledger::finish_sql(
+            &self.ns,
+            &self.schema,
+            &log,
+            finish,
+            &self.keep_name,
+            self.lock_key,
+        );
         let schema = self.schema.clone();
         let outcome = driver::block_on(
             async move { client.simple_query(&sql).await },

@@ -246,8 +246,9 @@ async fn a_schema_pooled_by_another_role_is_not_claimed() {
     );
     admin
         .batch_execute(&format!(
-            "DROP SCHEMA {schema} CASCADE; DELETE FROM pgharness.ledger WHERE schema_name = '{schema}';
-             REVOKE CREATE ON DATABASE {database} FROM {role}; DROP ROLE {role};"
+            "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {their_ns} CASCADE;
+             REVOKE CREATE ON DATABASE {database} FROM {role}; DROP ROLE {role};",
+            their_ns = ledger::Namespace::for_user(&role)
         ))
         .await
         .unwrap();
@@ -364,7 +365,10 @@ async fn a_recycled_schema_is_as_fresh_or_was_dropped_because_it_changed() {
 async fn ready_schemas(admin: &Client, dir: &Path) -> Vec<String> {
     admin
         .query(
-            "SELECT schema_name FROM pgharness.ledger WHERE status = 'ready' AND source = $1",
+            &format!(
+                "SELECT schema_name FROM {}.ledger WHERE status = 'ready' AND source = $1",
+                common::admin_ns()
+            ),
             &[&dir.display().to_string()],
         )
         .await
@@ -410,7 +414,9 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let server = configured_server().await;
     let admin = admin(&server).await;
     let dir = own_migrations("race", MIGRATION);
-    let warmed = pgharness::pool::warm(&admin, &dir, 4, 4).await.unwrap();
+    let warmed = pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 4, 4)
+        .await
+        .unwrap();
     assert_eq!(warmed.created, 4);
     let ready: HashSet<String> = ready_schemas(&admin, &dir).await.into_iter().collect();
     assert_eq!(ready.len(), 4);
@@ -444,7 +450,9 @@ async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_re
     let server = configured_server().await;
     let admin = admin(&server).await;
     let dir = own_migrations("hash", "CREATE TABLE v1 (id int);");
-    pgharness::pool::warm(&admin, &dir, 2, 2).await.unwrap();
+    pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 2, 2)
+        .await
+        .unwrap();
     let old = ready_schemas(&admin, &dir).await;
     assert_eq!(old.len(), 2);
     let v1 = std::fs::read_to_string(dir.join("0001_app.sql")).unwrap();
@@ -458,6 +466,7 @@ async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_re
     drop(db);
     let report = ledger::reap(
         &admin,
+        &common::admin_ns(),
         &ReapScope::Stale {
             ttl: Duration::from_secs(3600),
             run_grace: Duration::from_secs(3600),

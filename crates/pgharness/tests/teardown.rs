@@ -51,7 +51,10 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
     let client = admin(&server).await;
     let schema: String = client
         .query_one(
-            "SELECT schema_name FROM pgharness.ledger WHERE run_id = $1",
+            &format!(
+                "SELECT schema_name FROM {}.ledger WHERE run_id = $1",
+                common::admin_ns()
+            ),
             &[&run],
         )
         .await
@@ -66,11 +69,17 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
         ttl,
         run_grace: Duration::ZERO,
     };
-    ledger::reap(&client, &scope(Duration::from_secs(3600)))
+    ledger::reap(
+        &client,
+        &common::admin_ns(),
+        &scope(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert!(schema_exists(&client, &schema).await);
+    let report = ledger::reap(&client, &common::admin_ns(), &scope(Duration::ZERO))
         .await
         .unwrap();
-    assert!(schema_exists(&client, &schema).await);
-    let report = ledger::reap(&client, &scope(Duration::ZERO)).await.unwrap();
     assert!(report.dropped.contains(&schema), "{report:?}");
     assert!(!schema_exists(&client, &schema).await);
 }
@@ -97,7 +106,9 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
         ttl: Duration::ZERO,
         run_grace: Duration::ZERO,
     };
-    let report = ledger::reap(&client, &scope).await.unwrap();
+    let report = ledger::reap(&client, &common::admin_ns(), &scope)
+        .await
+        .unwrap();
     assert!(
         !report.dropped.contains(&schema),
         "a live test's schema was reaped"
@@ -113,7 +124,9 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     // The server notices the closed socket and releases the owner lock.
     let mut dropped = false;
     for _ in 0..50 {
-        let report = ledger::reap(&client, &scope).await.unwrap();
+        let report = ledger::reap(&client, &common::admin_ns(), &scope)
+            .await
+            .unwrap();
         if report.dropped.contains(&schema) {
             dropped = true;
             break;
@@ -226,7 +239,7 @@ async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
         ledger_status(&client, &schema).await.as_deref(),
         Some("passed")
     );
-    let report = ledger::reap(&client, &ReapScope::FinishedInRun(run))
+    let report = ledger::reap(&client, &common::admin_ns(), &ReapScope::FinishedInRun(run))
         .await
         .unwrap();
     assert_eq!(report.recycled, std::slice::from_ref(&schema));
@@ -264,8 +277,11 @@ async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
     }
     let rows = client
         .query(
-            "SELECT path, connect_ms, claim_ms, create_ms, migrate_ms, acquire_ms, outcome
-               FROM pgharness.acquires WHERE test_name = $1 ORDER BY at",
+            &format!(
+                "SELECT path, connect_ms, claim_ms, create_ms, migrate_ms, acquire_ms, outcome
+                   FROM {}.acquires WHERE test_name = $1 ORDER BY at",
+                common::admin_ns()
+            ),
             &[&test_name],
         )
         .await

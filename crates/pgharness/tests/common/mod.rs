@@ -54,10 +54,18 @@ pub(crate) async fn schema_exists(client: &Client, schema: &str) -> bool {
         .get(0)
 }
 
+/// The namespace of the local servers' admin (`postgres`), where its ledger is.
+pub(crate) fn admin_ns() -> pgharness::ledger::Namespace {
+    pgharness::ledger::Namespace::for_user("postgres")
+}
+
 pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {
     client
         .query_opt(
-            "SELECT status FROM pgharness.ledger WHERE schema_name = $1",
+            &format!(
+                "SELECT status FROM {}.ledger WHERE schema_name = $1",
+                admin_ns()
+            ),
             &[&schema],
         )
         .await

@@ -1,0 +1,239 @@
+//! Trust between roles on one server (a shared dev cluster, a URL server several people use):
+//! no role can make another role's pgharness drop, delete, alter or execute anything. Each
+//! attack is run by a role with nothing but CONNECT and CREATE on the database, as an RDS
+//! IAM user has, against another role's ledger.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{admin, admin_ns, configured_server, own_migrations};
+use pgharness::ledger::{self, Namespace, ReapScope};
+use pgharness::{BackendKind, SecretUrl, Settings, Teardown, TestDb};
+use tokio_postgres::Client;
+
+/// A role made for one test, with only CONNECT and CREATE on the database; dropped (with
+/// everything it owns) by [`Role::drop_all`].
+struct Role {
+    name: String,
+    password: String,
+    database: String,
+    port: u16,
+}
+
+impl Role {
+    async fn create(admin: &Client, label: &str, port: u16) -> Role {
+        let name = format!(
+            "pgh_{label}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let database: String = admin
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD '{password}';
+                 GRANT CREATE ON DATABASE {database} TO {name};"
+            ))
+            .await
+            .unwrap();
+        Role {
+            name,
+            password,
+            database,
+            port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            self.name, self.password, self.port, self.database
+        )
+    }
+
+    async fn client(&self) -> Client {
+        common::connect(self.url().parse().unwrap()).await
+    }
+
+    fn settings(&self) -> Settings {
+        let mut settings = Settings::load().unwrap();
+        settings.teardown = Teardown::Inline;
+        settings.backend = BackendKind::Url;
+        settings.url = Some(SecretUrl::new(self.url()));
+        settings
+    }
+
+    async fn drop_all(self, admin: &Client) {
+        admin
+            .batch_execute(&format!(
+                "DROP OWNED BY {name} CASCADE;
+                 REVOKE CREATE ON DATABASE {db} FROM {name}; DROP ROLE {name};",
+                name = self.name,
+                db = self.database
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+fn port(server: &pgharness::Server) -> u16 {
+    server.config().get_ports()[0]
+}
+
+fn denied(result: Result<u64, tokio_postgres::Error>) -> bool {
+    matches!(result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
+}
+
+#[tokio::test]
+async fn another_role_can_neither_write_the_ledger_nor_replace_its_functions() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    // The admin's ledger exists (a test of its own).
+    let dir = own_migrations("trust", "CREATE TABLE t (id int);");
+    drop(
+        TestDb::builder()
+            .migrations(&dir)
+            .build()
+            .await
+            .expect("the admin's test"),
+    );
+    let ns = admin_ns();
+    let hostile = Role::create(&admin, "hostile", port(&server)).await;
+    let as_hostile = hostile.client().await;
+    // F4: a forged row for a schema of someone else, for the admin's reaper to drop.
+    assert!(denied(
+        as_hostile
+            .execute(
+                &format!(
+                    "INSERT INTO {ns}.ledger (schema_name, run_id, test_name, attempt, host, pid, lock_key, migrations_hash, status, created_at, ended_at)
+                     VALUES ('public', 'x', 'x', 1, 'x', 1, 1, 'x', 'kept', now() - interval '2 hours', now() - interval '2 hours')"
+                ),
+                &[],
+            )
+            .await
+    ));
+    // F5: SQL of its own in a row the admin's recycle reads.
+    assert!(denied(
+        as_hostile
+            .execute(&format!("UPDATE {ns}.ledger SET fresh = '{{}}'"), &[])
+            .await
+    ));
+    assert!(denied(
+        as_hostile
+            .execute(&format!("DELETE FROM {ns}.acquires"), &[])
+            .await
+    ));
+    // F6: a function of the admin's replaced by its own.
+    let replaced = as_hostile
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION {ns}.ready_count(p_hash text) RETURNS bigint
+             LANGUAGE sql AS 'SELECT 0'"
+        ))
+        .await;
+    assert!(replaced.is_err(), "the hostile role replaced a function");
+    // Reading is denied too: nothing is granted to PUBLIC.
+    assert!(denied(
+        as_hostile
+            .execute(&format!("SELECT 1 FROM {ns}.ledger"), &[])
+            .await
+    ));
+    drop(as_hostile);
+    hostile.drop_all(&admin).await;
+}
+
+#[tokio::test]
+async fn a_namespace_another_role_made_first_is_refused_by_name_and_nothing_in_it_runs() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let victim = Role::create(&admin, "victim", port(&server)).await;
+    let hostile = Role::create(&admin, "hostile", port(&server)).await;
+    let as_hostile = hostile.client().await;
+    // The hostile role makes the victim's namespace before the victim ever ran a test, with
+    // a ledger and a version function that records who called it.
+    let ns = Namespace::for_user(&victim.name);
+    as_hostile
+        .batch_execute(&format!(
+            "CREATE SCHEMA {ns};
+             CREATE TABLE {ns}.called (by text);
+             GRANT USAGE ON SCHEMA {ns} TO PUBLIC;
+             GRANT INSERT, SELECT ON {ns}.called TO PUBLIC;
+             CREATE FUNCTION {ns}.version_9() RETURNS integer LANGUAGE sql VOLATILE
+               AS $$ INSERT INTO {ns}.called VALUES (current_user) RETURNING 9 $$;
+             GRANT EXECUTE ON FUNCTION {ns}.version_9() TO PUBLIC;
+             CREATE TABLE {ns}.ledger (schema_name text, status text, migrations_hash text);
+             GRANT ALL ON {ns}.ledger TO PUBLIC;"
+        ))
+        .await
+        .unwrap();
+    let dir = own_migrations("trust-victim", "CREATE TABLE t (id int);");
+    let error = TestDb::builder()
+        .settings(victim.settings())
+        .migrations(&dir)
+        .build()
+        .await
+        .expect_err("the victim's test must not use a namespace someone else made");
+    let text = error.to_string();
+    assert!(text.contains(ns.as_str()), "{text}");
+    assert!(text.contains("made by another role"), "{text}");
+    let called: i64 = as_hostile
+        .query_one(&format!("SELECT count(*) FROM {ns}.called"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(called, 0, "the hostile role's function ran as the victim");
+    drop(as_hostile);
+    hostile.drop_all(&admin).await;
+    victim.drop_all(&admin).await;
+}
+
+#[tokio::test]
+async fn a_reap_acts_only_on_its_own_role_s_schemas() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let other = Role::create(&admin, "other", port(&server)).await;
+    // The other role's pool: a ready schema, recorded in its own ledger.
+    let dir = own_migrations("trust-reap", "CREATE TABLE t (id int);");
+    let db = TestDb::builder()
+        .settings(other.settings())
+        .migrations(&dir)
+        .build()
+        .await
+        .expect("the other role's test");
+    let theirs = db.schema().to_owned();
+    db.client()
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .unwrap();
+    drop(db);
+    // Unused for a day, as a pool of last week's work.
+    other
+        .client()
+        .await
+        .execute(
+            &format!(
+                "UPDATE {}.ledger SET ended_at = now() - interval '25 hours', created_at = now() - interval '25 hours'",
+                Namespace::for_user(&other.name)
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    // F7: the admin's reaper, with every TTL at zero, neither fails on it nor touches it.
+    let report = ledger::reap(
+        &admin,
+        &admin_ns(),
+        &ReapScope::Stale {
+            ttl: Duration::ZERO,
+            run_grace: Duration::ZERO,
+        },
+    )
+    .await
+    .expect("the reap does not abort on another role's schemas");
+    assert!(!report.dropped.contains(&theirs), "{report:?}");
+    assert!(common::schema_exists(&admin, &theirs).await);
+    other.drop_all(&admin).await;
+}
