@@ -142,13 +142,8 @@ BEGIN
 END
 $fp$;
 
--- The statements `capture` and `reset` run, built from names with format('%I'): which of
--- `p_tables` hold rows (in their order), and every sequence's state.
-CREATE OR REPLACE FUNCTION __NS__.probe_query(p_schema text, p_tables text[]) RETURNS text
-LANGUAGE sql IMMUTABLE AS $pq$
-  SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
-    FROM unnest(p_tables) WITH ORDINALITY AS u(x, i)
-$pq$;
+-- The statement `capture` and `reset` run for every sequence's state, built from names
+-- with format('%I').
 CREATE OR REPLACE FUNCTION __NS__.sequences_query(p_schema text, p_sequences text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $sq$
   SELECT 'SELECT jsonb_agg(jsonb_build_array(n, v, c) ORDER BY n) FROM (' || string_agg(format('SELECT %L AS n, last_value AS v, is_called AS c FROM %I.%I', x, p_schema, x), ' UNION ALL ') || ') s'
@@ -243,10 +238,14 @@ DECLARE
   seq_state jsonb;
   probe text;
 BEGIN
-  IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL OR NOT __NS__.owned(p_schema) THEN
+  IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL
+     OR (SELECT n.nspowner FROM pg_namespace n WHERE n.oid = nsp)
+        IS DISTINCT FROM (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user) THEN
     RETURN 'missing';
   END IF;
-  probe := __NS__.probe_query(p_schema, array(SELECT jsonb_array_elements_text(p_fresh->'tables')));
+  -- Which tables hold rows, children first: built from their names with format('%I').
+  SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
+    INTO probe FROM jsonb_array_elements_text(p_fresh->'tables') WITH ORDINALITY AS u(x, i);
   -- Connections of the test that are still closing: wait briefly, never reset under them.
   FOR i IN 1..6 LOOP
     EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity
@@ -302,7 +301,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION __NS__.version_9() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 9';
+CREATE OR REPLACE FUNCTION __NS__.version_10() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 10';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).
@@ -476,7 +475,7 @@ DO $sp$
 DECLARE f regprocedure;
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-            WHERE p.pronamespace = '__NS__'::regnamespace AND p.proname <> 'version_9' LOOP
+            WHERE p.pronamespace = '__NS__'::regnamespace AND p.proname <> 'version_10' LOOP
     EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
   END LOOP;
 END
