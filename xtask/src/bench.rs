@@ -430,6 +430,7 @@ impl Bench {
                 pgharness::ledger::Namespace::of(&server.config()),
                 run_id.clone(),
                 settings.migrations.clone(),
+                settings.extra_search_path.clone(),
                 3,
             );
             let extra = [

@@ -110,7 +110,9 @@ impl Up {
         } else {
             let progress = Progress::start("filling the schema pool");
             let ns = pgharness::ledger::Namespace::of(&server.config());
-            let warmed = pgharness::pool::warm(&admin, &ns, &settings.migrations, target, target)
+            let warmed = pgharness::pool::Warmer::new(&settings.migrations)
+                .map(|warmer| warmer.extra_search_path(&settings.extra_search_path))?
+                .warm(&admin, &ns, target, target)
                 .await
                 .with_context(|| {
                     format!(

@@ -187,6 +187,8 @@ pub async fn check_namespace(client: &Client, ns: &Namespace) -> Result<bool, Er
 /// What a test says about itself when it claims or creates a schema.
 pub(crate) struct Claimant<'a> {
     pub(crate) ns: &'a Namespace,
+    /// Schemas after the test's own on its search_path (`extra_search_path`).
+    pub(crate) extra_search_path: &'a [String],
     pub(crate) hash: &'a str,
     pub(crate) source: &'a str,
     pub(crate) run_id: &'a str,
@@ -213,7 +215,7 @@ const OWNED_BY_CURRENT_USER: &str = "(SELECT nspowner FROM pg_catalog.pg_namespa
 pub(crate) fn claim_sql(who: &Claimant<'_>, or_raise_on_miss: bool) -> String {
     let ns = who.ns;
     let miss = if or_raise_on_miss {
-        format!("\nUNION ALL SELECT {ns}.miss() WHERE NOT EXISTS (SELECT 1 FROM claimed)")
+        format!("\nUNION ALL SELECT {ns}.miss(), NULL WHERE NOT EXISTS (SELECT 1 FROM claimed)")
     } else {
         String::new()
     };
@@ -234,8 +236,9 @@ WITH picked AS (
 )
 
 SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text, 0)
-       || left(set_config('search_path', quote_ident(schema_name) || ',public', false), 0)
-  FROM claimed{miss};",
+       || left(set_config('search_path', path, false), 0), path
+  FROM (SELECT schema_name, lock_key, {path} AS path FROM claimed) c{miss};",
+        path = search_path_sql("schema_name", who.extra_search_path),
         guard = guard_sql(ns),
         probe = version_probe(ns),
         hash = quote_literal(who.hash),
@@ -245,6 +248,24 @@ SELECT schema_name || left(pg_advisory_lock({SCHEMA_LOCK_SPACE}, lock_key)::text
         attempt = who.attempt,
         host = quote_literal(who.host),
         pid = std::process::id(),
+    )
+}
+
+/// The `search_path` of a test's schema, as SQL over the expression `schema`: the schema,
+/// then `public` only while it holds no table, view or other relation (extensions' functions
+/// and types live there; another role's `public.orders` must never answer for an `orders`
+/// the test lacks), then the `extra_search_path` schemas. Relations of `public` are found
+/// through `pg_depend`'s index on their namespace: `pg_class` has none on it, and a scan of
+/// it grows with every pooled schema.
+pub(crate) fn search_path_sql(schema: &str, extra: &[String]) -> String {
+    let extra: String = extra.iter().map(|name| format!(",{name}")).collect();
+    format!(
+        "quote_ident({schema}) || CASE WHEN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+     WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
+       AND d.refobjid = pg_catalog.to_regnamespace('public')
+       AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND c.relkind IN ('r', 'p', 'v', 'm', 'f')) THEN '' ELSE ',public' END || '{extra}'"
     )
 }
 

@@ -43,11 +43,11 @@ pub(crate) fn create_batch(
     batch.push(&ledger::mark("t0"));
     batch.push(&format!("CREATE SCHEMA {ident};"));
     // Session-wide for a test's own connection (it persists after COMMIT); only for this
-    // transaction when warming. Written as the claim writes it (`quote_ident` quotes only
-    // names that need it, like the startup option's plain `<schema>,public`).
+    // transaction when warming. The claim's search_path (`ledger::search_path_sql`): the
+    // migrations see what the tests will.
     batch.push(&format!(
-        "SELECT set_config('search_path', quote_ident({}) || ',public', {});",
-        crate::script::quote_literal(schema),
+        "SELECT set_config('search_path', {}, {});",
+        ledger::search_path_sql(&crate::script::quote_literal(schema), who.extra_search_path),
         !for_test
     ));
     batch.push(&ledger::mark("t1"));
@@ -97,6 +97,7 @@ pub struct Warmed {
 pub struct Warmer {
     migrations: Migrations,
     host: String,
+    extra_search_path: Vec<String>,
 }
 
 impl Warmer {
@@ -105,7 +106,15 @@ impl Warmer {
         Ok(Warmer {
             migrations: Migrations::load(migrations_dir)?,
             host: crate::testdb::hostname(),
+            extra_search_path: Vec::new(),
         })
+    }
+
+    /// Schemas after the pool schema's own on the migrations' `search_path`, as the tests'
+    /// (`extra_search_path`).
+    pub fn extra_search_path(mut self, schemas: &[String]) -> Warmer {
+        self.extra_search_path = schemas.to_vec();
+        self
     }
 
     /// Tops the pool up to `target` ready schemas, creating them one at a time on `client`
@@ -127,6 +136,7 @@ impl Warmer {
             let schema = schema_name(&migrations.hash);
             let who = Claimant {
                 ns,
+                extra_search_path: &self.extra_search_path,
                 hash: &migrations.hash,
                 source: &migrations.source,
                 run_id: "warmer",

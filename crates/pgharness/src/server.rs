@@ -93,12 +93,18 @@ impl Server {
     /// The URL with `options=-csearch_path=<schema>,public` added, so that any client
     /// lands in the schema.
     pub fn url_for_schema(&self, schema: &str) -> String {
-        with_search_path(self.url.expose(), schema)
+        self.url_with_search_path(&format!("{schema},public"))
+    }
+
+    /// The URL with `options=-csearch_path=<path>` added (`path` comma-separated plain
+    /// names, as a test's `search_path` is).
+    pub fn url_with_search_path(&self, path: &str) -> String {
+        with_search_path(self.url.expose(), path)
     }
 
     /// The URL for a schema, password redacted; safe to print.
     pub fn redacted_url_for_schema(&self, schema: &str) -> String {
-        with_search_path(&self.url.to_string(), schema)
+        with_search_path(&self.url.to_string(), &format!("{schema},public"))
     }
 
     /// A shell command that opens `psql` in a schema of this server, as printed for a kept
@@ -125,7 +131,7 @@ impl Server {
             return format!(
                 "PGPASSFILE='{}' psql '{}'",
                 state_dir.join("pgpass").display(),
-                with_search_path(&bare, schema)
+                with_search_path(&bare, &format!("{schema},public"))
             );
         }
         if self.has_password() {
@@ -152,9 +158,12 @@ impl Server {
     }
 }
 
-fn with_search_path(url: &str, schema: &str) -> String {
+fn with_search_path(url: &str, path: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}options=-csearch_path%3D{schema}%2Cpublic")
+    format!(
+        "{url}{separator}options=-csearch_path%3D{}",
+        path.replace(',', "%2C")
+    )
 }
 
 impl fmt::Debug for Server {

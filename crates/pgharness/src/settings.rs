@@ -202,6 +202,10 @@ pub struct Settings {
     pub keep: KeepPolicy,
     /// `pool_size` / `PGHARNESS_POOL_SIZE`: the most connections one test's pool opens.
     pub pool_size: usize,
+    /// `extra_search_path` / `PGHARNESS_EXTRA_SEARCH_PATH`: schemas added after the test's
+    /// own on its `search_path` (comma-separated plain names), e.g. where extensions live.
+    /// `public` follows the test's schema by itself while it holds no tables.
+    pub extra_search_path: Vec<String>,
     /// `max_connections` / `PGHARNESS_MAX_CONNECTIONS`: for servers pgharness starts.
     pub max_connections: u32,
     /// `reap_ttl` / `PGHARNESS_REAP_TTL`: how long kept and abandoned schemas live.
@@ -241,6 +245,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "fixtures",
     "keep",
     "pool_size",
+    "extra_search_path",
     "max_connections",
     "reap_ttl",
     "acquire_timeout",
@@ -427,6 +432,12 @@ impl Settings {
                     _ => Err(format!("`{v}` is not a whole number from 1 to 64")),
                 }
             })?,
+            extra_search_path: parse(
+                get("extra_search_path"),
+                "extra_search_path",
+                Vec::new(),
+                parse_schema_list,
+            )?,
             max_connections: parse(get("max_connections"), "max_connections", 100, |v| match v
                 .parse::<u32>()
             {
@@ -589,6 +600,28 @@ fn parse<T>(
             problem,
         }),
     }
+}
+
+/// A comma-separated list of plain schema names (lowercase letters, digits, `_`).
+fn parse_schema_list(text: &str) -> Result<Vec<String>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let plain = name.len() <= 63
+                && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if plain {
+                Ok(name.to_owned())
+            } else {
+                Err(format!(
+                    "`{name}` is not a plain schema name (lowercase letters, digits and _)"
+                ))
+            }
+        })
+        .collect()
 }
 
 /// The most `max_connections` a server pgharness starts may have.

@@ -49,6 +49,8 @@ pub struct TestDb {
     lease: Option<String>,
     /// The role's pgharness schema (its ledger and functions).
     ns: ledger::Namespace,
+    /// The test's `search_path` (`ledger::search_path_sql`), comma-separated.
+    search_path: String,
 }
 
 /// A failed connection to the RDS proxy says so when the proxy is gone.
@@ -237,6 +239,7 @@ impl TestDbBuilder {
         let ns = ledger::Namespace::of(&server.config());
         let who = ledger::Claimant {
             ns: &ns,
+            extra_search_path: &settings.extra_search_path,
             hash,
             source,
             run_id: &run_id,
@@ -246,8 +249,8 @@ impl TestDbBuilder {
             connect_ms,
         };
         let claim_started = Instant::now();
-        let (schema, path) = match claim(&client, &who, &fixtures).await? {
-            Some(schema) => (schema, "claimed"),
+        let (schema, search_path, path) = match claim(&client, &who, &fixtures).await? {
+            Some((schema, search_path)) => (schema, search_path, "claimed"),
             None => {
                 let schema = pool::schema_name(hash);
                 let batch = pool::create_batch(
@@ -261,15 +264,23 @@ impl TestDbBuilder {
                 if let Err(error) = client.batch_execute(batch.text()).await {
                     return Err(batch.explain(&format!("failed to create schema {schema}"), error));
                 }
-                (schema, "created")
+                // The path the batch set (a miss is rare and slow: one round trip more).
+                let search_path: String = client
+                    .query_one("SELECT current_setting('search_path')", &[])
+                    .await
+                    .map_err(|e| Error::postgres("failed to read the search_path", e))?
+                    .get(0);
+                (schema, search_path, "created")
             }
         };
         let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
         let key = naming::lock_key(&schema);
 
+        // A startup option separates words with spaces: the path has none to lose.
+        let search_path = search_path.replace(' ', "");
         let mut config = server.config();
         config.options(format!(
-            "-csearch_path={schema},public{}",
+            "-csearch_path={search_path}{}",
             lease.as_deref().unwrap_or_default()
         ));
         config.application_name(&schema);
@@ -314,6 +325,7 @@ impl TestDbBuilder {
             state_dir: settings.state_dir.clone(),
             lease,
             ns: ns.clone(),
+            search_path,
         })
     }
 }
@@ -321,11 +333,12 @@ impl TestDbBuilder {
 /// Claims a ready schema of the pool for `who`, and loads the fixtures into it in the same
 /// round trip. `None` on a miss (nothing was changed then). Installs the ledger on a
 /// server that has none yet.
+/// Claims a ready schema: its name and the `search_path` the claim set, or `None` on a miss.
 async fn claim(
     client: &Client,
     who: &ledger::Claimant<'_>,
     fixtures: &[script::SqlFile],
-) -> Result<Option<String>, Error> {
+) -> Result<Option<(String, String)>, Error> {
     let mut batch = Batch::default();
     batch.push(&ledger::claim_sql(who, !fixtures.is_empty()));
     pool::push_fixtures(&mut batch, fixtures);
@@ -333,13 +346,15 @@ async fn claim(
     loop {
         match client.simple_query(batch.text()).await {
             Ok(messages) => {
-                let schema = messages.iter().find_map(|message| match message {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => {
-                        Some(row.get(0).map(str::to_owned))
-                    }
+                let claimed = messages.iter().find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        row.get(0)
+                            .zip(row.get(1))
+                            .map(|(schema, path)| (schema.to_owned(), path.to_owned())),
+                    ),
                     _ => None,
                 });
-                return Ok(schema.flatten());
+                return Ok(claimed.flatten());
             }
             Err(error) if !installed && ledger::is_missing_ledger(&error) => {
                 ledger::bootstrap(client, who.ns).await?;
@@ -405,7 +420,7 @@ impl TestDb {
     /// `options=-csearch_path=<schema>,public`. It includes the server's password, if any:
     /// do not log it.
     pub fn connection_string(&self) -> String {
-        let url = self.server.url_for_schema(&self.schema);
+        let url = self.server.url_with_search_path(&self.search_path);
         match &self.lease {
             // The lease goes with the search_path (see `build`): `-` and `.` need no escape,
             // and the id is a uuid.

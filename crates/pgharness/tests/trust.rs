@@ -237,3 +237,97 @@ async fn a_reap_acts_only_on_its_own_role_s_schemas() {
     assert!(common::schema_exists(&admin, &theirs).await);
     other.drop_all(&admin).await;
 }
+
+#[tokio::test]
+async fn a_table_name_never_resolves_outside_the_test_s_schema() {
+    // A server of this test's own: a table in its public schema changes every test's path.
+    let mut settings = common::isolated_settings(BackendKind::Native, "search-path");
+    settings.teardown = Teardown::Inline;
+    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
+        .await
+        .expect("native starts");
+    let admin = admin(&server).await;
+    // An extension-like function in public, which tests may call unqualified.
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.ext_answer() RETURNS int LANGUAGE sql AS 'SELECT 42'",
+        )
+        .await
+        .unwrap();
+    let dir = own_migrations("search-path", "CREATE TABLE items (id int);");
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    let answer: i32 = db
+        .client()
+        .query_one("SELECT ext_answer()", &[])
+        .await
+        .expect("public holds no table: it is on the path")
+        .get(0);
+    assert_eq!(answer, 42);
+    drop(db);
+    // F2: someone's table in public, of a name the test's schema lacks.
+    admin
+        .batch_execute("CREATE TABLE public.orders (id int); INSERT INTO public.orders VALUES (1);")
+        .await
+        .unwrap();
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    let error = db
+        .client()
+        .execute("INSERT INTO orders VALUES (2)", &[])
+        .await
+        .expect_err("orders is not the test's table");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "{error}"
+    );
+    // Every connection of the test has that path: the pool's and connection_string()'s.
+    let pooled = db.pool().get().await.unwrap();
+    assert!(
+        pooled
+            .execute("INSERT INTO orders VALUES (3)", &[])
+            .await
+            .is_err()
+    );
+    let other = common::connect(db.connection_string().parse().unwrap()).await;
+    assert!(
+        other
+            .execute("INSERT INTO orders VALUES (4)", &[])
+            .await
+            .is_err()
+    );
+    // A setting puts a schema on the path explicitly.
+    drop((pooled, other, db));
+    let mut with_public = settings.clone();
+    with_public.extra_search_path = vec!["public".into()];
+    let db = TestDb::builder()
+        .settings(with_public)
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    db.client()
+        .execute("INSERT INTO orders VALUES (5)", &[])
+        .await
+        .expect("public is on the path when the settings say so");
+    drop(db);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM public.orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "only the test that asked for public wrote to it");
+    drop(admin);
+    pgharness::backend::stop(&settings, BackendKind::Native)
+        .await
+        .unwrap();
+}
