@@ -430,56 +430,92 @@ async fn dead_proxy_check() -> anyhow::Result<()> {
     outcome
 }
 
+/// An xtask command whose output goes to a log file in the state directory, read while it
+/// runs (the checks below wait for a moment in its output to act).
+struct Logged {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Logged {
+    fn spawn(args: &[&str], settings: &pgharness::Settings, name: &str) -> anyhow::Result<Logged> {
+        std::fs::create_dir_all(&settings.state_dir)?;
+        let log = settings.state_dir.join(name);
+        let output = std::fs::File::create(&log)?;
+        let child = xtask(args)
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .spawn()?;
+        Ok(Logged { child, log })
+    }
+
+    fn text(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.log)?)
+    }
+
+    /// Polls the output until `found` says yes (within 5 minutes, while the command runs).
+    async fn wait_for<T>(
+        &mut self,
+        every: std::time::Duration,
+        mut found: impl FnMut(&str) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let text = self.text()?;
+            if let Some(value) = found(&text)? {
+                return Ok(value);
+            }
+            if std::time::Instant::now() > deadline || self.child.try_wait()?.is_some() {
+                bail!("the run did not get to its tests:\n{text}");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Waits for the command to end; its exit status and whole output.
+    fn finish(mut self) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let status = self.child.wait()?;
+        let text = self.text()?;
+        let _ = std::fs::remove_file(&self.log);
+        Ok((status, text))
+    }
+}
+
 /// kill -9 of the RDS proxy during `cargo xtask test --backend rds --emulated`: the run says
 /// the proxy died (no failure on its ledger, no flood of janitor warnings), keeps nextest's
 /// failing exit code, and ends the SSM session the proxy left.
 async fn proxy_killed_mid_run_check() -> anyhow::Result<()> {
-    use std::io::Read;
     eprintln!(
         "xtask ci: kill -9 of the RDS proxy during `cargo xtask test --backend rds --emulated`"
     );
     let settings = crate::settings(None)?;
-    let log = settings.state_dir.join("ci-proxy-killed.log");
-    std::fs::create_dir_all(&settings.state_dir)?;
-    let output = std::fs::File::create(&log)?;
-    let mut child = xtask(&[
-        "test",
-        "--backend",
-        "rds",
-        "--emulated",
-        "-p",
-        "todo-app",
-        "--",
-        "--test-threads",
-        "1",
-    ])
-    .stdout(output.try_clone()?)
-    .stderr(output)
-    .spawn()?;
-    let mut text = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let pid = loop {
-        text.clear();
-        std::fs::File::open(&log)?.read_to_string(&mut text)?;
-        let proxy = pgharness::backend::rds::EnvFile::read(&settings)?
-            .and_then(|f| f.proxy_pid)
-            .filter(|_| text.contains("PASS ["));
-        if let Some(pid) = proxy {
-            break pid;
-        }
-        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
-            bail!("the run did not get to its tests:\n{text}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let mut run = Logged::spawn(
+        &[
+            "test",
+            "--backend",
+            "rds",
+            "--emulated",
+            "-p",
+            "todo-app",
+            "--",
+            "--test-threads",
+            "1",
+        ],
+        &settings,
+        "ci-proxy-killed.log",
+    )?;
+    let pid = run
+        .wait_for(std::time::Duration::from_millis(50), |text| {
+            Ok(pgharness::backend::rds::EnvFile::read(&settings)?
+                .and_then(|f| f.proxy_pid)
+                .filter(|_| text.contains("PASS [")))
+        })
+        .await?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )?;
-    let status = child.wait()?;
-    text.clear();
-    std::fs::File::open(&log)?.read_to_string(&mut text)?;
-    let _ = std::fs::remove_file(&log);
+    let (status, text) = run.finish()?;
     if status.success() {
         bail!("the run passed although its proxy was killed:\n{text}");
     }
@@ -503,53 +539,37 @@ async fn proxy_killed_mid_run_check() -> anyhow::Result<()> {
 /// retried test passes, and the run says the server went away, prints no kept-schema line
 /// for a server that is gone, no flood of warnings, and exits with nextest's code.
 async fn server_gone_mid_run_check() -> anyhow::Result<()> {
-    use std::io::Read;
     eprintln!(
         "xtask ci: the native server stopped immediately in the middle of `cargo xtask test`"
     );
     let settings = crate::settings(Some(BackendKind::Native))?;
-    let log = settings.state_dir.join("ci-server-gone.log");
-    std::fs::create_dir_all(&settings.state_dir)?;
-    let output = std::fs::File::create(&log)?;
-    let mut child = xtask(&[
-        "test",
-        "--backend",
-        "native",
-        "-p",
-        "todo-app",
-        "--retries",
-        "1",
-        "--no-fail-fast",
-        "--",
-        "--test-threads",
-        "1",
-    ])
-    .stdout(output.try_clone()?)
-    .stderr(output)
-    .spawn()?;
-    let mut text = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let postmaster = loop {
-        text.clear();
-        std::fs::File::open(&log)?.read_to_string(&mut text)?;
-        if text.matches("PASS [").count() >= 3
-            && let Some(pid) = native_postmaster(&settings)
-        {
-            break pid;
-        }
-        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
-            bail!("the run did not get to its tests:\n{text}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let mut run = Logged::spawn(
+        &[
+            "test",
+            "--backend",
+            "native",
+            "-p",
+            "todo-app",
+            "--retries",
+            "1",
+            "--no-fail-fast",
+            "--",
+            "--test-threads",
+            "1",
+        ],
+        &settings,
+        "ci-server-gone.log",
+    )?;
+    let postmaster = run
+        .wait_for(std::time::Duration::from_millis(20), |text| {
+            Ok(native_postmaster(&settings).filter(|_| text.matches("PASS [").count() >= 3))
+        })
+        .await?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(postmaster),
         nix::sys::signal::Signal::SIGQUIT,
     )?;
-    let status = child.wait()?;
-    text.clear();
-    std::fs::File::open(&log)?.read_to_string(&mut text)?;
-    let _ = std::fs::remove_file(&log);
+    let (status, text) = run.finish()?;
     xtask(&["down"]).output()?;
     if !text.contains("went away during the run") {
         bail!("the run did not say its server went away:\n{text}");

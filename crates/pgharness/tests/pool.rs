@@ -203,29 +203,8 @@ async fn a_schema_pooled_by_another_role_is_not_claimed() {
         Some("ready")
     );
     // Another role with the same migrations gets a schema of its own, and can use it.
-    let role = format!(
-        "pgh_other_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let password = format!("pw-{role}");
-    let database: String = admin
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
-             GRANT CREATE ON DATABASE {database} TO {role};"
-        ))
-        .await
-        .unwrap();
-    let mut settings = inline_settings();
-    settings.backend = pgharness::BackendKind::Url;
-    settings.url = Some(pgharness::SecretUrl::new(format!(
-        "postgres://{role}:{password}@127.0.0.1:{}/{database}",
-        server.config().get_ports()[0]
-    )));
+    let role = common::Role::create(&admin, "other", server.config().get_ports()[0]).await;
+    let settings = role.settings();
     let theirs = TestDb::builder()
         .settings(settings)
         .migrations(&dir)
@@ -244,14 +223,8 @@ async fn a_schema_pooled_by_another_role_is_not_claimed() {
         ledger_status(&admin, &admins).await.as_deref(),
         Some("ready")
     );
-    admin
-        .batch_execute(&format!(
-            "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {their_ns} CASCADE;
-             REVOKE CREATE ON DATABASE {database} FROM {role}; DROP ROLE {role};",
-            their_ns = ledger::Namespace::for_user(&role)
-        ))
-        .await
-        .unwrap();
+    assert!(common::schema_exists(&admin, &schema).await);
+    role.drop_all(&admin).await;
 }
 
 #[tokio::test]

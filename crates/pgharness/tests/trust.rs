@@ -7,78 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin, admin_ns, configured_server, own_migrations};
+use common::{Role, admin, admin_ns, configured_server, own_migrations};
 use pgharness::ledger::{self, Namespace, ReapScope};
-use pgharness::{BackendKind, SecretUrl, Settings, Teardown, TestDb};
-use tokio_postgres::Client;
-
-/// A role made for one test, with only CONNECT and CREATE on the database; dropped (with
-/// everything it owns) by [`Role::drop_all`].
-struct Role {
-    name: String,
-    password: String,
-    database: String,
-    port: u16,
-}
-
-impl Role {
-    async fn create(admin: &Client, label: &str, port: u16) -> Role {
-        let name = format!(
-            "pgh_{label}_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..10]
-        );
-        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-        let database: String = admin
-            .query_one("SELECT current_database()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        admin
-            .batch_execute(&format!(
-                "CREATE ROLE {name} LOGIN PASSWORD '{password}';
-                 GRANT CREATE ON DATABASE {database} TO {name};"
-            ))
-            .await
-            .unwrap();
-        Role {
-            name,
-            password,
-            database,
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "postgres://{}:{}@127.0.0.1:{}/{}",
-            self.name, self.password, self.port, self.database
-        )
-    }
-
-    async fn client(&self) -> Client {
-        common::connect(self.url().parse().unwrap()).await
-    }
-
-    fn settings(&self) -> Settings {
-        let mut settings = Settings::load().unwrap();
-        settings.teardown = Teardown::Inline;
-        settings.backend = BackendKind::Url;
-        settings.url = Some(SecretUrl::new(self.url()));
-        settings
-    }
-
-    async fn drop_all(self, admin: &Client) {
-        admin
-            .batch_execute(&format!(
-                "DROP OWNED BY {name} CASCADE;
-                 REVOKE CREATE ON DATABASE {db} FROM {name}; DROP ROLE {name};",
-                name = self.name,
-                db = self.database
-            ))
-            .await
-            .unwrap();
-    }
-}
+use pgharness::{BackendKind, Teardown, TestDb};
 
 fn port(server: &pgharness::Server) -> u16 {
     server.config().get_ports()[0]

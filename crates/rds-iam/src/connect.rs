@@ -117,18 +117,23 @@ async fn does_not_resolve(host: &str, port: u16) -> bool {
     )
 }
 
-/// Retries `attempt` while it fails transiently, until `deadline`, reporting once a second.
-/// A refused connection to a `host` that does not resolve is an error at once.
+/// Retries `attempt` while it fails transiently, until the target's wake deadline,
+/// reporting once a second. A refused connection to an endpoint whose name does not resolve
+/// is an error at once.
 pub(crate) async fn with_wake<T, F, Fut>(
-    deadline: Duration,
+    target: &RdsTarget,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
-    (host, port): (&str, u16),
     mut attempt: F,
 ) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
+    let (deadline, host, port) = (
+        target.wake_deadline,
+        target.endpoint.host.as_str(),
+        target.endpoint.port,
+    );
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut last_report = started;
@@ -201,16 +206,11 @@ pub async fn connect(
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<Client, Error> {
-    with_wake(
-        target.wake_deadline,
-        on_wait,
-        (&target.endpoint.host, target.endpoint.port),
-        || {
-            with_fresh_token_on_refusal(target, tokens, |token| {
-                login(target, options, dialer, token)
-            })
-        },
-    )
+    with_wake(target, on_wait, || {
+        with_fresh_token_on_refusal(target, tokens, |token| {
+            login(target, options, dialer, token)
+        })
+    })
     .await
 }
 
@@ -271,16 +271,11 @@ pub(crate) async fn open_raw(
     tokens: &TokenCache,
     on_wait: &(dyn Fn(Waiting) + Send + Sync),
 ) -> Result<(TlsStream<BoxStream>, BytesMut), Error> {
-    with_wake(
-        target.wake_deadline,
-        on_wait,
-        (&target.endpoint.host, target.endpoint.port),
-        || {
-            with_fresh_token_on_refusal(target, tokens, |token| {
-                login_raw(target, params, dialer, token)
-            })
-        },
-    )
+    with_wake(target, on_wait, || {
+        with_fresh_token_on_refusal(target, tokens, |token| {
+            login_raw(target, params, dialer, token)
+        })
+    })
     .await
 }
 

@@ -8,53 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::relay::Relay;
-use common::{DB_HOST, TARGET, env, query_over};
+use common::{DB_HOST, TARGET, echo_server, env, pattern, query_over, round_trip};
 use ssm_tunnel::{Tunnel, TunnelConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An echo server: what the tunnel carries comes back, so transfers can be checked exactly.
-async fn echo_server() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.into_split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Writes `data` through a tunnel stream to the echo server and reads all of it back.
-async fn round_trip(stream: ssm_tunnel::TunnelStream, data: Vec<u8>) -> Vec<u8> {
-    let (mut read, mut write) = tokio::io::split(stream);
-    let len = data.len();
-    let writer = tokio::spawn(async move {
-        write.write_all(&data).await.unwrap();
-        write.flush().await.unwrap();
-        write
-    });
-    let mut back = vec![0; len];
-    read.read_exact(&mut back)
-        .await
-        .expect("all the bytes come back");
-    drop(writer.await.unwrap());
-    back
-}
 
 /// fake-aws (echo and Postgres behind its agent) reached only through `relay`.
 async fn behind(relay: &Relay) -> (common::Env, Tunnel) {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{DB_HOST, TARGET, env, query_over};
+use common::{DB_HOST, TARGET, echo_server, env, pattern, query_over, round_trip};
 use ssm_tunnel::{Mode, Tunnel, TunnelConfig};
 
 #[tokio::test]
@@ -47,55 +47,6 @@ async fn twenty_concurrent_connections_share_one_session() {
     assert_eq!(env.ssm.sessions()[0].connections, 1, "over one websocket");
 }
 
-/// An echo server: what the tunnel carries comes back, so transfers can be checked exactly.
-async fn echo_server() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.into_split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Sends `data` through a tunnel stream to the echo server and reads it all back.
-async fn round_trip(tunnel: &Tunnel, data: Vec<u8>) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = tunnel.connect().await.unwrap();
-    let (mut read, mut write) = tokio::io::split(stream);
-    let len = data.len();
-    let writer = tokio::spawn(async move {
-        write.write_all(&data).await.unwrap();
-        write.flush().await.unwrap();
-        write
-    });
-    let mut back = vec![0; len];
-    read.read_exact(&mut back)
-        .await
-        .expect("all the bytes come back");
-    drop(writer.await.unwrap());
-    back
-}
-
 #[tokio::test]
 async fn ten_megabytes_survive_loss_duplication_and_reordering() {
     let echo = echo_server().await;
@@ -117,7 +68,7 @@ async fn ten_megabytes_survive_loss_duplication_and_reordering() {
     let data = pattern(10 * 1024 * 1024, 42);
     let back = tokio::time::timeout(
         std::time::Duration::from_secs(240),
-        round_trip(&tunnel, data.clone()),
+        round_trip(tunnel.connect().await.unwrap(), data.clone()),
     )
     .await
     .expect("in time");
@@ -143,7 +94,7 @@ async fn a_bye_close_mid_transfer_is_resumed_without_corruption() {
     let data = pattern(4 * 1024 * 1024, 7);
     let back = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        round_trip(&tunnel, data.clone()),
+        round_trip(tunnel.connect().await.unwrap(), data.clone()),
     )
     .await
     .expect("in time");

@@ -82,3 +82,71 @@ pub(crate) fn own_migrations(label: &str, sql: &str) -> PathBuf {
     std::fs::write(dir.join("0001_app.sql"), format!("-- {id}\n{sql}")).expect("migration");
     dir
 }
+
+/// A role made for one test, with only CONNECT and CREATE on the database; dropped (with
+/// everything it owns) by [`Role::drop_all`].
+pub(crate) struct Role {
+    pub(crate) name: String,
+    password: String,
+    database: String,
+    port: u16,
+}
+
+impl Role {
+    pub(crate) async fn create(admin: &Client, label: &str, port: u16) -> Role {
+        let name = format!(
+            "pgh_{label}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let database: String = admin
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD '{password}';
+                 GRANT CREATE ON DATABASE {database} TO {name};"
+            ))
+            .await
+            .unwrap();
+        Role {
+            name,
+            password,
+            database,
+            port,
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            self.name, self.password, self.port, self.database
+        )
+    }
+
+    pub(crate) async fn client(&self) -> Client {
+        connect(self.url().parse().unwrap()).await
+    }
+
+    pub(crate) fn settings(&self) -> Settings {
+        let mut settings = Settings::load().unwrap();
+        settings.teardown = pgharness::Teardown::Inline;
+        settings.backend = BackendKind::Url;
+        settings.url = Some(pgharness::SecretUrl::new(self.url()));
+        settings
+    }
+
+    pub(crate) async fn drop_all(self, admin: &Client) {
+        admin
+            .batch_execute(&format!(
+                "DROP OWNED BY {name} CASCADE;
+                 REVOKE CREATE ON DATABASE {db} FROM {name}; DROP ROLE {name};",
+                name = self.name,
+                db = self.database
+            ))
+            .await
+            .unwrap();
+    }
+}
