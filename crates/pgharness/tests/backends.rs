@@ -297,6 +297,90 @@ async fn a_native_server_that_exits_at_start_fails_at_once_with_its_fatal_line()
     let _ = std::fs::remove_dir_all(&bindir);
 }
 
+/// A listener of another local user (`nobody`) on `port` that asks whoever connects for a
+/// cleartext password and prints what it gets.
+const SQUATTER: &str = r#"
+import socket, struct, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    print("connection", flush=True)
+    c.recv(65536)
+    c.sendall(b"R" + struct.pack("!ii", 8, 3))
+    print("got", c.recv(65536), flush=True)
+    c.close()
+"#;
+
+#[tokio::test]
+async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
+    if !nix::unistd::geteuid().is_root() {
+        // Binding a port as another user needs root; CI runs as root.
+        eprintln!("not run: needs root to run a listener as another user");
+        return;
+    }
+    let settings = isolated_settings(BackendKind::Native, "squat");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
+    let port = server.config().get_ports()[0];
+    // The server goes away and leaves its records (as when it idles out).
+    let record = std::fs::read_dir(&settings.state_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("native-") && name.ends_with(".json")
+        })
+        .expect("the native record");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(record.path()).unwrap()).unwrap();
+    let watchdog = state["watchdog_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watchdog),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend::listener_uid(port).is_some() {
+        assert!(Instant::now() < deadline, "the server did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another local user takes the port.
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut squatter = std::process::Command::new("python3")
+        .args(["-c", SQUATTER, &port.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut said = std::io::BufReader::new(squatter.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    // A test of this workspace: it must not take the squatter for its server.
+    let db = pgharness::TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .expect("a server of its own is started");
+    assert_ne!(db.server().config().get_ports()[0], port);
+    drop(db);
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    assert!(
+        !rest.contains("connection"),
+        "a test process connected to another user's listener: {rest}"
+    );
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_idle_native_server_stops_by_itself() {
     let mut settings = isolated_settings(BackendKind::Native, "idle");
@@ -343,8 +427,9 @@ async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_wh
     let recorded = backend::known(&settings).expect("ensure records the server it started");
     assert_eq!(recorded.describe(), server.describe());
 
-    // A stale record (a port nobody listens on) costs one refused connection, then the
-    // full check finds the real server and the test gets its schema there.
+    // A stale record (a port nobody listens on) is not believed: its port has no listener of
+    // the server's user. The full check finds the real server and the test gets its schema
+    // there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let stale_port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -359,9 +444,9 @@ async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_wh
         ),
     )
     .unwrap();
-    assert_ne!(
-        backend::known(&settings).unwrap().describe(),
-        server.describe()
+    assert!(
+        backend::known(&settings).is_none(),
+        "a record naming a port without the server's listener is believed"
     );
     let db = pgharness::TestDb::builder()
         .settings(settings.clone())

@@ -26,6 +26,11 @@ struct Known {
     /// there (it names the other checkout's server).
     #[serde(default)]
     workspace: Option<PathBuf>,
+    /// The uid of the native server's listener when it was recorded: a test process sends
+    /// the password only to a listener of the same uid (another local user may have bound
+    /// the port since the server stopped).
+    #[serde(default)]
+    listener_uid: Option<u32>,
 }
 
 fn path(settings: &Settings) -> PathBuf {
@@ -44,6 +49,9 @@ fn describe(settings: &Settings, server: &Server) -> Option<Known> {
         pg_bin: settings.pg_bin.clone(),
         max_connections: settings.max_connections,
         workspace: Some(settings.root.clone()),
+        listener_uid: (server.backend() == BackendKind::Native)
+            .then(|| super::listener_uid(port))
+            .flatten(),
     })
 }
 
@@ -86,6 +94,15 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
         _ => return None,
     };
     if !matches {
+        return None;
+    }
+    if backend == BackendKind::Native
+        && (known.listener_uid.is_none() || super::listener_uid(known.port) != known.listener_uid)
+    {
+        tracing::info!(
+            port = known.port,
+            "the recorded server's port is not its listener's now; checking the backend"
+        );
         return None;
     }
     let password = super::secret::local_password(settings).ok()?;

@@ -8,7 +8,7 @@ mod process;
 pub mod rds;
 pub mod secret;
 
-pub use process::ProcessId;
+pub use process::{ProcessId, listener_uid};
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};

@@ -44,6 +44,10 @@ struct State {
     /// is never used, stopped or deleted from there.
     #[serde(default)]
     workspace: Option<PathBuf>,
+    /// The uid the server runs as: the listener on `port` must be its, or the port is
+    /// another local user's now and no password is sent there.
+    #[serde(default)]
+    server_uid: Option<u32>,
     port: u16,
     base_dir: PathBuf,
     bindir: PathBuf,
@@ -282,6 +286,9 @@ fn alive(state: &State, settings: &Settings) -> bool {
         && state
             .watchdog()
             .is_some_and(|watchdog| watchdog.is_running())
+        && state
+            .server_uid
+            .is_some_and(|uid| super::listener_uid(state.port) == Some(uid))
         && TcpStream::connect_timeout(
             &(Ipv4Addr::LOCALHOST, state.port).into(),
             Duration::from_secs(1),
@@ -427,6 +434,10 @@ fn start(
         watchdog_pid: child.id() as i32,
         watchdog_started: watchdog.map(|w| w.started),
         workspace: Some(settings.root.clone()),
+        server_uid: Some(
+            user.as_ref()
+                .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid.as_raw()),
+        ),
         port,
         base_dir: base.clone(),
         bindir: bindir.to_path_buf(),

@@ -93,9 +93,55 @@ impl FromStr for ProcessId {
     }
 }
 
+/// The owner (uid) of the socket listening on loopback `port`, from `/proc/net/tcp` and
+/// `tcp6`. Before a password goes to a port it was recorded on, this says whether the
+/// listener there now is the server pgharness started (its uid) or something another local
+/// user bound to the port after the server went away (A3 in issue 18). `None`: nothing
+/// listens there (or /proc has no answer).
+pub fn listener_uid(port: u16) -> Option<u32> {
+    let wanted = format!("{port:04X}");
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st, tx:rx, tr:when, retrnsmt, uid, …
+            let (Some(local), Some(state), Some(uid)) =
+                (fields.get(1), fields.get(3), fields.get(7))
+            else {
+                continue;
+            };
+            let Some((address, local_port)) = local.rsplit_once(':') else {
+                continue;
+            };
+            let loopback_or_any = matches!(
+                address,
+                "0100007F"
+                    | "00000000"
+                    | "00000000000000000000000000000000"
+                    | "00000000000000000000000001000000"
+            );
+            if *state == "0A" && local_port == wanted && loopback_or_any {
+                return uid.parse().ok();
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_of_a_loopback_listener_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(listener_uid(port), Some(nix::unistd::geteuid().as_raw()));
+        drop(listener);
+        assert_eq!(listener_uid(port), None);
+    }
 
     #[test]
     fn a_process_is_known_by_its_pid_and_start_time() {
