@@ -1,9 +1,21 @@
 #!/bin/sh
 # Entrypoint of the locally built Postgres image (`cargo xtask image`).
 # It follows the official postgres image's contract closely enough for pgharness:
-# POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, POSTGRES_HOST_AUTH_METHOD and PGDATA,
-# and `docker run IMAGE postgres -c key=value ...` passes server options through.
+# POSTGRES_USER, POSTGRES_PASSWORD (or POSTGRES_PASSWORD_FILE), POSTGRES_DB,
+# POSTGRES_HOST_AUTH_METHOD and PGDATA, and `docker run IMAGE postgres -c key=value ...`
+# passes server options through. Unlike it, the server never sees the password in its
+# environment (anyone with the server's uid on the host could read /proc/<pid>/environ),
+# and it runs as a uid that no host account has: a container's uid is the host's, and the
+# Debian package's `postgres` uid is a system account's on most hosts (messagebus, …).
 set -eu
+if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+    POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE")
+fi
+PG_UID=2000001
+if [ "$(id -u postgres)" != "$PG_UID" ]; then
+    sed -i "s/^postgres:x:[0-9]*:[0-9]*:/postgres:x:$PG_UID:$PG_UID:/" /etc/passwd
+    sed -i "s/^postgres:x:[0-9]*:/postgres:x:$PG_UID:/" /etc/group
+fi
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 : "${PGDATA:=/var/lib/postgresql/data}"
 : "${POSTGRES_USER:=postgres}"
@@ -35,6 +47,7 @@ SQL
     fi
 fi
 
+unset POSTGRES_PASSWORD POSTGRES_PASSWORD_FILE
 # Like the official image: flags alone (`-c fsync=off`) are flags for postgres.
 case "${1:-}" in -*) set -- postgres "$@" ;; esac
 if [ "${1:-postgres}" = postgres ]; then

@@ -42,7 +42,7 @@ enum Command {
     Down(servers::Down),
     /// Drop schemas of finished or dead runs, and remove expired containers.
     Reap(reap::Reap),
-    /// Build the Postgres image `pgharness/postgres:17` from Debian packages (no registry needed).
+    /// Build the Postgres image `pgharness/postgres:17-2` from Debian packages (no registry needed).
     Image(image::Image),
     /// Everything CI checks: formatting, lints, the tests on the container and native backends, a bounded fuzz run.
     Ci(ci::Ci),

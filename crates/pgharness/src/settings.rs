@@ -190,7 +190,7 @@ pub struct Settings {
     /// `url` / `PGHARNESS_URL`.
     pub url: Option<SecretUrl>,
     /// `image` / `PGHARNESS_IMAGE`; `None` means `postgres:17`, or the locally built
-    /// `pgharness/postgres:17` when the former is absent and cannot be pulled.
+    /// `pgharness/postgres:17-2` when the former is absent and cannot be pulled.
     pub image: Option<String>,
     /// `pg_bin` / `PGHARNESS_PG_BIN`: directory holding `initdb` and `postgres`.
     pub pg_bin: Option<PathBuf>,

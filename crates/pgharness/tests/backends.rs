@@ -314,6 +314,64 @@ while True:
 "#;
 
 #[tokio::test]
+async fn the_container_s_server_has_no_password_in_its_environment_and_no_host_account() {
+    let settings = isolated_settings(BackendKind::Container, "container-secret");
+    let docker = container::docker().await.unwrap();
+    let image = container::resolve_image(&docker, &settings).await.unwrap();
+    if image != container::LOCAL_IMAGE {
+        // The official image's entrypoint exports the password to the server itself.
+        eprintln!("not run: {image} is not pgharness's own image");
+        return;
+    }
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("the container starts");
+    let password = String::from_utf8_lossy(server.config().get_password().unwrap()).into_owned();
+    let name = container::container_name(&settings, &image, &password);
+    // Not in the container's configuration (what `docker inspect` shows)…
+    let info = docker.inspect_container(&name, None).await.unwrap();
+    let env = info.config.and_then(|c| c.env).unwrap_or_default();
+    assert!(
+        env.iter().all(|e| !e.contains(&password)),
+        "the container's environment holds the password"
+    );
+    // …nor in its processes' environments, which the host shows to their uid.
+    let top = docker.top_processes(&name, None).await.unwrap();
+    let titles = top.titles.unwrap_or_default();
+    let pid_column = titles.iter().position(|t| t == "PID").unwrap();
+    let pids: Vec<i32> = top
+        .processes
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|row| row.get(pid_column)?.parse().ok())
+        .collect();
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&environ).contains(&password),
+            "process {pid} of the container has the password in its environment"
+        );
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .unwrap()
+                .is_none(),
+            "process {pid} of the container runs as uid {uid}, a host account"
+        );
+    }
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
     if !nix::unistd::geteuid().is_root() {
         // Binding a port as another user needs root; CI runs as root.
@@ -579,7 +637,7 @@ async fn starting_and_joining_a_container_logs_no_password_at_any_level() {
     let server = backend::ensure(&settings, &log_only)
         .await
         .expect("the container starts");
-    // Joining inspects the container, whose environment carries the password.
+    // Joining inspects the container (its configuration names the password file).
     backend::ensure(&settings, &log_only).await.expect("joins");
     assert!(backend::is_running(&settings, BackendKind::Container).await);
     let password = String::from_utf8_lossy(server.config().get_password().unwrap()).into_owned();

@@ -30,7 +30,8 @@ use testcontainers::bollard::query_parameters::{
 use testcontainers::core::IntoContainerPort;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{
-    ContainerRequest, GenericImage, ImageExt, ReuseDirective, TestcontainersError,
+    ContainerRequest, CopyTargetOptions, GenericImage, ImageExt, ReuseDirective,
+    TestcontainersError,
 };
 
 use super::secret;
@@ -43,7 +44,7 @@ use crate::settings::{BackendKind, Settings};
 /// The image used when `PGHARNESS_IMAGE` is not set.
 pub const DEFAULT_IMAGE: &str = "postgres:17";
 /// The image `cargo xtask image` builds from Debian packages when no registry is reachable.
-pub const LOCAL_IMAGE: &str = "pgharness/postgres:17";
+pub const LOCAL_IMAGE: &str = "pgharness/postgres:17-2";
 
 /// Label on every container pgharness creates.
 pub const LABEL_MANAGED: &str = "dev.pgharness.managed";
@@ -270,7 +271,9 @@ fn request(
         // Published on 127.0.0.1 only, and even there only the workspace's user (who can
         // read target/pgharness/server-password) logs in.
         .with_env_var("POSTGRES_HOST_AUTH_METHOD", "scram-sha-256")
-        .with_env_var("POSTGRES_PASSWORD", password)
+        // The password goes in a 0600 file, not the environment: a container's environment
+        // is in `docker inspect`, and in the server's /proc/<pid>/environ on the host.
+        .with_env_var("POSTGRES_PASSWORD_FILE", PASSWORD_FILE)
         .with_env_var("PGDATA", PGDATA)
         .with_shm_size(256 * 1024 * 1024)
         .with_host_config_modifier(|host: &mut HostConfig| {
@@ -288,7 +291,14 @@ fn request(
             )]));
         })
         .with_reuse(ReuseDirective::Always)
+        .with_copy_to(
+            CopyTargetOptions::new(PASSWORD_FILE).with_mode(0o600),
+            password.as_bytes().to_vec(),
+        )
 }
+
+/// Where the container finds the server's password (`POSTGRES_PASSWORD_FILE`).
+const PASSWORD_FILE: &str = "/run/pgharness-password";
 
 /// Starts the shared container or joins it; returns its port on 127.0.0.1.
 async fn start_shared(
