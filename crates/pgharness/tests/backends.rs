@@ -165,6 +165,38 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 #[tokio::test]
+async fn as_root_the_native_server_runs_as_an_account_of_its_own_not_postgres() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not run: as another user the server runs as that user");
+        return;
+    }
+    let settings = isolated_settings(BackendKind::Native, "account");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
+    let client = common::admin(&server).await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .unwrap()
+        .expect("the server's uid is an account");
+    assert_eq!(account.name, backend::native::SERVER_ACCOUNT);
+    assert_ne!(account.name, "postgres");
+    drop(client);
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_copied_checkout_never_uses_stops_or_deletes_the_original_server() {
     let original = isolated_settings(BackendKind::Native, "original");
     let server = backend::ensure(&original, &log_only)

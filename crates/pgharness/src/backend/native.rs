@@ -296,20 +296,38 @@ fn alive(state: &State, settings: &Settings) -> bool {
         .is_ok()
 }
 
-/// The user the server runs as: ourselves, or an unprivileged one when we are root.
+/// The account a native server runs as when pgharness runs as root.
+pub const SERVER_ACCOUNT: &str = "pgharness";
+
+/// The user the server runs as: ourselves, or, when we are root, a dedicated unprivileged
+/// account of its own (made on first use). Never the machine's shared `postgres` account:
+/// a test is a superuser of its server and can run programs as the server's user (`COPY …
+/// TO PROGRAM`); as `postgres` it would log in to every other cluster of that account by
+/// peer authentication, the machine's own Postgres included.
 fn server_user() -> Result<Option<User>, Error> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
-    for name in ["postgres", "nobody"] {
-        if let Ok(Some(user)) = User::from_name(name) {
-            return Ok(Some(user));
-        }
+    if let Ok(Some(user)) = User::from_name(SERVER_ACCOUNT) {
+        return Ok(Some(user));
     }
-    Err(backend_error(
-        "running as root, and there is neither a `postgres` nor a `nobody` user to run the \
-         server as (create one: `useradd --system postgres`)",
-    ))
+    let made = Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home"])
+        .args(["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"])
+        .arg(SERVER_ACCOUNT)
+        .output();
+    if let Ok(Some(user)) = User::from_name(SERVER_ACCOUNT) {
+        return Ok(Some(user));
+    }
+    let why = match made {
+        Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        Err(error) => error.to_string(),
+    };
+    Err(backend_error(format!(
+        "running as root, the native server needs an unprivileged account of its own, and \
+         `useradd --system --user-group {SERVER_ACCOUNT}` failed ({why}); create it yourself, \
+         or run as a user other than root"
+    )))
 }
 
 fn free_port() -> Result<u16, Error> {
