@@ -105,7 +105,7 @@ pub(crate) async fn ensure(
     let server = pgharness::backend::ensure(&local, &sink)
         .await
         .context("failed to start the emulated cluster's Postgres")?;
-    let admin = crate::servers::admin_client(&server).await?;
+    let admin = crate::servers::superuser_client(&server).await?;
     // The IAM user's password on this Postgres: the server's own secret (in a 0600 file),
     // which fake-aws logs in with after the IAM check. Nothing else can log in as it.
     let password_file = pgharness::backend::secret::password_file(&local)?;

@@ -47,10 +47,21 @@ pub(crate) async fn running_local(settings: &Settings) -> Vec<BackendKind> {
     running
 }
 
-/// An admin connection to the server, driven in the background.
+/// The runner's connection to the server, driven in the background: as the tests' role
+/// (`Server::config`), whose ledger, pool and schemas the runner keeps — never the
+/// administrator, whose schemas the tests could not claim.
 pub(crate) async fn admin_client(server: &Server) -> anyhow::Result<Client> {
-    let (client, connection) = server
-        .config()
+    connect_as(server, server.config()).await
+}
+
+/// The administrator's connection (`postgres` on the servers pgharness starts), for what
+/// only it may do: roles and extensions (the emulated cluster's IAM user).
+pub(crate) async fn superuser_client(server: &Server) -> anyhow::Result<Client> {
+    connect_as(server, server.admin_config()).await
+}
+
+async fn connect_as(server: &Server, config: tokio_postgres::Config) -> anyhow::Result<Client> {
+    let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await
         .with_context(|| format!("failed to connect to {}", server.describe()))?;

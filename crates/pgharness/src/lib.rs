@@ -37,7 +37,7 @@ mod workspace;
 
 pub use error::Error;
 pub use fixture::test_db;
-pub use server::{Server, libpq_env};
+pub use server::{Server, TESTS_ROLE, libpq_env};
 pub use settings::{
     BackendKind, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings, Teardown,
     parse_duration, redact_url,

@@ -1,4 +1,5 @@
-//! A reachable Postgres server: where it is and how to log in as its admin user.
+//! A reachable Postgres server: where it is, how tests log in, and (for the servers pgharness
+//! starts) how the runner logs in as its administrator.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,7 +17,14 @@ pub struct Server {
     backend: BackendKind,
     url: SecretUrl,
     config: tokio_postgres::Config,
+    /// The administrator's login, when it is not the tests' (servers pgharness starts).
+    admin: Option<tokio_postgres::Config>,
 }
+
+/// The login role of tests on the servers pgharness starts: LOGIN, CONNECT and CREATE on
+/// the database, and nothing else, as an RDS IAM user has. The administrator (`postgres`)
+/// stays with the runner, for bootstrap.
+pub const TESTS_ROLE: &str = "pgharness_tests";
 
 impl Server {
     /// A server given by URL (`postgres://user:password@host:port/database`).
@@ -45,27 +53,41 @@ impl Server {
             backend,
             url,
             config,
+            admin: None,
         })
     }
 
-    /// A server that pgharness started on 127.0.0.1 (container and native backends), logged
-    /// into as `postgres` with the workspace's password (see `target/pgharness/pgpass`).
+    /// A server that pgharness started on 127.0.0.1 (container and native backends): tests
+    /// log in as [`TESTS_ROLE`], the runner as `postgres`, both with the workspace's
+    /// password (see `target/pgharness/pgpass`).
     pub fn local(backend: BackendKind, port: u16, password: &str) -> Server {
         let url = SecretUrl::new(format!(
-            "postgres://postgres:{password}@127.0.0.1:{port}/postgres"
+            "postgres://{TESTS_ROLE}:{password}@127.0.0.1:{port}/postgres"
         ));
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user("postgres")
-            .password(password)
-            .dbname("postgres");
+        let login = |user: &str| {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host("127.0.0.1")
+                .port(port)
+                .user(user)
+                .password(password)
+                .dbname("postgres");
+            config
+        };
         Server {
             backend,
             url,
-            config,
+            config: login(TESTS_ROLE),
+            admin: Some(login("postgres")),
         }
+    }
+
+    /// The administrator's connection configuration: `postgres` on the servers pgharness
+    /// starts, the given login elsewhere (a URL server, the RDS proxy).
+    pub fn admin_config(&self) -> tokio_postgres::Config {
+        let mut config = self.admin.clone().unwrap_or_else(|| self.config.clone());
+        config.application_name("pgharness");
+        config
     }
 
     /// Which backend provides it.
@@ -73,7 +95,7 @@ impl Server {
         self.backend
     }
 
-    /// The admin connection's configuration (with password, if any).
+    /// The tests' connection configuration (with password, if any).
     pub fn config(&self) -> tokio_postgres::Config {
         let mut config = self.config.clone();
         config.application_name("pgharness");
@@ -300,12 +322,14 @@ mod tests {
         assert!(server.has_password());
         assert_eq!(
             server.url_for_schema("t_a"),
-            "postgres://postgres:0123abcd@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
+            "postgres://pgharness_tests:0123abcd@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
         );
+        assert_eq!(server.config().get_user(), Some(TESTS_ROLE));
+        assert_eq!(server.admin_config().get_user(), Some("postgres"));
         let command = server.psql_command("t_a", std::path::Path::new("/w/target/pgharness"));
         assert_eq!(
             command,
-            "PGPASSFILE='/w/target/pgharness/pgpass' psql 'postgres://postgres@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic'"
+            "PGPASSFILE='/w/target/pgharness/pgpass' psql 'postgres://pgharness_tests@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic'"
         );
         assert!(!format!("{server} {server:?} {command}").contains("0123abcd"));
     }

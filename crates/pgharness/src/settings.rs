@@ -206,6 +206,10 @@ pub struct Settings {
     /// own on its `search_path` (comma-separated plain names), e.g. where extensions live.
     /// `public` follows the test's schema by itself while it holds no tables.
     pub extra_search_path: Vec<String>,
+    /// `extensions` / `PGHARNESS_EXTENSIONS`: extensions the administrator creates on the
+    /// servers pgharness starts (comma-separated names), for migrations that need ones the
+    /// tests' role may not create itself (untrusted extensions).
+    pub extensions: Vec<String>,
     /// `max_connections` / `PGHARNESS_MAX_CONNECTIONS`: for servers pgharness starts.
     pub max_connections: u32,
     /// `reap_ttl` / `PGHARNESS_REAP_TTL`: how long kept and abandoned schemas live.
@@ -246,6 +250,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "keep",
     "pool_size",
     "extra_search_path",
+    "extensions",
     "max_connections",
     "reap_ttl",
     "acquire_timeout",
@@ -438,6 +443,21 @@ impl Settings {
                 Vec::new(),
                 parse_schema_list,
             )?,
+            extensions: parse(get("extensions"), "extensions", Vec::new(), |v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                    .map(|name| {
+                        let plain = name.len() <= 63
+                            && name.bytes().all(|b| {
+                                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                            });
+                        plain.then(|| name.to_owned()).ok_or_else(|| {
+                            format!("`{name}` is not an extension name (lowercase letters, digits, _ and -)")
+                        })
+                    })
+                    .collect()
+            })?,
             max_connections: parse(get("max_connections"), "max_connections", 100, |v| match v
                 .parse::<u32>()
             {

@@ -385,7 +385,7 @@ fn claimants(dir: &Path, n: usize) -> Vec<(std::process::Child, String)> {
 #[tokio::test]
 async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let server = configured_server().await;
-    let admin = admin(&server).await;
+    let admin = common::runner(&server).await;
     let dir = own_migrations("race", MIGRATION);
     let warmed = pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 4, 4)
         .await
@@ -421,7 +421,7 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
 #[tokio::test]
 async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_reaped() {
     let server = configured_server().await;
-    let admin = admin(&server).await;
+    let admin = common::runner(&server).await;
     let dir = own_migrations("hash", "CREATE TABLE v1 (id int);");
     pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 2, 2)
         .await

@@ -8,9 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{
-    admin, child_binary, configured_server, ledger_status, own_migrations, schema_exists,
-};
+use common::{child_binary, configured_server, ledger_status, own_migrations, schema_exists};
 use pgharness::ledger::{self, ReapScope};
 use pgharness::{Teardown, TestDb};
 
@@ -48,7 +46,7 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
     );
     assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), "kept");
 
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let schema: String = client
         .query_one(
             &format!(
@@ -87,7 +85,7 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
 #[tokio::test]
 async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     let server = configured_server().await;
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let run = unique_run("kill");
     let mut child = Command::new(child_binary())
         .arg("hold")
@@ -144,7 +142,7 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
 #[tokio::test]
 async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
     let server = configured_server().await;
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
     // A migration set of this test's own, so that no other test claims its schema.
@@ -188,7 +186,7 @@ async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
 #[tokio::test]
 async fn a_passing_test_that_changed_the_structure_has_its_schema_dropped() {
     let server = configured_server().await;
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
     let dir = own_migrations(
@@ -217,7 +215,7 @@ async fn a_passing_test_that_changed_the_structure_has_its_schema_dropped() {
 #[tokio::test]
 async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
     let server = configured_server().await;
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Deferred;
     let run = unique_run("deferred");
@@ -258,7 +256,7 @@ async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
 #[tokio::test]
 async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
     let server = configured_server().await;
-    let client = admin(&server).await;
+    let client = common::runner(&server).await;
     let mut settings = pgharness::Settings::load().unwrap();
     settings.teardown = Teardown::Inline;
     // A name that SQL quoting must carry intact: a quote and a backslash.

@@ -153,9 +153,11 @@ async fn a_reap_acts_only_on_its_own_role_s_schemas() {
         )
         .await
         .unwrap();
-    // F7: the admin's reaper, with every TTL at zero, neither fails on it nor touches it.
+    // F7: the tests' role's reaper, with every TTL at zero, neither fails on it nor
+    // touches it.
+    let reaper = common::runner(&server).await;
     let report = ledger::reap(
-        &admin,
+        &reaper,
         &admin_ns(),
         &ReapScope::Stale {
             ttl: Duration::ZERO,
@@ -202,7 +204,10 @@ async fn a_table_name_never_resolves_outside_the_test_s_schema() {
     drop(db);
     // F2: someone's table in public, of a name the test's schema lacks.
     admin
-        .batch_execute("CREATE TABLE public.orders (id int); INSERT INTO public.orders VALUES (1);")
+        .batch_execute(
+            "CREATE TABLE public.orders (id int); INSERT INTO public.orders VALUES (1);
+             GRANT SELECT, INSERT ON public.orders TO PUBLIC;",
+        )
         .await
         .unwrap();
     let db = TestDb::builder()
@@ -257,6 +262,86 @@ async fn a_table_name_never_resolves_outside_the_test_s_schema() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 2, "only the test that asked for public wrote to it");
+    drop(admin);
+    pgharness::backend::stop(&settings, BackendKind::Native)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tests_are_not_superusers_and_extensions_come_from_a_setting() {
+    // A server of this test's own, with an untrusted extension asked for by the settings.
+    let mut settings = common::isolated_settings(BackendKind::Native, "not-superuser");
+    settings.teardown = Teardown::Inline;
+    settings.extensions = vec!["pg_stat_statements".into()];
+    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
+        .await
+        .expect("native starts");
+    // Trusted extensions a migration creates itself; the untrusted one exists already.
+    let dir = own_migrations(
+        "not-superuser",
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto;
+         CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+         CREATE TABLE t (id int);",
+    );
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .migrations(&dir)
+        .build()
+        .await
+        .expect("the migrations run as the tests' role");
+    let row = db
+        .client()
+        .query_one(
+            "SELECT current_user::text, rolsuper, rolcreaterole, rolcreatedb
+               FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), pgharness::TESTS_ROLE);
+    assert!(!row.get::<_, bool>(1) && !row.get::<_, bool>(2) && !row.get::<_, bool>(3));
+    // A5: no program runs on the host from a test.
+    let error = db
+        .client()
+        .batch_execute("COPY (SELECT 1) TO PROGRAM 'id'")
+        .await
+        .expect_err("a test runs programs as the server's user");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{error}"
+    );
+    // connection_string() logs in as the same role.
+    let other = common::connect(db.connection_string().parse().unwrap()).await;
+    let user: String = other
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, pgharness::TESTS_ROLE);
+    drop((other, db));
+    // Without the setting, the untrusted extension is refused to the tests' role.
+    let admin = admin(&server).await;
+    admin
+        .batch_execute("DROP EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    let mut bare = settings.clone();
+    bare.extensions = Vec::new();
+    let refused = TestDb::builder()
+        .settings(bare)
+        .migrations(&own_migrations(
+            "not-superuser-2",
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;",
+        ))
+        .build()
+        .await
+        .expect_err("an untrusted extension is the administrator's");
+    assert!(
+        refused.to_string().contains("permission denied"),
+        "{refused}"
+    );
     drop(admin);
     pgharness::backend::stop(&settings, BackendKind::Native)
         .await

@@ -38,7 +38,7 @@ async fn admin_with_config() -> (tokio_postgres::Client, tokio_postgres::Config)
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
         .await
         .expect("a Postgres server");
-    let config = server.config();
+    let config = server.admin_config();
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await

@@ -226,11 +226,16 @@ async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Ser
     let port = start_shared(settings, &name, &image, &password).await?;
     let server = Server::local(BackendKind::Container, port, &password);
     let what = format!("the Postgres container `{name}`");
-    connect::wait_ready(&server.config(), settings.acquire_timeout, sink, &what)
-        .await
-        .map_err(|e| backend_error(format!("{e}; its log: `docker logs {name}`")))?;
+    connect::wait_ready(
+        &server.admin_config(),
+        settings.acquire_timeout,
+        sink,
+        &what,
+    )
+    .await
+    .map_err(|e| backend_error(format!("{e}; its log: `docker logs {name}`")))?;
     if !existed {
-        secret::lower_scram_cost(&server.config(), &password).await?;
+        secret::lower_scram_cost(&server.admin_config(), &password).await?;
         remove_stale(&docker, settings, &password).await?;
     }
     Ok(server)

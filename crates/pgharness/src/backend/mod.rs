@@ -29,6 +29,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         server.backend(),
         BackendKind::Container | BackendKind::Native
     ) {
+        secret::ensure_tests_role(&server, settings).await?;
         known::remember(settings, &server);
     }
     Ok(server)

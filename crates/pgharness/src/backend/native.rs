@@ -159,7 +159,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     };
     let server = Server::local(BackendKind::Native, port, &password);
     let what = format!("the native Postgres server on 127.0.0.1:{port}");
-    let config = server.config();
+    let config = server.admin_config();
     let mut ready = tokio::select! {
         ready = connect::wait_ready(&config, settings.acquire_timeout, sink, &what) => ready,
         fatal = startup_failure(&paths.base), if started => {
@@ -178,7 +178,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
         }
     };
     if started && ready.is_ok() {
-        ready = secret::lower_scram_cost(&server.config(), &password).await;
+        ready = secret::lower_scram_cost(&server.admin_config(), &password).await;
     }
     drop(lock);
     ready.map_err(|e| {

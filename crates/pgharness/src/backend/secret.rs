@@ -14,6 +14,55 @@ use crate::settings::Settings;
 /// The user pgharness' local servers are administered as.
 pub(crate) const ADMIN_USER: &str = "postgres";
 
+/// Makes (or refreshes) the tests' login role on a server pgharness started, as its
+/// administrator: [`crate::server::TESTS_ROLE`], LOGIN with the workspace's password (its
+/// SCRAM verifier), CONNECT and CREATE on the database and nothing else — what an RDS IAM user
+/// gets, so that local runs rehearse RDS privileges and no test can run programs on the host
+/// (`COPY … TO PROGRAM`) or reach other clusters. The `extensions` setting's extensions are
+/// created here too, since the tests' role can create only trusted ones. Safe to race.
+pub(crate) async fn ensure_tests_role(
+    server: &crate::server::Server,
+    settings: &Settings,
+) -> Result<(), Error> {
+    let fail = |e| Error::postgres("failed to set up the tests' login role", e);
+    let (admin, connection) = server
+        .admin_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(fail)?;
+    let driver = tokio::spawn(connection);
+    let password = server
+        .config()
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let salt = *uuid::Uuid::new_v4().as_bytes();
+    let verifier = scram_verifier(&password, SCRAM_ITERATIONS, &salt);
+    let role = crate::server::TESTS_ROLE;
+    let mut sql = format!(
+        "BEGIN;
+SELECT pg_advisory_xact_lock(1885825026, 1);
+DO $r$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{role}') THEN
+    CREATE ROLE {role} LOGIN;
+  END IF;
+END $r$;
+ALTER ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD '{verifier}';
+GRANT CONNECT, CREATE ON DATABASE postgres TO {role};
+"
+    );
+    for extension in &settings.extensions {
+        sql.push_str(&format!(
+            "CREATE EXTENSION IF NOT EXISTS \"{extension}\";\n"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    let result = admin.batch_execute(&sql).await.map_err(fail);
+    drop(admin);
+    let _ = driver.await;
+    result
+}
+
 /// SCRAM iterations of the servers' passwords: the password is 244 random bits, so key
 /// stretching buys nothing, and 4096 iterations cost every connection ~2 ms.
 pub const SCRAM_ITERATIONS: u32 = 16;

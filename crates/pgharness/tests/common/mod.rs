@@ -15,7 +15,14 @@ pub(crate) async fn configured_server() -> Server {
         .expect("the configured backend starts")
 }
 
+/// The server's administrator (`postgres` on the servers pgharness starts): for roles and
+/// for looking at anything.
 pub(crate) async fn admin(server: &Server) -> Client {
+    connect(server.admin_config()).await
+}
+
+/// The tests' role, as the runner connects (its ledger, its pool, its schemas).
+pub(crate) async fn runner(server: &Server) -> Client {
     connect(server.config()).await
 }
 
@@ -54,9 +61,9 @@ pub(crate) async fn schema_exists(client: &Client, schema: &str) -> bool {
         .get(0)
 }
 
-/// The namespace of the local servers' admin (`postgres`), where its ledger is.
+/// The namespace of the tests' role on the servers pgharness starts, where their ledger is.
 pub(crate) fn admin_ns() -> pgharness::ledger::Namespace {
-    pgharness::ledger::Namespace::for_user("postgres")
+    pgharness::ledger::Namespace::for_user(pgharness::TESTS_ROLE)
 }
 
 pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {

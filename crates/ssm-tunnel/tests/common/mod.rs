@@ -30,7 +30,7 @@ pub(crate) async fn postgres() -> SocketAddr {
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only)
         .await
         .expect("a Postgres server");
-    let _ = ADMIN.set(server.config());
+    let _ = ADMIN.set(server.admin_config());
     SocketAddr::from(([127, 0, 0, 1], server.config().get_ports()[0]))
 }
 
