@@ -331,7 +331,7 @@ async fn tests_are_not_superusers_and_extensions_come_from_a_setting() {
     bare.extensions = Vec::new();
     let refused = TestDb::builder()
         .settings(bare)
-        .migrations(&own_migrations(
+        .migrations(own_migrations(
             "not-superuser-2",
             "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;",
         ))
