@@ -276,7 +276,15 @@ impl CmdlineWatch {
                     let server = std::fs::read_to_string(state_dir.join("server-password"))
                         .ok()
                         .map(|p| p.trim().to_owned());
-                    for secret in [proxy, server].into_iter().flatten() {
+                    // The native servers' own passwords (`native-<key>.password`: port:password).
+                    let native = std::fs::read_dir(&state_dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(".password"))
+                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                        .filter_map(|t| t.trim().split_once(':').map(|(_, p)| p.to_owned()));
+                    for secret in [proxy, server].into_iter().flatten().chain(native) {
                         if secret.len() >= 16 && !secrets.contains(&secret) {
                             secrets.push(secret);
                         }

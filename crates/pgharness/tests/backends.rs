@@ -472,6 +472,47 @@ async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
 }
 
 #[tokio::test]
+async fn each_native_server_start_has_a_password_of_its_own() {
+    let settings = isolated_settings(BackendKind::Native, "per-start");
+    let first = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts");
+    let old = first.config().get_password().unwrap().to_vec();
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+    let second = backend::ensure(&settings, &log_only)
+        .await
+        .expect("native starts again");
+    assert_ne!(second.config().get_password().unwrap(), &old[..]);
+    // The old password opens nothing now.
+    let mut stale = second.config();
+    stale.password(old);
+    let error = stale
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("the old password is refused");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+    // psql finds the new one in pgpass.
+    let port = second.config().get_ports()[0].to_string();
+    let psql = std::process::Command::new("psql")
+        .env("PGPASSFILE", backend::secret::pgpass_path(&settings))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", pgharness::TESTS_ROLE])
+        .args(["-d", "postgres", "-w", "-XAtc", "SELECT 1"])
+        .output()
+        .expect("psql");
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    backend::stop(&settings, BackendKind::Native).await.unwrap();
+}
+
+#[tokio::test]
 async fn an_idle_native_server_stops_by_itself() {
     let mut settings = isolated_settings(BackendKind::Native, "idle");
     settings.native_idle = Duration::from_secs(1);
@@ -625,7 +666,14 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
     // The owner gets in with the printed command's pgpass, which is theirs alone.
     let pgpass = settings.state_dir.join("pgpass");
     use std::os::unix::fs::PermissionsExt;
-    for file in [&pgpass, &settings.state_dir.join("server-password")] {
+    let passwords: Vec<std::path::PathBuf> = std::fs::read_dir(&settings.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".password"))
+        .collect();
+    assert_eq!(passwords.len(), 1, "the server's own password file");
+    for file in std::iter::once(&pgpass).chain(&passwords) {
         let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", file.display());
     }

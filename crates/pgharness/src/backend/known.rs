@@ -105,7 +105,11 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
         );
         return None;
     }
-    let password = super::secret::local_password(settings).ok()?;
+    let password = match backend {
+        BackendKind::Native => super::secret::native_password(settings, known.port)
+            .or_else(|| super::secret::local_password(settings).ok())?,
+        _ => super::secret::local_password(settings).ok()?,
+    };
     Some(Server::local(backend, known.port, &password))
 }
 

@@ -152,10 +152,19 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
     let lock = lock(&paths.lock).await?;
-    let password = secret::local_password(settings)?;
-    let (port, started) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
-        Some(state) => (state.port, false),
-        None => (start(settings, &bindir, &paths, &password, sink)?, true),
+    let (port, started, password) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
+        Some(state) => {
+            // A server of an older version has the workspace's password.
+            let password = match secret::native_password(settings, state.port) {
+                Some(password) => password,
+                None => secret::local_password(settings)?,
+            };
+            (state.port, false, password)
+        }
+        None => {
+            let (port, password) = start(settings, &bindir, &paths, sink)?;
+            (port, true, password)
+        }
     };
     let server = Server::local(BackendKind::Native, port, &password);
     let what = format!("the native Postgres server on 127.0.0.1:{port}");
@@ -170,6 +179,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
             }
             let _ = std::fs::remove_dir_all(&paths.base);
             let _ = std::fs::remove_file(&paths.state);
+            let _ = std::fs::remove_file(paths.state.with_extension("password"));
             drop(lock);
             return Err(backend_error(format!(
                 "the native Postgres server exited at start: {fatal}; check the settings it was given (max_connections = {}) and the machine's memory",
@@ -254,6 +264,7 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
             None => {}
         }
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("password"));
         drop(lock);
     }
     Ok(stopped)
@@ -346,14 +357,19 @@ fn as_user(command: &mut Command, user: &Option<User>) {
     }
 }
 
+/// Starts a server on a free port with a password of its own (made anew at each start: one a
+/// local user learned from an earlier server opens nothing now); returns both.
 fn start(
     settings: &Settings,
     bindir: &Path,
     paths: &Paths,
-    password: &str,
     sink: EventSink<'_>,
-) -> Result<u16, Error> {
+) -> Result<(u16, String), Error> {
     let user = server_user()?;
+    let port = free_port()?;
+    let password =
+        secret::renew_native_password(settings, &paths.state.with_extension("password"), port)?;
+    let password = password.as_str();
     let base = &paths.base;
     let data = base.join("data");
     let _ = std::fs::remove_dir_all(base);
@@ -419,7 +435,6 @@ fn start(
                 .map_err(|e| Error::io("failed to hand over", path, e))?;
         }
     }
-    let port = free_port()?;
     emit(sink, Event::StartingServer { port });
     let mut watchdog = Command::new("sh");
     watchdog
@@ -464,7 +479,7 @@ fn start(
     std::fs::write(&paths.state, text)
         .map_err(|e| Error::io("failed to write", &paths.state, e))?;
     tracing::info!(port, data = %data.display(), "started native Postgres");
-    Ok(port)
+    Ok((port, password.to_owned()))
 }
 
 #[cfg(test)]

@@ -78,6 +78,71 @@ pub fn password_file(settings: &Settings) -> Result<PathBuf, Error> {
     Ok(password_path(settings))
 }
 
+/// The passwords of this workspace's native servers, each beside its record
+/// (`native-<key>.password`: `<port>:<password>`, 0600).
+fn native_passwords(settings: &Settings) -> Vec<(u16, String)> {
+    let Ok(entries) = std::fs::read_dir(&settings.state_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("native-") && name.ends_with(".password")
+        })
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let (port, password) = text.trim().split_once(':')?;
+            Some((port.parse().ok()?, password.to_owned()))
+        })
+        .filter(|(_, password)| password.len() >= 32)
+        .collect()
+}
+
+/// A new password for the native server about to start on `port`: each start has its own,
+/// so a password a local user may have learned from an earlier server opens nothing now.
+/// Kept 0600, and put in `pgpass` for that port ahead of the workspace's line.
+pub(crate) fn renew_native_password(
+    settings: &Settings,
+    path: &Path,
+    port: u16,
+) -> Result<String, Error> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+    let password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    write_private(path, &format!("{port}:{password}\n"))?;
+    write_pgpass(settings)?;
+    Ok(password)
+}
+
+/// The password of the native server on `port`, if this workspace started it.
+pub(crate) fn native_password(settings: &Settings, port: u16) -> Option<String> {
+    native_passwords(settings)
+        .into_iter()
+        .find_map(|(recorded, password)| (recorded == port).then_some(password))
+}
+
+/// `pgpass`: the native server's port with its own password first, then the workspace's
+/// password for every other local server (the container).
+fn write_pgpass(settings: &Settings) -> Result<(), Error> {
+    let mut pgpass = String::new();
+    for (port, password) in native_passwords(settings) {
+        pgpass.push_str(&format!(
+            "127.0.0.1:{port}:*:*:{password}\nlocalhost:{port}:*:*:{password}\n"
+        ));
+    }
+    if let Some(password) = existing_password(settings) {
+        pgpass.push_str(&format!(
+            "127.0.0.1:*:*:*:{password}\nlocalhost:*:*:*:{password}\n"
+        ));
+    }
+    write_private(&pgpass_path(settings), &pgpass)
+}
+
 /// The `PGPASSFILE` for the local servers' password.
 pub fn pgpass_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("pgpass")
@@ -116,8 +181,7 @@ pub(crate) fn local_password(settings: &Settings) -> Result<String, Error> {
         .map_err(|e| Error::io("failed to read", &path, e))?
         .trim()
         .to_owned();
-    let pgpass = format!("127.0.0.1:*:*:*:{password}\nlocalhost:*:*:*:{password}\n");
-    write_private(&pgpass_path(settings), &pgpass)?;
+    write_pgpass(settings)?;
     Ok(password)
 }
 
