@@ -67,7 +67,14 @@ fn a_copied_checkout_starts_and_stops_its_own_servers_only() {
         .find_map(|l| l.strip_prefix("DATABASE_URL="))
         .expect("the env file has the URL")
         .to_owned();
-    let password = std::fs::read_to_string(copy.join("target/pgharness/server-password")).unwrap();
+    // The native server's own password (a new one at each start), beside its record.
+    let password = std::fs::read_dir(copy.join("target/pgharness"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".password"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .and_then(|text| text.trim().split_once(':').map(|(_, p)| p.to_owned()))
+        .expect("the native server's password file");
     assert!(
         !stdout.contains(password.trim())
             && !String::from_utf8_lossy(&up.stderr).contains(password.trim()),

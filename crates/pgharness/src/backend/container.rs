@@ -30,8 +30,7 @@ use testcontainers::bollard::query_parameters::{
 use testcontainers::core::IntoContainerPort;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{
-    ContainerRequest, CopyTargetOptions, GenericImage, ImageExt, ReuseDirective,
-    TestcontainersError,
+    ContainerRequest, GenericImage, ImageExt, ReuseDirective, TestcontainersError,
 };
 
 use super::secret;
@@ -249,6 +248,7 @@ fn request(
     image: &str,
     password: &str,
 ) -> ContainerRequest<GenericImage> {
+    let password_file = super::secret::password_path(settings);
     let (repository, tag) = match image.rsplit_once(':') {
         Some((repository, tag)) if !tag.contains('/') => (repository, tag),
         _ => (image, "latest"),
@@ -276,12 +276,14 @@ fn request(
         // Published on 127.0.0.1 only, and even there only the workspace's user (who can
         // read target/pgharness/server-password) logs in.
         .with_env_var("POSTGRES_HOST_AUTH_METHOD", "scram-sha-256")
-        // The password goes in a 0600 file, not the environment: a container's environment
-        // is in `docker inspect`, and in the server's /proc/<pid>/environ on the host.
+        // The password goes in a file, not the environment: a container's environment is in
+        // `docker inspect`, and in the server's /proc/<pid>/environ on the host. The
+        // workspace's 0600 file is mounted read-only (no copy step between the container's
+        // create and its start, which racing starters would meet).
         .with_env_var("POSTGRES_PASSWORD_FILE", PASSWORD_FILE)
         .with_env_var("PGDATA", PGDATA)
         .with_shm_size(256 * 1024 * 1024)
-        .with_host_config_modifier(|host: &mut HostConfig| {
+        .with_host_config_modifier(move |host: &mut HostConfig| {
             host.publish_all_ports = Some(false);
             host.port_bindings = Some(HashMap::from([(
                 "5432/tcp".to_owned(),
@@ -290,16 +292,16 @@ fn request(
                     host_port: Some(String::new()),
                 }]),
             )]));
+            host.binds = Some(vec![format!(
+                "{}:{PASSWORD_FILE}:ro",
+                password_file.display()
+            )]);
             host.tmpfs = Some(HashMap::from([(
                 PGDATA.to_owned(),
                 "rw,mode=0700".to_owned(),
             )]));
         })
         .with_reuse(ReuseDirective::Always)
-        .with_copy_to(
-            CopyTargetOptions::new(PASSWORD_FILE).with_mode(0o600),
-            password.as_bytes().to_vec(),
-        )
 }
 
 /// Where the container finds the server's password (`POSTGRES_PASSWORD_FILE`).
@@ -330,14 +332,24 @@ async fn start_shared(
             }
         }
     };
-    container
-        .get_host_port_ipv4(5432.tcp())
-        .await
-        .map_err(|e| {
-            backend_error(format!(
-                "container `{name}` runs but publishes no port for 5432 ({e}); remove it with `cargo xtask down`"
-            ))
-        })
+    // A starter that lost the create race may find the winner's container created but not
+    // started yet (the winner copies the password file in between): its port comes once the
+    // winner starts it.
+    let mut waited = 0;
+    loop {
+        match container.get_host_port_ipv4(5432.tcp()).await {
+            Ok(port) => break Ok(port),
+            Err(_) if waited < 100 => {
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                break Err(backend_error(format!(
+                    "container `{name}` runs but publishes no port for 5432 ({e}); remove it with `cargo xtask down`"
+                )));
+            }
+        }
+    }
 }
 
 /// A create that met the same name (409); a start of a container that another process had

@@ -67,7 +67,7 @@ GRANT CONNECT, CREATE ON DATABASE postgres TO {role};
 /// stretching buys nothing, and 4096 iterations cost every connection ~2 ms.
 pub const SCRAM_ITERATIONS: u32 = 16;
 
-fn password_path(settings: &Settings) -> PathBuf {
+pub(crate) fn password_path(settings: &Settings) -> PathBuf {
     settings.state_dir.join("server-password")
 }
 
