@@ -78,6 +78,17 @@ pub fn password_file(settings: &Settings) -> Result<PathBuf, Error> {
     Ok(password_path(settings))
 }
 
+/// A new random password (244 bits: two v4 uuids), the state directory made for its file.
+fn new_password(settings: &Settings) -> Result<String, Error> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+    Ok(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
 /// The passwords of this workspace's native servers, each beside its record
 /// (`native-<key>.password`: `<port>:<password>`, 0600).
 fn native_passwords(settings: &Settings) -> Vec<(u16, String)> {
@@ -107,13 +118,7 @@ pub(crate) fn renew_native_password(
     path: &Path,
     port: u16,
 ) -> Result<String, Error> {
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
-    let password = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let password = new_password(settings)?;
     write_private(path, &format!("{port}:{password}\n"))?;
     write_pgpass(settings)?;
     Ok(password)
@@ -161,13 +166,7 @@ pub(crate) fn local_password(settings: &Settings) -> Result<String, Error> {
     if let Some(password) = existing_password(settings) {
         return Ok(password);
     }
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
-    let password = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let password = new_password(settings)?;
     let tmp = path.with_extension(format!("{}", std::process::id()));
     write_private(&tmp, &format!("{password}\n"))?;
     // Link, not rename: a password another process already wrote stays.
