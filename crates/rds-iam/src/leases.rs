@@ -51,39 +51,15 @@ impl Request {
     }
 }
 
-/// Takes the lease option out of a client's startup parameters (it is the proxy's, not the
-/// server's): the request it makes, and the parameters without it.
-pub(crate) fn take_request(
-    mut params: Vec<(String, String)>,
-) -> (Option<Request>, Vec<(String, String)>) {
-    let mut request = None;
-    for (name, value) in params.iter_mut() {
-        if name != "options" {
-            continue;
-        }
-        let mut kept = Vec::new();
-        let mut words = value.split_whitespace().peekable();
-        while let Some(word) = words.next() {
-            let setting = match word {
-                "-c" => words.peek().copied(),
-                _ => word.strip_prefix("-c"),
-            };
-            if let Some(lease) = setting
-                .and_then(|s| s.strip_prefix(LEASE_OPTION))
-                .and_then(|s| s.strip_prefix('='))
-            {
-                request = Request::parse(lease);
-                if word == "-c" {
-                    words.next();
-                }
-                continue;
-            }
-            kept.push(word);
-        }
-        *value = kept.join(" ");
-    }
-    params.retain(|(name, value)| name != "options" || !value.is_empty());
-    (request, params)
+/// The lease a client's startup options ask for (`-c pgharness.lease=<id>:<n>`), read with
+/// the parser that applies the other options (`sessions::parse_options`, which also leaves
+/// this one out: it is the proxy's, not the server's).
+pub(crate) fn request_of(params: &[(String, String)]) -> Option<Request> {
+    let (_, options) = params.iter().find(|(name, _)| name == "options")?;
+    crate::sessions::parse_options(options)
+        .into_iter()
+        .find(|(name, _)| name == LEASE_OPTION)
+        .and_then(|(_, value)| Request::parse(&value))
 }
 
 /// How often a client waiting beyond its test's reservation checks for a deadlock.
@@ -373,23 +349,23 @@ mod tests {
     }
 
     #[test]
-    fn the_lease_option_is_taken_out_of_the_startup_options() {
+    fn the_lease_option_is_read_from_the_startup_options() {
         let params = |options: &str| {
             vec![
                 ("user".to_owned(), "app".to_owned()),
                 ("options".to_owned(), options.to_owned()),
             ]
         };
-        let (request, rest) =
-            take_request(params("-csearch_path=t_a,public -cpgharness.lease=abc:3"));
-        assert_eq!(request, super::tests::request("abc", 3));
-        assert_eq!(rest, params("-csearch_path=t_a,public"));
-        let (request, rest) = take_request(params("-c pgharness.lease=abc:2"));
-        assert_eq!(request, super::tests::request("abc", 2));
-        assert_eq!(rest, vec![("user".to_owned(), "app".to_owned())]);
-        let (request, rest) = take_request(params("-cstatement_timeout=5s"));
-        assert_eq!(request, None);
-        assert_eq!(rest, params("-cstatement_timeout=5s"));
+        assert_eq!(
+            request_of(&params("-csearch_path=t_a,public -cpgharness.lease=abc:3")),
+            super::tests::request("abc", 3)
+        );
+        assert_eq!(
+            request_of(&params("-c pgharness.lease=abc:2")),
+            super::tests::request("abc", 2)
+        );
+        assert_eq!(request_of(&params("-cstatement_timeout=5s")), None);
+        assert_eq!(request_of(&params("")[..1]), None);
     }
 
     #[tokio::test]

@@ -387,7 +387,7 @@ async fn relay(
         .iter()
         .find(|(k, _)| k == "database")
         .map_or_else(|| upstream.target.database.clone(), |(_, v)| v.clone());
-    let (request, params) = leases::take_request(params);
+    let request = leases::request_of(&params);
     let sessions = &upstream.sessions;
     let leased = async {
         let lease = upstream.leases.acquire(request, sessions).await?;

@@ -662,7 +662,12 @@ fn settings_statement(startup: &[(String, String)]) -> Option<String> {
     for (name, value) in startup {
         match name.as_str() {
             "user" | "database" | "replication" => {}
-            "options" => settings.extend(parse_options(value)),
+            // The lease is the proxy's (`leases`), not a setting for the server.
+            "options" => settings.extend(
+                parse_options(value)
+                    .into_iter()
+                    .filter(|(name, _)| name != crate::leases::LEASE_OPTION),
+            ),
             _ => settings.push((name.clone(), value.clone())),
         }
     }
@@ -682,7 +687,7 @@ fn settings_statement(startup: &[(String, String)]) -> Option<String> {
     Some(format!("SELECT {}", calls.join(", ")))
 }
 
-fn parse_options(options: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();
@@ -885,7 +890,7 @@ mod tests {
             ("application_name".to_owned(), "it's".to_owned()),
             (
                 "options".to_owned(),
-                r"-c search_path=p_1,public -cstatement_timeout=5s --lock-timeout=1s -c x=a\ b"
+                r"-c search_path=p_1,public -cstatement_timeout=5s --lock-timeout=1s -c x=a\ b -cpgharness.lease=t:3"
                     .to_owned(),
             ),
         ];

@@ -68,11 +68,6 @@ impl Liveness {
         }
     }
 
-    /// The settings.
-    pub fn config(&self) -> LivenessConfig {
-        self.config
-    }
-
     /// A new websocket replaced the old one at `now`: nothing is owed on it yet.
     pub fn reset(&mut self, now: Instant) {
         *self = Liveness::new(self.config, now);

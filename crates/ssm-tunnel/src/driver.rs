@@ -440,7 +440,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Ends the session: Flag TerminateSession as stream data, then the TerminateSession API.
+    /// Ends the session: Flag TerminateSession as stream data, then the TerminateSession API,
+    /// then a close frame after what is queued (waiting a moment for it to go).
     async fn terminate(&mut self, state: &mut State) {
         state.pending.clear();
         let _ = state.channel.send(
@@ -452,6 +453,7 @@ impl Driver {
         if let Err(error) = control::terminate(&self.ssm, &self.grant.session_id).await {
             tracing::warn!(%error, "TerminateSession failed");
         }
+        self.link.close(Duration::from_secs(2)).await;
     }
 
     pub(crate) async fn run(mut self) {
@@ -509,13 +511,11 @@ impl Driver {
                     Some(Command::Open(reply)) => self.open_stream(&mut state, reply),
                     Some(Command::Close(reply)) => {
                         self.terminate(&mut state).await;
-                        self.link_close().await;
                         let _ = reply.send(());
                         break Ok(());
                     }
                     None => {
                         self.terminate(&mut state).await;
-                        self.link_close().await;
                         break Ok(());
                     }
                 },
@@ -567,11 +567,6 @@ impl Driver {
                 drop(stream);
             }
         }
-    }
-
-    /// Sends a close frame after what is queued, waiting a moment for it to go.
-    async fn link_close(&mut self) {
-        self.link.close(Duration::from_secs(2)).await;
     }
 }
 
