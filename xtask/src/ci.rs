@@ -344,9 +344,7 @@ impl CmdlineWatch {
 
 /// An admin client of the local Postgres behind the emulator (which `up --emulated` started).
 async fn emulated_cluster_admin() -> anyhow::Result<pgharness::tokio_postgres::Client> {
-    let mut local = crate::settings(None)?;
-    local.url = None;
-    local.backend = pgharness::backend::resolve_local(&local, &pgharness::events::log_only).await?;
+    let local = crate::emulator::cluster_settings(&crate::settings(None)?, None).await?;
     let server = pgharness::backend::ensure(&local, &pgharness::events::log_only).await?;
     crate::servers::admin_client(&server).await
 }

@@ -90,6 +90,23 @@ pub(crate) struct EmulatorOptions {
     pub(crate) local_backend: Option<BackendKind>,
 }
 
+/// The settings of the emulated cluster's Postgres: the workspace's, on a local backend
+/// (`--local-backend`, else the one `auto` picks), with a TCP listener on a native server
+/// (fake-aws's RDS front dials it as RDS's proxy fleet dials the cluster).
+pub(crate) async fn cluster_settings(
+    settings: &Settings,
+    backend: Option<BackendKind>,
+) -> anyhow::Result<Settings> {
+    let mut local = settings.clone();
+    local.url = None;
+    local.native_tcp = true;
+    local.backend = match backend {
+        Some(kind) if kind != BackendKind::Auto => kind,
+        _ => pgharness::backend::resolve_local(&local, &pgharness::events::log_only).await?,
+    };
+    Ok(local)
+}
+
 /// Starts the emulator unless it runs; returns its values and whether this call started it.
 pub(crate) async fn ensure(
     settings: &Settings,
@@ -99,8 +116,7 @@ pub(crate) async fn ensure(
         return Ok((values, false));
     }
     let progress = Progress::start("starting the emulated AWS (fake-aws) and its Postgres");
-    let mut local = settings.clone();
-    local.backend = options.local_backend.unwrap_or(BackendKind::Auto);
+    let local = cluster_settings(settings, options.local_backend).await?;
     let sink = |event| progress.event(event);
     let server = pgharness::backend::ensure(&local, &sink)
         .await

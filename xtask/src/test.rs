@@ -70,7 +70,7 @@ impl Test {
             match runs.leave().await? {
                 Some(_last) => {
                     if crate::runs::started_by_a_run(&settings, kind) {
-                        for what in pgharness::backend::stop(&settings, kind).await? {
+                        for what in pgharness::backend::stop_chosen(&settings, kind).await? {
                             eprintln!("xtask: stopped {what}");
                         }
                         crate::runs::forget_started_by_a_run(&settings);
@@ -122,10 +122,9 @@ impl Test {
         // The local Postgres behind an emulator this run starts: stopped with it, unless
         // it ran before.
         let emulator_postgres = if self.emulated && crate::emulator::running(&settings).is_none() {
-            let mut local = settings.clone();
-            local.backend = self.emulator.local_backend.unwrap_or(BackendKind::Auto);
-            let kind = pgharness::backend::resolve(&local, &pgharness::events::log_only).await?;
-            local.backend = kind;
+            let local =
+                crate::emulator::cluster_settings(&settings, self.emulator.local_backend).await?;
+            let kind = local.backend;
             (!pgharness::backend::is_running(&local, kind).await).then_some((local, kind))
         } else {
             None
@@ -185,7 +184,7 @@ impl Test {
                 eprintln!("xtask: stopped {what}");
             }
             if started_emulator && let Some((local, kind)) = &emulator_postgres {
-                for what in pgharness::backend::stop(local, *kind).await? {
+                for what in pgharness::backend::stop_chosen(local, *kind).await? {
                     eprintln!("xtask: stopped {what} (the emulated cluster's Postgres)");
                 }
             }

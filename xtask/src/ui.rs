@@ -43,7 +43,7 @@ impl Progress {
             }
             Event::JoinedContainer { name } => format!("using running container {name}"),
             Event::InitialisingCluster { data_dir } => format!("initdb {data_dir}"),
-            Event::StartingServer { port } => format!("starting postgres on 127.0.0.1:{port}"),
+            Event::StartingServer { listen } => format!("starting postgres on {listen}"),
             Event::WaitingForServer { reason, waited } => {
                 format!("waiting for the server ({}s): {reason}", waited.as_secs())
             }

@@ -33,8 +33,8 @@ pub enum Event {
     },
     /// A native server is starting.
     StartingServer {
-        /// Its port on 127.0.0.1.
-        port: u16,
+        /// Where it listens: its Unix socket, or `127.0.0.1:<port>` (`native_tcp`).
+        listen: String,
     },
     /// Still waiting for the server to accept connections.
     WaitingForServer {

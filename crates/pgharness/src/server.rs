@@ -57,29 +57,52 @@ impl Server {
         })
     }
 
-    /// A server that pgharness started on 127.0.0.1 (container and native backends): tests
-    /// log in as [`TESTS_ROLE`], the runner as `postgres`, both with the workspace's
-    /// password (see `target/pgharness/pgpass`).
+    /// A server that pgharness started on 127.0.0.1 (the container, a native server with
+    /// `native_tcp`): tests log in as [`TESTS_ROLE`], the runner as `postgres`, both with
+    /// the server's password (see `target/pgharness/pgpass`).
     pub fn local(backend: BackendKind, port: u16, password: &str) -> Server {
-        let url = SecretUrl::new(format!(
-            "postgres://{TESTS_ROLE}:{password}@127.0.0.1:{port}/postgres"
-        ));
+        Server::started(backend, Host::Tcp("127.0.0.1".into()), port, password)
+    }
+
+    /// A server that pgharness started with a Unix socket `.s.PGSQL.<port>` in `dir` (a
+    /// native server): the URL names the directory as its host, percent-encoded, as libpq,
+    /// sqlx, diesel and tokio-postgres all read it.
+    pub fn local_socket(
+        backend: BackendKind,
+        dir: &std::path::Path,
+        port: u16,
+        password: &str,
+    ) -> Server {
+        Server::started(backend, Host::Unix(dir.to_path_buf()), port, password)
+    }
+
+    fn started(backend: BackendKind, host: Host, port: u16, password: &str) -> Server {
         let login = |user: &str| {
             let mut config = tokio_postgres::Config::new();
+            match &host {
+                Host::Tcp(name) => config.host(name),
+                Host::Unix(dir) => config.host_path(dir),
+            };
             config
-                .host("127.0.0.1")
                 .port(port)
                 .user(user)
                 .password(password)
                 .dbname("postgres");
             config
         };
+        let config = login(TESTS_ROLE);
         Server {
             backend,
-            url,
-            config: login(TESTS_ROLE),
+            url: SecretUrl::new(login_url(&config, TESTS_ROLE, password)),
             admin: Some(login("postgres")),
+            config,
         }
+    }
+
+    /// The URL of this server's database for another login role (a test that checks what
+    /// a role of the application may do).
+    pub fn url_as(&self, user: &str, password: &str) -> SecretUrl {
+        SecretUrl::new(login_url(&self.config, user, password))
     }
 
     /// The administrator's connection configuration: `postgres` on the servers pgharness
@@ -178,6 +201,37 @@ impl Server {
             self.config.get_dbname().unwrap_or("postgres"),
         )
     }
+}
+
+/// `postgres://user:password@host:port/database` for a configuration's first host; a socket
+/// directory is the host, percent-encoded (`%2Fdev%2Fshm%2F…`).
+fn login_url(config: &tokio_postgres::Config, user: &str, password: &str) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(dir)) => percent_encode(&dir.to_string_lossy()),
+        None => "localhost".into(),
+    };
+    format!(
+        "postgres://{}:{}@{host}:{}/{}",
+        percent_encode(user),
+        percent_encode(password),
+        config.get_ports().first().copied().unwrap_or(5432),
+        config.get_dbname().unwrap_or("postgres"),
+    )
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn with_search_path(url: &str, path: &str) -> String {
@@ -332,5 +386,42 @@ mod tests {
             "PGPASSFILE='/w/target/pgharness/pgpass' psql 'postgres://pgharness_tests@127.0.0.1:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic'"
         );
         assert!(!format!("{server} {server:?} {command}").contains("0123abcd"));
+    }
+
+    #[test]
+    fn a_socket_server_names_its_directory_as_the_url_host() {
+        let dir = std::path::Path::new("/dev/shm/pgharness-ab 1/sock");
+        let server = Server::local_socket(BackendKind::Native, dir, 5499, "0123abcd");
+        let url = server.url_for_schema("t_a");
+        assert_eq!(
+            url,
+            "postgres://pgharness_tests:0123abcd@%2Fdev%2Fshm%2Fpgharness-ab%201%2Fsock:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic"
+        );
+        // tokio-postgres (as libpq, sqlx and diesel do) reads the directory back.
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        assert_eq!(config.get_hosts(), [Host::Unix(dir.to_path_buf())]);
+        assert_eq!(config.get_ports(), [5499]);
+        assert_eq!(config.get_hosts(), server.config().get_hosts());
+        assert_eq!(
+            super::libpq_env(&url)[..2],
+            [
+                ("PGHOST", dir.display().to_string()),
+                ("PGPORT", "5499".to_owned())
+            ]
+        );
+        assert_eq!(
+            server.describe(),
+            "pgharness_tests@/dev/shm/pgharness-ab 1/sock:5499/postgres"
+        );
+        let command = server.psql_command("t_a", std::path::Path::new("/w/target/pgharness"));
+        assert_eq!(
+            command,
+            "PGPASSFILE='/w/target/pgharness/pgpass' psql 'postgres://pgharness_tests@%2Fdev%2Fshm%2Fpgharness-ab%201%2Fsock:5499/postgres?options=-csearch_path%3Dt_a%2Cpublic'"
+        );
+        // Another role of the same server, e.g. the application's.
+        assert_eq!(
+            server.url_as("app", "p@ss").expose(),
+            "postgres://app:p%40ss@%2Fdev%2Fshm%2Fpgharness-ab%201%2Fsock:5499/postgres"
+        );
     }
 }

@@ -220,6 +220,11 @@ pub struct Settings {
     /// `native_idle` / `PGHARNESS_NATIVE_IDLE`: the native server stops after this long
     /// with no client connected.
     pub native_idle: Duration,
+    /// `native_tcp` / `PGHARNESS_NATIVE_TCP`: the native server also listens on TCP
+    /// 127.0.0.1 (password login), for a client that cannot use its Unix socket; off, it
+    /// has no TCP listener at all and is reached only through the socket in its private
+    /// directory.
+    pub native_tcp: bool,
     /// `container_ttl` / `PGHARNESS_CONTAINER_TTL`: `cargo xtask reap` removes the shared
     /// container once this long has passed since it was created.
     pub container_ttl: Duration,
@@ -255,6 +260,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "reap_ttl",
     "acquire_timeout",
     "native_idle",
+    "native_tcp",
     "container_ttl",
     "run_id",
     "teardown",
@@ -484,6 +490,13 @@ impl Settings {
                 Duration::from_secs(600),
                 parse_duration,
             )?,
+            native_tcp: parse(get("native_tcp"), "native_tcp", false, |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => Ok(true),
+                    "false" | "0" | "no" | "off" => Ok(false),
+                    _ => Err(format!("`{v}` is not true or false")),
+                }
+            })?,
             container_ttl: parse(
                 get("container_ttl"),
                 "container_ttl",

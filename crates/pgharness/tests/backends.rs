@@ -293,7 +293,7 @@ async fn a_native_server_that_exits_at_start_fails_at_once_with_its_fatal_line()
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\ncase \"$*\" in *listen_addresses=127.0.0.1*) \
+            "#!/bin/sh\ncase \"$*\" in *fsync=off*) \
              echo 'FATAL:  could not map anonymous shared memory: Cannot allocate memory' >&2; exit 1;; \
              *) exec '{}' \"$@\";; esac\n",
             real.join("postgres").display()
@@ -410,7 +410,9 @@ async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
         eprintln!("not run: needs root to run a listener as another user");
         return;
     }
-    let settings = isolated_settings(BackendKind::Native, "squat");
+    // A server with a TCP listener (`native_tcp`): by default there is no port to squat.
+    let mut settings = isolated_settings(BackendKind::Native, "squat");
+    settings.native_tcp = true;
     let server = backend::ensure(&settings, &log_only)
         .await
         .expect("native starts");
@@ -472,8 +474,85 @@ async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
 }
 
 #[tokio::test]
+async fn a_container_port_another_user_took_after_the_container_went_gets_no_password() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not run: needs root to run a listener as another user");
+        return;
+    }
+    let settings = isolated_settings(BackendKind::Container, "container-squat");
+    let server = backend::ensure(&settings, &log_only)
+        .await
+        .expect("the container starts");
+    let port = server.config().get_ports()[0];
+    assert!(
+        backend::known(&settings).is_some(),
+        "the container is recorded"
+    );
+    // The container goes behind pgharness's back (`docker rm -f`, a daemon restart) and its
+    // record stays.
+    let root = settings.root.display().to_string();
+    let ids = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label={}={root}", container::LABEL_ROOT))
+        .output()
+        .expect("docker");
+    let ids = String::from_utf8_lossy(&ids.stdout).to_string();
+    assert_eq!(ids.lines().count(), 1, "{ids}");
+    let removed = std::process::Command::new("docker")
+        .args(["rm", "-f", ids.trim()])
+        .output()
+        .expect("docker");
+    assert!(removed.status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend::listener_uid(port).is_some() {
+        assert!(Instant::now() < deadline, "the port was not given up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another local user takes the port and asks for a cleartext password.
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut squatter = std::process::Command::new("python3")
+        .args(["-c", SQUATTER, &port.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut said = std::io::BufReader::new(squatter.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    assert!(
+        backend::known(&settings).is_none(),
+        "a record whose port another user's process holds is believed"
+    );
+    // A test of this workspace gets a container of its own, and the squatter nothing.
+    let db = pgharness::TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .expect("a new container is started");
+    assert_ne!(db.server().config().get_ports()[0], port);
+    drop(db);
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    assert!(
+        !rest.contains("connection"),
+        "a test process connected to another user's listener: {rest}"
+    );
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn each_native_server_start_has_a_password_of_its_own() {
-    let settings = isolated_settings(BackendKind::Native, "per-start");
+    // Over TCP (`native_tcp`), where the password is what admits a client.
+    let mut settings = isolated_settings(BackendKind::Native, "per-start");
+    settings.native_tcp = true;
     let first = backend::ensure(&settings, &log_only)
         .await
         .expect("native starts");
@@ -579,6 +658,30 @@ async fn test_processes_connect_straight_to_the_recorded_server_and_fall_back_wh
         backend::known(&settings).is_none(),
         "a record naming a port without the server's listener is believed"
     );
+    std::fs::write(&record, &text).unwrap();
+    assert!(backend::known(&settings).is_some());
+    // A socket directory that others could write to is not believed either: a socket
+    // there may be anyone's.
+    let socket_dir = match server.config().get_hosts()[0].clone() {
+        tokio_postgres::config::Host::Unix(dir) => dir,
+        other => panic!("the native server is reached through its socket, not {other:?}"),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o733)).unwrap();
+    let believed = backend::known(&settings).is_some();
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(
+        !believed,
+        "a record naming a socket in a shared directory is believed"
+    );
+    std::fs::write(
+        &record,
+        text.replace(
+            &format!("\"port\":{port}"),
+            &format!("\"port\":{stale_port}"),
+        ),
+    )
+    .unwrap();
     let db = pgharness::TestDb::builder()
         .settings(settings.clone())
         .without_migrations()
@@ -626,69 +729,98 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
         nix::unistd::geteuid().is_root(),
         "this test switches to another OS user: run it as root (CI does)"
     );
-    let settings = isolated_settings(BackendKind::Native, "auth");
-    let server = backend::ensure(&settings, &log_only)
-        .await
-        .expect("native starts");
-    let port = server.config().get_ports()[0].to_string();
-    // Over TCP: the superuser needs the workspace's password, which nobody lacks.
-    let tcp = psql_as_nobody(&psql_args(
-        "127.0.0.1",
-        &port,
-        "COPY (SELECT 1) TO PROGRAM 'true'",
-    ));
-    assert!(!tcp.status.success(), "another user logged in over TCP");
-    let said = String::from_utf8_lossy(&tcp.stderr);
-    assert!(
-        said.contains("password") || said.contains("authentication"),
-        "{said}"
-    );
-    // Over the Unix socket: its directory admits only the server's user.
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_dir(&settings.state_dir)
+    // By default, and with a TCP listener asked for (`native_tcp`).
+    for tcp in [false, true] {
+        let mut settings = isolated_settings(BackendKind::Native, "auth");
+        settings.native_tcp = tcp;
+        let server = backend::ensure(&settings, &log_only)
+            .await
+            .expect("native starts");
+        let port = server.config().get_ports()[0].to_string();
+        let over_tcp = psql_as_nobody(&psql_args(
+            "127.0.0.1",
+            &port,
+            "COPY (SELECT 1) TO PROGRAM 'true'",
+        ));
+        assert!(
+            !over_tcp.status.success(),
+            "another user logged in over TCP"
+        );
+        let said = String::from_utf8_lossy(&over_tcp.stderr);
+        if tcp {
+            // The superuser needs the server's password, which nobody lacks.
+            assert!(
+                said.contains("password") || said.contains("authentication"),
+                "{said}"
+            );
+        } else {
+            // No TCP listener at all: no port to try passwords on, none to squat.
+            assert!(said.contains("refused"), "{said}");
+            assert_eq!(backend::listener_uid(port.parse().unwrap()), None);
+        }
+        // Over the Unix socket: its directory admits only the server's user.
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_dir(&settings.state_dir)
+                .unwrap()
+                .flatten()
+                .find(|e| {
+                    e.file_name().to_string_lossy().starts_with("native-")
+                        && e.file_name().to_string_lossy().ends_with(".json")
+                })
+                .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let sock = std::path::Path::new(state["base_dir"].as_str().unwrap()).join("sock");
+        let socket = psql_as_nobody(&psql_args(sock.to_str().unwrap(), &port, "SELECT 1"));
+        assert!(
+            !socket.status.success(),
+            "another user logged in over the socket"
+        );
+
+        // The secret files are the owner's alone.
+        let pgpass = settings.state_dir.join("pgpass");
+        use std::os::unix::fs::PermissionsExt;
+        let passwords: Vec<std::path::PathBuf> = std::fs::read_dir(&settings.state_dir)
             .unwrap()
             .flatten()
-            .find(|e| {
-                e.file_name().to_string_lossy().starts_with("native-")
-                    && e.file_name().to_string_lossy().ends_with(".json")
-            })
-            .map(|e| std::fs::read_to_string(e.path()).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
-    let sock = std::path::Path::new(state["base_dir"].as_str().unwrap()).join("sock");
-    let socket = psql_as_nobody(&psql_args(sock.to_str().unwrap(), &port, "SELECT 1"));
-    assert!(
-        !socket.status.success(),
-        "another user logged in over the socket"
-    );
-
-    // The owner gets in with the printed command's pgpass, which is theirs alone.
-    let pgpass = settings.state_dir.join("pgpass");
-    use std::os::unix::fs::PermissionsExt;
-    let passwords: Vec<std::path::PathBuf> = std::fs::read_dir(&settings.state_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".password"))
-        .collect();
-    assert_eq!(passwords.len(), 1, "the server's own password file");
-    for file in std::iter::once(&pgpass).chain(&passwords) {
-        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{}", file.display());
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".password"))
+            .collect();
+        assert_eq!(passwords.len(), 1, "the server's own password file");
+        for file in std::iter::once(&pgpass).chain(&passwords) {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+        // The owner gets in with the command printed for a kept schema (libpq reads the
+        // socket directory from the URL's host, or the password from pgpass).
+        let command = server.psql_command("public", &settings.state_dir);
+        assert!(
+            !command.contains(
+                server
+                    .config()
+                    .get_password()
+                    .map_or("-", |p| { std::str::from_utf8(p).unwrap() })
+            ),
+            "{command}"
+        );
+        let owner = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{command} -w -XAtc 'SELECT current_user'"))
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap();
+        assert!(
+            owner.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&owner.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&owner.stdout).trim(),
+            pgharness::TESTS_ROLE
+        );
+        backend::stop(&settings, BackendKind::Native).await.unwrap();
     }
-    let owner = std::process::Command::new("psql")
-        .args(psql_args("127.0.0.1", &port, "SELECT 1"))
-        .env("PGPASSFILE", &pgpass)
-        .env_remove("PGPASSWORD")
-        .output()
-        .unwrap();
-    assert!(
-        owner.status.success(),
-        "{}",
-        String::from_utf8_lossy(&owner.stderr)
-    );
-    backend::stop(&settings, BackendKind::Native).await.unwrap();
 }
 
 /// Everything logged at any level, for the test that greps it for secrets.

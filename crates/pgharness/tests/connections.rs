@@ -129,11 +129,11 @@ async fn a_role_with_only_connect_and_create_is_enough_and_its_password_never_sh
         ))
         .await
         .unwrap();
-    let port = server.config().get_ports()[0];
     let mut settings = pgharness::Settings::load().unwrap();
     settings.backend = BackendKind::Url;
-    settings.url = Some(SecretUrl::new(format!(
-        "postgres://{role}:{password}@127.0.0.1:{port}/{database}"
+    settings.url = Some(SecretUrl::new(common::with_database(
+        server.url_as(&role, &password).expose(),
+        &database,
     )));
 
     let db = TestDb::builder()

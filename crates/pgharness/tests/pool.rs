@@ -203,7 +203,7 @@ async fn a_schema_pooled_by_another_role_is_not_claimed() {
         Some("ready")
     );
     // Another role with the same migrations gets a schema of its own, and can use it.
-    let role = common::Role::create(&admin, "other", server.config().get_ports()[0]).await;
+    let role = common::Role::create(&admin, "other", &server).await;
     let settings = role.settings();
     let theirs = TestDb::builder()
         .settings(settings)

@@ -11,10 +11,6 @@ use common::{Role, admin, admin_ns, configured_server, own_migrations};
 use pgharness::ledger::{self, Namespace, ReapScope};
 use pgharness::{BackendKind, Teardown, TestDb};
 
-fn port(server: &pgharness::Server) -> u16 {
-    server.config().get_ports()[0]
-}
-
 fn denied(result: Result<u64, tokio_postgres::Error>) -> bool {
     matches!(result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
 }
@@ -33,7 +29,7 @@ async fn another_role_can_neither_write_the_ledger_nor_replace_its_functions() {
             .expect("the admin's test"),
     );
     let ns = admin_ns();
-    let hostile = Role::create(&admin, "hostile", port(&server)).await;
+    let hostile = Role::create(&admin, "hostile", &server).await;
     let as_hostile = hostile.client().await;
     // F4: a forged row for a schema of someone else, for the admin's reaper to drop.
     assert!(denied(
@@ -80,8 +76,8 @@ async fn another_role_can_neither_write_the_ledger_nor_replace_its_functions() {
 async fn a_namespace_another_role_made_first_is_refused_by_name_and_nothing_in_it_runs() {
     let server = configured_server().await;
     let admin = admin(&server).await;
-    let victim = Role::create(&admin, "victim", port(&server)).await;
-    let hostile = Role::create(&admin, "hostile", port(&server)).await;
+    let victim = Role::create(&admin, "victim", &server).await;
+    let hostile = Role::create(&admin, "hostile", &server).await;
     let as_hostile = hostile.client().await;
     // The hostile role makes the victim's namespace before the victim ever ran a test, with
     // a ledger and a version function that records who called it.
@@ -125,7 +121,7 @@ async fn a_namespace_another_role_made_first_is_refused_by_name_and_nothing_in_i
 async fn a_reap_acts_only_on_its_own_role_s_schemas() {
     let server = configured_server().await;
     let admin = admin(&server).await;
-    let other = Role::create(&admin, "other", port(&server)).await;
+    let other = Role::create(&admin, "other", &server).await;
     // The other role's pool: a ready schema, recorded in its own ledger.
     let dir = own_migrations("trust-reap", "CREATE TABLE t (id int);");
     let db = TestDb::builder()

@@ -2,7 +2,9 @@
 //! `target/pgharness/server-<backend>.json` with the settings that chose it, so that test
 //! processes skip the full check (file lock, Docker inspect or process probe, `pg_config`,
 //! a readiness connection) and connect straight to it. Nothing here is trusted beyond a
-//! hint: the caller's connection proves it, and a failure falls back to `ensure`.
+//! hint: before a password goes to the recorded address, its listener must belong to the
+//! uid recorded with it (another local user may have taken the port since the server went);
+//! the caller's connection proves the rest, and a failure falls back to `ensure`.
 
 use std::path::PathBuf;
 
@@ -22,15 +24,22 @@ struct Known {
     image: Option<String>,
     pg_bin: Option<PathBuf>,
     max_connections: u32,
+    #[serde(default)]
+    native_tcp: bool,
     /// The workspace that recorded it: a record copied into another checkout is not used
     /// there (it names the other checkout's server).
     #[serde(default)]
     workspace: Option<PathBuf>,
-    /// The uid of the native server's listener when it was recorded: a test process sends
-    /// the password only to a listener of the same uid (another local user may have bound
-    /// the port since the server stopped).
+    /// The uid of the server's listener when it was recorded (the native server's user;
+    /// for a container, Docker's port proxy): a test process sends the password only to a
+    /// listener of the same uid (another local user may have bound the port since the
+    /// server stopped). Without one, the record is not believed.
     #[serde(default)]
     listener_uid: Option<u32>,
+    /// The native server's socket directory when it is reached through its Unix socket
+    /// (no TCP listener); its owner is checked as the port's listener is.
+    #[serde(default)]
+    socket_dir: Option<PathBuf>,
 }
 
 fn path(settings: &Settings) -> PathBuf {
@@ -40,7 +49,12 @@ fn path(settings: &Settings) -> PathBuf {
 }
 
 fn describe(settings: &Settings, server: &Server) -> Option<Known> {
-    let port = server.config().get_ports().first().copied()?;
+    let config = server.config();
+    let port = config.get_ports().first().copied()?;
+    let socket_dir = match config.get_hosts().first()? {
+        tokio_postgres::config::Host::Unix(dir) => Some(dir.clone()),
+        tokio_postgres::config::Host::Tcp(_) => None,
+    };
     Some(Known {
         requested: settings.backend.to_string(),
         backend: server.backend().to_string(),
@@ -48,11 +62,19 @@ fn describe(settings: &Settings, server: &Server) -> Option<Known> {
         image: settings.image.clone(),
         pg_bin: settings.pg_bin.clone(),
         max_connections: settings.max_connections,
+        native_tcp: settings.native_tcp,
         workspace: Some(settings.root.clone()),
-        listener_uid: (server.backend() == BackendKind::Native)
-            .then(|| super::listener_uid(port))
-            .flatten(),
+        listener_uid: listener(socket_dir.as_deref(), port),
+        socket_dir,
     })
+}
+
+/// The uid behind a server's listener: its private socket directory's, or the TCP port's.
+fn listener(socket_dir: Option<&std::path::Path>, port: u16) -> Option<u32> {
+    match socket_dir {
+        Some(dir) => super::socket_owner(dir, port),
+        None => super::listener_uid(port),
+    }
 }
 
 pub(super) fn remember(settings: &Settings, server: &Server) {
@@ -87,6 +109,7 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
         && known.image == settings.image
         && known.pg_bin == settings.pg_bin
         && known.max_connections == settings.max_connections
+        && known.native_tcp == settings.native_tcp
         && known.workspace.as_deref() == Some(settings.root.as_path());
     let backend = match known.backend.as_str() {
         "container" => BackendKind::Container,
@@ -96,8 +119,8 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
     if !matches {
         return None;
     }
-    if backend == BackendKind::Native
-        && (known.listener_uid.is_none() || super::listener_uid(known.port) != known.listener_uid)
+    if known.listener_uid.is_none()
+        || listener(known.socket_dir.as_deref(), known.port) != known.listener_uid
     {
         tracing::info!(
             port = known.port,
@@ -110,7 +133,10 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
             .or_else(|| super::secret::local_password(settings).ok())?,
         _ => super::secret::local_password(settings).ok()?,
     };
-    Some(Server::local(backend, known.port, &password))
+    Some(match &known.socket_dir {
+        Some(dir) => Server::local_socket(backend, dir, known.port, &password),
+        None => Server::local(backend, known.port, &password),
+    })
 }
 
 /// Forgets every record of a server of this kind (it is being stopped).

@@ -8,7 +8,7 @@ mod process;
 pub mod rds;
 pub mod secret;
 
-pub use process::{ProcessId, listener_uid};
+pub use process::{ProcessId, listener_uid, socket_owner};
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
@@ -142,6 +142,18 @@ pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>,
         BackendKind::Native => native::stop(settings).await,
         // The RDS proxy is a process of xtask's; `cargo xtask down` stops it.
         BackendKind::Url | BackendKind::Auto | BackendKind::Rds => Ok(Vec::new()),
+    }
+}
+
+/// Stops the one server these settings choose, if pgharness started it (a run's own, the
+/// emulated cluster's); [`stop`] stops every server of the backend in the workspace.
+pub async fn stop_chosen(settings: &Settings, kind: BackendKind) -> Result<Vec<String>, Error> {
+    match kind {
+        BackendKind::Native => {
+            known::forget_all(settings, kind);
+            native::stop_chosen(settings).await
+        }
+        _ => stop(settings, kind).await,
     }
 }
 

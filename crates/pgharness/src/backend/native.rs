@@ -1,6 +1,8 @@
 //! The `native` backend: `initdb` + `postgres` from the local Postgres binaries, one server
 //! per workspace shared by every test process under a file lock. Data lives on tmpfs
-//! (`/dev/shm`) when there is one. As root it runs the server as an unprivileged user,
+//! (`/dev/shm`) when there is one. The server listens only on a Unix socket in a 0700
+//! directory of its user (no port for another local user to squat or to try passwords
+//! on); `native_tcp` adds a TCP listener on 127.0.0.1 with password login. As root it runs the server as an unprivileged user,
 //! since postgres refuses to run as root. A small watchdog shell process owns the server
 //! and stops it after `native_idle` with no client connected, or on `cargo xtask down`.
 
@@ -49,8 +51,16 @@ struct State {
     #[serde(default)]
     server_uid: Option<u32>,
     port: u16,
+    /// Whether it listens on TCP 127.0.0.1 too (`native_tcp`); a record without it (an
+    /// older version's) did.
+    #[serde(default = "listened_on_tcp")]
+    tcp: bool,
     base_dir: PathBuf,
     bindir: PathBuf,
+}
+
+fn listened_on_tcp() -> bool {
+    true
 }
 
 impl State {
@@ -59,6 +69,25 @@ impl State {
             pid: self.watchdog_pid,
             started,
         })
+    }
+
+    /// The directory of its Unix socket (`.s.PGSQL.<port>`).
+    fn socket_dir(&self) -> PathBuf {
+        socket_dir(&self.base_dir)
+    }
+
+    /// The server as tests reach it: over TCP when it listens there, else its socket.
+    fn server(&self, password: &str) -> Server {
+        if self.tcp {
+            Server::local(BackendKind::Native, self.port, password)
+        } else {
+            Server::local_socket(BackendKind::Native, &self.socket_dir(), self.port, password)
+        }
+    }
+
+    /// Where it listens, for messages.
+    fn describe(&self) -> String {
+        listener(self.tcp, &self.base_dir, self.port)
     }
 
     /// Whether the record was written by this workspace's own server.
@@ -119,6 +148,22 @@ pub fn find_bindir(settings: &Settings) -> Result<PathBuf, String> {
     })
 }
 
+fn socket_dir(base: &Path) -> PathBuf {
+    base.join("sock")
+}
+
+/// Where a server listens, for messages: its TCP address, else its socket.
+fn listener(tcp: bool, base: &Path, port: u16) -> String {
+    if tcp {
+        format!("127.0.0.1:{port}")
+    } else {
+        socket_dir(base)
+            .join(format!(".s.PGSQL.{port}"))
+            .display()
+            .to_string()
+    }
+}
+
 struct Paths {
     state: PathBuf,
     lock: PathBuf,
@@ -131,6 +176,10 @@ fn paths(settings: &Settings, bindir: &Path) -> Paths {
     hasher.update([0]);
     hasher.update(bindir.to_string_lossy().as_bytes());
     hasher.update(settings.max_connections.to_be_bytes());
+    if settings.native_tcp {
+        // A server with a TCP listener is another server than the socket-only one.
+        hasher.update(b"tcp");
+    }
     let key = hex::encode(&hasher.finalize()[..5]);
     let shm = Path::new("/dev/shm");
     let base = if shm.is_dir() {
@@ -152,22 +201,22 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
     let lock = lock(&paths.lock).await?;
-    let (port, started, password) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
+    let (state, started, password) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
         Some(state) => {
             // A server of an older version has the workspace's password.
             let password = match secret::native_password(settings, state.port) {
                 Some(password) => password,
                 None => secret::local_password(settings)?,
             };
-            (state.port, false, password)
+            (state, false, password)
         }
         None => {
-            let (port, password) = start(settings, &bindir, &paths, sink)?;
-            (port, true, password)
+            let (state, password) = start(settings, &bindir, &paths, sink)?;
+            (state, true, password)
         }
     };
-    let server = Server::local(BackendKind::Native, port, &password);
-    let what = format!("the native Postgres server on 127.0.0.1:{port}");
+    let server = state.server(&password);
+    let what = format!("the native Postgres server on {}", state.describe());
     let config = server.admin_config();
     let mut ready = tokio::select! {
         ready = connect::wait_ready(&config, settings.acquire_timeout, sink, &what) => ready,
@@ -230,20 +279,38 @@ pub fn is_running(settings: &Settings) -> bool {
 
 /// Stops this workspace's native servers (for `cargo xtask down`).
 pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
-    let mut stopped = Vec::new();
-    let entries = match std::fs::read_dir(&settings.state_dir) {
-        Ok(entries) => entries,
-        Err(_) => return Ok(stopped),
+    let records = match std::fs::read_dir(&settings.state_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("native-") && n.ends_with(".json"))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let is_state = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("native-") && n.ends_with(".json"));
-        if !is_state {
-            continue;
-        }
+    stop_records(settings, records).await
+}
+
+/// Stops the one native server these settings choose (a run's, the emulated cluster's),
+/// leaving the workspace's others (another server's settings differ: `native_tcp`,
+/// `max_connections`) alone.
+pub async fn stop_chosen(settings: &Settings) -> Result<Vec<String>, Error> {
+    let Ok(bindir) = find_bindir(settings) else {
+        return Ok(Vec::new());
+    };
+    let state = paths(settings, &bindir).state;
+    if !state.exists() {
+        return Ok(Vec::new());
+    }
+    stop_records(settings, vec![state]).await
+}
+
+async fn stop_records(settings: &Settings, records: Vec<PathBuf>) -> Result<Vec<String>, Error> {
+    let mut stopped = Vec::new();
+    for path in records {
         let lock = lock(&path.with_extension("lock")).await?;
         match read_state(&path) {
             // Copied here with the rest of another checkout: that checkout's server and
@@ -257,7 +324,7 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
                 let watchdog = state.watchdog().filter(ProcessId::is_running);
                 if let Some(watchdog) = watchdog {
                     watchdog.terminate(Duration::from_secs(30)).await;
-                    stopped.push(format!("native server on 127.0.0.1:{}", state.port));
+                    stopped.push(format!("native server on {}", state.describe()));
                 }
                 let _ = std::fs::remove_dir_all(&state.base_dir);
             }
@@ -292,19 +359,34 @@ fn read_state(path: &Path) -> Option<State> {
     serde_json::from_str(&text).ok()
 }
 
+/// Whether the record names this workspace's server and it still runs, verified before a
+/// password goes anywhere: its watchdog (pid and start time), and the listener the record
+/// names is the server's user's (the port's on TCP; the socket and its private directory
+/// otherwise).
 fn alive(state: &State, settings: &Settings) -> bool {
-    state.belongs_to(settings)
+    let ours = state.belongs_to(settings)
         && state
             .watchdog()
-            .is_some_and(|watchdog| watchdog.is_running())
-        && state
-            .server_uid
-            .is_some_and(|uid| super::listener_uid(state.port) == Some(uid))
-        && TcpStream::connect_timeout(
-            &(Ipv4Addr::LOCALHOST, state.port).into(),
-            Duration::from_secs(1),
-        )
-        .is_ok()
+            .is_some_and(|watchdog| watchdog.is_running());
+    if !ours {
+        return false;
+    }
+    let Some(uid) = state.server_uid else {
+        return false;
+    };
+    if state.tcp {
+        super::listener_uid(state.port) == Some(uid)
+            && TcpStream::connect_timeout(
+                &(Ipv4Addr::LOCALHOST, state.port).into(),
+                Duration::from_secs(1),
+            )
+            .is_ok()
+    } else {
+        let dir = state.socket_dir();
+        super::socket_owner(&dir, state.port) == Some(uid)
+            && std::os::unix::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", state.port)))
+                .is_ok()
+    }
 }
 
 /// The account a native server runs as when pgharness runs as root.
@@ -357,14 +439,15 @@ fn as_user(command: &mut Command, user: &Option<User>) {
     }
 }
 
-/// Starts a server on a free port with a password of its own (made anew at each start: one a
-/// local user learned from an earlier server opens nothing now); returns both.
+/// Starts a server with a password of its own (made anew at each start: one a local user
+/// learned from an earlier server opens nothing now); returns its record and password. The
+/// port names its socket (`.s.PGSQL.<port>`), and is its TCP port with `native_tcp`.
 fn start(
     settings: &Settings,
     bindir: &Path,
     paths: &Paths,
     sink: EventSink<'_>,
-) -> Result<(u16, String), Error> {
+) -> Result<(State, String), Error> {
     let user = server_user()?;
     let port = free_port()?;
     let password =
@@ -373,7 +456,7 @@ fn start(
     let base = &paths.base;
     let data = base.join("data");
     let _ = std::fs::remove_dir_all(base);
-    for dir in [base, &data, &base.join("sock")] {
+    for dir in [base, &data, &socket_dir(base)] {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("failed to create", dir, e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("failed to set permissions on", dir, e))?;
@@ -388,9 +471,9 @@ fn start(
             data_dir: data.display().to_string(),
         },
     );
-    // TCP on 127.0.0.1 asks for the workspace's password; the Unix socket is in a 0700
-    // directory of the server's user (the idle watchdog's way in), so trust there admits
-    // nobody else.
+    // The Unix socket is in a 0700 directory of the server's user, so trust there admits
+    // nobody else (and costs no SCRAM handshake). TCP on 127.0.0.1, with `native_tcp`,
+    // asks for the server's password.
     let pwfile = base.join("pwfile");
     secret::write_private(&pwfile, &format!("{password}\n"))?;
     if let Some(user) = &user {
@@ -435,14 +518,23 @@ fn start(
                 .map_err(|e| Error::io("failed to hand over", path, e))?;
         }
     }
-    emit(sink, Event::StartingServer { port });
+    emit(
+        sink,
+        Event::StartingServer {
+            listen: listener(settings.native_tcp, base, port),
+        },
+    );
     let mut watchdog = Command::new("sh");
     watchdog
         .arg(&script)
         .env("PGH_BIN", bindir)
         .env("PGH_DATA", &data)
-        .env("PGH_SOCK", base.join("sock"))
+        .env("PGH_SOCK", socket_dir(base))
         .env("PGH_PORT", port.to_string())
+        .env(
+            "PGH_LISTEN",
+            if settings.native_tcp { "127.0.0.1" } else { "" },
+        )
         .env(
             "PGH_IDLE",
             settings.native_idle.as_secs().max(1).to_string(),
@@ -472,14 +564,15 @@ fn start(
                 .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid.as_raw()),
         ),
         port,
+        tcp: settings.native_tcp,
         base_dir: base.clone(),
         bindir: bindir.to_path_buf(),
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
     std::fs::write(&paths.state, text)
         .map_err(|e| Error::io("failed to write", &paths.state, e))?;
-    tracing::info!(port, data = %data.display(), "started native Postgres");
-    Ok((port, password.to_owned()))
+    tracing::info!(listen = %state.describe(), data = %data.display(), "started native Postgres");
+    Ok((state, password.to_owned()))
 }
 
 #[cfg(test)]

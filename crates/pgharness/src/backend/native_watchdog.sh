@@ -2,9 +2,10 @@
 # Owns a native pgharness Postgres server: starts it, stops it on SIGTERM/SIGINT/SIGHUP,
 # and stops it after PGH_IDLE seconds with no client connected. Written out and started
 # by crates/pgharness/src/backend/native.rs; runs as the server's (unprivileged) user.
+# PGH_LISTEN is empty (the Unix socket in PGH_SOCK only) or 127.0.0.1 (`native_tcp`).
 set -u
 "$PGH_BIN/postgres" -D "$PGH_DATA" -k "$PGH_SOCK" -p "$PGH_PORT" \
-    -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+    -c listen_addresses="$PGH_LISTEN" -c fsync=off -c synchronous_commit=off \
     -c full_page_writes=off -c max_connections="$PGH_MAX_CONNECTIONS" &
 pg=$!
 stop() { kill -INT "$pg" 2>/dev/null; wait "$pg"; exit 0; }

@@ -130,6 +130,20 @@ pub fn listener_uid(port: u16) -> Option<u32> {
     None
 }
 
+/// The uid that owns the Unix socket `.s.PGSQL.<port>` in `dir`, when `dir` is a private
+/// directory of that same uid (a real directory, no access for group or others): then
+/// nobody else can have made or replaced the socket, and a password sent there reaches
+/// that uid's server. `None` otherwise.
+pub fn socket_owner(dir: &std::path::Path, port: u16) -> Option<u32> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir_meta = std::fs::symlink_metadata(dir).ok()?;
+    if !dir_meta.is_dir() || dir_meta.mode() & 0o077 != 0 {
+        return None;
+    }
+    let socket = std::fs::symlink_metadata(dir.join(format!(".s.PGSQL.{port}"))).ok()?;
+    (socket.file_type().is_socket() && socket.uid() == dir_meta.uid()).then_some(dir_meta.uid())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

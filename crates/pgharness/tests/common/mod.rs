@@ -94,13 +94,19 @@ pub(crate) fn own_migrations(label: &str, sql: &str) -> PathBuf {
 /// everything it owns) by [`Role::drop_all`].
 pub(crate) struct Role {
     pub(crate) name: String,
-    password: String,
     database: String,
-    port: u16,
+    url: String,
+}
+
+/// `url` with its database replaced.
+pub(crate) fn with_database(url: &str, database: &str) -> String {
+    let mut url = url::Url::parse(url).expect("a URL");
+    url.set_path(&format!("/{database}"));
+    url.to_string()
 }
 
 impl Role {
-    pub(crate) async fn create(admin: &Client, label: &str, port: u16) -> Role {
+    pub(crate) async fn create(admin: &Client, label: &str, server: &Server) -> Role {
         let name = format!(
             "pgh_{label}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -119,18 +125,14 @@ impl Role {
             .await
             .unwrap();
         Role {
+            url: with_database(server.url_as(&name, &password).expose(), &database),
             name,
-            password,
             database,
-            port,
         }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!(
-            "postgres://{}:{}@127.0.0.1:{}/{}",
-            self.name, self.password, self.port, self.database
-        )
+        self.url.clone()
     }
 
     pub(crate) async fn client(&self) -> Client {

@@ -24,6 +24,8 @@ pub(crate) async fn postgres() -> SocketAddr {
     // An admin on a local server, also in a run of the rds backend: these tests create roles
     // and point the fakes at the server themselves.
     settings.url = None;
+    // The fakes dial it over TCP (a native server listens only on its socket otherwise).
+    settings.native_tcp = true;
     settings.backend = pgharness::backend::resolve_local(&settings, &pgharness::events::log_only)
         .await
         .expect("a local backend");
