@@ -72,6 +72,45 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// pgharness without its default features (`default-features = false`: native and url
+/// backends) builds, lints clean, and pulls in nothing of Docker.
+fn light_without_container() -> anyhow::Result<()> {
+    eprintln!("xtask ci: pgharness without default features has no Docker crates");
+    let tree =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::project_root())
+            .args(["tree", "-p", "pgharness", "--no-default-features"])
+            .args(["-e", "normal", "--prefix", "none", "--format", "{p}"])
+            .output()?;
+    if !tree.status.success() {
+        bail!(
+            "`cargo tree -p pgharness --no-default-features` failed: {}",
+            String::from_utf8_lossy(&tree.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&tree.stdout);
+    let docker: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("testcontainers") || l.starts_with("bollard"))
+        .collect();
+    if !docker.is_empty() {
+        bail!(
+            "pgharness with default-features = false still depends on {}",
+            docker.join(", ")
+        );
+    }
+    cargo(&[
+        "clippy",
+        "-p",
+        "pgharness",
+        "--no-default-features",
+        "--lib",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
 async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     eprintln!(
         "xtask ci: tests on the {backend} backend: nextest {}",
@@ -874,6 +913,7 @@ impl Ci {
             ])?;
             actionlint()?;
         }
+        light_without_container()?;
         // The SSM protocol decoders under a bounded fuzz run.
         if crate::fuzz::Fuzz::bounded(30).run().await? != ExitCode::SUCCESS {
             bail!("fuzzing failed");

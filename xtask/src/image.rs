@@ -29,7 +29,7 @@ pub(crate) struct Image {
 
 impl Image {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
-        let docker = container::docker().await.map_err(anyhow::Error::msg)?;
+        let docker = container::docker().await?;
         if !self.force && docker.inspect_image(&self.tag).await.is_ok() {
             eprintln!("xtask: {} already exists (--force rebuilds it)", self.tag);
             return Ok(ExitCode::SUCCESS);

@@ -85,6 +85,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// What went wrong without the backend's name, for a list that names it already.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Error::Backend { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// True when the server refused a connection because all slots were taken (53300).
     pub fn is_too_many_clients(&self) -> bool {
         match self {

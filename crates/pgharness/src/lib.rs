@@ -39,8 +39,8 @@ pub use error::Error;
 pub use fixture::test_db;
 pub use server::{Server, TESTS_ROLE, libpq_env};
 pub use settings::{
-    BackendKind, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings, Teardown,
-    parse_duration, redact_url,
+    BackendKind, InvalidDuration, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings,
+    Teardown, parse_duration, redact_url,
 };
 pub use testdb::{TestDb, TestDbBuilder};
 

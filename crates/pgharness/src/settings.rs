@@ -476,19 +476,19 @@ impl Settings {
                 get("reap_ttl"),
                 "reap_ttl",
                 Duration::from_secs(3600),
-                parse_duration,
+                duration,
             )?,
             acquire_timeout: parse(
                 get("acquire_timeout"),
                 "acquire_timeout",
                 Duration::from_secs(60),
-                parse_duration,
+                duration,
             )?,
             native_idle: parse(
                 get("native_idle"),
                 "native_idle",
                 Duration::from_secs(600),
-                parse_duration,
+                duration,
             )?,
             native_tcp: parse(get("native_tcp"), "native_tcp", false, |v| {
                 match v.to_ascii_lowercase().as_str() {
@@ -501,7 +501,7 @@ impl Settings {
                 get("container_ttl"),
                 "container_ttl",
                 Duration::from_secs(8 * 3600),
-                parse_duration,
+                duration,
             )?,
             run_id: get("run_id").map(|(v, _)| v.to_owned()).or(nextest_run_id),
             teardown: parse(get("teardown"), "teardown", Teardown::Inline, |v| match v {
@@ -529,13 +529,13 @@ impl Settings {
                 get("rds_wake_deadline"),
                 "rds.wake_deadline",
                 Duration::from_secs(60),
-                parse_duration,
+                duration,
             )?,
             idle: parse(
                 get("rds_idle"),
                 "rds.idle",
                 Duration::from_secs(30 * 60),
-                parse_duration,
+                duration,
             )?,
             max_sessions: parse(get("rds_max_sessions"), "rds.max_sessions", 64, |v| match v
                 .parse::<u32>()
@@ -664,24 +664,37 @@ pub(crate) const MAX_CONNECTIONS: u32 = 10_000;
 /// adding it to a clock never overflows.
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// A duration pgharness does not accept, and why (for a setting, or a command-line flag).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidDuration(String);
+
 /// Parses a duration as humantime reads it (`500ms`, `90s`, `15m`, `2h`, `1h 30m`, `7d`) or
 /// a bare number of seconds; at most 366 days.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, InvalidDuration> {
     let text = text.trim();
     let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         text.parse::<u64>()
             .map(Duration::from_secs)
-            .map_err(|_| format!("`{text}` seconds is out of range"))?
+            .map_err(|_| InvalidDuration(format!("`{text}` seconds is out of range")))?
     } else {
-        humantime::parse_duration(text)
-            .map_err(|e| format!("`{text}` is not a duration like 500ms, 90s, 15m or 2h ({e})"))?
+        humantime::parse_duration(text).map_err(|e| {
+            InvalidDuration(format!(
+                "`{text}` is not a duration like 500ms, 90s, 15m or 2h ({e})"
+            ))
+        })?
     };
     if duration > MAX_DURATION {
-        return Err(format!(
+        return Err(InvalidDuration(format!(
             "`{text}` is longer than the most allowed, 366 days"
-        ));
+        )));
     }
     Ok(duration)
+}
+
+/// [`parse_duration`] for a setting's parser.
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|e| e.0)
 }
 
 #[cfg(test)]
@@ -860,7 +873,7 @@ mod tests {
             "400d",
         ] {
             let error = parse_duration(text).unwrap_err();
-            assert!(error.contains(text.trim()), "{text}: {error}");
+            assert!(error.to_string().contains(text.trim()), "{text}: {error}");
         }
         let error = load(
             None,

@@ -1,5 +1,6 @@
 //! The container and native backends: one server shared by concurrent starters, stopped on
 //! request, and (native) stopped when idle.
+#![cfg(feature = "container")] // the container tests; the default feature
 
 mod common;
 
@@ -542,6 +543,55 @@ async fn a_container_port_another_user_took_after_the_container_went_gets_no_pas
     assert!(
         !rest.contains("connection"),
         "a test process connected to another user's listener: {rest}"
+    );
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn each_container_has_a_password_of_its_own() {
+    let settings = isolated_settings(BackendKind::Container, "container-per-start");
+    let first = backend::ensure(&settings, &log_only)
+        .await
+        .expect("the container starts");
+    let old = first.config().get_password().unwrap().to_vec();
+    // Joining the running container keeps its password.
+    let joined = backend::ensure(&settings, &log_only).await.expect("joins");
+    assert_eq!(joined.describe(), first.describe());
+    assert_eq!(joined.config().get_password().unwrap(), &old[..]);
+    backend::stop(&settings, BackendKind::Container)
+        .await
+        .unwrap();
+    let second = backend::ensure(&settings, &log_only)
+        .await
+        .expect("a new container starts");
+    assert_ne!(second.config().get_password().unwrap(), &old[..]);
+    // The old password opens nothing now.
+    let mut stale = second.admin_config();
+    stale.password(old);
+    let error = stale
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("the old password is refused");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+    // psql finds the new one in pgpass.
+    let port = second.config().get_ports()[0].to_string();
+    let psql = std::process::Command::new("psql")
+        .env("PGPASSFILE", backend::secret::pgpass_path(&settings))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", pgharness::TESTS_ROLE])
+        .args(["-d", "postgres", "-w", "-XAtc", "SELECT 1"])
+        .output()
+        .expect("psql");
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
     );
     backend::stop(&settings, BackendKind::Container)
         .await

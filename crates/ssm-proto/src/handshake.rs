@@ -64,24 +64,37 @@ pub fn select_mode(agent_version: &str, forwarding_type: &str, client_version: &
     }
 }
 
+/// Why a handshake request describes no port-forwarding session.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The request has no `SessionType` action.
+    #[error("the agent asked for no SessionType")]
+    NoSessionType,
+    /// The session is not port forwarding (an interactive shell, a command).
+    #[error("session type {0} is not Port")]
+    NotPort(String),
+}
+
 /// The client's answer to a handshake request, and the session it describes. Actions it
 /// does not know are answered as the official client does (status 0, result 3).
-pub fn respond(request: &HandshakeRequest) -> (HandshakeResponse, Result<PortSession, String>) {
+pub fn respond(
+    request: &HandshakeRequest,
+) -> (HandshakeResponse, Result<PortSession, HandshakeError>) {
     let mut processed = Vec::new();
     let mut errors = Vec::new();
-    let mut session = Err("the agent asked for no SessionType".to_owned());
+    let mut session = Err(HandshakeError::NoSessionType);
     for action in &request.requested_client_actions {
         if action.action_type == "SessionType" {
             let parameters = &action.action_parameters;
             let text = |v: &Value| v.as_str().map(str::to_owned);
             let properties = &parameters["Properties"];
             if parameters["SessionType"] != "Port" {
-                let error = format!("session type {} is not Port", parameters["SessionType"]);
+                let error = HandshakeError::NotPort(parameters["SessionType"].to_string());
                 processed.push(ProcessedClientAction {
                     action_type: action.action_type.clone(),
                     action_status: 2,
                     action_result: Value::Null,
-                    error: error.clone(),
+                    error: error.to_string(),
                 });
                 session = Err(error);
                 continue;

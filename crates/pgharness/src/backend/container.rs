@@ -5,9 +5,12 @@
 //! port is published on 127.0.0.1 only.
 //!
 //! Kept as thin code around testcontainers, for what it does not do:
-//! - the create race: processes that start together all find no container and all create
-//!   one under the same name; the losers' 409 (or a 304 from starting the winner's
-//!   container) is retried, and the retry's lookup joins the winner;
+//! - a password per container: a starter that finds no running container makes a new
+//!   workspace password under `target/pgharness/container.lock`, and the container's name
+//!   derives from it, so the others, after the lock, find that container running and join;
+//! - the create race (another workspace process outside the lock, an older version): the
+//!   losers' 409 (or a 304 from starting the winner's container) is retried, and the
+//!   retry's lookup joins the winner;
 //! - the deadline reaper and `down` (`reap_expired`, `stop`): listing and removing
 //!   containers by label, through the bollard client testcontainers re-exports;
 //! - picking the image (`postgres:17` if present or pullable, else the locally built one)
@@ -80,22 +83,26 @@ async fn quiet<F: std::future::Future>(future: F) -> F::Output {
 
 /// Connects to the Docker daemon (`DOCKER_HOST` or the default socket) and agrees on an
 /// API version both sides speak.
-pub async fn docker() -> Result<Docker, String> {
+pub async fn docker() -> Result<Docker, Error> {
     let docker = Docker::connect_with_defaults().map_err(|e| {
-        format!("cannot reach Docker: {e} (start the Docker daemon, or set DOCKER_HOST)")
+        backend_error(format!(
+            "cannot reach Docker: {e} (start the Docker daemon, or set DOCKER_HOST)"
+        ))
     })?;
     let negotiated = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version()).await;
     match negotiated {
         Ok(Ok(docker)) => Ok(docker),
-        Ok(Err(e)) => Err(format!(
+        Ok(Err(e)) => Err(backend_error(format!(
             "Docker did not answer: {e} (start the Docker daemon, or set DOCKER_HOST)"
+        ))),
+        Err(_) => Err(backend_error(
+            "Docker did not answer within 5s (is the daemon running?)",
         )),
-        Err(_) => Err("Docker did not answer within 5s (is the daemon running?)".into()),
     }
 }
 
 /// Checks that Docker answers and that a Postgres image is available (pulling if needed).
-pub(crate) async fn probe(settings: &Settings) -> Result<String, String> {
+pub(crate) async fn probe(settings: &Settings) -> Result<String, Error> {
     let docker = docker().await?;
     resolve_image(&docker, settings).await
 }
@@ -122,16 +129,16 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
 
 /// The image to run: `PGHARNESS_IMAGE` (pulled if absent), else `postgres:17` if present or
 /// pullable, else the locally built `pgharness/postgres:17`.
-pub async fn resolve_image(docker: &Docker, settings: &Settings) -> Result<String, String> {
+pub async fn resolve_image(docker: &Docker, settings: &Settings) -> Result<String, Error> {
     if let Some(image) = &settings.image {
         if image_present(docker, image).await {
             return Ok(image.clone());
         }
         return match pull(docker, image).await {
             Ok(()) => Ok(image.clone()),
-            Err(e) => Err(format!(
+            Err(e) => Err(backend_error(format!(
                 "image `{image}` (PGHARNESS_IMAGE) is not present and could not be pulled: {e}"
-            )),
+            ))),
         };
     }
     if image_present(docker, DEFAULT_IMAGE).await {
@@ -142,11 +149,11 @@ pub async fn resolve_image(docker: &Docker, settings: &Settings) -> Result<Strin
     }
     match pull(docker, DEFAULT_IMAGE).await {
         Ok(()) => Ok(DEFAULT_IMAGE.to_owned()),
-        Err(e) => Err(format!(
+        Err(e) => Err(backend_error(format!(
             "no Postgres image: `{DEFAULT_IMAGE}` is not present and could not be pulled ({e}); \
              build `{LOCAL_IMAGE}` from Debian packages with `cargo xtask image`, \
              or set PGHARNESS_IMAGE to an image you have"
-        )),
+        ))),
     }
 }
 
@@ -204,13 +211,31 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
 }
 
 async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
-    let docker = docker().await.map_err(backend_error)?;
-    let image = resolve_image(&docker, settings)
-        .await
-        .map_err(backend_error)?;
-    let password = secret::local_password(settings)?;
+    let docker = docker().await?;
+    let image = resolve_image(&docker, settings).await?;
+    // One starter at a time: it joins the container the workspace's password names if that
+    // runs, or makes a new password for a new container (each container has its own); the
+    // others then find it running.
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
+    let lock = super::lock_file(&settings.state_dir.join("container.lock")).await?;
+    let running = match secret::existing_password(settings) {
+        Some(password) => {
+            let name = container_name(settings, &image, &password);
+            let info = docker.inspect_container(&name, None).await.ok();
+            info.and_then(|i| i.state)
+                .and_then(|s| s.running)
+                .unwrap_or(false)
+                .then_some(password)
+        }
+        None => None,
+    };
+    let existed = running.is_some();
+    let password = match running {
+        Some(password) => password,
+        None => secret::renew_local_password(settings)?,
+    };
     let name = container_name(settings, &image, &password);
-    let existed = docker.inspect_container(&name, None).await.is_ok();
     emit(
         sink,
         if existed {
@@ -223,6 +248,7 @@ async fn ensure_unlogged(settings: &Settings, sink: EventSink<'_>) -> Result<Ser
         },
     );
     let port = start_shared(settings, &name, &image, &password).await?;
+    drop(lock);
     let server = Server::local(BackendKind::Container, port, &password);
     let what = format!("the Postgres container `{name}`");
     connect::wait_ready(
@@ -395,7 +421,7 @@ pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
 }
 
 async fn stop_unlogged(settings: &Settings) -> Result<Vec<String>, Error> {
-    let docker = docker().await.map_err(backend_error)?;
+    let docker = docker().await?;
     let mut removed = Vec::new();
     for summary in managed(&docker).await? {
         let root = summary.labels.as_ref().and_then(|l| l.get(LABEL_ROOT));
@@ -419,7 +445,7 @@ async fn reap_expired_unlogged() -> Result<Vec<String>, Error> {
 
 /// Removes every pgharness container whose deadline is before `now` (a clock seam).
 pub async fn reap_expired_at(now: SystemTime) -> Result<Vec<String>, Error> {
-    let docker = docker().await.map_err(backend_error)?;
+    let docker = docker().await?;
     let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut removed = Vec::new();
     for summary in managed(&docker).await? {

@@ -1,6 +1,7 @@
 //! Backends: where the Postgres server comes from. Each one starts or joins ONE server
 //! shared by every test process of a run; none of them stops it when a test ends.
 
+#[cfg(feature = "container")]
 pub mod container;
 mod known;
 pub mod native;
@@ -15,12 +16,24 @@ use crate::events::{Event, EventSink, emit};
 use crate::server::Server;
 use crate::settings::{BackendKind, Settings};
 
+/// What a build without the `container` feature says when that backend is asked for.
+#[cfg(not(feature = "container"))]
+const WITHOUT_CONTAINER: &str = "pgharness was built without its `container` cargo feature \
+     (`default-features = false`); add `features = [\"container\"]` to the dependency, or use \
+     the native or url backend";
+
 /// Starts or joins the server the settings ask for. Idempotent and safe to race: every
 /// test process calls it, and they all end up on the same server.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
     let server = match settings.backend {
         BackendKind::Url => url(settings),
+        #[cfg(feature = "container")]
         BackendKind::Container => container::ensure(settings, sink).await,
+        #[cfg(not(feature = "container"))]
+        BackendKind::Container => Err(Error::Backend {
+            backend: "container",
+            message: WITHOUT_CONTAINER.into(),
+        }),
         BackendKind::Native => native::ensure(settings, sink).await,
         BackendKind::Rds => rds::ensure(settings),
         BackendKind::Auto => auto(settings, sink).await,
@@ -90,10 +103,13 @@ async fn resolve_local_after(
             backend: "container".into(),
         },
     );
+    #[cfg(feature = "container")]
     match container::probe(settings).await {
         Ok(_) => return Ok(BackendKind::Container),
-        Err(why) => attempts.push(("container".to_owned(), why)),
+        Err(why) => attempts.push(("container".to_owned(), why.reason())),
     }
+    #[cfg(not(feature = "container"))]
+    attempts.push(("container".to_owned(), WITHOUT_CONTAINER.to_owned()));
     emit(
         sink,
         Event::Probing {
@@ -102,7 +118,7 @@ async fn resolve_local_after(
     );
     match native::find_bindir(settings) {
         Ok(_) => return Ok(BackendKind::Native),
-        Err(why) => attempts.push(("native".to_owned(), why)),
+        Err(why) => attempts.push(("native".to_owned(), why.reason())),
     }
     Err(Error::NoBackend { attempts })
 }
@@ -127,7 +143,10 @@ fn url(settings: &Settings) -> Result<Server, Error> {
 /// Whether the server of this (resolved) backend already runs; `url` servers always "run".
 pub async fn is_running(settings: &Settings, kind: BackendKind) -> bool {
     match kind {
+        #[cfg(feature = "container")]
         BackendKind::Container => container::is_running(settings).await,
+        #[cfg(not(feature = "container"))]
+        BackendKind::Container => false,
         BackendKind::Native => native::is_running(settings),
         BackendKind::Rds => rds::is_running(settings),
         BackendKind::Url | BackendKind::Auto => true,
@@ -138,7 +157,10 @@ pub async fn is_running(settings: &Settings, kind: BackendKind) -> bool {
 pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>, Error> {
     known::forget_all(settings, kind);
     match kind {
+        #[cfg(feature = "container")]
         BackendKind::Container => container::stop(settings).await,
+        #[cfg(not(feature = "container"))]
+        BackendKind::Container => Ok(Vec::new()),
         BackendKind::Native => native::stop(settings).await,
         // The RDS proxy is a process of xtask's; `cargo xtask down` stops it.
         BackendKind::Url | BackendKind::Auto | BackendKind::Rds => Ok(Vec::new()),
@@ -155,6 +177,28 @@ pub async fn stop_chosen(settings: &Settings, kind: BackendKind) -> Result<Vec<S
         }
         _ => stop(settings, kind).await,
     }
+}
+
+/// Takes an exclusive lock on `path` (created if missing), waiting off the runtime's
+/// threads; held until the file is dropped.
+pub(crate) async fn lock_file(path: &std::path::Path) -> Result<std::fs::File, Error> {
+    let path = path.to_path_buf();
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("failed to open lock file", &path, e))?;
+    tokio::task::spawn_blocking(move || {
+        file.lock()
+            .map(|()| file)
+            .map_err(|e| Error::io("failed to lock", &path, e))
+    })
+    .await
+    .map_err(|e| Error::Backend {
+        backend: "local",
+        message: format!("lock task failed: {e}"),
+    })?
 }
 
 /// Whether a process runs: it is in /proc and is not a zombie (exited but not yet reaped,

@@ -98,16 +98,16 @@ impl State {
 
 /// Finds the directory holding `initdb` and `postgres`: `PGHARNESS_PG_BIN`, then
 /// `pg_config --bindir`, then PATH, then the newest `/usr/lib/postgresql/*/bin`.
-pub fn find_bindir(settings: &Settings) -> Result<PathBuf, String> {
+pub fn find_bindir(settings: &Settings) -> Result<PathBuf, Error> {
     let usable = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = &settings.pg_bin {
         return if usable(dir) {
             Ok(dir.clone())
         } else {
-            Err(format!(
+            Err(backend_error(format!(
                 "PGHARNESS_PG_BIN={} has no initdb and postgres (point it at the directory that has both)",
                 dir.display()
-            ))
+            )))
         };
     }
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
@@ -141,10 +141,11 @@ pub fn find_bindir(settings: &Settings) -> Result<PathBuf, String> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
-        "initdb and postgres were not found in PGHARNESS_PG_BIN, `pg_config --bindir`, PATH \
-         or /usr/lib/postgresql/*/bin (install the server: `apt-get install postgresql`, \
-         or set PGHARNESS_PG_BIN)"
-            .to_owned()
+        backend_error(
+            "initdb and postgres were not found in PGHARNESS_PG_BIN, `pg_config --bindir`, PATH \
+             or /usr/lib/postgresql/*/bin (install the server: `apt-get install postgresql`, \
+             or set PGHARNESS_PG_BIN)",
+        )
     })
 }
 
@@ -196,11 +197,11 @@ fn paths(settings: &Settings, bindir: &Path) -> Paths {
 
 /// Starts the shared server, or joins it when it already runs.
 pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, Error> {
-    let bindir = find_bindir(settings).map_err(backend_error)?;
+    let bindir = find_bindir(settings)?;
     let paths = paths(settings, &bindir);
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::io("failed to create", &settings.state_dir, e))?;
-    let lock = lock(&paths.lock).await?;
+    let lock = super::lock_file(&paths.lock).await?;
     let (state, started, password) = match read_state(&paths.state).filter(|s| alive(s, settings)) {
         Some(state) => {
             // A server of an older version has the workspace's password.
@@ -311,7 +312,7 @@ pub async fn stop_chosen(settings: &Settings) -> Result<Vec<String>, Error> {
 async fn stop_records(settings: &Settings, records: Vec<PathBuf>) -> Result<Vec<String>, Error> {
     let mut stopped = Vec::new();
     for path in records {
-        let lock = lock(&path.with_extension("lock")).await?;
+        let lock = super::lock_file(&path.with_extension("lock")).await?;
         match read_state(&path) {
             // Copied here with the rest of another checkout: that checkout's server and
             // data are its own. Only the copy of the record goes.
@@ -335,23 +336,6 @@ async fn stop_records(settings: &Settings, records: Vec<PathBuf>) -> Result<Vec<
         drop(lock);
     }
     Ok(stopped)
-}
-
-async fn lock(path: &Path) -> Result<File, Error> {
-    let path = path.to_path_buf();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("failed to open lock file", &path, e))?;
-    tokio::task::spawn_blocking(move || {
-        file.lock()
-            .map(|()| file)
-            .map_err(|e| Error::io("failed to lock", &path, e))
-    })
-    .await
-    .map_err(|e| backend_error(format!("lock task failed: {e}")))?
 }
 
 fn read_state(path: &Path) -> Option<State> {
@@ -583,7 +567,7 @@ mod tests {
     fn a_wrong_pg_bin_is_named_with_the_fix() {
         let mut settings = Settings::load_from(Path::new("/nonexistent"), Vec::new()).unwrap();
         settings.pg_bin = Some(PathBuf::from("/nonexistent/bin"));
-        let error = find_bindir(&settings).unwrap_err();
+        let error = find_bindir(&settings).unwrap_err().to_string();
         assert!(
             error.contains("PGHARNESS_PG_BIN=/nonexistent/bin"),
             "{error}"

@@ -184,6 +184,21 @@ pub(crate) fn local_password(settings: &Settings) -> Result<String, Error> {
     Ok(password)
 }
 
+/// A new workspace password, for a new container: each container has its own, so a
+/// password a local user may have learned from an earlier one opens nothing now. Replaces
+/// the file whole (a reader sees the old password or the new one); the caller holds the
+/// container lock.
+#[cfg(feature = "container")]
+pub(crate) fn renew_local_password(settings: &Settings) -> Result<String, Error> {
+    let path = password_path(settings);
+    let password = new_password(settings)?;
+    let tmp = path.with_extension(format!("{}", std::process::id()));
+    write_private(&tmp, &format!("{password}\n"))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("failed to write", &path, e))?;
+    write_pgpass(settings)?;
+    Ok(password)
+}
+
 /// Writes a file only its owner may read (0600 from its creation on).
 pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), Error> {
     create_private(path)?
