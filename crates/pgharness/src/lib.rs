@@ -3,6 +3,19 @@
 //! test code everywhere.
 //!
 //! ```ignore
+//! // Parameters are filled by type: `TestDb`, `tokio_postgres::Client`,
+//! // `deadpool_postgres::Pool`, or any type implementing `pgharness::Inject`.
+//! #[pgharness::test(fixtures("users"))]
+//! async fn lists_users(pool: deadpool_postgres::Pool) -> Result<(), MyError> {
+//!     let app = todo_app::router(pool);
+//!     // … drive the app …
+//!     Ok(())
+//! }
+//! ```
+//!
+//! or, with rstest:
+//!
+//! ```ignore
 //! use pgharness::{TestDb, test_db};
 //! use rstest::rstest;
 //!
@@ -26,6 +39,7 @@ mod driver;
 mod error;
 pub mod events;
 mod fixture;
+mod inject;
 pub mod ledger;
 mod naming;
 pub mod pool;
@@ -37,6 +51,17 @@ mod workspace;
 
 pub use error::Error;
 pub use fixture::test_db;
+#[doc(hidden)]
+pub use inject::__macro;
+pub use inject::{Closers, Inject, Outcome};
+/// `#[pgharness::test]`: an `async fn` test whose parameters are filled from its own
+/// migrated schema, by type ([`TestDb`], [`tokio_postgres::Client`],
+/// [`deadpool_postgres::Pool`], anything implementing [`Inject`]). Arguments as
+/// `#[sqlx::test]` spells them: `fixtures("a", "b")`, `fixtures(path = "dir",
+/// scripts("a"))`, `migrations = "dir"` (relative to the crate), `migrations = false`. It
+/// returns `()` or `Result<(), E: Debug>`; a test that panics or returns `Err` keeps its
+/// schema (under the default `keep = on-failure`).
+pub use pgharness_macros::test;
 pub use server::{Server, TESTS_ROLE, libpq_env};
 pub use settings::{
     BackendKind, InvalidDuration, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings,

@@ -34,6 +34,8 @@ pub struct TestDb {
     config: tokio_postgres::Config,
     fixtures_dir: PathBuf,
     keep: KeepPolicy,
+    /// The test failed without panicking (`#[pgharness::test]` saw it return `Err`).
+    failed: bool,
     teardown: Teardown,
     reap_ttl: Duration,
     acquire: Duration,
@@ -312,6 +314,7 @@ impl TestDbBuilder {
             config,
             fixtures_dir,
             keep: self.keep.unwrap_or(settings.keep),
+            failed: false,
             teardown: settings.teardown,
             reap_ttl: settings.reap_ttl,
             acquire,
@@ -489,6 +492,11 @@ impl TestDb {
         }
     }
 
+    /// Marks the test failed, as a panic does: under `keep = on-failure` the schema is kept.
+    pub(crate) fn mark_failed(&mut self) {
+        self.failed = true;
+    }
+
     /// Keeps the schema after the test whatever its outcome.
     pub fn keep(&mut self) {
         self.keep = KeepPolicy::Always;
@@ -506,7 +514,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
+        let failed = self.failed || std::thread::panicking();
         let keep = match self.keep {
             KeepPolicy::OnFailure => failed,
             KeepPolicy::Always => true,

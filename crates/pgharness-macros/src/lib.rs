@@ -1,0 +1,289 @@
+//! `#[pgharness::test]`: a test function whose parameters are filled from the test's own
+//! migrated schema, by type. Use it through the `pgharness` crate, which re-exports it and
+//! holds the runtime side (`pgharness::Inject`, `pgharness::__macro`); this crate only
+//! rewrites the function.
+//!
+//! ```ignore
+//! #[pgharness::test(fixtures("users"))]
+//! async fn lists_users(pool: deadpool_postgres::Pool) -> Result<(), MyError> { … }
+//! ```
+//!
+//! becomes a plain `#[test]` that builds a current-thread runtime, claims the schema (with
+//! the arguments as `TestDb::builder` options), fills each parameter, runs the body, closes
+//! what it handed out, and finishes the schema, kept when the body panicked or returned
+//! `Err`. A parameter of type `TestDb` gets the test's database itself, borrowed mutably for
+//! the body (the schema is finished after the body returns, once its outcome is known).
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, Pat, Token, Type};
+
+/// What the attribute's arguments ask for, as `#[sqlx::test]` spells them.
+#[derive(Default)]
+struct Args {
+    /// `fixtures("a", "b")`: files of the fixtures directory, in order.
+    fixtures: Vec<LitStr>,
+    /// `fixtures(path = "dir", scripts("a", "b"))`: fixtures from another directory,
+    /// relative to the crate (as sqlx resolves it).
+    fixtures_path: Option<LitStr>,
+    /// `migrations = "dir"` (relative to the crate) or `migrations = false`.
+    migrations: Option<Migrations>,
+}
+
+enum Migrations {
+    Dir(LitStr),
+    None,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let mut args = Args::default();
+        let metas = Punctuated::<Meta, Token![,]>::parse_terminated(input)?;
+        for meta in metas {
+            match &meta {
+                Meta::List(list) if list.path.is_ident("fixtures") => {
+                    let inner =
+                        list.parse_args_with(Punctuated::<Expr, Token![,]>::parse_terminated)?;
+                    for expr in inner {
+                        match expr {
+                            Expr::Lit(ExprLit {
+                                lit: Lit::Str(name),
+                                ..
+                            }) => args.fixtures.push(name),
+                            Expr::Assign(assign) if path_is(&assign.left, "path") => {
+                                args.fixtures_path = Some(string(&assign.right)?);
+                            }
+                            Expr::Call(call) if path_is(&call.func, "scripts") => {
+                                for arg in &call.args {
+                                    args.fixtures.push(string(arg)?);
+                                }
+                            }
+                            other => {
+                                return Err(syn::Error::new(
+                                    other.span(),
+                                    "expected fixture names (`fixtures(\"users\", \"todos\")`) or `fixtures(path = \"dir\", scripts(\"users\"))`",
+                                ));
+                            }
+                        }
+                    }
+                }
+                Meta::NameValue(pair) if pair.path.is_ident("migrations") => {
+                    args.migrations = Some(match &pair.value {
+                        Expr::Lit(ExprLit {
+                            lit: Lit::Str(dir), ..
+                        }) => Migrations::Dir(dir.clone()),
+                        Expr::Lit(ExprLit {
+                            lit: Lit::Bool(b), ..
+                        }) if !b.value => Migrations::None,
+                        other => {
+                            return Err(syn::Error::new(
+                                other.span(),
+                                "expected `migrations = \"dir\"` (relative to the crate) or `migrations = false`",
+                            ));
+                        }
+                    });
+                }
+                Meta::NameValue(pair) if pair.path.is_ident("migrator") => {
+                    return Err(syn::Error::new(
+                        pair.span(),
+                        "`migrator = …` is not supported yet: give the directory with `migrations = \"dir\"`",
+                    ));
+                }
+                other => {
+                    return Err(syn::Error::new(
+                        other.span(),
+                        "unknown argument; #[pgharness::test] takes `fixtures(…)` and `migrations = …`",
+                    ));
+                }
+            }
+        }
+        Ok(args)
+    }
+}
+
+fn path_is(expr: &Expr, name: &str) -> bool {
+    matches!(expr, Expr::Path(path) if path.path.is_ident(name))
+}
+
+fn string(expr: &Expr) -> syn::Result<LitStr> {
+    match expr {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Ok(s.clone()),
+        other => Err(syn::Error::new(other.span(), "expected a string literal")),
+    }
+}
+
+/// Whether a parameter's type is `TestDb` (any path ending in it).
+fn is_test_db(ty: &Type) -> bool {
+    matches!(ty, Type::Path(path) if path.qself.is_none()
+        && path.path.segments.last().is_some_and(|s| s.ident == "TestDb" && s.arguments.is_none()))
+}
+
+/// Runs a test with its own migrated Postgres schema; see the `pgharness` crate.
+#[proc_macro_attribute]
+pub fn test(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as Args);
+    let function = syn::parse_macro_input!(item as ItemFn);
+    match expand(args, function) {
+        Ok(tokens) => tokens.into(),
+        Err(error) => error.to_compile_error().into(),
+    }
+}
+
+fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = function;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "#[pgharness::test] needs an `async fn`",
+        ));
+    }
+    let name = &sig.ident;
+    let output = &sig.output;
+    let mut inner_params = Vec::new();
+    let mut fills = Vec::new();
+    let mut call_args = Vec::new();
+    let mut test_db_params = 0;
+    for (index, input) in sig.inputs.iter().enumerate() {
+        let FnArg::Typed(typed) = input else {
+            return Err(syn::Error::new(input.span(), "a test takes no `self`"));
+        };
+        let pat = &typed.pat;
+        if !matches!(&**pat, Pat::Ident(_) | Pat::Wild(_)) {
+            return Err(syn::Error::new(
+                pat.span(),
+                "name the parameter (`pool: PgPool`)",
+            ));
+        }
+        let ty = &typed.ty;
+        if is_test_db(ty) {
+            test_db_params += 1;
+            if test_db_params > 1 {
+                return Err(syn::Error::new(ty.span(), "one `TestDb` parameter at most"));
+            }
+            inner_params.push(quote!(#pat: &mut #ty));
+            call_args.push(quote!(&mut __pgharness_db));
+        } else {
+            let value = format_ident!("__pgharness_arg{index}");
+            inner_params.push(quote!(#pat: #ty));
+            fills.push(quote_spanned! {ty.span()=>
+                let #value = <#ty as ::pgharness::Inject>::inject(&__pgharness_db, &mut __pgharness_closers).await;
+            });
+            call_args.push(quote!(#value));
+        }
+    }
+    let mut builder = quote!(::pgharness::TestDb::builder());
+    match &args.migrations {
+        Some(Migrations::Dir(dir)) => {
+            builder = quote!(#builder.migrations(::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(#dir)));
+        }
+        Some(Migrations::None) => builder = quote!(#builder.without_migrations()),
+        None => {}
+    }
+    if let Some(path) = &args.fixtures_path {
+        builder = quote!(#builder.fixtures_dir(::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(#path)));
+    }
+    if !args.fixtures.is_empty() {
+        let fixtures = &args.fixtures;
+        builder = quote!(#builder.fixtures([#(#fixtures),*]));
+    }
+    let inner = format_ident!("__pgharness_{}", name, span = Span::call_site());
+    Ok(quote! {
+        #[::core::prelude::v1::test]
+        #(#attrs)*
+        #vis fn #name() {
+            async fn #inner(#(#inner_params),*) #output #block
+            ::pgharness::__macro::runtime().block_on(async {
+                let mut __pgharness_db = ::pgharness::__macro::database(#builder).await;
+                let mut __pgharness_closers = ::pgharness::__macro::Closers::default();
+                #(#fills)*
+                let __pgharness_outcome = #inner(#(#call_args),*).await;
+                __pgharness_closers.close().await;
+                ::pgharness::__macro::finish(__pgharness_db, __pgharness_outcome);
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Args, expand};
+    use syn::ItemFn;
+
+    fn expand_str(attr: &str, item: &str) -> Result<String, String> {
+        let args: Args = syn::parse_str(attr).map_err(|e| e.to_string())?;
+        let function: ItemFn = syn::parse_str(item).map_err(|e| e.to_string())?;
+        expand(args, function)
+            .map(|tokens| tokens.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sqlx_test_arguments_become_builder_options() {
+        let out = expand_str(
+            r#"migrations = "db/migrations", fixtures(path = "seed", scripts("a", "b"))"#,
+            "async fn t(pool: Pool) {}",
+        )
+        .unwrap();
+        for expected in [
+            r#". migrations (:: std :: path :: Path :: new (env ! ("CARGO_MANIFEST_DIR")) . join ("db/migrations"))"#,
+            r#". fixtures_dir (:: std :: path :: Path :: new (env ! ("CARGO_MANIFEST_DIR")) . join ("seed"))"#,
+            r#". fixtures (["a" , "b"])"#,
+            "< Pool as :: pgharness :: Inject > :: inject",
+        ] {
+            assert!(out.contains(expected), "missing {expected} in {out}");
+        }
+        let out = expand_str("migrations = false", "async fn t() {}").unwrap();
+        assert!(out.contains(". without_migrations ()"), "{out}");
+    }
+
+    #[test]
+    fn a_test_db_parameter_borrows_the_database() {
+        let out = expand_str("", "async fn t(mut db: pgharness::TestDb) {}").unwrap();
+        assert!(out.contains("mut db : & mut pgharness :: TestDb"), "{out}");
+        assert!(out.contains("(& mut __pgharness_db)"), "{out}");
+        assert!(!out.contains("Inject"), "{out}");
+    }
+
+    #[test]
+    fn misuse_is_a_compile_error_that_says_what_to_write() {
+        for (attr, item, expected) in [
+            ("", "fn t() {}", "needs an `async fn`"),
+            ("retries = 3", "async fn t() {}", "unknown argument"),
+            (
+                "migrator = MIGRATOR",
+                "async fn t() {}",
+                "`migrator = …` is not supported yet",
+            ),
+            (
+                "migrations = true",
+                "async fn t() {}",
+                "`migrations = false`",
+            ),
+            ("fixtures(1)", "async fn t() {}", "expected fixture names"),
+            (
+                "",
+                "async fn t(a: TestDb, b: TestDb) {}",
+                "one `TestDb` parameter at most",
+            ),
+            (
+                "",
+                "async fn t((a, b): (Pool, Pool)) {}",
+                "name the parameter",
+            ),
+        ] {
+            let error = expand_str(attr, item).unwrap_err();
+            assert!(error.contains(expected), "{attr} / {item}: {error}");
+        }
+    }
+}

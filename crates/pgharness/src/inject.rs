@@ -1,0 +1,113 @@
+//! What `#[pgharness::test]` fills a test's parameters with ([`Inject`]), and the runtime
+//! side of the attribute (`__macro`): the runtime, the database, closing what was handed
+//! out, and the outcome.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::testdb::{TestDb, TestDbBuilder};
+
+/// A value `#[pgharness::test]` can hand a test, made from the test's database: a parameter
+/// of this type is filled by [`Inject::inject`]. Implemented for
+/// [`tokio_postgres::Client`] (a new connection in the schema) and
+/// [`deadpool_postgres::Pool`] (the test's pool); a parameter of type [`TestDb`] gets the
+/// database itself. Implement it for your own type (an app state built from a pool) to
+/// have it injected too.
+pub trait Inject: Sized {
+    /// Makes the value; `closers` takes what must be closed before the schema is finished
+    /// (a pool whose connections would otherwise still be open when it is recycled).
+    fn inject(db: &TestDb, closers: &mut Closers) -> impl Future<Output = Self>;
+}
+
+impl Inject for tokio_postgres::Client {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        match db.connect().await {
+            Ok(client) => client,
+            Err(error) => panic!("pgharness: failed to connect to the test's schema: {error}"),
+        }
+    }
+}
+
+impl Inject for deadpool_postgres::Pool {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        // The test's own pool: `TestDb` closes it before the schema is finished.
+        db.pool().clone()
+    }
+}
+
+/// What must be closed after the test's body and before its schema is finished.
+#[derive(Default)]
+pub struct Closers(Vec<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Closers {
+    /// Runs `close` after the test's body returns. (After a panic nothing is closed: the
+    /// schema of a failed test is kept as it is.)
+    pub fn push(&mut self, close: impl Future<Output = ()> + Send + 'static) {
+        self.0.push(Box::pin(close));
+    }
+
+    #[doc(hidden)]
+    pub async fn close(self) {
+        for close in self.0 {
+            close.await;
+        }
+    }
+}
+
+/// A test's return value: `()` or `Result<(), E: Debug>`.
+pub trait Outcome {
+    /// The failure, if the test failed without panicking.
+    fn failure(self) -> Option<String>;
+}
+
+impl Outcome for () {
+    fn failure(self) -> Option<String> {
+        None
+    }
+}
+
+impl<T, E: Debug> Outcome for Result<T, E> {
+    fn failure(self) -> Option<String> {
+        self.err().map(|error| format!("{error:?}"))
+    }
+}
+
+/// The attribute's runtime side; not an API.
+#[doc(hidden)]
+pub mod __macro {
+    pub use super::Closers;
+    use super::{Outcome, TestDb, TestDbBuilder};
+
+    /// A current-thread runtime with IO and time, as `#[tokio::test]` builds.
+    pub fn runtime() -> tokio::runtime::Runtime {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => panic!("pgharness: failed to build the test's runtime: {error}"),
+        }
+    }
+
+    /// The test's database, or a panic saying why there is none and what to do.
+    pub async fn database(builder: TestDbBuilder) -> TestDb {
+        match builder.build().await {
+            Ok(db) => db,
+            Err(error) => panic!("pgharness: failed to set up the test database: {error}"),
+        }
+    }
+
+    /// Finishes the schema (kept if the test returned `Err`), then fails the test with the
+    /// error, as `#[test]` does for a returned `Err`.
+    pub fn finish(mut db: TestDb, outcome: impl Outcome) {
+        let failure = outcome.failure();
+        if failure.is_some() {
+            db.mark_failed();
+        }
+        drop(db);
+        if let Some(failure) = failure {
+            panic!("the test returned an error: {failure}");
+        }
+    }
+}

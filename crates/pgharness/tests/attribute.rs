@@ -1,0 +1,144 @@
+//! `#[pgharness::test]`: parameters filled by type from the test's own schema, `#[sqlx::test]`'s
+//! arguments, and the outcome (a returned `Err` keeps the schema, as a panic does).
+
+mod common;
+
+use pgharness::{TestDb, deadpool_postgres, tokio_postgres};
+
+async fn current_schema(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT current_schema()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[pgharness::test(
+    migrations = "tests/attribute/sql",
+    fixtures(path = "tests/attribute/fixtures", scripts("items"))
+)]
+async fn every_parameter_is_the_same_schema_migrated_and_seeded(
+    db: TestDb,
+    client: tokio_postgres::Client,
+    pool: deadpool_postgres::Pool,
+) {
+    let schema = db.schema().to_owned();
+    assert_eq!(current_schema(&client).await, schema);
+    let pooled = pool.get().await.unwrap();
+    assert_eq!(current_schema(&pooled).await, schema);
+    let names: Vec<String> = client
+        .query("SELECT name FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    // The client is the test's own connection, separate from the database's.
+    let ours: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let its: i32 = db
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(ours, its);
+}
+
+#[pgharness::test(migrations = false)]
+async fn without_migrations_the_schema_is_empty_and_ok_passes(
+    client: tokio_postgres::Client,
+) -> Result<(), tokio_postgres::Error> {
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(tables, 0);
+    Ok(())
+}
+
+#[pgharness::test(
+    migrations = "tests/attribute/sql",
+    fixtures(path = "tests/attribute/fixtures")
+)]
+async fn a_test_db_parameter_is_the_database_itself(db: TestDb) -> Result<(), pgharness::Error> {
+    // The fixtures directory comes from the attribute; `?` works on pgharness's errors.
+    db.load_fixture("items").await?;
+    let count: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_test_that_returns_err_keeps_its_schema_and_fails() {
+    let server = common::configured_server().await;
+    let run = format!("it-attr-err-{}", uuid::Uuid::new_v4());
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.run_id = Some(run.clone());
+    settings.teardown = pgharness::Teardown::Inline;
+    let db = TestDb::builder()
+        .settings(settings)
+        .without_migrations()
+        .build()
+        .await
+        .unwrap();
+    let outcome: Result<(), String> = Err("the app said no".into());
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pgharness::__macro::finish(db, outcome)
+    }))
+    .expect_err("a returned Err fails the test");
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("the app said no"), "{message}");
+    let client = common::runner(&server).await;
+    let schema: String = client
+        .query_one(
+            &format!(
+                "SELECT schema_name FROM {}.ledger WHERE run_id = $1",
+                common::admin_ns()
+            ),
+            &[&run],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        common::ledger_status(&client, &schema).await.as_deref(),
+        Some("kept")
+    );
+    // And an Ok one recycles it.
+    let run = format!("it-attr-ok-{}", uuid::Uuid::new_v4());
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.run_id = Some(run.clone());
+    settings.teardown = pgharness::Teardown::Inline;
+    let db = TestDb::builder()
+        .settings(settings)
+        .without_migrations()
+        .build()
+        .await
+        .unwrap();
+    pgharness::__macro::finish(db, Ok::<(), String>(()));
+    let status: Option<String> = client
+        .query_opt(
+            &format!(
+                "SELECT status FROM {}.ledger WHERE run_id = $1",
+                common::admin_ns()
+            ),
+            &[&run],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0));
+    assert_ne!(status.as_deref(), Some("kept"));
+}
