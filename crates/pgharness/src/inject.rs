@@ -10,8 +10,9 @@ use crate::testdb::{TestDb, TestDbBuilder};
 
 /// A value `#[pgharness::test]` can hand a test, made from the test's database: a parameter
 /// of this type is filled by [`Inject::inject`]. Implemented for
-/// [`tokio_postgres::Client`] (a new connection in the schema) and
-/// [`deadpool_postgres::Pool`] (the test's pool); a parameter of type [`TestDb`] gets the
+/// [`tokio_postgres::Client`] (a new connection in the schema),
+/// [`deadpool_postgres::Pool`] (the test's pool) and, with the `sqlx` feature,
+/// `sqlx::PgPool` and `sqlx::PgConnection`; a parameter of type [`TestDb`] gets the
 /// database itself. Implement it for your own type (an app state built from a pool) to
 /// have it injected too.
 pub trait Inject: Sized {
@@ -33,6 +34,33 @@ impl Inject for deadpool_postgres::Pool {
     async fn inject(db: &TestDb, _: &mut Closers) -> Self {
         // The test's own pool: `TestDb` closes it before the schema is finished.
         db.pool().clone()
+    }
+}
+
+/// A pool of sqlx 0.8 connections to the test's schema (at most `pool_size`, opened
+/// lazily), closed after the test's body and before its schema is finished.
+#[cfg(feature = "sqlx")]
+impl Inject for sqlx::PgPool {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(db.pool().status().max_size.max(1) as u32)
+            .connect_lazy_with(db.sqlx_connect_options());
+        let closing = pool.clone();
+        closers.push(async move { closing.close().await });
+        pool
+    }
+}
+
+/// One sqlx 0.8 connection to the test's schema.
+#[cfg(feature = "sqlx")]
+impl Inject for sqlx::PgConnection {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        match sqlx::ConnectOptions::connect(&db.sqlx_connect_options()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                panic!("pgharness: failed to connect to the test's schema with sqlx: {error}")
+            }
+        }
     }
 }
 

@@ -71,5 +71,9 @@ pub use testdb::{TestDb, TestDbBuilder};
 
 /// Re-exported so that tests need no direct dependency to use the client and pool types.
 pub use deadpool_postgres;
+/// The sqlx that `#[pgharness::test]` injects (`sqlx` feature): its `PgPool` is the one
+/// your app must use.
+#[cfg(feature = "sqlx")]
+pub use sqlx;
 /// Re-exported so that tests need no direct dependency to use the client types.
 pub use tokio_postgres;

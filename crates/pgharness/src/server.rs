@@ -283,6 +283,9 @@ pub fn libpq_env(url: &str) -> Vec<(&'static str, String)> {
     if let Some(options) = config.get_options() {
         env.push(("PGOPTIONS", options.to_owned()));
     }
+    if let Some(name) = config.get_application_name() {
+        env.push(("PGAPPNAME", name.to_owned()));
+    }
     env
 }
 

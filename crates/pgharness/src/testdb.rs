@@ -420,11 +420,11 @@ impl TestDb {
     }
 
     /// A URL for any client (psql, sqlx, another language): it carries
-    /// `options=-csearch_path=<schema>,public`. It includes the server's password, if any:
+    /// `options=-csearch_path=<schema>,public` and `application_name=<schema>`. It includes the server's password, if any:
     /// do not log it.
     pub fn connection_string(&self) -> String {
         let url = self.server.url_with_search_path(&self.search_path);
-        match &self.lease {
+        let url = match &self.lease {
             // The lease goes with the search_path (see `build`): `-` and `.` need no escape,
             // and the id is a uuid.
             Some(lease) => format!(
@@ -432,6 +432,24 @@ impl TestDb {
                 lease.trim_start().replace('=', "%3D").replace(':', "%3A")
             ),
             None => url,
+        };
+        // Named after the schema, as the test's own connections are: the schema is reset
+        // only once no session of that name is left (an app's pool still open when the test
+        // ends leaves the schema to be recycled later, never under it). Schema names need
+        // no escaping.
+        format!("{url}&application_name={}", self.schema)
+    }
+
+    /// The test's connection as sqlx 0.8 options (the `sqlx` feature), for an app that
+    /// builds its own pool: `PgPoolOptions::new().connect_with(db.sqlx_connect_options())`.
+    /// Its fields (host or socket, port, user, password, database, options) are those of
+    /// [`connection_string`](Self::connection_string).
+    #[cfg(feature = "sqlx")]
+    pub fn sqlx_connect_options(&self) -> sqlx::postgres::PgConnectOptions {
+        match self.connection_string().parse() {
+            Ok(options) => options,
+            // The URL is pgharness's own; the parser's errors never quote it.
+            Err(error) => panic!("pgharness: sqlx does not read the test's URL: {error}"),
         }
     }
 

@@ -142,3 +142,54 @@ async fn a_test_that_returns_err_keeps_its_schema_and_fails() {
         .map(|row| row.get(0));
     assert_ne!(status.as_deref(), Some("kept"));
 }
+
+#[pgharness::test(
+    migrations = "tests/attribute/sql",
+    fixtures(path = "tests/attribute/fixtures", scripts("items"))
+)]
+async fn a_sqlx_pool_and_connection_are_in_the_test_s_schema(
+    db: TestDb,
+    pool: pgharness::sqlx::PgPool,
+    mut connection: pgharness::sqlx::PgConnection,
+) -> Result<(), pgharness::sqlx::Error> {
+    let (schema,): (String,) = pgharness::sqlx::query_as("SELECT current_schema()::text")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(schema, db.schema());
+    let (count,): (i64,) = pgharness::sqlx::query_as("SELECT count(*) FROM items")
+        .fetch_one(&mut connection)
+        .await?;
+    assert_eq!(count, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sqlx_pool_is_closed_before_the_schema_is_recycled() {
+    let server = common::configured_server().await;
+    let run = format!("it-attr-sqlx-{}", uuid::Uuid::new_v4());
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.run_id = Some(run.clone());
+    settings.teardown = pgharness::Teardown::Inline;
+    let db = TestDb::builder()
+        .settings(settings)
+        .migrations(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attribute/sql"))
+        .build()
+        .await
+        .unwrap();
+    let schema = db.schema().to_owned();
+    let mut closers = pgharness::Closers::default();
+    let pool = <pgharness::sqlx::PgPool as pgharness::Inject>::inject(&db, &mut closers).await;
+    // Two connections held at once, as an app's workers would.
+    let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    drop((a, b));
+    assert_eq!(pool.size(), 2);
+    closers.close().await;
+    assert!(pool.is_closed());
+    pgharness::__macro::finish(db, ());
+    let client = common::runner(&server).await;
+    assert_eq!(
+        common::ledger_status(&client, &schema).await.as_deref(),
+        Some("ready"),
+        "the schema was recycled, with no sqlx connection left to wait for"
+    );
+}
