@@ -121,7 +121,7 @@ impl Up {
         } else {
             let progress = Progress::start("filling the schema pool");
             let ns = pgharness::ledger::Namespace::of(&server.config());
-            let warmed = pgharness::pool::Warmer::new(&settings.migrations)
+            let warmed = pgharness::pool::Warmer::new(&settings.migrations, settings.migrations_layout)
                 .map(|warmer| warmer.extra_search_path(&settings.extra_search_path))?
                 .warm(&admin, &ns, target, target)
                 .await

@@ -247,6 +247,7 @@ impl Test {
             ns.clone(),
             run_id.clone(),
             settings.migrations.clone(),
+            settings.migrations_layout,
             settings.extra_search_path.clone(),
             if latency_bound {
                 u64::from(threads) + 1
@@ -341,6 +342,7 @@ impl Janitor {
         ns: ledger::Namespace,
         run_id: String,
         migrations: std::path::PathBuf,
+        layout: pgharness::Layout,
         extra_search_path: Vec<String>,
         target: u64,
     ) -> Janitor {
@@ -349,7 +351,7 @@ impl Janitor {
         let scope = ReapScope::FinishedInRun(run_id);
         // Without a migrations directory the tests fill the pool by themselves.
         let warmer = if migrations.is_dir() {
-            pgharness::pool::Warmer::new(&migrations)
+            pgharness::pool::Warmer::new(&migrations, layout)
                 .map(|warmer| warmer.extra_search_path(&extra_search_path))
                 .inspect_err(|error| tracing::warn!(%error, "the schema pool will not be warmed"))
                 .ok()

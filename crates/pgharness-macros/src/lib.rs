@@ -25,10 +25,10 @@ use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, Pat, Token, Type};
 /// What the attribute's arguments ask for, as `#[sqlx::test]` spells them.
 #[derive(Default)]
 struct Args {
-    /// `fixtures("a", "b")`: files of the fixtures directory, in order.
+    /// `fixtures("a", "b")`: `fixtures/a.sql`, `fixtures/b.sql` next to the test's source
+    /// file, in order; a name ending in `.sql` is a path from that file.
     fixtures: Vec<LitStr>,
-    /// `fixtures(path = "dir", scripts("a", "b"))`: fixtures from another directory,
-    /// relative to the crate (as sqlx resolves it).
+    /// `fixtures(path = "dir", scripts("a", "b"))`: `dir/a.sql`, `dir/b.sql` instead.
     fixtures_path: Option<LitStr>,
     /// `migrations = "dir"` (relative to the crate) or `migrations = false`.
     migrations: Option<Migrations>,
@@ -190,12 +190,21 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
         Some(Migrations::None) => builder = quote!(#builder.without_migrations()),
         None => {}
     }
-    if let Some(path) = &args.fixtures_path {
-        builder = quote!(#builder.fixtures_dir(::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(#path)));
-    }
-    if !args.fixtures.is_empty() {
-        let fixtures = &args.fixtures;
-        builder = quote!(#builder.fixtures([#(#fixtures),*]));
+    // As `#[sqlx::test]`: embedded with `include_str!`, so found next to the test's
+    // source file, and a change to one rebuilds the test.
+    let dir = args
+        .fixtures_path
+        .as_ref()
+        .map_or_else(|| "fixtures".to_owned(), LitStr::value);
+    for name in &args.fixtures {
+        let value = name.value();
+        let path = if value.ends_with(".sql") {
+            value
+        } else {
+            format!("{}/{value}.sql", dir.trim_end_matches('/'))
+        };
+        let path = LitStr::new(&path, name.span());
+        builder = quote!(#builder.fixture_sql(#path, include_str!(#path)));
     }
     let inner = format_ident!("__pgharness_{}", name, span = Span::call_site());
     Ok(quote! {
@@ -237,14 +246,18 @@ mod tests {
         .unwrap();
         for expected in [
             r#". migrations (:: std :: path :: Path :: new (env ! ("CARGO_MANIFEST_DIR")) . join ("db/migrations"))"#,
-            r#". fixtures_dir (:: std :: path :: Path :: new (env ! ("CARGO_MANIFEST_DIR")) . join ("seed"))"#,
-            r#". fixtures (["a" , "b"])"#,
+            r#". fixture_sql ("seed/a.sql" , include_str ! ("seed/a.sql")) . fixture_sql ("seed/b.sql" , include_str ! ("seed/b.sql"))"#,
             "< Pool as :: pgharness :: Inject > :: inject",
         ] {
             assert!(out.contains(expected), "missing {expected} in {out}");
         }
         let out = expand_str("migrations = false", "async fn t() {}").unwrap();
         assert!(out.contains(". without_migrations ()"), "{out}");
+        let out = expand_str(r#"fixtures("users", "../more/posts.sql")"#, "async fn t() {}").unwrap();
+        assert!(
+            out.contains(r#". fixture_sql ("fixtures/users.sql" , include_str ! ("fixtures/users.sql")) . fixture_sql ("../more/posts.sql" , include_str ! ("../more/posts.sql"))"#),
+            "{out}"
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod error;
 pub mod events;
 mod fixture;
 mod inject;
+mod layout;
 pub mod ledger;
 mod naming;
 pub mod pool;
@@ -54,6 +55,7 @@ pub use fixture::test_db;
 #[doc(hidden)]
 pub use inject::__macro;
 pub use inject::{Closers, Inject, Outcome};
+pub use layout::Layout;
 /// `#[pgharness::test]`: an `async fn` test whose parameters are filled from its own
 /// migrated schema, by type ([`TestDb`], [`tokio_postgres::Client`],
 /// [`deadpool_postgres::Pool`], anything implementing [`Inject`]). Arguments as

@@ -5,6 +5,7 @@
 //!
 //! Everything run-wide is in Postgres: nextest runs each test in its own process.
 
+use crate::layout::Layout;
 use std::path::Path;
 
 use tokio_postgres::Client;
@@ -55,6 +56,9 @@ pub(crate) fn create_batch(
         for file in &migrations.files {
             batch.push_file("migration", file);
         }
+        if let Some(history) = &migrations.history {
+            batch.push(history);
+        }
     }
     batch.push(&ledger::mark("t2"));
     batch.push(&ledger::register_sql(
@@ -101,10 +105,10 @@ pub struct Warmer {
 }
 
 impl Warmer {
-    /// A warmer for the migrations of this directory.
-    pub fn new(migrations_dir: &Path) -> Result<Warmer, Error> {
+    /// A warmer for the migrations of this directory, read in `layout`.
+    pub fn new(migrations_dir: &Path, layout: Layout) -> Result<Warmer, Error> {
         Ok(Warmer {
-            migrations: Migrations::load(migrations_dir)?,
+            migrations: Migrations::load(migrations_dir, layout)?,
             host: crate::testdb::hostname(),
             extra_search_path: Vec::new(),
         })
@@ -168,10 +172,11 @@ pub async fn warm(
     client: &Client,
     ns: &Namespace,
     migrations_dir: &Path,
+    layout: Layout,
     target: u64,
     max_new: u64,
 ) -> Result<Warmed, Error> {
-    Warmer::new(migrations_dir)?
+    Warmer::new(migrations_dir, layout)?
         .warm(client, ns, target, max_new)
         .await
 }
@@ -200,6 +205,6 @@ async fn ready_count(client: &Client, ns: &Namespace, hash: &str) -> Result<u64,
 }
 
 /// The migration set's content hash (what the pool is keyed by) of a directory.
-pub fn migrations_hash(migrations_dir: &Path) -> Result<String, Error> {
-    Ok(Migrations::load(migrations_dir)?.hash)
+pub fn migrations_hash(migrations_dir: &Path, layout: Layout) -> Result<String, Error> {
+    Ok(Migrations::load(migrations_dir, layout)?.hash)
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
+use crate::layout::Layout;
 
 /// One SQL file's text and where it came from.
 #[derive(Clone, Debug)]
@@ -14,21 +15,24 @@ pub(crate) struct SqlFile {
     pub(crate) text: String,
 }
 
-/// The migrations of a directory: `*.sql` files applied in name order.
+/// The migrations of a directory, read as its tool reads them (see `layout`).
 #[derive(Clone, Debug)]
 pub(crate) struct Migrations {
+    /// The files to apply, in order, with their own transaction control blanked out.
     pub(crate) files: Vec<SqlFile>,
-    /// SHA-256 over every file's name and content, hex; identifies the migration set.
+    /// Statements that fill the tool's history table after the files (sqlx, diesel).
+    pub(crate) history: Option<String>,
+    /// SHA-256 over the layout, every file's name and content, hex; identifies the
+    /// migration set.
     pub(crate) hash: String,
     /// The directory they came from (the pool tells newer sets of the same source by it).
     pub(crate) source: String,
 }
 
 impl Migrations {
-    /// Reads every `*.sql` file of `dir`. A missing directory is an error naming it (a test
-    /// without migrations says so with `without_migrations()`).
-    pub(crate) fn load(dir: &Path) -> Result<Migrations, Error> {
-        let mut files = Vec::new();
+    /// Reads the migrations of `dir` in `layout`. A missing directory is an error naming it
+    /// (a test without migrations says so with `without_migrations()`).
+    pub(crate) fn load(dir: &Path, layout: Layout) -> Result<Migrations, Error> {
         if !dir.is_dir() {
             return Err(Error::Setting {
                 name: "migrations".into(),
@@ -37,30 +41,27 @@ impl Migrations {
                 fix: "create it (`*.sql` files, applied in name order), point PGHARNESS_MIGRATIONS at yours, or use TestDb::builder().without_migrations()".into(),
             });
         }
-        {
-            let entries = std::fs::read_dir(dir)
-                .map_err(|e| Error::io("failed to list migrations in", dir, e))?;
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|entry| entry.ok().map(|e| e.path()))
-                .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
-                .collect();
-            paths.sort();
-            for path in paths {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| Error::io("failed to read migration", &path, e))?;
-                files.push(SqlFile { path, text });
-            }
-        }
+        let read = crate::layout::read(dir, layout)?;
         let mut hasher = Sha256::new();
-        for file in &files {
-            let name = file.path.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update(read.layout.as_str().as_bytes());
+        for file in &read.files {
+            let name = file.path.strip_prefix(dir).unwrap_or(&file.path).to_string_lossy();
             hasher.update((name.len() as u64).to_be_bytes());
             hasher.update(name.as_bytes());
             hasher.update((file.text.len() as u64).to_be_bytes());
             hasher.update(file.text.as_bytes());
         }
+        let files = read
+            .files
+            .into_iter()
+            .map(|file| SqlFile {
+                text: without_transaction_control(&file.text),
+                path: file.path,
+            })
+            .collect();
         Ok(Migrations {
             files,
+            history: read.history,
             hash: hex::encode(&hasher.finalize()[..8]),
             source: dir.display().to_string(),
         })
@@ -192,6 +193,143 @@ impl Batch {
     }
 }
 
+/// `sql` with its top-level transaction control (`BEGIN`, `START TRANSACTION`, `COMMIT`,
+/// `END`) blanked out: a migration that wraps itself in a transaction, as sqlx and diesel
+/// accept, runs inside pgharness's own (which makes a schema, migrates and records it in one
+/// transaction), where its `COMMIT` would end that transaction half-way. Blanked with spaces,
+/// lines kept, so that an error position still points at the file's line. Strings, quoted
+/// identifiers, dollar-quoted bodies (a function's `BEGIN … END`) and comments are skipped.
+pub(crate) fn without_transaction_control(sql: &str) -> String {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = chars.clone();
+    // The words of the current statement outside comments, and where it started.
+    let mut words = String::new();
+    let mut start = 0;
+    let mut i = 0;
+    let blank = |out: &mut Vec<char>, words: &str, start: usize, end: usize| {
+        let mut parts = words.split_whitespace();
+        let first = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let second = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let control = matches!(first.as_str(), "begin" | "commit" | "end")
+            || (first == "start" && second == "transaction");
+        if control {
+            for c in &mut out[start..end] {
+                if *c != '\n' {
+                    *c = ' ';
+                }
+            }
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            ';' => {
+                blank(&mut out, &words, start, i);
+                words.clear();
+                start = i + 1;
+                i += 1;
+            }
+            '-' if next == Some('-') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                words.push(' ');
+            }
+            '/' if next == Some('*') => {
+                let mut depth = 0;
+                while i < chars.len() {
+                    if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                words.push(' ');
+            }
+            '\'' => {
+                // E'…' strings take backslash escapes.
+                let escapes = i > 0
+                    && matches!(chars[i - 1], 'e' | 'E')
+                    && (i < 2 || !(chars[i - 2].is_alphanumeric() || chars[i - 2] == '_'));
+                i += 1;
+                while i < chars.len() {
+                    if escapes && chars[i] == '\\' {
+                        i += 2;
+                    } else if chars[i] == '\'' {
+                        if chars.get(i + 1) == Some(&'\'') {
+                            i += 2;
+                        } else {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                i += 1;
+                words.push_str(" ' ");
+            }
+            '"' => {
+                i += 1;
+                while i < chars.len() {
+                    if chars[i] == '"' {
+                        if chars.get(i + 1) == Some(&'"') {
+                            i += 2;
+                        } else {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                i += 1;
+                words.push_str(" \" ");
+            }
+            '$' if !words.ends_with(|c: char| c.is_alphanumeric() || c == '_') => {
+                // A dollar-quote tag: `$$` or `$tag$` (a `$1` parameter is not one).
+                let tag_end = chars[i + 1..]
+                    .iter()
+                    .position(|c| !(c.is_alphanumeric() || *c == '_'))
+                    .map(|n| i + 1 + n);
+                match tag_end {
+                    Some(end)
+                        if chars[end] == '$'
+                            && !chars.get(i + 1).is_some_and(|c| c.is_ascii_digit()) =>
+                    {
+                        let tag: String = chars[i..=end].iter().collect();
+                        let body_start = end + 1;
+                        let rest: String = chars[body_start..].iter().collect();
+                        match rest.find(&tag) {
+                            Some(offset) => {
+                                i = body_start + rest[..offset].chars().count() + tag.chars().count();
+                            }
+                            None => i = chars.len(),
+                        }
+                        words.push_str(" $ ");
+                    }
+                    _ => {
+                        words.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            _ => {
+                words.push(c);
+                i += 1;
+            }
+        }
+    }
+    blank(&mut out, &words, start, chars.len());
+    out.into_iter().collect()
+}
+
 /// SQL quoting, by the protocol crate tokio-postgres is built on: an identifier always in
 /// double quotes, a literal in single quotes (as ` E'…'` when it holds a backslash, so it
 /// means the same whatever `standard_conforming_strings` says).
@@ -215,18 +353,18 @@ mod tests {
     #[test]
     fn migrations_apply_in_name_order_and_hash_their_content() {
         let dir = temp_dir(&[("0002_b.sql", "B"), ("0001_a.sql", "A"), ("notes.txt", "x")]);
-        let migrations = Migrations::load(&dir).unwrap();
+        let migrations = Migrations::load(&dir, Layout::Auto).unwrap();
         let names: Vec<_> = migrations.files.iter().map(|f| f.text.as_str()).collect();
         assert_eq!(names, ["A", "B"]);
         let before = migrations.hash.clone();
         std::fs::write(dir.join("0002_b.sql"), "B2").unwrap();
-        assert_ne!(Migrations::load(&dir).unwrap().hash, before);
+        assert_ne!(Migrations::load(&dir, Layout::Auto).unwrap().hash, before);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_missing_migration_directory_is_an_error_naming_it_and_the_fixes() {
-        let error = Migrations::load(Path::new("/nonexistent/pgharness"))
+        let error = Migrations::load(Path::new("/nonexistent/pgharness"), Layout::Auto)
             .unwrap_err()
             .to_string();
         assert!(error.contains("/nonexistent/pgharness"), "{error}");
@@ -255,5 +393,25 @@ mod tests {
             "select 1"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_s_own_transaction_control_is_blanked_and_nothing_else() {
+        let sql = "BEGIN;\nCREATE TABLE a (b text DEFAULT 'commit;');\n-- COMMIT; in a comment\n\
+                   CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\nBEGIN\n  RETURN 1;\nEND\n$body$;\n\
+                   /* nested /* END; */ */ start  TRANSACTION ISOLATION LEVEL SERIALIZABLE;\n\
+                   INSERT INTO a VALUES (E'it''s \\' ; end'), ($$;COMMIT;$$);\nCOMMIT";
+        let out = without_transaction_control(sql);
+        assert_eq!(out.chars().count(), sql.chars().count());
+        assert_eq!(out.lines().count(), sql.lines().count());
+        assert_eq!(out.lines().next().unwrap().trim(), ";");
+        assert!(out.contains("DEFAULT 'commit;'"), "{out}");
+        assert!(out.contains("BEGIN\n  RETURN 1;\nEND"), "{out}");
+        assert!(!out.contains("TRANSACTION ISOLATION"), "{out}");
+        assert!(out.contains("($$;COMMIT;$$)"), "{out}");
+        assert!(!out.trim_end().ends_with("COMMIT"), "{out}");
+        // Nothing else is touched.
+        let plain = "CREATE TABLE ends (id int); SELECT $1::int; SELECT 'x'";
+        assert_eq!(without_transaction_control(plain), plain);
     }
 }

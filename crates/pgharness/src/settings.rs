@@ -194,8 +194,11 @@ pub struct Settings {
     pub image: Option<String>,
     /// `pg_bin` / `PGHARNESS_PG_BIN`: directory holding `initdb` and `postgres`.
     pub pg_bin: Option<PathBuf>,
-    /// `migrations` / `PGHARNESS_MIGRATIONS`: directory of `NNNN_name.sql` files.
+    /// `migrations` / `PGHARNESS_MIGRATIONS`: the migrations directory.
     pub migrations: PathBuf,
+    /// `migrations_layout` / `PGHARNESS_MIGRATIONS_LAYOUT`: how that directory is laid out
+    /// (`auto`, `plain`, `sqlx`, `diesel`), and so which history table its schemas get.
+    pub migrations_layout: crate::layout::Layout,
     /// `fixtures` / `PGHARNESS_FIXTURES`: directory of `<name>.sql` seed files.
     pub fixtures: PathBuf,
     /// `keep` / `PGHARNESS_KEEP`.
@@ -251,6 +254,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "image",
     "pg_bin",
     "migrations",
+    "migrations_layout",
     "fixtures",
     "keep",
     "pool_size",
@@ -433,6 +437,12 @@ impl Settings {
             migrations: parse(get("migrations"), "migrations", root.join("sql"), |v| {
                 Ok(root.join(v))
             })?,
+            migrations_layout: parse(
+                get("migrations_layout"),
+                "migrations_layout",
+                crate::layout::Layout::Auto,
+                str::parse,
+            )?,
             fixtures: parse(get("fixtures"), "fixtures", root.join("fixtures"), |v| {
                 Ok(root.join(v))
             })?,

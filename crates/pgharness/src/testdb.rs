@@ -68,6 +68,8 @@ fn explain(server: &Server, state_dir: &std::path::Path, error: Error) -> Error 
 #[must_use]
 pub struct TestDbBuilder {
     fixtures: Vec<String>,
+    /// Fixtures given as text (`#[pgharness::test]` embeds them as `#[sqlx::test]` does).
+    fixture_sources: Vec<(String, String)>,
     migrations: Option<Option<PathBuf>>,
     fixtures_dir: Option<PathBuf>,
     keep: Option<KeepPolicy>,
@@ -84,6 +86,14 @@ impl TestDbBuilder {
         S: Into<String>,
     {
         self.fixtures.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Loads this SQL after the migrations and the named fixtures, in order; `name` is what
+    /// errors call it (`#[pgharness::test(fixtures(..))]` embeds the files with
+    /// `include_str!`, found next to the test's source file as `#[sqlx::test]` finds them).
+    pub fn fixture_sql(mut self, name: impl Into<String>, sql: impl Into<String>) -> Self {
+        self.fixture_sources.push((name.into(), sql.into()));
         self
     }
 
@@ -168,14 +178,22 @@ impl TestDbBuilder {
             naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
         let migrations = match &self.migrations {
             Some(None) => None,
-            Some(Some(dir)) => Some(load_migrations(dir)?),
-            None => Some(load_migrations(&settings.migrations)?),
+            Some(Some(dir)) => Some(load_migrations(dir, settings.migrations_layout)?),
+            None => Some(load_migrations(&settings.migrations, settings.migrations_layout)?),
         };
         let fixtures_dir = self
             .fixtures_dir
             .clone()
             .unwrap_or_else(|| settings.fixtures.clone());
-        let fixtures = script::load_fixtures(&fixtures_dir, &self.fixtures)?;
+        let mut fixtures = script::load_fixtures(&fixtures_dir, &self.fixtures)?;
+        fixtures.extend(
+            self.fixture_sources
+                .iter()
+                .map(|(name, sql)| script::SqlFile {
+                    path: PathBuf::from(name),
+                    text: sql.clone(),
+                }),
+        );
 
         let acquire_id = uuid::Uuid::new_v4().to_string();
         let pool_size = self.pool_size.unwrap_or(settings.pool_size);
@@ -679,14 +697,19 @@ async fn ensure_server(settings: &Settings) -> Result<Server, Error> {
     driver::run(async move { backend::ensure(&settings, &log_only).await }).await
 }
 
-fn load_migrations(dir: &std::path::Path) -> Result<Arc<Migrations>, Error> {
-    static CACHE: Mutex<Option<HashMap<PathBuf, Arc<Migrations>>>> = Mutex::new(None);
+fn load_migrations(
+    dir: &std::path::Path,
+    layout: crate::layout::Layout,
+) -> Result<Arc<Migrations>, Error> {
+    type Cache = HashMap<(PathBuf, crate::layout::Layout), Arc<Migrations>>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(migrations) = cache.get(dir) {
+    let key = (dir.to_path_buf(), layout);
+    if let Some(migrations) = cache.get(&key) {
         return Ok(migrations.clone());
     }
-    let migrations = Arc::new(Migrations::load(dir)?);
-    cache.insert(dir.to_path_buf(), migrations.clone());
+    let migrations = Arc::new(Migrations::load(dir, layout)?);
+    cache.insert(key, migrations.clone());
     Ok(migrations)
 }

@@ -15,7 +15,7 @@ async fn current_schema(client: &tokio_postgres::Client) -> String {
 
 #[pgharness::test(
     migrations = "tests/attribute/sql",
-    fixtures(path = "tests/attribute/fixtures", scripts("items"))
+    fixtures(path = "attribute/fixtures", scripts("items"))
 )]
 async fn every_parameter_is_the_same_schema_migrated_and_seeded(
     db: TestDb,
@@ -64,13 +64,11 @@ async fn without_migrations_the_schema_is_empty_and_ok_passes(
     Ok(())
 }
 
-#[pgharness::test(
-    migrations = "tests/attribute/sql",
-    fixtures(path = "tests/attribute/fixtures")
-)]
-async fn a_test_db_parameter_is_the_database_itself(db: TestDb) -> Result<(), pgharness::Error> {
-    // The fixtures directory comes from the attribute; `?` works on pgharness's errors.
-    db.load_fixture("items").await?;
+#[pgharness::test(migrations = "tests/attribute/sql", fixtures("attribute/fixtures/items.sql"))]
+async fn a_test_db_parameter_is_the_database_itself(
+    db: TestDb,
+) -> Result<(), Box<dyn std::error::Error>> {
+    // A fixture named by its path from this file.
     let count: i64 = db
         .client()
         .query_one("SELECT count(*) FROM items", &[])
@@ -78,6 +76,7 @@ async fn a_test_db_parameter_is_the_database_itself(db: TestDb) -> Result<(), pg
         .unwrap()
         .get(0);
     assert_eq!(count, 2);
+    db.client().batch_execute("DELETE FROM items").await?;
     Ok(())
 }
 
@@ -145,7 +144,7 @@ async fn a_test_that_returns_err_keeps_its_schema_and_fails() {
 
 #[pgharness::test(
     migrations = "tests/attribute/sql",
-    fixtures(path = "tests/attribute/fixtures", scripts("items"))
+    fixtures(path = "attribute/fixtures", scripts("items"))
 )]
 async fn a_sqlx_pool_and_connection_are_in_the_test_s_schema(
     db: TestDb,

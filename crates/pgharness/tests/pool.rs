@@ -387,7 +387,7 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let server = configured_server().await;
     let admin = common::runner(&server).await;
     let dir = own_migrations("race", MIGRATION);
-    let warmed = pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 4, 4)
+    let warmed = pgharness::pool::warm(&admin, &common::admin_ns(), &dir, pgharness::Layout::Auto, 4, 4)
         .await
         .unwrap();
     assert_eq!(warmed.created, 4);
@@ -423,7 +423,7 @@ async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_re
     let server = configured_server().await;
     let admin = common::runner(&server).await;
     let dir = own_migrations("hash", "CREATE TABLE v1 (id int);");
-    pgharness::pool::warm(&admin, &common::admin_ns(), &dir, 2, 2)
+    pgharness::pool::warm(&admin, &common::admin_ns(), &dir, pgharness::Layout::Auto, 2, 2)
         .await
         .unwrap();
     let old = ready_schemas(&admin, &dir).await;

@@ -1,0 +1,231 @@
+//! Migration layouts of the tools teams use, read the way each tool reads them, and the
+//! history table each tool keeps, filled in as the tool would have filled it, so that an app
+//! that runs its migrator at start-up finds its schema up to date:
+//! - `plain`: every `*.sql` file of the directory, in name order (pgharness's own);
+//! - `sqlx`: `<version>_<description>.sql`, or `.up.sql` (`.down.sql` never applied), in
+//!   version order; `_sqlx_migrations` with sqlx's SHA-384 checksums;
+//! - `diesel`: `<version>_<name>/up.sql` directories (`down.sql` never applied), in name order;
+//!   `__diesel_schema_migrations`.
+//!
+//! `auto` picks `diesel` for a directory of migration directories, `sqlx` when a file is
+//! reversible (`.up.sql`/`.down.sql`), else `plain`: sqlx's simple layout and the plain one
+//! look alike, so `migrations_layout = "sqlx"` says which it is.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha384};
+
+use crate::error::Error;
+use crate::script::{SqlFile, quote_literal};
+
+/// How a migrations directory is laid out (`migrations_layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Detected from the directory (see the module docs).
+    #[default]
+    Auto,
+    /// Every `*.sql` file, in name order; no history table.
+    Plain,
+    /// sqlx's (`migrate!`, `sqlx migrate run`).
+    Sqlx,
+    /// diesel's (`diesel migration run`, `embed_migrations!`).
+    Diesel,
+}
+
+impl Layout {
+    /// Its name, as the setting spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Auto => "auto",
+            Layout::Plain => "plain",
+            Layout::Sqlx => "sqlx",
+            Layout::Diesel => "diesel",
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Layout {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Layout, String> {
+        match text {
+            "auto" => Ok(Layout::Auto),
+            "plain" => Ok(Layout::Plain),
+            "sqlx" => Ok(Layout::Sqlx),
+            "diesel" => Ok(Layout::Diesel),
+            other => Err(format!(
+                "unknown migrations layout `{other}`; use auto, plain, sqlx or diesel"
+            )),
+        }
+    }
+}
+
+/// A directory's migrations as its tool reads them: the files to apply, in order, and the
+/// statements that fill the tool's history table after them.
+pub(crate) struct Read {
+    pub(crate) layout: Layout,
+    pub(crate) files: Vec<SqlFile>,
+    pub(crate) history: Option<String>,
+}
+
+fn layout_error(dir: &Path, problem: String, fix: &str) -> Error {
+    Error::Setting {
+        name: "migrations".into(),
+        origin: format!("the migrations in {}", dir.display()),
+        problem,
+        fix: fix.into(),
+    }
+}
+
+/// Reads `dir` in `layout` (resolving `auto`).
+pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
+    let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("failed to list migrations in", dir, e))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| (entry.path(), entry.path().is_dir()))
+        .collect();
+    entries.sort();
+    let name = |path: &Path| path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let layout = match layout {
+        Layout::Auto if entries.iter().any(|(p, is_dir)| *is_dir && p.join("up.sql").is_file()) => {
+            Layout::Diesel
+        }
+        Layout::Auto
+            if entries
+                .iter()
+                .any(|(p, _)| name(p).ends_with(".up.sql") || name(p).ends_with(".down.sql")) =>
+        {
+            Layout::Sqlx
+        }
+        Layout::Auto => Layout::Plain,
+        other => other,
+    };
+    let read_file = |path: PathBuf| -> Result<SqlFile, Error> {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io("failed to read migration", &path, e))?;
+        Ok(SqlFile { path, text })
+    };
+    match layout {
+        Layout::Plain | Layout::Auto => {
+            let files = entries
+                .into_iter()
+                .filter(|(p, is_dir)| !is_dir && p.extension().is_some_and(|e| e == "sql"))
+                .map(|(p, _)| read_file(p))
+                .collect::<Result<_, _>>()?;
+            Ok(Read {
+                layout: Layout::Plain,
+                files,
+                history: None,
+            })
+        }
+        Layout::Sqlx => {
+            // As sqlx's `resolve_blocking`: `<i64>_<description>.sql`, other files ignored.
+            let mut migrations = Vec::new();
+            for (path, is_dir) in entries {
+                let file_name = name(&path);
+                let Some((version, rest)) = file_name.split_once('_') else {
+                    continue;
+                };
+                if is_dir || !rest.ends_with(".sql") || rest.ends_with(".down.sql") {
+                    continue;
+                }
+                let version: i64 = version.parse().map_err(|_| {
+                    layout_error(
+                        dir,
+                        format!("`{file_name}` has no integer version before its first `_`"),
+                        "name sqlx migrations `<version>_<description>.sql` (e.g. `20240101000000_users.sql`)",
+                    )
+                })?;
+                let suffix = if rest.ends_with(".up.sql") { ".up.sql" } else { ".sql" };
+                let description = rest.trim_end_matches(suffix).replace('_', " ");
+                let file = read_file(path)?;
+                if file.text.starts_with("-- no-transaction") {
+                    return Err(layout_error(
+                        dir,
+                        format!("`{file_name}` asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction"),
+                        "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)",
+                    ));
+                }
+                migrations.push((version, description, file));
+            }
+            migrations.sort_by_key(|(version, _, _)| *version);
+            if let Some(pair) = migrations.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(layout_error(
+                    dir,
+                    format!("two migrations have version {}", pair[0].0),
+                    "give each migration its own version",
+                ));
+            }
+            let mut history = String::from(
+                "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);\n",
+            );
+            if !migrations.is_empty() {
+                let rows: Vec<String> = migrations
+                    .iter()
+                    .map(|(version, description, file)| {
+                        let checksum = hex::encode(Sha384::digest(file.text.as_bytes()));
+                        format!(
+                            "({version}, {}, true, '\\x{checksum}'::bytea, 0)",
+                            quote_literal(description)
+                        )
+                    })
+                    .collect();
+                history.push_str(&format!(
+                    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES {};\n",
+                    rows.join(", ")
+                ));
+            }
+            Ok(Read {
+                layout,
+                files: migrations.into_iter().map(|(_, _, file)| file).collect(),
+                history: Some(history),
+            })
+        }
+        Layout::Diesel => {
+            // As diesel_migrations: each directory with an `up.sql` is a migration, its
+            // version the directory name's part before the first `_`, dashes removed.
+            let mut files = Vec::new();
+            let mut versions = Vec::new();
+            for (path, is_dir) in entries {
+                let up = path.join("up.sql");
+                if !is_dir || !up.is_file() {
+                    continue;
+                }
+                let dir_name = name(&path);
+                let version = dir_name.split('_').next().unwrap_or_default().replace('-', "");
+                if version.is_empty() || version.len() > 50 {
+                    return Err(layout_error(
+                        dir,
+                        format!("`{dir_name}` has no version before its first `_`"),
+                        "name diesel migrations `<version>_<name>/up.sql` (e.g. `2024-01-01-000000_create_users`)",
+                    ));
+                }
+                versions.push(version);
+                files.push(read_file(up)?);
+            }
+            let mut history = String::from(
+                "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);\n",
+            );
+            if !versions.is_empty() {
+                let rows: Vec<String> = versions.iter().map(|v| format!("({})", quote_literal(v))).collect();
+                history.push_str(&format!(
+                    "INSERT INTO __diesel_schema_migrations (version) VALUES {};\n",
+                    rows.join(", ")
+                ));
+            }
+            Ok(Read {
+                layout,
+                files,
+                history: Some(history),
+            })
+        }
+    }
+}

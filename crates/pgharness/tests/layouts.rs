@@ -1,0 +1,192 @@
+//! Migrations in the layouts of sqlx and diesel: applied as the tool applies them (a file's
+//! own `BEGIN`/`COMMIT` included, `down` files never), with the tool's history table filled
+//! so that the tool's own migrator finds the schema up to date.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use pgharness::{Layout, Settings, Teardown, TestDb};
+
+fn dir_with(label: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgharness-layout-{label}-{}", uuid::Uuid::new_v4()));
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn settings(layout: Layout, run: &str) -> Settings {
+    let mut settings = Settings::load().unwrap();
+    settings.migrations_layout = layout;
+    settings.teardown = Teardown::Inline;
+    settings.run_id = Some(run.to_owned());
+    settings
+}
+
+const SQLX: &[(&str, &str)] = &[
+    (
+        "20240101000000_create_users.sql",
+        "BEGIN;\nCREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, admin boolean NOT NULL DEFAULT false);\nCOMMIT;\n",
+    ),
+    (
+        "20240102000000_seed_admin.up.sql",
+        "-- the admin every deployment has\nINSERT INTO users (email, admin) VALUES ('admin@example.com', true);\n",
+    ),
+    ("20240102000000_seed_admin.down.sql", "DROP TABLE users;\n"),
+    (
+        "20240103000000_touch.sql",
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n  RETURN NEW;\nEND\n$$;\nSTART TRANSACTION;\nCREATE TABLE notes (body text);\nEND;\n",
+    ),
+    ("README.md", "not a migration"),
+];
+
+#[tokio::test]
+async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
+    let dir = dir_with("sqlx", SQLX);
+    let run = format!("it-layout-sqlx-{}", uuid::Uuid::new_v4());
+    let db = TestDb::builder()
+        .settings(settings(Layout::Sqlx, &run))
+        .migrations(&dir)
+        .build()
+        .await
+        .expect("the sqlx migrations apply, their own transactions included");
+    let admins: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM users WHERE admin", &[])
+        .await
+        .expect("the down file never ran")
+        .get(0);
+    assert_eq!(admins, 1);
+    let history: Vec<(i64, String, bool)> = db
+        .client()
+        .query(
+            "SELECT version, description, success FROM _sqlx_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (20240101000000, "create users".to_owned(), true),
+            (20240102000000, "seed admin".to_owned(), true),
+            (20240103000000, "touch".to_owned(), true),
+        ]
+    );
+    // sqlx's own migrator, on a pool of the test's schema: nothing to do, no error (a
+    // checksum that differed from sqlx's would be `VersionMismatch`; a missing history,
+    // `relation "users" already exists`).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.sqlx_connect_options())
+        .await
+        .unwrap();
+    let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    migrator.run(&pool).await.expect("sqlx finds the schema up to date");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+    pool.close().await;
+    // A test that adds users leaves a schema that is recycled: the seed rows are intact.
+    let schema = db.schema().to_owned();
+    drop(db);
+    let server = common::configured_server().await;
+    let client = common::runner(&server).await;
+    assert_eq!(
+        common::ledger_status(&client, &schema).await.as_deref(),
+        Some("ready")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_migration_after_a_file_s_own_commit_leaves_nothing_behind() {
+    let dir = dir_with(
+        "sqlx-fail",
+        &[
+            ("1_ok.sql", "BEGIN;\nCREATE TABLE kept_by_mistake (id int);\nCOMMIT;\n"),
+            ("2_bad.sql", "CREATE TABLE t (id int);\nINSERT INTO t VALUES ('not a number');\n"),
+        ],
+    );
+    let run = format!("it-layout-fail-{}", uuid::Uuid::new_v4());
+    let error = TestDb::builder()
+        .settings(settings(Layout::Sqlx, &run))
+        .migrations(&dir)
+        .build()
+        .await
+        .expect_err("the bad migration fails")
+        .to_string();
+    assert!(error.contains("2_bad.sql:2"), "{error}");
+    let hash = pgharness::pool::migrations_hash(&dir, Layout::Sqlx).unwrap();
+    let server = common::configured_server().await;
+    let admin = common::admin(&server).await;
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1",
+            &[&format!("p\\_{}%", &hash[..12])],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a half-migrated schema was left behind");
+}
+
+#[tokio::test]
+async fn a_diesel_layout_is_detected_and_its_history_filled() {
+    let dir = dir_with(
+        "diesel",
+        &[
+            (
+                "2024-01-01-000000_create_items/up.sql",
+                "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n",
+            ),
+            ("2024-01-01-000000_create_items/down.sql", "DROP TABLE items;\n"),
+            (
+                "2024-02-01-120000_add_price/up.sql",
+                "ALTER TABLE items ADD COLUMN price int;\n",
+            ),
+            ("2024-02-01-120000_add_price/down.sql", "ALTER TABLE items DROP COLUMN price;\n"),
+        ],
+    );
+    let run = format!("it-layout-diesel-{}", uuid::Uuid::new_v4());
+    let db = TestDb::builder()
+        .settings(settings(Layout::Auto, &run))
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    db.client()
+        .execute("INSERT INTO items (name, price) VALUES ('a', 1)", &[])
+        .await
+        .expect("both up.sql ran, no down.sql");
+    let versions: Vec<String> = db
+        .client()
+        .query("SELECT version FROM __diesel_schema_migrations ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, ["20240101000000", "20240201120000"]);
+}
+
+#[test]
+fn a_misnamed_sqlx_migration_is_an_error_naming_it() {
+    let dir = dir_with("sqlx-name", &[("first_users.sql", "SELECT 1;")]);
+    let error = pgharness::pool::migrations_hash(Path::new(&dir), Layout::Sqlx)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("first_users.sql") && error.contains("<version>_<description>.sql"), "{error}");
+    let dir = dir_with("sqlx-notx", &[("1_index.sql", "-- no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);")]);
+    let error = pgharness::pool::migrations_hash(Path::new(&dir), Layout::Sqlx)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("1_index.sql") && error.contains("no-transaction"), "{error}");
+}
