@@ -121,16 +121,17 @@ impl Up {
         } else {
             let progress = Progress::start("filling the schema pool");
             let ns = pgharness::ledger::Namespace::of(&server.config());
-            let warmed = pgharness::pool::Warmer::new(&settings.migrations, settings.migrations_layout)
-                .map(|warmer| warmer.extra_search_path(&settings.extra_search_path))?
-                .warm(&admin, &ns, target, target)
-                .await
-                .with_context(|| {
-                    format!(
-                        "failed to fill the schema pool with {}",
-                        settings.migrations.display()
-                    )
-                })?;
+            let warmed =
+                pgharness::pool::Warmer::new(&settings.migrations, settings.migrations_layout)
+                    .map(|warmer| warmer.extra_search_path(&settings.extra_search_path))?
+                    .warm(&admin, &ns, target, target)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "failed to fill the schema pool with {}",
+                            settings.migrations.display()
+                        )
+                    })?;
             progress.finish(&format!(
                 "schema pool: {} ready ({} created now)",
                 warmed.ready_before + warmed.created,

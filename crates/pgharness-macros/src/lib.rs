@@ -253,7 +253,11 @@ mod tests {
         }
         let out = expand_str("migrations = false", "async fn t() {}").unwrap();
         assert!(out.contains(". without_migrations ()"), "{out}");
-        let out = expand_str(r#"fixtures("users", "../more/posts.sql")"#, "async fn t() {}").unwrap();
+        let out = expand_str(
+            r#"fixtures("users", "../more/posts.sql")"#,
+            "async fn t() {}",
+        )
+        .unwrap();
         assert!(
             out.contains(r#". fixture_sql ("fixtures/users.sql" , include_str ! ("fixtures/users.sql")) . fixture_sql ("../more/posts.sql" , include_str ! ("../more/posts.sql"))"#),
             "{out}"

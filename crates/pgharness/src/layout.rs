@@ -93,9 +93,18 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
         .map(|entry| (entry.path(), entry.path().is_dir()))
         .collect();
     entries.sort();
-    let name = |path: &Path| path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = |path: &Path| {
+        path.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
     let layout = match layout {
-        Layout::Auto if entries.iter().any(|(p, is_dir)| *is_dir && p.join("up.sql").is_file()) => {
+        Layout::Auto
+            if entries
+                .iter()
+                .any(|(p, is_dir)| *is_dir && p.join("up.sql").is_file()) =>
+        {
             Layout::Diesel
         }
         Layout::Auto
@@ -144,13 +153,19 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                         "name sqlx migrations `<version>_<description>.sql` (e.g. `20240101000000_users.sql`)",
                     )
                 })?;
-                let suffix = if rest.ends_with(".up.sql") { ".up.sql" } else { ".sql" };
+                let suffix = if rest.ends_with(".up.sql") {
+                    ".up.sql"
+                } else {
+                    ".sql"
+                };
                 let description = rest.trim_end_matches(suffix).replace('_', " ");
                 let file = read_file(path)?;
                 if file.text.starts_with("-- no-transaction") {
                     return Err(layout_error(
                         dir,
-                        format!("`{file_name}` asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction"),
+                        format!(
+                            "`{file_name}` asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction"
+                        ),
                         "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)",
                     ));
                 }
@@ -200,7 +215,11 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                     continue;
                 }
                 let dir_name = name(&path);
-                let version = dir_name.split('_').next().unwrap_or_default().replace('-', "");
+                let version = dir_name
+                    .split('_')
+                    .next()
+                    .unwrap_or_default()
+                    .replace('-', "");
                 if version.is_empty() || version.len() > 50 {
                     return Err(layout_error(
                         dir,
@@ -215,7 +234,10 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                 "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);\n",
             );
             if !versions.is_empty() {
-                let rows: Vec<String> = versions.iter().map(|v| format!("({})", quote_literal(v))).collect();
+                let rows: Vec<String> = versions
+                    .iter()
+                    .map(|v| format!("({})", quote_literal(v)))
+                    .collect();
                 history.push_str(&format!(
                     "INSERT INTO __diesel_schema_migrations (version) VALUES {};\n",
                     rows.join(", ")

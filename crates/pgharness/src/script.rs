@@ -45,7 +45,11 @@ impl Migrations {
         let mut hasher = Sha256::new();
         hasher.update(read.layout.as_str().as_bytes());
         for file in &read.files {
-            let name = file.path.strip_prefix(dir).unwrap_or(&file.path).to_string_lossy();
+            let name = file
+                .path
+                .strip_prefix(dir)
+                .unwrap_or(&file.path)
+                .to_string_lossy();
             hasher.update((name.len() as u64).to_be_bytes());
             hasher.update(name.as_bytes());
             hasher.update((file.text.len() as u64).to_be_bytes());
@@ -308,7 +312,9 @@ pub(crate) fn without_transaction_control(sql: &str) -> String {
                         let rest: String = chars[body_start..].iter().collect();
                         match rest.find(&tag) {
                             Some(offset) => {
-                                i = body_start + rest[..offset].chars().count() + tag.chars().count();
+                                i = body_start
+                                    + rest[..offset].chars().count()
+                                    + tag.chars().count();
                             }
                             None => i = chars.len(),
                         }

@@ -179,7 +179,10 @@ impl TestDbBuilder {
         let migrations = match &self.migrations {
             Some(None) => None,
             Some(Some(dir)) => Some(load_migrations(dir, settings.migrations_layout)?),
-            None => Some(load_migrations(&settings.migrations, settings.migrations_layout)?),
+            None => Some(load_migrations(
+                &settings.migrations,
+                settings.migrations_layout,
+            )?),
         };
         let fixtures_dir = self
             .fixtures_dir

@@ -64,7 +64,10 @@ async fn without_migrations_the_schema_is_empty_and_ok_passes(
     Ok(())
 }
 
-#[pgharness::test(migrations = "tests/attribute/sql", fixtures("attribute/fixtures/items.sql"))]
+#[pgharness::test(
+    migrations = "tests/attribute/sql",
+    fixtures("attribute/fixtures/items.sql")
+)]
 async fn a_test_db_parameter_is_the_database_itself(
     db: TestDb,
 ) -> Result<(), Box<dyn std::error::Error>> {

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use pgharness::{Layout, Settings, Teardown, TestDb};
 
 fn dir_with(label: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pgharness-layout-{label}-{}", uuid::Uuid::new_v4()));
+    let dir =
+        std::env::temp_dir().join(format!("pgharness-layout-{label}-{}", uuid::Uuid::new_v4()));
     for (name, text) in files {
         let path = dir.join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -88,7 +89,10 @@ async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
         .await
         .unwrap();
     let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-    migrator.run(&pool).await.expect("sqlx finds the schema up to date");
+    migrator
+        .run(&pool)
+        .await
+        .expect("sqlx finds the schema up to date");
     let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")
         .fetch_one(&pool)
         .await
@@ -108,11 +112,21 @@ async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
 
 #[tokio::test]
 async fn a_failing_migration_after_a_file_s_own_commit_leaves_nothing_behind() {
+    // A migration set of its own (the pool is keyed by content): what it leaves is its alone.
+    let unique = format!("-- {}\n", uuid::Uuid::new_v4());
     let dir = dir_with(
         "sqlx-fail",
         &[
-            ("1_ok.sql", "BEGIN;\nCREATE TABLE kept_by_mistake (id int);\nCOMMIT;\n"),
-            ("2_bad.sql", "CREATE TABLE t (id int);\nINSERT INTO t VALUES ('not a number');\n"),
+            (
+                "1_ok.sql",
+                "BEGIN;\nCREATE TABLE kept_by_mistake (id int);\nCOMMIT;\n",
+            ),
+            (
+                "2_bad.sql",
+                &format!(
+                    "CREATE TABLE t (id int);\nINSERT INTO t VALUES ('not a number');\n{unique}"
+                ),
+            ),
         ],
     );
     let run = format!("it-layout-fail-{}", uuid::Uuid::new_v4());
@@ -147,12 +161,18 @@ async fn a_diesel_layout_is_detected_and_its_history_filled() {
                 "2024-01-01-000000_create_items/up.sql",
                 "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n",
             ),
-            ("2024-01-01-000000_create_items/down.sql", "DROP TABLE items;\n"),
+            (
+                "2024-01-01-000000_create_items/down.sql",
+                "DROP TABLE items;\n",
+            ),
             (
                 "2024-02-01-120000_add_price/up.sql",
                 "ALTER TABLE items ADD COLUMN price int;\n",
             ),
-            ("2024-02-01-120000_add_price/down.sql", "ALTER TABLE items DROP COLUMN price;\n"),
+            (
+                "2024-02-01-120000_add_price/down.sql",
+                "ALTER TABLE items DROP COLUMN price;\n",
+            ),
         ],
     );
     let run = format!("it-layout-diesel-{}", uuid::Uuid::new_v4());
@@ -168,7 +188,10 @@ async fn a_diesel_layout_is_detected_and_its_history_filled() {
         .expect("both up.sql ran, no down.sql");
     let versions: Vec<String> = db
         .client()
-        .query("SELECT version FROM __diesel_schema_migrations ORDER BY version", &[])
+        .query(
+            "SELECT version FROM __diesel_schema_migrations ORDER BY version",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -183,10 +206,22 @@ fn a_misnamed_sqlx_migration_is_an_error_naming_it() {
     let error = pgharness::pool::migrations_hash(Path::new(&dir), Layout::Sqlx)
         .unwrap_err()
         .to_string();
-    assert!(error.contains("first_users.sql") && error.contains("<version>_<description>.sql"), "{error}");
-    let dir = dir_with("sqlx-notx", &[("1_index.sql", "-- no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);")]);
+    assert!(
+        error.contains("first_users.sql") && error.contains("<version>_<description>.sql"),
+        "{error}"
+    );
+    let dir = dir_with(
+        "sqlx-notx",
+        &[(
+            "1_index.sql",
+            "-- no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);",
+        )],
+    );
     let error = pgharness::pool::migrations_hash(Path::new(&dir), Layout::Sqlx)
         .unwrap_err()
         .to_string();
-    assert!(error.contains("1_index.sql") && error.contains("no-transaction"), "{error}");
+    assert!(
+        error.contains("1_index.sql") && error.contains("no-transaction"),
+        "{error}"
+    );
 }

@@ -387,9 +387,16 @@ async fn concurrent_claims_from_many_processes_never_share_a_schema() {
     let server = configured_server().await;
     let admin = common::runner(&server).await;
     let dir = own_migrations("race", MIGRATION);
-    let warmed = pgharness::pool::warm(&admin, &common::admin_ns(), &dir, pgharness::Layout::Auto, 4, 4)
-        .await
-        .unwrap();
+    let warmed = pgharness::pool::warm(
+        &admin,
+        &common::admin_ns(),
+        &dir,
+        pgharness::Layout::Auto,
+        4,
+        4,
+    )
+    .await
+    .unwrap();
     assert_eq!(warmed.created, 4);
     let ready: HashSet<String> = ready_schemas(&admin, &dir).await.into_iter().collect();
     assert_eq!(ready.len(), 4);
@@ -423,9 +430,16 @@ async fn a_changed_migration_set_never_gets_an_old_schema_and_its_old_pool_is_re
     let server = configured_server().await;
     let admin = common::runner(&server).await;
     let dir = own_migrations("hash", "CREATE TABLE v1 (id int);");
-    pgharness::pool::warm(&admin, &common::admin_ns(), &dir, pgharness::Layout::Auto, 2, 2)
-        .await
-        .unwrap();
+    pgharness::pool::warm(
+        &admin,
+        &common::admin_ns(),
+        &dir,
+        pgharness::Layout::Auto,
+        2,
+        2,
+    )
+    .await
+    .unwrap();
     let old = ready_schemas(&admin, &dir).await;
     assert_eq!(old.len(), 2);
     let v1 = std::fs::read_to_string(dir.join("0001_app.sql")).unwrap();
