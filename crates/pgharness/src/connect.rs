@@ -44,6 +44,16 @@ impl Patience {
             _ => Patience::StartingOrFull,
         }
     }
+
+    /// What a test's later connections (its pool, `connect()`) wait out: the server was up
+    /// when the test got its schema, so a refusal now means it went away, and nothing will
+    /// bring the schema back; only full slots are worth waiting for.
+    pub(crate) fn after_claim(backend: BackendKind) -> Patience {
+        match backend {
+            BackendKind::Rds => Patience::Never,
+            _ => Patience::Full,
+        }
+    }
 }
 
 /// Whether waiting could help after this failure.

@@ -312,7 +312,7 @@ impl TestDbBuilder {
             config.clone(),
             PatientConnect {
                 timeout: settings.acquire_timeout,
-                patience: Patience::for_backend(server.backend()),
+                patience: Patience::after_claim(server.backend()),
             },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -504,7 +504,7 @@ impl TestDb {
         connect::connect(
             &self.config,
             deadline,
-            Patience::for_backend(self.server.backend()),
+            Patience::after_claim(self.server.backend()),
             &log_only,
             &self.server.describe(),
         )
@@ -597,6 +597,12 @@ impl Drop for TestDb {
             Duration::from_secs(60),
         );
         let mut final_name = self.schema.clone();
+        // The connection itself failed (no SQLSTATE: closed, reset, refused): the server
+        // went away or cannot be reached, and nothing was kept there to inspect.
+        let lost = match &outcome {
+            Some(Err(error)) => error.code().is_none().then(|| error.to_string()),
+            _ => None,
+        };
         match outcome {
             Some(Ok(messages)) => {
                 let result = messages.iter().find_map(|message| match message {
@@ -615,7 +621,12 @@ impl Drop for TestDb {
                 tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will recycle or drop the schema")
             }
         }
-        if keep {
+        if let (true, Some(error)) = (keep, &lost) {
+            eprintln!(
+                "pgharness: the connection to the server of test `{}` was lost ({error}): there is no schema to inspect (the server may be gone; the reaper recycles or drops what remains)",
+                self.test_name
+            );
+        } else if keep {
             let message = self.kept_message(&final_name);
             tracing::warn!("{message}");
             // The one place pgharness prints: libtest and nextest capture it and show it
