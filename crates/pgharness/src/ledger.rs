@@ -83,7 +83,7 @@ impl std::fmt::Display for Namespace {
 /// this version call it, so that an older installation fails them with 42883 and
 /// [`is_missing_ledger`] sends the caller to [`bootstrap`].
 pub(crate) fn version_probe(ns: &Namespace) -> String {
-    format!("{ns}.version_10()")
+    format!("{ns}.version_11()")
 }
 
 /// What a failed guard says (see [`guard_sql`]), to be found in the error.

@@ -160,7 +160,8 @@ $own$;
 
 -- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint, its
 -- tables (children before parents), the tables that hold rows now (seed data from the
--- migrations) with a hash of their content, and every sequence with its state. Names only:
+-- migrations) with a hash of their content and, up to 1000 rows and 256 kB a table, the rows
+-- themselves (for `reset` to put back), and every sequence with its state. Names only:
 -- `reset` builds its statements from them with format('%I'), and no SQL text is ever kept
 -- in the ledger and executed.
 CREATE OR REPLACE FUNCTION __NS__.capture(p_schema text) RETURNS jsonb
@@ -173,6 +174,8 @@ DECLARE
   t text;
   has_rows boolean;
   seed jsonb := '{}';
+  seed_rows jsonb := '{}';
+  table_rows jsonb;
   seqs jsonb := '[]';
   digest text;
   seq_names text[];
@@ -208,6 +211,11 @@ BEGIN
     IF has_rows THEN
       EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
       seed := seed || jsonb_build_object(t, digest);
+      EXECUTE format('SELECT CASE WHEN count(*) <= 1000 THEN jsonb_agg(to_jsonb(x)) END FROM %I.%I x', p_schema, t)
+        INTO table_rows;
+      IF table_rows IS NOT NULL AND pg_column_size(table_rows) <= 262144 THEN
+        seed_rows := seed_rows || jsonb_build_object(t, table_rows);
+      END IF;
     END IF;
   END LOOP;
   SELECT array_agg(c.relname ORDER BY c.relname) INTO seq_names
@@ -216,16 +224,20 @@ BEGIN
     EXECUTE __NS__.sequences_query(p_schema, seq_names) INTO seqs;
   END IF;
   RETURN jsonb_build_object('fingerprint', __NS__.fingerprint(nsp), 'seed', seed,
+                            'seed_rows', seed_rows,
                             'sequences', seqs, 'tables', to_jsonb(ordered),
                             'sequence_names', to_jsonb(coalesce(seq_names, '{}')));
 END
 $cap$;
 
 -- Returns a schema to the state `capture` recorded: deletes the rows of every table that
--- holds some (children first, again while triggers add rows), checks that seed tables are
--- as they were, and puts sequences back. Returns 'recycled', or why it cannot be:
--- 'changed' (its structure changed), 'seed' (seed rows changed), 'busy' (another session
--- of the test is still connected), 'failed' (a delete was refused), 'missing'.
+-- holds some (children first, again while triggers add rows), puts the seed tables' rows
+-- back when a test changed them (all seed tables: deleted children first, inserted parents
+-- first, generated columns recomputed, identities as they were), checks that they are as
+-- they were, and puts sequences back. Returns 'recycled', or why it cannot be: 'changed'
+-- (its structure changed), 'seed' (seed rows changed and could not be put back), 'busy'
+-- (another session of the test is still connected), 'failed' (a delete was refused),
+-- 'missing'.
 CREATE OR REPLACE FUNCTION __NS__.reset(p_schema text, p_fresh jsonb) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $reset$
 DECLARE
@@ -237,6 +249,8 @@ DECLARE
   s jsonb;
   seq_state jsonb;
   probe text;
+  seed_changed boolean;
+  cols text;
 BEGIN
   IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL
      OR (SELECT n.nspowner FROM pg_namespace n WHERE n.oid = nsp)
@@ -259,18 +273,48 @@ BEGIN
   -- did and anything the deletes' triggers did. A schema whose structure changed is dropped
   -- whatever the deletes did to it (and a delete it refuses ends in a drop too).
   BEGIN
-    LOOP
-      pass := pass + 1;
-      EXECUTE probe INTO dirty_tables;
-      dirty_tables := array(SELECT x FROM unnest(dirty_tables) x WHERE NOT p_fresh->'seed' ? x);
-      EXIT WHEN cardinality(dirty_tables) = 0;
-      IF pass = 4 THEN
-        RETURN 'failed';
+    FOR round IN 1..2 LOOP
+      pass := 0;
+      LOOP
+        pass := pass + 1;
+        EXECUTE probe INTO dirty_tables;
+        dirty_tables := array(SELECT x FROM unnest(dirty_tables) x WHERE NOT p_fresh->'seed' ? x);
+        EXIT WHEN cardinality(dirty_tables) = 0;
+        IF pass = 4 THEN
+          RETURN 'failed';
+        END IF;
+        -- The probe lists them children first.
+        FOREACH t IN ARRAY dirty_tables LOOP
+          EXECUTE format('DELETE FROM %I.%I', p_schema, t);
+        END LOOP;
+      END LOOP;
+      EXIT WHEN round = 2;
+      seed_changed := false;
+      FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
+        EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
+        seed_changed := seed_changed OR digest IS DISTINCT FROM p_fresh->'seed'->>t;
+      END LOOP;
+      EXIT WHEN NOT seed_changed;
+      -- Every seed table's rows must have been kept to put them back.
+      IF EXISTS (SELECT 1 FROM jsonb_object_keys(p_fresh->'seed') k
+                  WHERE NOT coalesce(p_fresh->'seed_rows', '{}') ? k) THEN
+        RETURN 'seed';
       END IF;
-      -- The probe lists them children first.
-      FOREACH t IN ARRAY dirty_tables LOOP
+      FOR t IN SELECT x FROM jsonb_array_elements_text(p_fresh->'tables') WITH ORDINALITY AS u(x, i)
+                WHERE p_fresh->'seed' ? x ORDER BY i LOOP
         EXECUTE format('DELETE FROM %I.%I', p_schema, t);
       END LOOP;
+      FOR t IN SELECT x FROM jsonb_array_elements_text(p_fresh->'tables') WITH ORDINALITY AS u(x, i)
+                WHERE p_fresh->'seed' ? x ORDER BY i DESC LOOP
+        SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
+          FROM pg_attribute a
+         WHERE a.attrelid = format('%I.%I', p_schema, t)::regclass
+           AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+        EXECUTE format('INSERT INTO %I.%I (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_recordset(NULL::%I.%I, $1) r',
+                       p_schema, t, cols, cols, p_schema, t)
+          USING p_fresh->'seed_rows'->t;
+      END LOOP;
+      -- The inserts' triggers may have written elsewhere: the rows again.
     END LOOP;
     FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
       EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
@@ -301,7 +345,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION __NS__.version_10() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 10';
+CREATE OR REPLACE FUNCTION __NS__.version_11() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 11';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).

@@ -99,7 +99,15 @@ async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
         .unwrap();
     assert_eq!(rows, 3);
     pool.close().await;
-    // A test that adds users leaves a schema that is recycled: the seed rows are intact.
+    // A test that adds users and changes the seeded admin leaves a schema that is recycled,
+    // its seed rows put back (not dropped because a seed table changed).
+    db.client()
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('new@example.com');
+             UPDATE users SET email = 'changed@example.com' WHERE admin;",
+        )
+        .await
+        .unwrap();
     let schema = db.schema().to_owned();
     drop(db);
     let server = common::configured_server().await;
@@ -108,6 +116,18 @@ async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
         common::ledger_status(&client, &schema).await.as_deref(),
         Some("ready")
     );
+    let admin = common::admin(&server).await;
+    let users: Vec<(String, bool)> = admin
+        .query(
+            &format!("SELECT email, admin FROM \"{schema}\".users ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(users, [("admin@example.com".to_owned(), true)]);
 }
 
 #[tokio::test]
