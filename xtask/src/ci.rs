@@ -32,6 +32,7 @@ enum Check {
     KeptSchema,
     OverlappingRuns,
     EmulatedRunStopsItsPostgres,
+    OutsideWorkspace,
 }
 
 async fn check(check: Check) -> anyhow::Result<()> {
@@ -56,6 +57,7 @@ async fn check(check: Check) -> anyhow::Result<()> {
         Check::KeptSchema => kept_schema_check().await,
         Check::OverlappingRuns => overlapping_runs_check().await,
         Check::EmulatedRunStopsItsPostgres => emulated_run_stops_its_postgres_check().await,
+        Check::OutsideWorkspace => crate::outside::check().await,
     }
 }
 

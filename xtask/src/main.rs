@@ -9,6 +9,7 @@ mod fuzz;
 mod grant;
 mod image;
 mod nextest;
+mod outside;
 mod prereq;
 mod rds;
 mod reap;

@@ -1,0 +1,163 @@
+//! `cargo xtask ci --only outside-workspace`: README's "Use it in your project" recipe, run
+//! as a user outside this repository would run it: a fresh workspace in a temporary
+//! directory (an app with sqlx-layout migrations, a seed row, a fixture and tests on
+//! `#[pgharness::test]` with an injected `PgPool`), pgharness as a path dependency without
+//! its default features, plain `cargo test` twice on the native backend. Checked: every test
+//! passes both times, sqlx's own migrator finds each schema up to date, the second run
+//! claims schemas the first one recycled, and stopping the workspace's server leaves
+//! nothing behind.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const TESTS: &str = r#"use pgharness::sqlx::{self, PgPool};
+
+async fn count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM customers").fetch_one(pool).await.unwrap()
+}
+
+#[pgharness::test(fixtures("two_more"))]
+async fn lists_the_seeded_customer_and_the_fixture(pool: PgPool) {
+    assert_eq!(count(&pool).await, 3);
+}
+
+#[pgharness::test]
+async fn adds_a_customer_and_renames_the_seeded_one(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO customers (name) VALUES ('new')").execute(&pool).await?;
+    sqlx::query("UPDATE customers SET name = 'renamed' WHERE name = 'house account'").execute(&pool).await?;
+    assert_eq!(count(&pool).await, 2);
+    Ok(())
+}
+
+#[pgharness::test]
+async fn migrating_at_start_up_is_a_no_op(pool: PgPool) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    sqlx::migrate::Migrator::new(dir).await.unwrap().run(&pool).await.unwrap();
+    assert_eq!(count(&pool).await, 1);
+}
+"#;
+
+fn write(root: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let path = root.join(name);
+    std::fs::create_dir_all(path.parent().unwrap_or(root))?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the workspace of a user: nothing of this repository but the path dependency.
+fn create(root: &Path) -> anyhow::Result<()> {
+    let pgharness = crate::project_root().join("crates/pgharness");
+    write(
+        root,
+        "Cargo.toml",
+        &format!(
+            r#"[package]
+name = "shop"
+version = "0.1.0"
+edition = "2021"
+
+[workspace]
+
+[dev-dependencies]
+pgharness = {{ path = "{}", default-features = false, features = ["sqlx"] }}
+sqlx = {{ version = "0.8", default-features = false, features = ["postgres", "runtime-tokio", "migrate"] }}
+tokio = {{ version = "1", features = ["macros", "rt"] }}
+"#,
+            pgharness.display()
+        ),
+    )?;
+    write(root, "src/lib.rs", "//! The shop.\n")?;
+    write(
+        root,
+        "pgharness.toml",
+        "backend = \"native\"\nmigrations = \"migrations\"\nmigrations_layout = \"sqlx\"\n",
+    )?;
+    write(
+        root,
+        "migrations/20240101000000_customers.sql",
+        "BEGIN;\nCREATE TABLE customers (id bigserial PRIMARY KEY, name text NOT NULL);\nCOMMIT;\n",
+    )?;
+    write(
+        root,
+        "migrations/20240102000000_house_account.up.sql",
+        "INSERT INTO customers (name) VALUES ('house account');\n",
+    )?;
+    write(
+        root,
+        "migrations/20240102000000_house_account.down.sql",
+        "DELETE FROM customers WHERE name = 'house account';\n",
+    )?;
+    write(
+        root,
+        "tests/fixtures/two_more.sql",
+        "INSERT INTO customers (name) VALUES ('a'), ('b');\n",
+    )?;
+    write(root, "tests/shop.rs", TESTS)
+}
+
+pub(crate) async fn check() -> anyhow::Result<()> {
+    eprintln!("xtask ci: README's recipe in a fresh workspace outside this one");
+    let root = std::env::temp_dir().join(format!("pgharness-outside-{}", uuid::Uuid::new_v4()));
+    create(&root)?;
+    // Its build is kept between runs (its own target directory, here), its state with it.
+    let target = crate::project_root().join("target/outside-workspace");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let run = || -> anyhow::Result<String> {
+        let mut command = Command::new(&cargo);
+        command
+            .current_dir(&root)
+            .args(["test", "--tests", "--quiet"])
+            .env("CARGO_TARGET_DIR", &target);
+        // Nothing of this repository's runs: no PGHARNESS_* setting, no run id.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("PGHARNESS_") || key.starts_with("NEXTEST") {
+                command.env_remove(key);
+            }
+        }
+        let output = command.output().context("cargo test in the outside workspace")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() || !text.contains("test result: ok. 3 passed") {
+            bail!("`cargo test` in {} failed:\n{text}", root.display());
+        }
+        Ok(text)
+    };
+    run()?;
+    run()?;
+    let mut settings = pgharness::Settings::load_from(&root, Vec::new())?;
+    settings.state_dir = target.join("pgharness");
+    let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
+    let client = crate::servers::admin_client(&server).await?;
+    let ns = pgharness::ledger::Namespace::of(&server.config());
+    let rows = client
+        .query(
+            &format!("SELECT status, uses FROM {ns}.ledger WHERE run_id IS DISTINCT FROM 'warmer'"),
+            &[],
+        )
+        .await?;
+    let statuses: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    if statuses.iter().any(|(status, _)| status != "ready") {
+        bail!("schemas were not all recycled after the runs (a seed change must not drop them): {statuses:?}");
+    }
+    if !statuses.iter().any(|(_, uses)| *uses >= 2) {
+        bail!("the second run claimed no schema the first one recycled: {statuses:?}");
+    }
+    drop(client);
+    let stopped = pgharness::backend::stop(&settings, pgharness::BackendKind::Native).await?;
+    if stopped.is_empty() {
+        bail!("the outside workspace's native server was not found to stop");
+    }
+    if pgharness::backend::native::is_running(&settings) {
+        bail!("the outside workspace's native server still runs after stop");
+    }
+    std::fs::remove_dir_all(&root)?;
+    eprintln!(
+        "xtask ci: the outside workspace's tests passed twice, {} schema(s) recycled and reused, its server stopped",
+        statuses.len()
+    );
+    Ok(())
+}
