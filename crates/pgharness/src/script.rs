@@ -263,37 +263,11 @@ pub(crate) fn without_transaction_control(sql: &str) -> String {
                 let escapes = i > 0
                     && matches!(chars[i - 1], 'e' | 'E')
                     && (i < 2 || !(chars[i - 2].is_alphanumeric() || chars[i - 2] == '_'));
-                i += 1;
-                while i < chars.len() {
-                    if escapes && chars[i] == '\\' {
-                        i += 2;
-                    } else if chars[i] == '\'' {
-                        if chars.get(i + 1) == Some(&'\'') {
-                            i += 2;
-                        } else {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-                i += 1;
+                i = after_quoted(&chars, i, '\'', escapes);
                 words.push_str(" ' ");
             }
             '"' => {
-                i += 1;
-                while i < chars.len() {
-                    if chars[i] == '"' {
-                        if chars.get(i + 1) == Some(&'"') {
-                            i += 2;
-                        } else {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-                i += 1;
+                i = after_quoted(&chars, i, '"', false);
                 words.push_str(" \" ");
             }
             '$' if !words.ends_with(|c: char| c.is_alphanumeric() || c == '_') => {
@@ -334,6 +308,26 @@ pub(crate) fn without_transaction_control(sql: &str) -> String {
     }
     blank(&mut out, &words, start, chars.len());
     out.into_iter().collect()
+}
+
+/// The index after a run quoted by `quote` that starts at `start` (a doubled quote stands
+/// for itself; with `escapes`, as in `E'…'`, so does a backslash and what follows it).
+fn after_quoted(chars: &[char], start: usize, quote: char, escapes: bool) -> usize {
+    let mut i = start + 1;
+    while i < chars.len() {
+        if escapes && chars[i] == '\\' {
+            i += 2;
+        } else if chars[i] == quote {
+            if chars.get(i + 1) == Some(&quote) {
+                i += 2;
+            } else {
+                return i + 1;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i
 }
 
 /// SQL quoting, by the protocol crate tokio-postgres is built on: an identifier always in

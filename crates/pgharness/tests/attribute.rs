@@ -83,13 +83,20 @@ async fn a_test_db_parameter_is_the_database_itself(
     Ok(())
 }
 
+/// The configured settings for a run of its own, torn down inline (the outcome is in the
+/// ledger when the database is dropped).
+fn run_settings(run: &str) -> pgharness::Settings {
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.run_id = Some(run.to_owned());
+    settings.teardown = pgharness::Teardown::Inline;
+    settings
+}
+
 #[tokio::test]
 async fn a_test_that_returns_err_keeps_its_schema_and_fails() {
     let server = common::configured_server().await;
     let run = format!("it-attr-err-{}", uuid::Uuid::new_v4());
-    let mut settings = pgharness::Settings::load().unwrap();
-    settings.run_id = Some(run.clone());
-    settings.teardown = pgharness::Teardown::Inline;
+    let settings = run_settings(&run);
     let db = TestDb::builder()
         .settings(settings)
         .without_migrations()
@@ -104,26 +111,14 @@ async fn a_test_that_returns_err_keeps_its_schema_and_fails() {
     let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("the app said no"), "{message}");
     let client = common::runner(&server).await;
-    let schema: String = client
-        .query_one(
-            &format!(
-                "SELECT schema_name FROM {}.ledger WHERE run_id = $1",
-                common::admin_ns()
-            ),
-            &[&run],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let schema = common::schema_of_run(&client, &run).await;
     assert_eq!(
         common::ledger_status(&client, &schema).await.as_deref(),
         Some("kept")
     );
     // And an Ok one recycles it.
     let run = format!("it-attr-ok-{}", uuid::Uuid::new_v4());
-    let mut settings = pgharness::Settings::load().unwrap();
-    settings.run_id = Some(run.clone());
-    settings.teardown = pgharness::Teardown::Inline;
+    let settings = run_settings(&run);
     let db = TestDb::builder()
         .settings(settings)
         .without_migrations()
@@ -169,9 +164,7 @@ async fn a_sqlx_pool_and_connection_are_in_the_test_s_schema(
 async fn the_sqlx_pool_is_closed_before_the_schema_is_recycled() {
     let server = common::configured_server().await;
     let run = format!("it-attr-sqlx-{}", uuid::Uuid::new_v4());
-    let mut settings = pgharness::Settings::load().unwrap();
-    settings.run_id = Some(run.clone());
-    settings.teardown = pgharness::Teardown::Inline;
+    let settings = run_settings(&run);
     let db = TestDb::builder()
         .settings(settings)
         .migrations(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attribute/sql"))

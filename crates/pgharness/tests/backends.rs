@@ -332,6 +332,50 @@ async fn a_native_server_that_exits_at_start_fails_at_once_with_its_fatal_line()
 
 /// A listener of another local user (`nobody`) on `port` that asks whoever connects for a
 /// cleartext password and prints what it gets.
+/// Once the server on `port` has gone, another local user (nobody) takes the port and asks
+/// for a cleartext password: the recorded server is not believed, a test of the workspace
+/// gets a server of its own, and the squatter gets no connection at all.
+async fn squat_then_test(settings: &pgharness::Settings, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend::listener_uid(port).is_some() {
+        assert!(Instant::now() < deadline, "the port was not given up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut squatter = std::process::Command::new("python3")
+        .args(["-c", SQUATTER, &port.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut said = std::io::BufReader::new(squatter.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    assert!(
+        backend::known(settings).is_none(),
+        "a record whose port another user's process holds is believed"
+    );
+    let db = pgharness::TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .expect("a server of its own is started");
+    assert_ne!(db.server().config().get_ports()[0], port);
+    drop(db);
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    assert!(
+        !rest.contains("connection"),
+        "a test process connected to another user's listener: {rest}"
+    );
+}
+
 const SQUATTER: &str = r#"
 import socket, struct, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -435,42 +479,7 @@ async fn a_port_another_user_took_after_the_server_stopped_gets_no_password() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backend::listener_uid(port).is_some() {
-        assert!(Instant::now() < deadline, "the server did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Another local user takes the port.
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let mut squatter = std::process::Command::new("python3")
-        .args(["-c", SQUATTER, &port.to_string()])
-        .uid(65534)
-        .gid(65534)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut said = std::io::BufReader::new(squatter.stdout.take().unwrap());
-    let mut line = String::new();
-    said.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "listening");
-    // A test of this workspace: it must not take the squatter for its server.
-    let db = pgharness::TestDb::builder()
-        .settings(settings.clone())
-        .without_migrations()
-        .build()
-        .await
-        .expect("a server of its own is started");
-    assert_ne!(db.server().config().get_ports()[0], port);
-    drop(db);
-    squatter.kill().unwrap();
-    squatter.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
-    assert!(
-        !rest.contains("connection"),
-        "a test process connected to another user's listener: {rest}"
-    );
+    squat_then_test(&settings, port).await;
     backend::stop(&settings, BackendKind::Native).await.unwrap();
 }
 
@@ -504,49 +513,43 @@ async fn a_container_port_another_user_took_after_the_container_went_gets_no_pas
         .output()
         .expect("docker");
     assert!(removed.status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backend::listener_uid(port).is_some() {
-        assert!(Instant::now() < deadline, "the port was not given up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Another local user takes the port and asks for a cleartext password.
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let mut squatter = std::process::Command::new("python3")
-        .args(["-c", SQUATTER, &port.to_string()])
-        .uid(65534)
-        .gid(65534)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut said = std::io::BufReader::new(squatter.stdout.take().unwrap());
-    let mut line = String::new();
-    said.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "listening");
-    assert!(
-        backend::known(&settings).is_none(),
-        "a record whose port another user's process holds is believed"
-    );
-    // A test of this workspace gets a container of its own, and the squatter nothing.
-    let db = pgharness::TestDb::builder()
-        .settings(settings.clone())
-        .without_migrations()
-        .build()
-        .await
-        .expect("a new container is started");
-    assert_ne!(db.server().config().get_ports()[0], port);
-    drop(db);
-    squatter.kill().unwrap();
-    squatter.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
-    assert!(
-        !rest.contains("connection"),
-        "a test process connected to another user's listener: {rest}"
-    );
+    squat_then_test(&settings, port).await;
     backend::stop(&settings, BackendKind::Container)
         .await
         .unwrap();
+}
+
+/// A server started anew refuses the password of the one before it (on its TCP port), and
+/// psql finds the new one in pgpass.
+async fn only_the_new_password_opens(
+    settings: &pgharness::Settings,
+    server: &pgharness::Server,
+    old: Vec<u8>,
+) {
+    let mut stale = server.config();
+    stale.password(old);
+    let error = stale
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("the old password is refused");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{error}"
+    );
+    let port = server.config().get_ports()[0].to_string();
+    let psql = std::process::Command::new("psql")
+        .env("PGPASSFILE", backend::secret::pgpass_path(settings))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", pgharness::TESTS_ROLE])
+        .args(["-d", "postgres", "-w", "-XAtc", "SELECT 1"])
+        .output()
+        .expect("psql");
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
 }
 
 #[tokio::test]
@@ -567,32 +570,7 @@ async fn each_container_has_a_password_of_its_own() {
         .await
         .expect("a new container starts");
     assert_ne!(second.config().get_password().unwrap(), &old[..]);
-    // The old password opens nothing now.
-    let mut stale = second.admin_config();
-    stale.password(old);
-    let error = stale
-        .connect(tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("the old password is refused");
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-        "{error}"
-    );
-    // psql finds the new one in pgpass.
-    let port = second.config().get_ports()[0].to_string();
-    let psql = std::process::Command::new("psql")
-        .env("PGPASSFILE", backend::secret::pgpass_path(&settings))
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", pgharness::TESTS_ROLE])
-        .args(["-d", "postgres", "-w", "-XAtc", "SELECT 1"])
-        .output()
-        .expect("psql");
-    assert!(
-        psql.status.success(),
-        "{}",
-        String::from_utf8_lossy(&psql.stderr)
-    );
+    only_the_new_password_opens(&settings, &second, old).await;
     backend::stop(&settings, BackendKind::Container)
         .await
         .unwrap();
@@ -612,32 +590,7 @@ async fn each_native_server_start_has_a_password_of_its_own() {
         .await
         .expect("native starts again");
     assert_ne!(second.config().get_password().unwrap(), &old[..]);
-    // The old password opens nothing now.
-    let mut stale = second.config();
-    stale.password(old);
-    let error = stale
-        .connect(tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("the old password is refused");
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-        "{error}"
-    );
-    // psql finds the new one in pgpass.
-    let port = second.config().get_ports()[0].to_string();
-    let psql = std::process::Command::new("psql")
-        .env("PGPASSFILE", backend::secret::pgpass_path(&settings))
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", pgharness::TESTS_ROLE])
-        .args(["-d", "postgres", "-w", "-XAtc", "SELECT 1"])
-        .output()
-        .expect("psql");
-    assert!(
-        psql.status.success(),
-        "{}",
-        String::from_utf8_lossy(&psql.stderr)
-    );
+    only_the_new_password_opens(&settings, &second, old).await;
     backend::stop(&settings, BackendKind::Native).await.unwrap();
 }
 

@@ -47,17 +47,7 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
     assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), "kept");
 
     let client = common::runner(&server).await;
-    let schema: String = client
-        .query_one(
-            &format!(
-                "SELECT schema_name FROM {}.ledger WHERE run_id = $1",
-                common::admin_ns()
-            ),
-            &[&run],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let schema = common::schema_of_run(&client, &run).await;
     assert_eq!(
         ledger_status(&client, &schema).await.as_deref(),
         Some("kept")

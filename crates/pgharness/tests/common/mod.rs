@@ -66,6 +66,21 @@ pub(crate) fn admin_ns() -> pgharness::ledger::Namespace {
     pgharness::ledger::Namespace::for_user(pgharness::TESTS_ROLE)
 }
 
+/// The schema of the one test database of a run.
+pub(crate) async fn schema_of_run(client: &Client, run: &str) -> String {
+    client
+        .query_one(
+            &format!(
+                "SELECT schema_name FROM {}.ledger WHERE run_id = $1",
+                admin_ns()
+            ),
+            &[&run],
+        )
+        .await
+        .expect("the run's schema is in the ledger")
+        .get(0)
+}
+
 pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {
     client
         .query_opt(
