@@ -39,39 +39,39 @@ pub enum Error {
         message: String,
     },
     /// A file pgharness needs could not be read or written.
-    #[error("{action} `{}`: {source}", .path.display())]
+    #[error("{action} `{}`: {error}", .path.display())]
     Io {
         /// What pgharness was doing.
         action: &'static str,
         /// The file or directory.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (in the message, so not also a `source()`: printed once
+        /// under anyhow's `{:#}`).
+        error: std::io::Error,
     },
     /// A statement or connection failed on the server.
-    #[error("{action}: {}{}", pg_message(.source), hint_for(.source))]
+    #[error("{action}: {}{}", pg_message(.error), hint_for(.error))]
     Postgres {
         /// What pgharness was doing.
         action: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error (its message and causes are in this one's, so it is not also
+        /// a `source()`; `as_db_error` gives the server's error).
+        error: tokio_postgres::Error,
     },
     /// A migration or fixture file failed; `location` points into the file.
-    #[error("{kind} `{location}` failed: {}", pg_message(.source))]
+    #[error("{kind} `{location}` failed: {}", pg_message(.error))]
     Sql {
         /// "migration" or "fixture".
         kind: &'static str,
         /// `path:line` of the failing statement when the server reported a position.
         location: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error (its message and causes are in this one's, so it is not also
+        /// a `source()`; `as_db_error` gives the server's error).
+        error: tokio_postgres::Error,
     },
     /// The connection pool could not be built.
     #[error("failed to build the connection pool: {0}")]
-    Pool(#[source] deadpool_postgres::BuildError),
+    Pool(deadpool_postgres::BuildError),
     /// Waiting for something took longer than allowed.
     #[error("timed out after {waited:?} {what}; {fix}")]
     Timeout {
@@ -96,8 +96,8 @@ impl Error {
     /// True when the server refused a connection because all slots were taken (53300).
     pub fn is_too_many_clients(&self) -> bool {
         match self {
-            Error::Postgres { source, .. } | Error::Sql { source, .. } => {
-                source.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+            Error::Postgres { error, .. } | Error::Sql { error, .. } => {
+                error.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
             }
             _ => false,
         }
@@ -106,27 +106,27 @@ impl Error {
     /// The server's error, when the failure came from Postgres.
     pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
         match self {
-            Error::Postgres { source, .. } | Error::Sql { source, .. } => source.as_db_error(),
+            Error::Postgres { error, .. } | Error::Sql { error, .. } => error.as_db_error(),
             _ => None,
         }
     }
 
-    pub(crate) fn postgres(action: impl Into<String>, source: tokio_postgres::Error) -> Self {
+    pub(crate) fn postgres(action: impl Into<String>, error: tokio_postgres::Error) -> Self {
         Error::Postgres {
             action: action.into(),
-            source,
+            error,
         }
     }
 
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,
-        source: std::io::Error,
+        error: std::io::Error,
     ) -> Self {
         Error::Io {
             action,
             path: path.into(),
-            source,
+            error,
         }
     }
 }
@@ -166,5 +166,44 @@ fn hint_for(error: &tokio_postgres::Error) -> &'static str {
          PGHARNESS_MAX_CONNECTIONS for servers pgharness starts"
     } else {
         ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error and its causes as anyhow's `{:#}` prints them.
+    fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+        std::iter::successors(Some(error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ")
+    }
+
+    #[test]
+    fn each_cause_is_printed_once_in_a_chain() {
+        let io = Error::io(
+            "failed to read migration",
+            "/w/sql/0001.sql",
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (os error 2)"),
+        );
+        let text = chain(&io);
+        assert_eq!(text.matches("no such file").count(), 1, "{text}");
+        assert!(text.contains("/w/sql/0001.sql"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause_once() {
+        // A port nobody listens on: tokio-postgres' error with an io error beneath.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(port).user("u");
+        let error = config.connect(tokio_postgres::NoTls).await.err().unwrap();
+        let error = Error::postgres("failed to connect", error);
+        let text = chain(&error);
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
     }
 }

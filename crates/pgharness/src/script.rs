@@ -167,7 +167,7 @@ impl Batch {
                 return Error::Sql {
                     kind: span.kind,
                     location: format!("{}:{line}", span.path.display()),
-                    source: error,
+                    error,
                 };
             }
         }
@@ -181,7 +181,7 @@ impl Batch {
             return Error::Sql {
                 kind: span.kind,
                 location: span.path.display().to_string(),
-                source: error,
+                error,
             };
         }
         let files: Vec<String> = self
