@@ -98,13 +98,21 @@ impl FromStr for ProcessId {
 /// listener there now is the server pgharness started (its uid) or something another local
 /// user bound to the port after the server went away (A3 in issue 18). `None`: nothing
 /// listens there (or /proc has no answer).
+///
+/// The kernel lists listening sockets first (its listening hash, then the established one),
+/// so reading stops at the first socket in another state: the whole table, thousands of
+/// TIME_WAIT lines after a test run, takes ~10 ms to generate; its head, a fraction of one.
 pub fn listener_uid(port: u16) -> Option<u32> {
+    use std::io::BufRead;
     let wanted = format!("{port:04X}");
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+        let Ok(file) = std::fs::File::open(table) else {
             continue;
         };
-        for line in text.lines().skip(1) {
+        for line in std::io::BufReader::new(file).lines().skip(1) {
+            let Ok(line) = line else {
+                break;
+            };
             let fields: Vec<&str> = line.split_whitespace().collect();
             // sl, local_address, rem_address, st, tx:rx, tr:when, retrnsmt, uid, …
             let (Some(local), Some(state), Some(uid)) =
@@ -112,6 +120,9 @@ pub fn listener_uid(port: u16) -> Option<u32> {
             else {
                 continue;
             };
+            if *state != "0A" {
+                break;
+            }
             let Some((address, local_port)) = local.rsplit_once(':') else {
                 continue;
             };
@@ -122,7 +133,7 @@ pub fn listener_uid(port: u16) -> Option<u32> {
                     | "00000000000000000000000000000000"
                     | "00000000000000000000000001000000"
             );
-            if *state == "0A" && local_port == wanted && loopback_or_any {
+            if local_port == wanted && loopback_or_any {
                 return uid.parse().ok();
             }
         }
