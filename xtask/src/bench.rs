@@ -121,6 +121,36 @@ fn claim_loop(
     })
 }
 
+/// Like [`claim_loop`], for a test that gets an sqlx `PgPool` as `#[pgharness::test]`
+/// injects it: the acquire until its first query through that pool has answered.
+fn pgpool_claim_loop(settings: &pgharness::Settings, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut times = Vec::new();
+        for i in 0..n {
+            let started = Instant::now();
+            let db = TestDb::builder()
+                .settings(settings.clone())
+                .test_name(format!("bench_pgpool_{i}"))
+                .build()
+                .await?;
+            let mut closers = pgharness::Closers::default();
+            let pool =
+                <pgharness::sqlx::PgPool as pgharness::Inject>::inject(&db, &mut closers).await;
+            pgharness::sqlx::query("INSERT INTO t04_tasks (name) VALUES ('x')")
+                .execute(&pool)
+                .await?;
+            times.push(started.elapsed());
+            closers.close().await;
+            drop(db);
+        }
+        times.sort();
+        Ok(times)
+    })
+}
+
 impl Bench {
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         println!(
@@ -226,6 +256,18 @@ impl Bench {
             "ms",
             "<= 15",
             "acquire, claimed from the pool, p95",
+        );
+        let with_pgpool = {
+            let settings = settings.clone();
+            let n = self.schemas;
+            tokio::task::spawn_blocking(move || pgpool_claim_loop(&settings, n)).await??
+        };
+        figure(
+            "acquire_pgpool_p50_ms",
+            ms(percentile(&with_pgpool, 0.5)),
+            "ms",
+            &format!("<= {:.2}", ms(percentile(&claimed, 0.5)) + 2.0),
+            "acquire with an injected sqlx PgPool, to its first answer, p50",
         );
         figure(
             "teardown_recycle_p50_ms",
