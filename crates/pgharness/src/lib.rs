@@ -38,6 +38,7 @@ mod connect;
 mod driver;
 mod error;
 pub mod events;
+#[cfg(feature = "rstest")]
 mod fixture;
 mod inject;
 mod layout;
@@ -51,6 +52,7 @@ mod testdb;
 mod workspace;
 
 pub use error::Error;
+#[cfg(feature = "rstest")]
 pub use fixture::test_db;
 #[doc(hidden)]
 pub use inject::__macro;
