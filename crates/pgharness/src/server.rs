@@ -76,6 +76,20 @@ impl Server {
         Server::started(backend, Host::Unix(dir.to_path_buf()), port, password)
     }
 
+    /// [`local_socket`](Self::local_socket) when it has a socket directory, else
+    /// [`local`](Self::local): how a record of a started server names where it is.
+    pub fn local_at(
+        backend: BackendKind,
+        socket_dir: Option<&std::path::Path>,
+        port: u16,
+        password: &str,
+    ) -> Server {
+        match socket_dir {
+            Some(dir) => Server::local_socket(backend, dir, port, password),
+            None => Server::local(backend, port, password),
+        }
+    }
+
     fn started(backend: BackendKind, host: Host, port: u16, password: &str) -> Server {
         let login = |user: &str| {
             let mut config = tokio_postgres::Config::new();

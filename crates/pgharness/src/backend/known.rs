@@ -64,17 +64,9 @@ fn describe(settings: &Settings, server: &Server) -> Option<Known> {
         max_connections: settings.max_connections,
         native_tcp: settings.native_tcp,
         workspace: Some(settings.root.clone()),
-        listener_uid: listener(socket_dir.as_deref(), port),
+        listener_uid: super::listener_owner(socket_dir.as_deref(), port),
         socket_dir,
     })
-}
-
-/// The uid behind a server's listener: its private socket directory's, or the TCP port's.
-fn listener(socket_dir: Option<&std::path::Path>, port: u16) -> Option<u32> {
-    match socket_dir {
-        Some(dir) => super::socket_owner(dir, port),
-        None => super::listener_uid(port),
-    }
 }
 
 pub(super) fn remember(settings: &Settings, server: &Server) {
@@ -120,7 +112,7 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
         return None;
     }
     if known.listener_uid.is_none()
-        || listener(known.socket_dir.as_deref(), known.port) != known.listener_uid
+        || super::listener_owner(known.socket_dir.as_deref(), known.port) != known.listener_uid
     {
         tracing::info!(
             port = known.port,
@@ -133,10 +125,12 @@ pub(super) fn recall(settings: &Settings) -> Option<Server> {
             .or_else(|| super::secret::local_password(settings).ok())?,
         _ => super::secret::local_password(settings).ok()?,
     };
-    Some(match &known.socket_dir {
-        Some(dir) => Server::local_socket(backend, dir, known.port, &password),
-        None => Server::local(backend, known.port, &password),
-    })
+    Some(Server::local_at(
+        backend,
+        known.socket_dir.as_deref(),
+        known.port,
+        &password,
+    ))
 }
 
 /// Forgets every record of a server of this kind (it is being stopped).

@@ -9,7 +9,7 @@ mod process;
 pub mod rds;
 pub mod secret;
 
-pub use process::{ProcessId, listener_uid, socket_owner};
+pub use process::{ProcessId, listener_owner, listener_uid, socket_owner};
 
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};

@@ -2,8 +2,8 @@
 //! per workspace shared by every test process under a file lock. Data lives on tmpfs
 //! (`/dev/shm`) when there is one. The server listens only on a Unix socket in a 0700
 //! directory of its user (no port for another local user to squat or to try passwords
-//! on); `native_tcp` adds a TCP listener on 127.0.0.1 with password login. As root it runs the server as an unprivileged user,
-//! since postgres refuses to run as root. A small watchdog shell process owns the server
+//! on); `native_tcp` adds a TCP listener on 127.0.0.1 with password login. As root it runs
+//! the server as an unprivileged user, since postgres refuses to run as root. A small watchdog shell process owns the server
 //! and stops it after `native_idle` with no client connected, or on `cargo xtask down`.
 
 use std::fs::File;
@@ -71,18 +71,20 @@ impl State {
         })
     }
 
-    /// The directory of its Unix socket (`.s.PGSQL.<port>`).
-    fn socket_dir(&self) -> PathBuf {
-        socket_dir(&self.base_dir)
+    /// The directory of its Unix socket (`.s.PGSQL.<port>`) when tests reach it there; none
+    /// when it listens on TCP.
+    fn socket_dir(&self) -> Option<PathBuf> {
+        (!self.tcp).then(|| socket_dir(&self.base_dir))
     }
 
     /// The server as tests reach it: over TCP when it listens there, else its socket.
     fn server(&self, password: &str) -> Server {
-        if self.tcp {
-            Server::local(BackendKind::Native, self.port, password)
-        } else {
-            Server::local_socket(BackendKind::Native, &self.socket_dir(), self.port, password)
-        }
+        Server::local_at(
+            BackendKind::Native,
+            self.socket_dir().as_deref(),
+            self.port,
+            password,
+        )
     }
 
     /// Where it listens, for messages.
@@ -358,19 +360,19 @@ fn alive(state: &State, settings: &Settings) -> bool {
     let Some(uid) = state.server_uid else {
         return false;
     };
-    if state.tcp {
-        super::listener_uid(state.port) == Some(uid)
-            && TcpStream::connect_timeout(
+    let socket_dir = state.socket_dir();
+    super::listener_owner(socket_dir.as_deref(), state.port) == Some(uid)
+        && match socket_dir {
+            Some(dir) => std::os::unix::net::UnixStream::connect(
+                dir.join(format!(".s.PGSQL.{}", state.port)),
+            )
+            .is_ok(),
+            None => TcpStream::connect_timeout(
                 &(Ipv4Addr::LOCALHOST, state.port).into(),
                 Duration::from_secs(1),
             )
-            .is_ok()
-    } else {
-        let dir = state.socket_dir();
-        super::socket_owner(&dir, state.port) == Some(uid)
-            && std::os::unix::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", state.port)))
-                .is_ok()
-    }
+            .is_ok(),
+        }
 }
 
 /// The account a native server runs as when pgharness runs as root.

@@ -141,6 +141,15 @@ pub fn listener_uid(port: u16) -> Option<u32> {
     None
 }
 
+/// The uid behind the listener of a server pgharness started: its Unix socket's, in its
+/// private `socket_dir`, or the loopback TCP port's when it has no socket directory.
+pub fn listener_owner(socket_dir: Option<&std::path::Path>, port: u16) -> Option<u32> {
+    match socket_dir {
+        Some(dir) => socket_owner(dir, port),
+        None => listener_uid(port),
+    }
+}
+
 /// The uid that owns the Unix socket `.s.PGSQL.<port>` in `dir`, when `dir` is a private
 /// directory of that same uid (a real directory, no access for group or others): then
 /// nobody else can have made or replaced the socket, and a password sent there reaches
