@@ -22,7 +22,7 @@ pub(crate) struct Bench {
     #[arg(long, default_value_t = 16)]
     megabytes: usize,
     /// The local backend for the acquire figures.
-    #[arg(long, value_parser = crate::parse_backend)]
+    #[arg(long, value_parser = cargo_pgharness::parse_backend)]
     backend: Option<BackendKind>,
     /// Also write every figure to this file as JSON: `[{"name", "value", "unit", "target"}]`.
     #[arg(long)]
@@ -191,11 +191,11 @@ impl Bench {
     async fn acquire(&self) -> anyhow::Result<()> {
         let mut settings = crate::settings(self.backend)?;
         settings.teardown = pgharness::Teardown::Inline;
-        let (server, kind, _) = crate::servers::start(&settings).await?;
+        let (server, kind, _) = pgharness_runner::servers::start(&settings, &crate::report).await?;
         settings.backend = kind;
         let run_id = format!("bench-{}", std::process::id());
         settings.run_id = Some(run_id.clone());
-        let admin = crate::servers::admin_client(&server).await?;
+        let admin = pgharness_runner::servers::admin_client(&server).await?;
         println!(
             "schema pool ({kind} backend, {}, benchmark migration set: 20 tables, 60 indexes, 30 foreign keys):",
             server.describe()
@@ -350,18 +350,18 @@ impl Bench {
         for rtt in [Duration::ZERO, Duration::from_millis(30)] {
             let mut settings = crate::settings(Some(BackendKind::Rds))?;
             anyhow::ensure!(
-                crate::emulator::running(&settings).is_none(),
-                "an emulator already runs, at an RTT this bench cannot know: stop it with `cargo xtask down` and `cargo xtask emulate --stop`"
+                pgharness_runner::emulator::running(&settings).is_none(),
+                "an emulator already runs, at an RTT this bench cannot know: stop it with `cargo pgharness down` and `cargo pgharness emulate --stop`"
             );
-            let options = crate::emulator::EmulatorOptions {
+            let options = pgharness_runner::EmulatorOptions {
                 rtt: (!rtt.is_zero()).then_some(rtt),
                 ..Default::default()
             };
-            let up = crate::rds::up(&settings, true, &options).await?;
+            let up = pgharness_runner::rds::up(&settings, true, &options, &crate::report).await?;
             let claimed = self.rds_claims(&mut settings).await;
-            crate::rds::down(&settings).await?;
+            pgharness_runner::rds::down(&settings, &crate::report).await?;
             if up.started_emulator {
-                crate::emulator::stop(&settings).await?;
+                pgharness_runner::emulator::stop(&settings).await?;
             }
             let p50 = percentile(&claimed?, 0.5);
             figure(
@@ -392,7 +392,7 @@ impl Bench {
         settings.migrations = bench_migrations()?;
         settings.run_id = Some(format!("bench-rds-{}", std::process::id()));
         let server = pgharness::backend::ensure(settings, &pgharness::events::log_only).await?;
-        let admin = crate::servers::admin_client(&server).await?;
+        let admin = pgharness_runner::servers::admin_client(&server).await?;
         let ns = pgharness::ledger::Namespace::of(&server.config());
         pgharness::pool::warm(
             &admin,
@@ -479,17 +479,15 @@ impl Bench {
             "<= 8",
             "suite overhead per test, cargo nextest run (reset in teardown)",
         );
-        let admin = std::sync::Arc::new(crate::servers::admin_client(server).await?);
+        let admin = std::sync::Arc::new(pgharness_runner::servers::admin_client(server).await?);
         let mut janitored = Vec::new();
         for round in 0..3 {
             let run_id = format!("bench-suite-{}-{round}", std::process::id());
-            let janitor = crate::test::Janitor::spawn(
+            let janitor = pgharness_runner::janitor::Janitor::spawn(
                 admin.clone(),
                 pgharness::ledger::Namespace::of(&server.config()),
                 run_id.clone(),
-                settings.migrations.clone(),
-                settings.migrations_layout,
-                settings.extra_search_path.clone(),
+                settings,
                 3,
             );
             let extra = [

@@ -5,8 +5,6 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use pgharness::BackendKind;
 
-use crate::test::Test;
-
 #[derive(clap::Args)]
 pub(crate) struct Ci {
     /// Skip `cargo fmt --check` and clippy.
@@ -118,24 +116,28 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
         "xtask ci: tests on the {backend} backend: nextest {}",
         args.join(" ")
     );
-    let test = Test {
-        backend: Some(backend),
+    cargo_pgharness::prereq::install_missing(
+        &[cargo_pgharness::prereq::PSQL],
+        &crate::project_root(),
+    )?;
+    let test = pgharness_runner::TestRun {
+        settings: crate::settings(Some(backend))?,
         keep_server: false,
         emulated: backend == BackendKind::Rds,
-        emulator: crate::emulator::EmulatorOptions {
+        emulator: pgharness_runner::EmulatorOptions {
             rtt: Some(std::time::Duration::from_millis(30)),
             ..Default::default()
         },
         nextest_args: args.iter().map(|s| s.to_string()).collect(),
     };
-    if test.run().await? != ExitCode::SUCCESS {
+    if test.run(&crate::report).await? != ExitCode::SUCCESS {
         bail!("tests failed on the {backend} backend");
     }
     Ok(())
 }
 
 fn xtask(args: &[&str]) -> std::process::Command {
-    let mut command = std::process::Command::new(crate::self_exe());
+    let mut command = std::process::Command::new(pgharness_runner::self_exe());
     command.current_dir(crate::project_root()).args(args);
     command
 }
@@ -144,9 +146,9 @@ fn xtask(args: &[&str]) -> std::process::Command {
 async fn doctor_checks() -> anyhow::Result<()> {
     eprintln!("xtask ci: doctor against the emulator, then against a stopped one");
     let settings = crate::settings(None)?;
-    crate::emulator::ensure(&settings, &Default::default()).await?;
+    pgharness_runner::emulator::ensure(&settings, &Default::default(), &crate::report).await?;
     let green = xtask(&["doctor", "--backend", "rds", "--emulated"]).output()?;
-    let stopped = crate::emulator::stop(&settings).await;
+    let stopped = pgharness_runner::emulator::stop(&settings).await;
     let red = xtask(&["doctor", "--backend", "rds", "--emulated"]).output()?;
     stopped?;
     let green_text = String::from_utf8_lossy(&green.stdout);
@@ -195,7 +197,7 @@ async fn interrupt_check() -> anyhow::Result<()> {
     if !text.contains("; 0 of them open after down") {
         bail!("an SSM session was left open after Ctrl-C:\n{text}");
     }
-    if crate::emulator::running(&settings).is_some()
+    if pgharness_runner::emulator::running(&settings).is_some()
         || pgharness::backend::rds::EnvFile::read(&settings)?.is_some_and(|f| f.proxy_alive())
     {
         bail!("a background process survived Ctrl-C:\n{text}");
@@ -259,7 +261,7 @@ async fn up_then_plain_tools_check() -> anyhow::Result<()> {
             .args(["-XAtc", "SELECT current_user"])
             .output()?;
         drop(url);
-        if String::from_utf8_lossy(&psql.stdout).trim() != crate::emulator::USER {
+        if String::from_utf8_lossy(&psql.stdout).trim() != pgharness_runner::emulator::USER {
             bail!(
                 "psql through the RDS proxy failed: {}",
                 String::from_utf8_lossy(&psql.stderr)
@@ -385,9 +387,9 @@ impl CmdlineWatch {
 
 /// An admin client of the local Postgres behind the emulator (which `up --emulated` started).
 async fn emulated_cluster_admin() -> anyhow::Result<pgharness::tokio_postgres::Client> {
-    let local = crate::emulator::cluster_settings(&crate::settings(None)?, None).await?;
+    let local = pgharness_runner::emulator::cluster_settings(&crate::settings(None)?, None).await?;
     let server = pgharness::backend::ensure(&local, &pgharness::events::log_only).await?;
-    crate::servers::admin_client(&server).await
+    Ok(pgharness_runner::servers::admin_client(&server).await?)
 }
 
 /// kill -9 of the RDS proxy mid-run: tests say the proxy is gone (at once, not after the
@@ -462,8 +464,8 @@ async fn dead_proxy_check() -> anyhow::Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let values = crate::emulator::running(&settings).context("the emulator stopped")?;
-        if crate::emulator::stats(&values)?.open.contains(&session) {
+        let values = pgharness_runner::emulator::running(&settings).context("the emulator stopped")?;
+        if pgharness_runner::emulator::stats(&values)?.open.contains(&session) {
             bail!("the dead proxy's SSM session {session} is still open");
         }
         eprintln!(
@@ -731,7 +733,9 @@ async fn hold_and_wait_check() -> anyhow::Result<()> {
 /// Whether this workspace's native server or container runs.
 async fn local_server_runs() -> anyhow::Result<bool> {
     let settings = crate::settings(None)?;
-    Ok(!crate::servers::running_local(&settings).await.is_empty())
+    Ok(!pgharness_runner::servers::running_local(&settings)
+        .await
+        .is_empty())
 }
 
 /// A failing test's kept schema: the psql line `cargo xtask test` prints works after the
@@ -896,12 +900,18 @@ impl Ci {
             eprintln!("xtask ci: the checks asked for are green");
             return Ok(ExitCode::SUCCESS);
         }
-        crate::prereq::install_missing(&[crate::prereq::PSQL, crate::prereq::SERVER])?;
-        crate::prereq::pip_install_missing(&[
-            crate::prereq::BOTOCORE,
-            crate::prereq::WEBSOCKETS,
-            crate::prereq::AWS_CLI,
-            crate::prereq::ACTIONLINT,
+        cargo_pgharness::prereq::install_missing(
+            &[
+                cargo_pgharness::prereq::PSQL,
+                cargo_pgharness::prereq::SERVER,
+            ],
+            &crate::project_root(),
+        )?;
+        crate::pip::pip_install_missing(&[
+            crate::pip::BOTOCORE,
+            crate::pip::WEBSOCKETS,
+            crate::pip::AWS_CLI,
+            crate::pip::ACTIONLINT,
         ])?;
         if !self.no_lint {
             cargo(&["fmt", "--all", "--", "--check"])?;

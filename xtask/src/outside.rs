@@ -133,7 +133,7 @@ pub(crate) async fn check() -> anyhow::Result<()> {
     let mut settings = pgharness::Settings::load_from(&root, Vec::new())?;
     settings.state_dir = target.join("pgharness");
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
-    let client = crate::servers::admin_client(&server).await?;
+    let client = pgharness_runner::servers::admin_client(&server).await?;
     let ns = pgharness::ledger::Namespace::of(&server.config());
     let rows = client
         .query(

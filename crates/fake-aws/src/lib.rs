@@ -8,6 +8,7 @@
 //!   and an emulated agent on the data channel websocket, with injectable faults.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod credentials;
 pub mod rds;
 pub mod sigv4;

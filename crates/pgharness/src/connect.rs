@@ -142,7 +142,7 @@ pub(crate) async fn connect(
                     Error::postgres("connect", error)
                 ),
                 waited: started.elapsed(),
-                fix: "check that the server is running (`cargo xtask up`), or raise PGHARNESS_ACQUIRE_TIMEOUT".into(),
+                fix: "check that the server is running (`cargo pgharness up`), or raise PGHARNESS_ACQUIRE_TIMEOUT".into(),
             })
         }
         Err(error) => Err(Error::postgres(format!("failed to connect to {what}"), error)),

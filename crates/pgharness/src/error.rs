@@ -161,7 +161,7 @@ pub(crate) fn pg_message(error: &tokio_postgres::Error) -> String {
 fn hint_for(error: &tokio_postgres::Error) -> &'static str {
     if error.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) {
         "; the server has no connection slots left: run fewer tests at once \
-         (`cargo xtask test` sizes nextest's `@tool:pgharness:db` group from max_connections; \
+         (`cargo pgharness test` sizes nextest's `@tool:pgharness:db` group from max_connections; \
          with plain nextest pass `--test-threads`), lower PGHARNESS_POOL_SIZE, or raise \
          PGHARNESS_MAX_CONNECTIONS for servers pgharness starts"
     } else {

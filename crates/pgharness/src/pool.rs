@@ -114,6 +114,15 @@ impl Warmer {
         })
     }
 
+    /// The warmer of the workspace's default migration set: `settings.migrations` read in
+    /// its layout, with `settings.extra_search_path`.
+    pub fn for_settings(settings: &crate::Settings) -> Result<Warmer, Error> {
+        Ok(
+            Warmer::new(&settings.migrations, settings.migrations_layout)?
+                .extra_search_path(&settings.extra_search_path),
+        )
+    }
+
     /// Schemas after the pool schema's own on the migrations' `search_path`, as the tests'
     /// (`extra_search_path`).
     pub fn extra_search_path(mut self, schemas: &[String]) -> Warmer {

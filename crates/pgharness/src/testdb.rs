@@ -545,7 +545,7 @@ impl TestDb {
         let command = self.server.psql_command(schema, &self.state_dir);
         format!(
             "pgharness: kept schema {schema} of test `{}` for debugging; inspect it with:\n    {command}\n\
-             (`cargo xtask reap` drops it once it is older than {:?}; PGHARNESS_KEEP=never drops it at once)",
+             (`cargo pgharness reap` drops it once it is older than {:?}; PGHARNESS_KEEP=never drops it at once)",
             self.test_name, self.reap_ttl
         )
     }

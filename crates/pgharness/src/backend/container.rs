@@ -151,7 +151,7 @@ pub async fn resolve_image(docker: &Docker, settings: &Settings) -> Result<Strin
         Ok(()) => Ok(DEFAULT_IMAGE.to_owned()),
         Err(e) => Err(backend_error(format!(
             "no Postgres image: `{DEFAULT_IMAGE}` is not present and could not be pulled ({e}); \
-             build `{LOCAL_IMAGE}` from Debian packages with `cargo xtask image`, \
+             build `{LOCAL_IMAGE}` from Debian packages with `cargo pgharness image`, \
              or set PGHARNESS_IMAGE to an image you have"
         ))),
     }
@@ -371,7 +371,7 @@ async fn start_shared(
             }
             Err(e) => {
                 break Err(backend_error(format!(
-                    "container `{name}` runs but publishes no port for 5432 ({e}); remove it with `cargo xtask down`"
+                    "container `{name}` runs but publishes no port for 5432 ({e}); remove it with `cargo pgharness down`"
                 )));
             }
         }

@@ -179,7 +179,7 @@ impl EnvFile {
     }
 }
 
-const START_IT: &str = "start it with `cargo xtask up --backend rds` (or run the tests with `cargo xtask test --backend rds`)";
+const START_IT: &str = "start it with `cargo pgharness up --backend rds` (or run the tests with `cargo pgharness test --backend rds`)";
 
 /// After a connection to the proxy failed: the error that names a proxy which is gone, if
 /// it is (its pid no longer runs, or the env file is gone with it). A connection refused by

@@ -1,14 +1,12 @@
-//! `cargo xtask up --backend rds` / `down` and the background process between them: a thin
-//! command layer over `pgharness-rds` (the runtime: tunnel, tokens, TLS, local auth proxy).
-//! `up` starts `cargo xtask __rds-proxy` in its own process group, renders the typed
-//! progress it reports (`pgharness_rds::report`) and returns once it serves; the process
-//! stops on a signal, when its SSM session ends, or after `[rds] idle` without clients.
+//! `up --backend rds` / `down` and the background process between them, over `pgharness-rds`
+//! (the runtime: tunnel, tokens, TLS, local auth proxy). `up` starts this very program's
+//! hidden `__rds-proxy` command in its own process group, passes on the typed progress it
+//! reports (`pgharness_rds::report`) and returns once it serves; the process stops on a
+//! signal, when its SSM session ends, or after `[rds] idle` without clients.
 
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use pgharness::BackendKind;
 use pgharness::backend::rds::EnvFile;
 use pgharness::{Settings, events::Event};
 use pgharness_rds::report::Report;
@@ -17,33 +15,38 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::emulator::{self, EmulatorOptions};
-use crate::ui::Progress;
+use crate::error::{Action, Error, Result};
+use crate::events::{Reporter, RunEvent};
 
-fn report(report: Report) {
+fn tell_parent(report: Report) {
     // The parent reads these until `Ready`; afterwards nobody does, which is fine.
     let _ = report.write_to(&mut std::io::stdout());
 }
 
-/// The background process (`cargo xtask __rds-proxy`, started by `up`).
-pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
-    let settings = crate::settings(Some(BackendKind::Rds))?;
-    let rds = match RdsProxy::start(&settings, &|event: Event| report(Report::Event(event))).await {
-        Ok(rds) => rds,
-        Err(error) => {
-            report(Report::Failed {
-                error: crate::render(&error),
-            });
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    report(Report::Ready {
+/// The background process (the hidden `__rds-proxy` command, started by `up`), with the
+/// workspace's settings (backend rds).
+pub async fn proxy_main(settings: Settings) -> Result<ExitCode> {
+    let rds =
+        match RdsProxy::start(&settings, &|event: Event| tell_parent(Report::Event(event))).await {
+            Ok(rds) => rds,
+            Err(error) => {
+                tell_parent(Report::Failed {
+                    error: crate::render(&error),
+                });
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+    tell_parent(Report::Ready {
         url: rds.url().to_string(),
     });
-    let mut signals = (
-        signal(SignalKind::interrupt())?,
-        signal(SignalKind::terminate())?,
-        signal(SignalKind::hangup())?,
-    );
+    let signals = || -> std::io::Result<_> {
+        Ok((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    };
+    let mut signals = signals().action(|| "failed to listen for signals".to_owned())?;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let reason = {
         let closed = rds.tunnel_closed();
@@ -71,42 +74,42 @@ pub(crate) async fn proxy_main() -> anyhow::Result<ExitCode> {
 }
 
 /// What `up` started.
-pub(crate) struct Up {
+pub struct Up {
     /// Whether it started the emulator (then `down` of the run stops it).
-    pub(crate) started_emulator: bool,
+    pub started_emulator: bool,
     /// Whether it started the proxy (a proxy of an earlier `up` stays up after the run).
-    pub(crate) started_proxy: bool,
+    pub started_proxy: bool,
 }
 
 /// Starts the RDS proxy (and the emulator with `emulated`) unless it runs.
-pub(crate) async fn up(
+pub async fn up(
     settings: &Settings,
     emulated: bool,
     options: &EmulatorOptions,
-) -> anyhow::Result<Up> {
+    report: Reporter<'_>,
+) -> Result<Up> {
     let (emulator, started_emulator) = if emulated {
-        let (values, started) = emulator::ensure(settings, options).await?;
+        let (values, started) = emulator::ensure(settings, options, report).await?;
         (Some(values), started)
     } else {
         (None, false)
     };
     if let Some(file) = EnvFile::read(settings)?.filter(|f| f.backend == "rds" && f.proxy_alive()) {
-        eprintln!(
-            "xtask: the RDS proxy already runs (pid {})",
-            file.proxy_pid.unwrap_or_default()
-        );
+        report(RunEvent::ProxyRunning {
+            pid: file.proxy_pid.unwrap_or_default(),
+        });
         return Ok(Up {
             started_emulator,
             started_proxy: false,
         });
     }
     let _ = std::fs::remove_file(stats_path(settings));
-    let progress = Progress::start("starting the RDS proxy");
-    let log =
-        pgharness::backend::secret::create_private(&settings.state_dir.join("rds-proxy.log"))?;
+    report(RunEvent::StepStarted("starting the RDS proxy".into()));
+    let log_path = settings.state_dir.join("rds-proxy.log");
+    let log = pgharness::backend::secret::create_private(&log_path)?;
     let mut command = tokio::process::Command::new(crate::self_exe());
     command
-        .arg("__rds-proxy")
+        .arg(crate::RDS_PROXY_COMMAND)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -116,39 +119,37 @@ pub(crate) async fn up(
     }
     let mut child = command
         .spawn()
-        .context("failed to start the RDS proxy process")?;
-    let stdout = child.stdout.take().context("no stdout")?;
+        .action(|| "failed to start the RDS proxy process".to_owned())?;
     let started = Instant::now();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut outcome = Err(anyhow::anyhow!("the RDS proxy exited before it was ready"));
-    while let Some(line) = lines.next_line().await? {
-        match Report::parse(&line) {
-            Some(Report::Event(event)) => progress.event(event),
-            Some(Report::Ready { url }) => {
-                outcome = Ok(url);
-                break;
+    let mut outcome = Err("the RDS proxy exited before it was ready".to_owned());
+    if let Some(stdout) = child.stdout.take() {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match Report::parse(&line) {
+                Some(Report::Event(event)) => report(RunEvent::Step(event)),
+                Some(Report::Ready { url }) => {
+                    outcome = Ok(url);
+                    break;
+                }
+                Some(Report::Failed { error }) => {
+                    outcome = Err(error);
+                    break;
+                }
+                None => tracing::debug!(%line, "RDS proxy: not a report"),
             }
-            Some(Report::Failed { error }) => {
-                outcome = Err(anyhow::anyhow!("{error}"));
-                break;
-            }
-            None => tracing::debug!(%line, "RDS proxy: not a report"),
         }
     }
     match outcome {
-        Ok(url) => progress.finish(&format!(
+        Ok(url) => report(RunEvent::StepFinished(format!(
             "RDS proxy ready at {url} after {:.1}s",
             started.elapsed().as_secs_f64()
-        )),
+        ))),
         Err(error) => {
-            progress.finish("the RDS proxy failed");
+            report(RunEvent::StepFinished("the RDS proxy failed".into()));
             if started_emulator {
                 let _ = emulator::stop(settings).await;
             }
-            bail!(
-                "{error:#} (log: {})",
-                settings.state_dir.join("rds-proxy.log").display()
-            );
+            return Err(Error::Rds(format!("{error} (log: {})", log_path.display())));
         }
     }
     Ok(Up {
@@ -158,15 +159,17 @@ pub(crate) async fn up(
 }
 
 /// Stops the RDS proxy (ending its SSM session); returns what it stopped.
-pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> {
+pub async fn down(settings: &Settings, report: Reporter<'_>) -> Result<Option<String>> {
     let Some(file) = EnvFile::read(settings)?.filter(|f| f.backend == "rds") else {
         return Ok(None);
     };
     let path = pgharness::backend::rds::env_file_path(settings);
     let Some(proxy) = file.proxy().filter(|_| file.proxy_alive()) else {
         // A proxy that died left its SSM session (and the database sessions behind it) open.
-        let progress = Progress::start("ending what a dead RDS proxy left");
-        let sink = |event| progress.event(event);
+        report(RunEvent::StepStarted(
+            "ending what a dead RDS proxy left".into(),
+        ));
+        let sink = |event| report(RunEvent::Step(event));
         let ended = match crate::emulator::running(settings) {
             // The emulator's endpoint and keys are the proxy's environment, not this one's.
             Some(values) => match crate::emulator::ssm_client(&values) {
@@ -178,17 +181,22 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
             },
             None => pgharness_rds::end_stale_session(settings, &sink).await,
         };
-        progress.finish(if ended {
-            "ended the SSM session of a dead RDS proxy"
-        } else {
-            "no RDS proxy runs"
-        });
+        report(RunEvent::StepFinished(
+            if ended {
+                "ended the SSM session of a dead RDS proxy"
+            } else {
+                "no RDS proxy runs"
+            }
+            .into(),
+        ));
         let _ = std::fs::remove_file(&path);
         return Ok(None);
     };
     let pid = proxy.pid;
     if !proxy.terminate(Duration::from_secs(20)).await {
-        bail!("the RDS proxy (pid {pid}) did not stop within 20s");
+        return Err(Error::Rds(format!(
+            "the RDS proxy (pid {pid}) did not stop within 20s"
+        )));
     }
     let _ = std::fs::remove_file(&path);
     let stats = std::fs::read_to_string(stats_path(settings))
@@ -204,18 +212,21 @@ pub(crate) async fn down(settings: &Settings) -> anyhow::Result<Option<String>> 
     )))
 }
 
-/// After a run: a line naming the RDS proxy if it died under the run (tests then failed
-/// with "the RDS proxy … is not running"), `None` while it runs.
-pub(crate) fn died_during_run(settings: &Settings) -> Option<String> {
+/// After a run: the RDS proxy if it died under the run (tests then failed with "the RDS
+/// proxy … is not running"), `None` while it runs.
+pub fn died_during_run(settings: &Settings) -> Option<RunEvent> {
     let file = EnvFile::read(settings).ok().flatten()?;
     if file.backend != "rds" || file.proxy_alive() {
         return None;
     }
-    Some(format!(
-        "the RDS proxy (pid {}) died during the run (its log: {}); the next `cargo xtask up --backend rds` or `down` ends the SSM session it left open",
-        file.proxy_pid.unwrap_or_default(),
-        settings.state_dir.join("rds-proxy.log").display()
-    ))
+    Some(RunEvent::ProxyDied {
+        pid: file.proxy_pid.unwrap_or_default(),
+        log: settings
+            .state_dir
+            .join("rds-proxy.log")
+            .display()
+            .to_string(),
+    })
 }
 
 /// Where the proxy process leaves its figures when it stops.

@@ -1,46 +1,29 @@
-//! `cargo xtask image`: a Postgres image built from Debian's packages, for machines that
+//! A Postgres image built from Debian's packages, for machines that
 //! reach no container registry. debootstrap makes a Debian 13 (trixie) root filesystem
 //! with postgresql-17, an entrypoint following the official image's contract is added,
 //! and `docker import` turns it into an image.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::Stdio;
 
-use anyhow::{Context, bail};
 use pgharness::backend::container::{self, DEFAULT_IMAGE, LOCAL_IMAGE};
 use pgharness::{BackendKind, Settings};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::ui::Progress;
+use crate::error::{Action, Error, Result};
+use crate::events::{Reporter, RunEvent};
 
 const ENTRYPOINT: &str = include_str!("../assets/postgres-entrypoint.sh");
 const SUITE: &str = "trixie";
 const PACKAGES: &str = "postgresql-17,ca-certificates";
 
-#[derive(clap::Args)]
-pub(crate) struct Image {
-    /// The image name to create.
-    #[arg(long, default_value = LOCAL_IMAGE)]
-    tag: String,
-    /// Rebuild even if the image exists.
-    #[arg(long)]
-    force: bool,
-}
-
-impl Image {
-    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
-        let docker = container::docker().await?;
-        if !self.force && docker.inspect_image(&self.tag).await.is_ok() {
-            eprintln!("xtask: {} already exists (--force rebuilds it)", self.tag);
-            return Ok(ExitCode::SUCCESS);
-        }
-        build(&self.tag).await?;
-        Ok(ExitCode::SUCCESS)
-    }
+/// Whether `tag` exists in the local Docker.
+pub async fn exists(tag: &str) -> Result<bool> {
+    Ok(container::docker().await?.inspect_image(tag).await.is_ok())
 }
 
 /// True when starting failed only for want of an image that this machine can build.
-pub(crate) async fn worth_building(settings: &Settings) -> bool {
+pub async fn worth_building(settings: &Settings) -> bool {
     if !matches!(settings.backend, BackendKind::Auto | BackendKind::Container)
         || settings.image.is_some()
     {
@@ -87,11 +70,11 @@ fn mirror() -> String {
 static STEP_GROUP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 async fn run_step(
-    progress: &Progress,
+    report: Reporter<'_>,
     what: &str,
     command: &mut tokio::process::Command,
-) -> anyhow::Result<()> {
-    progress.say(what.to_owned());
+) -> Result<()> {
+    report(RunEvent::StepProgress(what.to_owned()));
     // A group of its own, so that an interrupted build stops the step and everything it
     // started (debootstrap runs dpkg in the chroot, `docker import` a tar).
     let mut child = command
@@ -101,12 +84,13 @@ async fn run_step(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("failed to start: {what}"))?;
+        .action(|| format!("failed to start: {what}"))?;
     if let Some(pid) = child.id() {
         STEP_GROUP.store(pid as i32, std::sync::atomic::Ordering::SeqCst);
     }
-    let stdout = child.stdout.take().context("no stdout")?;
-    let stderr = child.stderr.take().context("no stderr")?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(Error::program(what, "started without its output pipes"));
+    };
     let errors = tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         let mut tail = Vec::new();
@@ -120,34 +104,43 @@ async fn run_step(
     });
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        progress.say(format!("{what}: {}", line.trim()));
+        report(RunEvent::StepProgress(format!("{what}: {}", line.trim())));
     }
-    let status = child.wait().await?;
+    let status = child
+        .wait()
+        .await
+        .action(|| format!("failed to wait for: {what}"))?;
     STEP_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
     let tail = errors.await.unwrap_or_default();
     if !status.success() {
-        bail!("{what} failed ({status}):\n{}", tail.join("\n"));
+        return Err(Error::program(
+            what,
+            format!("failed ({status}):\n{}", tail.join("\n")),
+        ));
     }
     Ok(())
 }
 
 /// Builds `tag` from Debian packages (needs root, Docker and the Debian mirror).
-pub(crate) async fn build(tag: &str) -> anyhow::Result<()> {
+pub async fn build(tag: &str, report: Reporter<'_>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "building the image needs root (debootstrap); run `sudo cargo xtask image`, or set PGHARNESS_IMAGE to an image you have"
-        );
+        return Err(Error::program(
+            "debootstrap",
+            "building the image needs root; run `sudo cargo pgharness image`, or set PGHARNESS_IMAGE to an image you have",
+        ));
     }
-    let progress = Progress::start(&format!("building {tag} from Debian packages"));
+    report(RunEvent::StepStarted(format!(
+        "building {tag} from Debian packages"
+    )));
     if !which("debootstrap") {
         run_step(
-            &progress,
+            report,
             "apt-get update",
             tokio::process::Command::new("apt-get").args(["update", "-q"]),
         )
         .await?;
         run_step(
-            &progress,
+            report,
             "apt-get install debootstrap",
             tokio::process::Command::new("apt-get")
                 .args(["install", "-y", "-q", "debootstrap"])
@@ -158,16 +151,21 @@ pub(crate) async fn build(tag: &str) -> anyhow::Result<()> {
     remove_leftovers();
     let rootfs = PathBuf::from(format!("{ROOTFS_PREFIX}{}", std::process::id()));
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut terminate, mut interrupt, mut hangup) = (
-        signal(SignalKind::terminate())?,
-        signal(SignalKind::interrupt())?,
-        signal(SignalKind::hangup())?,
-    );
+    let signals = || -> std::io::Result<_> {
+        Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    };
+    let (mut terminate, mut interrupt, mut hangup) =
+        signals().action(|| "failed to listen for signals".to_owned())?;
+    let interrupted = |how: &str| Err(Error::Interrupted(format!("({how}) while building {tag}")));
     let result = tokio::select! {
-        result = build_in(&progress, &rootfs, tag) => result,
-        _ = terminate.recv() => Err(anyhow::anyhow!("stopped (SIGTERM)")),
-        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
-        _ = hangup.recv() => Err(anyhow::anyhow!("hung up")),
+        result = build_in(report, &rootfs, tag) => result,
+        _ = terminate.recv() => interrupted("SIGTERM"),
+        _ = interrupt.recv() => interrupted("SIGINT"),
+        _ = hangup.recv() => interrupted("SIGHUP"),
     };
     // A step still running was cut short: stop it and all it started before its files go.
     let group = STEP_GROUP.swap(0, std::sync::atomic::Ordering::SeqCst);
@@ -182,8 +180,13 @@ pub(crate) async fn build(tag: &str) -> anyhow::Result<()> {
         }
     }
     remove_rootfs(&rootfs);
-    result.with_context(|| format!("building {tag} failed; its temporary files are removed"))?;
-    progress.finish(&format!("built {tag}"));
+    if let Err(error) = result {
+        report(RunEvent::StepFinished(format!(
+            "building {tag} failed; its temporary files are removed"
+        )));
+        return Err(error);
+    }
+    report(RunEvent::StepFinished(format!("built {tag}")));
     Ok(())
 }
 
@@ -249,10 +252,10 @@ fn remove_rootfs(rootfs: &Path) {
     }
 }
 
-async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Result<()> {
+async fn build_in(report: Reporter<'_>, rootfs: &Path, tag: &str) -> Result<()> {
     let mirror = mirror();
     run_step(
-        progress,
+        report,
         "debootstrap",
         tokio::process::Command::new("debootstrap")
             .args(["--variant=minbase", &format!("--include={PACKAGES}"), SUITE])
@@ -260,13 +263,23 @@ async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Resu
             .arg(&mirror),
     )
     .await
-    .with_context(|| format!("debootstrap of Debian {SUITE} from {mirror} failed (set DEBIAN_MIRROR to another mirror)"))?;
+    .map_err(|error| {
+        Error::program(
+            "debootstrap",
+            format!(
+                "Debian {SUITE} from {mirror} failed (set DEBIAN_MIRROR to another mirror): {error}"
+            ),
+        )
+    })?;
     let entrypoint = rootfs.join("usr/local/bin/docker-entrypoint.sh");
-    std::fs::write(&entrypoint, ENTRYPOINT)?;
-    std::fs::set_permissions(
-        &entrypoint,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
+    std::fs::write(&entrypoint, ENTRYPOINT)
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &entrypoint,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+        })
+        .action(|| format!("failed to write {}", entrypoint.display()))?;
     let _ = std::fs::remove_dir_all(rootfs.join("var/cache/apt/archives"));
     let _ = std::fs::remove_dir_all(rootfs.join("var/lib/apt/lists"));
     let script = format!(
@@ -279,7 +292,7 @@ async fn build_in(progress: &Progress, rootfs: &Path, tag: &str) -> anyhow::Resu
         rootfs.display()
     );
     run_step(
-        progress,
+        report,
         "docker import",
         tokio::process::Command::new("sh").args(["-c", &script]),
     )

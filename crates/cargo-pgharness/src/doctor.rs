@@ -1,21 +1,26 @@
-//! `cargo xtask doctor`: every check a run depends on, each with a pass/fail line and, when
+//! `cargo pgharness doctor`: every check a run depends on, each with a pass/fail line and, when
 //! it fails, what to do.
 
 use std::process::ExitCode;
+#[cfg(feature = "rds")]
 use std::sync::Arc;
+#[cfg(feature = "rds")]
 use std::time::Duration;
 
 use pgharness::{BackendKind, Settings};
+#[cfg(feature = "rds")]
 use rds_iam::credentials::{CredentialSource, DefaultChain};
+#[cfg(feature = "rds")]
 use rds_iam::{RdsTarget, TcpDialer, TlsPolicy, TokenCache, TokenRequest};
+#[cfg(feature = "rds")]
 use ssm_tunnel::{Tunnel, TunnelConfig};
 
 #[derive(clap::Args)]
-pub(crate) struct Doctor {
+pub struct Doctor {
     /// What to check: auto/container/native (local), or rds.
     #[arg(long, value_parser = crate::parse_backend)]
     backend: Option<BackendKind>,
-    /// With `--backend rds`: check against the running emulator (`cargo xtask emulate`).
+    /// With `--backend rds`: check against the running emulator (`cargo pgharness emulate`).
     #[arg(long)]
     emulated: bool,
 }
@@ -36,31 +41,38 @@ impl Report {
 }
 
 impl Doctor {
-    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+    pub(crate) async fn run(self, root: &std::path::Path) -> anyhow::Result<ExitCode> {
         let mut report = Report { failed: 0 };
-        let settings = crate::settings(self.backend)?;
+        let settings = crate::settings(root, self.backend)?;
         if settings.backend == BackendKind::Rds {
+            #[cfg(not(feature = "rds"))]
+            report.fail(
+                "rds",
+                "this cargo-pgharness was built without the `rds` feature",
+                "reinstall it with `--features rds`",
+            );
+            #[cfg(feature = "rds")]
             if self.emulated {
-                match crate::emulator::running(&settings) {
+                match pgharness_runner::emulator::running(&settings) {
                     Some(values) => {
                         report.pass("emulator", "fake-aws is running");
                         // The checks run in a child with the emulator's environment, as the
                         // RDS proxy of `up --emulated` does.
-                        let status = std::process::Command::new(crate::self_exe())
+                        let status = std::process::Command::new(pgharness_runner::self_exe())
                             .args(["doctor", "--backend", "rds"])
-                            .envs(crate::emulator::client_env(&values))
+                            .envs(pgharness_runner::emulator::client_env(&values))
                             .status()?;
                         return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                     }
                     None => report.fail(
                         "emulator",
                         "fake-aws is not running (no live process behind target/pgharness/emulator.env)",
-                        "start it with `cargo xtask emulate`",
+                        "start it with `cargo pgharness emulate`",
                     ),
                 }
             }
-            let settings = crate::settings(Some(BackendKind::Rds))?;
-            rds_checks(&settings, &mut report).await;
+            #[cfg(feature = "rds")]
+            rds_checks(&crate::settings(root, Some(BackendKind::Rds))?, &mut report).await;
         } else {
             local_checks(&settings, &mut report).await;
         }
@@ -76,13 +88,14 @@ impl Doctor {
 }
 
 async fn local_checks(settings: &Settings, report: &mut Report) {
+    #[cfg(feature = "container")]
     match pgharness::backend::container::docker().await {
         Ok(docker) => match pgharness::backend::container::resolve_image(&docker, settings).await {
             Ok(image) => report.pass("docker", format!("answers; image {image}")),
             Err(why) => report.fail(
                 "docker image",
                 why,
-                "run `cargo xtask image`, or set PGHARNESS_IMAGE",
+                "run `cargo pgharness image`, or set PGHARNESS_IMAGE",
             ),
         },
         Err(why) => report.fail("docker", why, "start Docker, or use the native backend"),
@@ -101,6 +114,7 @@ async fn local_checks(settings: &Settings, report: &mut Report) {
     }
 }
 
+#[cfg(feature = "rds")]
 async fn rds_checks(settings: &Settings, report: &mut Report) {
     let (host, user, bundle) = match settings.rds.require() {
         Ok(required) => {
@@ -251,7 +265,7 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
                         report.fail(
                             "rds_iam",
                             format!("{user} lacks the rds_iam role"),
-                            "run the SQL from `cargo xtask rds grant-sql` as the database owner",
+                            "run the SQL from `cargo pgharness rds grant-sql` as the database owner",
                         );
                     }
                     if row.get::<_, bool>(1) {
@@ -263,7 +277,7 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
                         report.fail(
                             "CREATE",
                             format!("{user} may not create schemas"),
-                            "GRANT CONNECT, CREATE ON DATABASE … (see `cargo xtask rds grant-sql`)",
+                            "GRANT CONNECT, CREATE ON DATABASE … (see `cargo pgharness rds grant-sql`)",
                         );
                     }
                 }
@@ -279,7 +293,7 @@ async fn rds_checks(settings: &Settings, report: &mut Report) {
         Err(error) if error.is_login_refused() => report.fail(
             "IAM login",
             &error,
-            "check the user's rds_iam grant and the IAM policy (`cargo xtask rds grant-sql`)",
+            "check the user's rds_iam grant and the IAM policy (`cargo pgharness rds grant-sql`)",
         ),
         Err(error) => report.fail(
             "connection",

@@ -4,21 +4,23 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-use anyhow::Context;
 use pgharness::Settings;
 use tokio_postgres::Client;
 
+use crate::error::{Action, Error, Result};
+use crate::events::{Reporter, RunEvent};
+
 /// Nextest's name for the group of tests that use a database.
-pub(crate) const DB_GROUP: &str = "@tool:pgharness:db";
+pub const DB_GROUP: &str = "@tool:pgharness:db";
 
 /// How many DB tests may run at once on this server, and the server's max_connections;
 /// through the RDS proxy also within its session budget (`sessions`), which it shares with
 /// every machine on the cluster.
-pub(crate) async fn budget(
+pub async fn budget(
     client: &Client,
     pool_size: usize,
     sessions: Option<u32>,
-) -> anyhow::Result<(u32, u32)> {
+) -> Result<(u32, u32)> {
     let row = client
         .query_one(
             "SELECT current_setting('max_connections')::int,
@@ -27,7 +29,7 @@ pub(crate) async fn budget(
             &[],
         )
         .await
-        .context("failed to read max_connections")?;
+        .action(|| "failed to read max_connections".to_owned())?;
     let (max, reserved, in_use): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
     let threads = pgharness::budget::max_parallel_tests(
         max as u32,
@@ -46,11 +48,12 @@ pub(crate) async fn budget(
 
 /// Writes the tool config that puts every integration test of a crate that depends on
 /// pgharness into the DB group, for the default and ci profiles.
-pub(crate) fn write_tool_config(settings: &Settings, threads: u32) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(&settings.state_dir)?;
+pub fn write_tool_config(settings: &Settings, threads: u32) -> Result<PathBuf> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .action(|| format!("failed to create {}", settings.state_dir.display()))?;
     let path = settings.state_dir.join("nextest-tool.toml");
     let mut text = format!(
-        "# Written by `cargo xtask test`: the DB test group, sized from the server's max_connections.\n\
+        "# Written by `cargo pgharness test`: the DB test group, sized from the server's max_connections.\n\
          [test-groups.\"{DB_GROUP}\"]\nmax-threads = {threads}\n"
     );
     for profile in ["default", "ci"] {
@@ -58,14 +61,14 @@ pub(crate) fn write_tool_config(settings: &Settings, threads: u32) -> anyhow::Re
             "\n[[profile.{profile}.overrides]]\nfilter = \"rdeps(pgharness) & kind(test)\"\ntest-group = \"{DB_GROUP}\"\n"
         ));
     }
-    std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
+    std::fs::write(&path, text).action(|| format!("failed to write {}", path.display()))?;
     Ok(path)
 }
 
 /// The arguments for `cargo nextest run`: libtest options written after `--` (as
 /// `cargo test` takes them, e.g. `-- --test-threads 32`), which nextest refuses there, become
 /// nextest's own; test name filters after `--` stay where nextest reads them.
-pub(crate) fn nextest_args(args: &[String]) -> Vec<String> {
+pub fn nextest_args(args: &[String]) -> Vec<String> {
     let Some(split) = args.iter().position(|a| a == "--") else {
         return args.to_vec();
     };
@@ -97,12 +100,13 @@ pub(crate) fn nextest_args(args: &[String]) -> Vec<String> {
 
 /// Runs `cargo nextest run` with the tool config and environment; returns its status.
 /// Ctrl-C reaches nextest directly (same process group); we wait for it to finish.
-pub(crate) async fn run(
+pub async fn run(
     root: &Path,
     tool_config: &Path,
     args: &[String],
     env: &[(String, String)],
-) -> anyhow::Result<ExitStatus> {
+    report: Reporter<'_>,
+) -> Result<ExitStatus> {
     let mut command =
         tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
@@ -116,15 +120,17 @@ pub(crate) async fn run(
         command.args(&args);
     }
     command.envs(env.iter().map(|(k, v)| (k, v)));
-    let mut child = command
-        .spawn()
-        .context("failed to start `cargo nextest run` (is cargo-nextest installed?)")?;
+    let mut child = command.spawn().map_err(|error| {
+        Error::program(
+            "cargo nextest",
+            format!("failed to start `cargo nextest run`: {error} (install it: `cargo install cargo-nextest --locked`)"),
+        )
+    })?;
+    report(RunEvent::NextestStarted);
     loop {
         tokio::select! {
-            status = child.wait() => return status.context("failed to wait for cargo nextest"),
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("xtask: interrupted; waiting for nextest to stop, then cleaning up");
-            }
+            status = child.wait() => return status.action(|| "failed to wait for cargo nextest".to_owned()),
+            _ = tokio::signal::ctrl_c() => report(RunEvent::Interrupted),
         }
     }
 }

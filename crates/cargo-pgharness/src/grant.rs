@@ -1,10 +1,10 @@
-//! `cargo xtask rds grant-sql`: the SQL a database owner runs once to create the IAM login,
+//! `cargo pgharness rds grant-sql`: the SQL a database owner runs once to create the IAM login,
 //! and the IAM policy that lets the caller use it (and the SSM tunnel).
 
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
-pub(crate) struct Rds {
+pub struct Rds {
     #[command(subcommand)]
     command: RdsCommand,
 }
@@ -96,7 +96,7 @@ impl Rds {
                 println!("{}", serde_json::to_string_pretty(&policy(&args))?);
                 if args.cluster_resource_id.starts_with('<') {
                     eprintln!(
-                        "\nxtask: find the cluster resource id with:\n  aws rds describe-db-clusters --db-cluster-identifier <name> --query 'DBClusters[0].DbClusterResourceId' --output text"
+                        "\npgharness: find the cluster resource id with:\n  aws rds describe-db-clusters --db-cluster-identifier <name> --query 'DBClusters[0].DbClusterResourceId' --output text"
                     );
                 }
                 Ok(ExitCode::SUCCESS)
