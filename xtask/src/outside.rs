@@ -4,8 +4,11 @@
 //! `#[pgharness::test]` with an injected `PgPool`), pgharness as a path dependency without
 //! its default features, plain `cargo test` twice on the native backend. Checked: every test
 //! passes both times, sqlx's own migrator finds each schema up to date, the second run
-//! claims schemas the first one recycled, and stopping the workspace's server leaves
-//! nothing behind.
+//! claims schemas the first one recycled. Then `cargo pgharness` installed from this
+//! checkout (`cargo install --path crates/cargo-pgharness --debug`, into a temporary root on
+//! PATH): `cargo pgharness test` on the default local backend and through the emulated RDS
+//! path, each with every test passed and pool hits in its summary, and `cargo pgharness
+//! down` leaving no server, emulator, proxy or env file behind.
 
 use std::path::Path;
 use std::process::Command;
@@ -155,17 +158,115 @@ pub(crate) async fn check() -> anyhow::Result<()> {
         bail!("the second run claimed no schema the first one recycled: {statuses:?}");
     }
     drop(client);
-    let stopped = pgharness::backend::stop(&settings, pgharness::BackendKind::Native).await?;
-    if stopped.is_empty() {
-        bail!("the outside workspace's native server was not found to stop");
-    }
-    if pgharness::backend::native::is_running(&settings) {
-        bail!("the outside workspace's native server still runs after stop");
-    }
-    std::fs::remove_dir_all(&root)?;
     eprintln!(
-        "xtask ci: the outside workspace's tests passed twice; {} schema(s) in its ledger, none dropped or kept, the second run reused the first's; its server stopped",
+        "xtask ci: the outside workspace's tests passed twice under cargo test; {} schema(s) in its ledger, none dropped or kept, the second run reused the first's",
         statuses.len()
     );
+    with_cargo_pgharness(&root, &target, &settings).await?;
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// `cargo pgharness` as a user installs and runs it in their workspace.
+async fn with_cargo_pgharness(
+    root: &Path,
+    target: &Path,
+    settings: &pgharness::Settings,
+) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let install_root = target.join("cargo-pgharness-install");
+    // `--debug` with this checkout's target directory: the binary the workspace build made
+    // is installed as it is, not rebuilt in release.
+    let status = Command::new(&cargo)
+        .current_dir(crate::project_root())
+        .args([
+            "install", "--quiet", "--locked", "--debug", "--force", "--path",
+        ])
+        .arg(crate::project_root().join("crates/cargo-pgharness"))
+        .arg("--root")
+        .arg(&install_root)
+        .env("CARGO_TARGET_DIR", crate::project_root().join("target"))
+        .status()
+        .context("cargo install --path crates/cargo-pgharness")?;
+    if !status.success() {
+        bail!("`cargo install --path crates/cargo-pgharness` failed ({status})");
+    }
+    let path = std::env::join_paths(std::iter::once(install_root.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    let pgharness = |args: &[&str]| -> anyhow::Result<String> {
+        let mut command = Command::new(&cargo);
+        command
+            .current_dir(root)
+            .arg("pgharness")
+            .args(args)
+            .env("PATH", &path)
+            .env("CARGO_TARGET_DIR", target);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("PGHARNESS_") || key.starts_with("NEXTEST") {
+                command.env_remove(key);
+            }
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("cargo pgharness {}", args.join(" ")))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() {
+            bail!(
+                "`cargo pgharness {}` in {} failed:\n{text}",
+                args.join(" "),
+                root.display()
+            );
+        }
+        Ok(text)
+    };
+    for args in [
+        &["test"][..],
+        &["test", "--backend", "rds", "--emulated"][..],
+    ] {
+        let text = pgharness(args)?;
+        let hits = text.lines().find_map(|line| {
+            line.split_once("pool: ")?
+                .1
+                .split_once(" hits")?
+                .0
+                .parse::<u64>()
+                .ok()
+        });
+        if !text.contains("3 tests run: 3 passed") || !hits.is_some_and(|hits| hits > 0) {
+            bail!(
+                "`cargo pgharness {}` did not pass its 3 tests with pool hits:\n{text}",
+                args.join(" ")
+            );
+        }
+        eprintln!(
+            "xtask ci: outside workspace, `cargo pgharness {}`: 3/3 passed, {} pool hit(s)",
+            args.join(" "),
+            hits.unwrap_or_default()
+        );
+    }
+    pgharness(&["up"])?;
+    pgharness(&["down"])?;
+    let left: Vec<String> = [
+        (!pgharness_runner::servers::running_local(settings)
+            .await
+            .is_empty())
+        .then(|| "a local server".to_owned()),
+        pgharness_runner::emulator::running(settings).map(|_| "the emulator".to_owned()),
+        pgharness::backend::rds::env_file_path(settings)
+            .exists()
+            .then(|| "the env file".to_owned()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !left.is_empty() {
+        bail!("`cargo pgharness down` left {} behind", left.join(", "));
+    }
+    eprintln!("xtask ci: outside workspace, `cargo pgharness down` left nothing running");
     Ok(())
 }

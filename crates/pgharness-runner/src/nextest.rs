@@ -46,9 +46,91 @@ pub async fn budget(
     Ok((threads, max as u32))
 }
 
+/// The nextest filter of the tests that use a database: the integration tests of every
+/// workspace member that depends on pgharness (directly, or through another member). Not
+/// `rdeps(pgharness)`: nextest's package operators know workspace members only, and in a
+/// user's workspace pgharness is a dependency, not a member.
+pub fn db_filter(root: &Path) -> Result<String> {
+    Ok(filter_for(&members(root)?))
+}
+
+/// The workspace's members, each with the names of its dependencies (`cargo metadata`).
+pub fn members(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
+    let output =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--no-deps",
+                "--offline",
+            ])
+            .output()
+            .action(|| "failed to run `cargo metadata`".to_owned())?;
+    if !output.status.success() {
+        return Err(Error::program(
+            "cargo metadata",
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|error| Error::program("cargo metadata", error.to_string()))?;
+    let members: Vec<(String, Vec<String>)> = metadata["packages"]
+        .as_array()
+        .map(|packages| {
+            packages
+                .iter()
+                .map(|package| {
+                    let name = package["name"].as_str().unwrap_or_default().to_owned();
+                    let deps = package["dependencies"]
+                        .as_array()
+                        .map(|deps| {
+                            deps.iter()
+                                .filter_map(|dep| dep["name"].as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (name, deps)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(members)
+}
+
+/// The filter for members `(name, dependency names)`: those that are pgharness or depend on
+/// it, transitively through other members.
+fn filter_for(members: &[(String, Vec<String>)]) -> String {
+    let mut using: Vec<&str> = vec!["pgharness"];
+    loop {
+        let before = using.len();
+        for (name, deps) in members {
+            if !using.contains(&name.as_str())
+                && deps.iter().any(|dep| using.contains(&dep.as_str()))
+            {
+                using.push(name);
+            }
+        }
+        if using.len() == before {
+            break;
+        }
+    }
+    let chosen: Vec<String> = members
+        .iter()
+        .filter(|(name, _)| using.contains(&name.as_str()))
+        .map(|(name, _)| format!("package(={name})"))
+        .collect();
+    if chosen.is_empty() {
+        return "none()".to_owned();
+    }
+    format!("({}) & kind(test)", chosen.join(" | "))
+}
+
 /// Writes the tool config that puts every integration test of a crate that depends on
 /// pgharness into the DB group, for the default and ci profiles.
 pub fn write_tool_config(settings: &Settings, threads: u32) -> Result<PathBuf> {
+    let filter = db_filter(&settings.root)?;
     std::fs::create_dir_all(&settings.state_dir)
         .action(|| format!("failed to create {}", settings.state_dir.display()))?;
     let path = settings.state_dir.join("nextest-tool.toml");
@@ -58,7 +140,7 @@ pub fn write_tool_config(settings: &Settings, threads: u32) -> Result<PathBuf> {
     );
     for profile in ["default", "ci"] {
         text.push_str(&format!(
-            "\n[[profile.{profile}.overrides]]\nfilter = \"rdeps(pgharness) & kind(test)\"\ntest-group = \"{DB_GROUP}\"\n"
+            "\n[[profile.{profile}.overrides]]\nfilter = \"{filter}\"\ntest-group = \"{DB_GROUP}\"\n"
         ));
     }
     std::fs::write(&path, text).action(|| format!("failed to write {}", path.display()))?;
@@ -137,7 +219,37 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::nextest_args;
+    use super::{filter_for, nextest_args};
+
+    fn member(name: &str, deps: &[&str]) -> (String, Vec<String>) {
+        (
+            name.to_owned(),
+            deps.iter().map(|d| d.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn the_db_group_is_every_member_that_uses_pgharness() {
+        // A user's workspace: pgharness is a dependency; a test-utils member passes it on.
+        let members = [
+            member("app", &["sqlx", "test-utils"]),
+            member("test-utils", &["pgharness"]),
+            member("cli", &["clap"]),
+        ];
+        assert_eq!(
+            filter_for(&members),
+            "(package(=app) | package(=test-utils)) & kind(test)"
+        );
+        // This repository: pgharness is a member itself.
+        assert_eq!(
+            filter_for(&[
+                member("pgharness", &["tokio"]),
+                member("todo-app", &["pgharness"])
+            ]),
+            "(package(=pgharness) | package(=todo-app)) & kind(test)"
+        );
+        assert_eq!(filter_for(&[member("cli", &["clap"])]), "none()");
+    }
 
     fn args(text: &str) -> Vec<String> {
         text.split_whitespace().map(str::to_owned).collect()

@@ -39,9 +39,9 @@ pub struct TestRun {
     pub nextest_args: Vec<String>,
 }
 
-/// What `test --backend rds` runs when given no nextest arguments: the workspace without
-/// pgharness's own integration tests (they need an administrator on a server pgharness
-/// starts).
+/// What `test --backend rds` runs, in a workspace that has pgharness as a member, when
+/// given no nextest arguments: the workspace without pgharness's own integration tests
+/// (they need an administrator on a server pgharness starts).
 pub const RDS_DEFAULT_ARGS: &[&str] =
     &["--workspace", "-E", "not (package(pgharness) & kind(test))"];
 
@@ -101,7 +101,12 @@ impl TestRun {
     async fn run_rds(&self, report: Reporter<'_>) -> Result<ExitCode> {
         use crate::{emulator, rds};
         let settings = &self.settings;
-        if !selects_tests(&self.nextest_args) {
+        // pgharness's own integration tests (when it is a member: this repository) need an
+        // administrator on a server pgharness starts.
+        let own_tests = crate::nextest::members(&settings.root)?
+            .iter()
+            .any(|(name, _)| name == "pgharness");
+        if own_tests && !selects_tests(&self.nextest_args) {
             report(RunEvent::RdsDefaultSelection);
             let mut test = self.clone();
             test.nextest_args = RDS_DEFAULT_ARGS
