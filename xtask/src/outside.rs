@@ -237,7 +237,7 @@ async fn with_cargo_pgharness(
                 .parse::<u64>()
                 .ok()
         });
-        if !text.contains("3 tests run: 3 passed") || !hits.is_some_and(|hits| hits > 0) {
+        if !text.contains("3 tests run: 3 passed") || hits.unwrap_or_default() == 0 {
             bail!(
                 "`cargo pgharness {}` did not pass its 3 tests with pool hits:\n{text}",
                 args.join(" ")
