@@ -156,7 +156,7 @@ async fn doctor_checks() -> anyhow::Result<()> {
         bail!("doctor against the emulator is not green:\n{green_text}");
     }
     let red_text = String::from_utf8_lossy(&red.stdout);
-    if red.status.success() || !red_text.contains("cargo xtask emulate") {
+    if red.status.success() || !red_text.contains("cargo pgharness emulate") {
         bail!("doctor against a stopped emulator did not say what is wrong:\n{red_text}");
     }
     Ok(())
