@@ -357,7 +357,8 @@ impl Bench {
                 rtt: (!rtt.is_zero()).then_some(rtt),
                 ..Default::default()
             };
-            let up = pgharness_runner::rds::up(&settings, true, &options, &crate::report).await?;
+            let up =
+                pgharness_runner::rds::up(&settings, true, &options, false, &crate::report).await?;
             let claimed = self.rds_claims(&mut settings).await;
             pgharness_runner::rds::down(&settings, &crate::report).await?;
             if up.started_emulator {

@@ -915,14 +915,17 @@ impl Ci {
         ])?;
         if !self.no_lint {
             cargo(&["fmt", "--all", "--", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
+            // Both builds of xtask: the light one `cargo xtask` starts as, and the one with
+            // the RDS path (and these checks).
+            for features in [&[][..], &["--features", "xtask/rds"][..]] {
+                let args = [
+                    &["clippy", "--workspace", "--all-targets"][..],
+                    features,
+                    &["--", "-D", "warnings"],
+                ]
+                .concat();
+                cargo(&args)?;
+            }
             actionlint()?;
         }
         light_without_container()?;
@@ -934,7 +937,11 @@ impl Ci {
             check(*one).await?;
         }
         // Every test of the workspace on a container.
-        tests(BackendKind::Container, &["--workspace", "--profile", "ci"]).await?;
+        tests(
+            BackendKind::Container,
+            &["--workspace", "--features", "xtask/rds", "--profile", "ci"],
+        )
+        .await?;
         // The example suite on the native backend, 32 tests at once against
         // max_connections=100: the DB group keeps it inside the connection budget.
         tests(
@@ -957,7 +964,11 @@ impl Ci {
         // away).
         // No package filter, as the README runs it: the workspace meant for this backend.
         let watch = CmdlineWatch::start(&crate::settings(None)?);
-        let tested = tests(BackendKind::Rds, &["--profile", "ci"]).await;
+        let tested = tests(
+            BackendKind::Rds,
+            &["--features", "xtask/rds", "--profile", "ci"],
+        )
+        .await;
         watch.finish("the emulated RDS leg")?;
         tested?;
         eprintln!("xtask ci: all green");

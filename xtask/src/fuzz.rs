@@ -16,6 +16,7 @@ pub(crate) struct Fuzz {
 }
 
 impl Fuzz {
+    #[cfg(feature = "rds")]
     pub(crate) fn bounded(seconds: u32) -> Fuzz {
         Fuzz {
             seconds,

@@ -58,7 +58,11 @@ pub enum Command {
     /// The background RDS proxy (started by `up --backend rds`; not for direct use).
     #[cfg(feature = "rds")]
     #[command(name = "__rds-proxy", hide = true)]
-    RdsProxy,
+    RdsProxy {
+        /// Started by a test run: open the sessions its tests will hold, ahead of them.
+        #[arg(long)]
+        for_a_run: bool,
+    },
     /// fake-aws, the emulated AWS (started by `emulate`; not for direct use).
     #[cfg(feature = "rds")]
     #[command(name = "__fake-aws", hide = true)]
@@ -79,10 +83,10 @@ impl Command {
             Command::Doctor(command) => command.run(root).await,
             Command::Rds(command) => command.run().await,
             #[cfg(feature = "rds")]
-            Command::RdsProxy => Ok(pgharness_runner::rds::proxy_main(settings(
-                root,
-                Some(BackendKind::Rds),
-            )?)
+            Command::RdsProxy { for_a_run } => Ok(pgharness_runner::rds::proxy_main(
+                settings(root, Some(BackendKind::Rds))?,
+                for_a_run,
+            )
             .await?),
             #[cfg(feature = "rds")]
             Command::FakeAws(cli) => {

@@ -160,6 +160,10 @@ pub fn line(event: &RunEvent) -> Option<String> {
         RunEvent::LatencyBoundThreads { threads } => said(format!(
             "{threads} test threads (the tests wait on the link; `--test-threads N` to change)"
         )),
+        RunEvent::PoolReady { ready, waited } => said(format!(
+            "schema pool: {ready} ready before the first test (filled while the tests built, {:.1}s)",
+            waited.as_secs_f64()
+        )),
         RunEvent::NextestStarted => None,
         RunEvent::Interrupted => {
             said("interrupted; waiting for nextest to stop, then cleaning up".into())

@@ -47,8 +47,14 @@ impl Up {
         settings: &pgharness::Settings,
         report: pgharness_runner::Reporter<'_>,
     ) -> anyhow::Result<ExitCode> {
-        pgharness_runner::rds::up(settings, self.emulated, &self.emulator.options(), report)
-            .await?;
+        pgharness_runner::rds::up(
+            settings,
+            self.emulated,
+            &self.emulator.options(),
+            false,
+            report,
+        )
+        .await?;
         println!("PGHARNESS_BACKEND=rds");
         say(&format!(
             "tests pick up {} by themselves; psql: PGSERVICEFILE={} PGSERVICE=pgharness psql; stop with `cargo pgharness down`",

@@ -228,6 +228,17 @@ impl RdsProxy {
         })
     }
 
+    /// Opens, ahead of demand, the upstream sessions a test run's tests hold at once (as many
+    /// as the session budget lets run, each with its pool and one more connection), in the
+    /// background: a run started against a cold proxy then finds them open by the time its
+    /// tests are built.
+    pub fn open_ahead_for_a_run(&self) {
+        let pool_size = self.settings.pool_size;
+        let tests =
+            pgharness::budget::max_parallel_tests(self.settings.rds.max_sessions, 0, 0, pool_size);
+        self.proxy.open_ahead(tests as usize * (pool_size + 1));
+    }
+
     /// The local auth proxy's URL (it carries the per-run password: never log it).
     pub fn url(&self) -> SecretUrl {
         SecretUrl::new(self.proxy.url())

@@ -41,6 +41,13 @@ pub enum RunEvent {
         /// How many.
         threads: u32,
     },
+    /// The schema pool was filled while the tests built, before they ran.
+    PoolReady {
+        /// Ready schemas.
+        ready: u64,
+        /// How long the build and the filling took together.
+        waited: Duration,
+    },
     /// nextest runs now.
     NextestStarted,
     /// Ctrl-C reached nextest; the run waits for it, then cleans up.

@@ -94,6 +94,31 @@ impl Janitor {
     }
 }
 
+/// Fills the pool of `settings`' migrations up to `target` ready schemas on `connections`
+/// connections of its own at once, before a run's first test: through a link with latency
+/// each schema costs round trips that the janitor's one connection would pay in turn.
+/// Returns how many are ready (`None` without migrations to warm).
+pub async fn prefill(
+    server: &pgharness::Server,
+    settings: &pgharness::Settings,
+    target: u64,
+    connections: u64,
+) -> crate::Result<Option<u64>> {
+    if !settings.migrations.is_dir() {
+        return Ok(None);
+    }
+    let warmer = pgharness::pool::Warmer::for_settings(settings)?;
+    let ns = ledger::Namespace::of(&server.config());
+    let share = target.div_ceil(connections.max(1));
+    let fills = (0..connections.max(1)).map(|_| async {
+        let client = crate::servers::admin_client(server).await?;
+        let warmed = warmer.warm(&client, &ns, target, share).await?;
+        Ok::<_, crate::Error>(warmed.ready_before + warmed.created)
+    });
+    let filled = futures_util::future::try_join_all(fills).await?;
+    Ok(filled.into_iter().max())
+}
+
 /// The janitor's warnings, rate-limited: a failure that repeats (a migration that does not
 /// apply, a server gone) is logged once, then once a minute with how often it came back.
 #[derive(Default)]

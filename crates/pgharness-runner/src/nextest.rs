@@ -180,6 +180,30 @@ pub fn nextest_args(args: &[String]) -> Vec<String> {
     out
 }
 
+/// Builds the tests `args` select without running them (`cargo nextest run --no-run`), so
+/// that a run can overlap the build with what it waits for (the RDS path's tunnel and the
+/// pool's first schemas). Quiet: the run proper shows the same build as done.
+pub async fn build(root: PathBuf, args: Vec<String>) -> Result<ExitStatus> {
+    let mut command =
+        tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(&root)
+        .args(["nextest", "run", "--no-run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let args = nextest_args(&args);
+    if args.is_empty() {
+        command.arg("--workspace");
+    } else {
+        command.args(args.iter().take_while(|arg| *arg != "--"));
+    }
+    command
+        .status()
+        .await
+        .action(|| "failed to run `cargo nextest run --no-run`".to_owned())
+}
+
 /// Runs `cargo nextest run` with the tool config and environment; returns its status.
 /// Ctrl-C reaches nextest directly (same process group); we wait for it to finish.
 pub async fn run(

@@ -24,8 +24,9 @@ fn tell_parent(report: Report) {
 }
 
 /// The background process (the hidden `__rds-proxy` command, started by `up`), with the
-/// workspace's settings (backend rds).
-pub async fn proxy_main(settings: Settings) -> Result<ExitCode> {
+/// workspace's settings (backend rds). `for_a_run`: started by a test run, so it opens the
+/// upstream sessions the run's tests will hold while they build.
+pub async fn proxy_main(settings: Settings, for_a_run: bool) -> Result<ExitCode> {
     let rds =
         match RdsProxy::start(&settings, &|event: Event| tell_parent(Report::Event(event))).await {
             Ok(rds) => rds,
@@ -36,6 +37,9 @@ pub async fn proxy_main(settings: Settings) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         };
+    if for_a_run {
+        rds.open_ahead_for_a_run();
+    }
     tell_parent(Report::Ready {
         url: rds.url().to_string(),
     });
@@ -73,6 +77,9 @@ pub async fn proxy_main(settings: Settings) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The hidden command's flag for a proxy started by a test run.
+pub const FOR_A_RUN: &str = "--for-a-run";
+
 /// What `up` started.
 pub struct Up {
     /// Whether it started the emulator (then `down` of the run stops it).
@@ -86,6 +93,7 @@ pub async fn up(
     settings: &Settings,
     emulated: bool,
     options: &EmulatorOptions,
+    for_a_run: bool,
     report: Reporter<'_>,
 ) -> Result<Up> {
     let (emulator, started_emulator) = if emulated {
@@ -110,6 +118,7 @@ pub async fn up(
     let mut command = tokio::process::Command::new(crate::self_exe());
     command
         .arg(crate::RDS_PROXY_COMMAND)
+        .args(for_a_run.then_some(FOR_A_RUN))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -24,6 +24,9 @@ pub struct EmulatorOptions {
     pub local_backend: Option<BackendKind>,
 }
 
+/// Connections that fill the pool at once ahead of a run through the RDS path.
+const PREFILL_CONNECTIONS: u64 = 8;
+
 /// One `test` run: what to run it on and how.
 #[derive(Clone, Debug)]
 pub struct TestRun {
@@ -62,7 +65,7 @@ impl TestRun {
         if started {
             runs::mark_started_by_a_run(&settings, kind)?;
         }
-        let outcome = self.run_on(&settings, &server, kind, report).await;
+        let outcome = self.run_on(&settings, &server, kind, None, report).await;
         let kept = outcome.as_ref().map_or(0, |(_, kept)| *kept);
         if self.keep_server {
             runs::forget_started_by_a_run(&settings);
@@ -132,8 +135,14 @@ impl TestRun {
         } else {
             None
         };
+        // The tests build while the tunnel opens and the pool warms: through the link a cold
+        // cluster's first schemas take seconds, which the build hides.
+        let build = tokio::spawn(crate::nextest::build(
+            settings.root.clone(),
+            self.nextest_args.clone(),
+        ));
         let up = tokio::select! {
-            up = rds::up(settings, self.emulated, &self.emulator, report) => up,
+            up = rds::up(settings, self.emulated, &self.emulator, true, report) => up,
             _ = tokio::signal::ctrl_c() => Err(crate::Error::Interrupted("while starting the RDS proxy".into())),
         };
         let started_emulator = up.as_ref().is_ok_and(|up| up.started_emulator);
@@ -143,7 +152,7 @@ impl TestRun {
             Ok(_) => match pgharness::backend::ensure(settings, &pgharness::events::log_only).await
             {
                 Ok(server) => {
-                    self.run_on(settings, &server, BackendKind::Rds, report)
+                    self.run_on(settings, &server, BackendKind::Rds, Some(build), report)
                         .await
                 }
                 Err(error) => Err(error.into()),
@@ -202,6 +211,7 @@ impl TestRun {
         settings: &Settings,
         server: &Server,
         kind: BackendKind,
+        build: Option<tokio::task::JoinHandle<Result<std::process::ExitStatus>>>,
         report: Reporter<'_>,
     ) -> Result<(ExitCode, u64)> {
         let run_id = format!("run-{}", uuid::Uuid::new_v4());
@@ -239,17 +249,34 @@ impl TestRun {
         if latency_bound {
             report(RunEvent::LatencyBoundThreads { threads });
         }
-        let janitor = Janitor::spawn(
-            admin.clone(),
-            ns.clone(),
-            run_id.clone(),
-            settings,
-            if latency_bound {
-                u64::from(threads) + 1
-            } else {
-                warm_target(threads, &args)
-            },
-        );
+        let warm = if latency_bound {
+            u64::from(threads) + 1
+        } else {
+            warm_target(threads, &args)
+        };
+        if let Some(build) = build {
+            // The first tests find their schemas ready: the pool fills on several
+            // connections while the tests build (and the proxy opens their sessions), with
+            // a second wave for the tests that start while the first one's schemas are
+            // being recycled through the link.
+            let started = std::time::Instant::now();
+            let prefill = crate::janitor::prefill(server, settings, 2 * warm, PREFILL_CONNECTIONS);
+            let (built, filled) = tokio::join!(build, prefill);
+            if !matches!(built, Ok(Ok(status)) if status.success()) {
+                tracing::debug!("the build ahead of the run did not succeed; nextest will say why");
+            }
+            match filled {
+                Ok(Some(ready)) => report(RunEvent::PoolReady {
+                    ready,
+                    waited: started.elapsed(),
+                }),
+                Ok(None) => {}
+                Err(error) => report(RunEvent::Warning(format!(
+                    "the schema pool was not filled ahead of the tests: {error}"
+                ))),
+            }
+        }
+        let janitor = Janitor::spawn(admin.clone(), ns.clone(), run_id.clone(), settings, warm);
         let mut env = vec![
             ("PGHARNESS_BACKEND".to_owned(), kind.to_string()),
             ("PGHARNESS_RUN_ID".to_owned(), run_id.clone()),

@@ -69,6 +69,8 @@ pub struct Proxy {
     sweep: JoinHandle<()>,
     activity: Arc<Activity>,
     sessions: Arc<Sessions>,
+    /// What opening a session ahead of demand needs.
+    ahead: (Arc<RdsTarget>, Arc<dyn Dialer>, Arc<TokenCache>),
 }
 
 /// Client sessions in flight and when the last one ended.
@@ -109,6 +111,23 @@ impl Proxy {
             self.addr.port(),
             self.database
         )
+    }
+
+    /// Opens up to `sessions` upstream sessions to the proxy's database ahead of demand,
+    /// within the budget, in the background: for a test run that knows how many its tests
+    /// will hold at once, so that its first tests do not each wait for a login through the
+    /// link (logins stay bounded as for clients; a session the budget has no slot for is
+    /// not opened).
+    pub fn open_ahead(&self, sessions: usize) {
+        for _ in 0..sessions {
+            open_spare_in_background(
+                self.ahead.0.clone(),
+                self.ahead.1.clone(),
+                self.ahead.2.clone(),
+                self.sessions.clone(),
+                self.database.clone(),
+            );
+        }
     }
 
     /// Client sessions open now.
@@ -221,6 +240,7 @@ pub fn serve(
             }
         }
     });
+    let ahead = (target.clone(), dialer.clone(), tokens.clone());
     let accept = tokio::spawn(async move {
         loop {
             let (client, peer) = match listener.accept().await {
@@ -262,7 +282,31 @@ pub fn serve(
         sweep,
         activity,
         sessions,
+        ahead,
     })
+}
+
+/// Opens a spare session to `database` in the background and keeps it idle, if the budget
+/// has room.
+fn open_spare_in_background(
+    target: Arc<RdsTarget>,
+    dialer: Arc<dyn Dialer>,
+    tokens: Arc<TokenCache>,
+    pool: Arc<Sessions>,
+    database: String,
+) {
+    tokio::spawn(async move {
+        match pool
+            .open_spare(&target, &database, dialer.as_ref(), &tokens)
+            .await
+        {
+            Ok(Some(session)) => pool.give_back(session),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::info!(%error, "proxy: could not open a spare upstream session")
+            }
+        }
+    });
 }
 
 /// Everything a client's session needs of the upstream side.
@@ -424,25 +468,13 @@ async fn relay(
     // Ahead of demand: when this was the last idle session, open the next one meanwhile,
     // if the budget has room.
     if sessions.none_idle(&database) {
-        let (target, dialer, tokens, pool) = (
+        open_spare_in_background(
             upstream.target.clone(),
             upstream.dialer.clone(),
             upstream.tokens.clone(),
             sessions.clone(),
+            database.clone(),
         );
-        let database = database.clone();
-        tokio::spawn(async move {
-            match pool
-                .open_spare(&target, &database, dialer.as_ref(), &tokens)
-                .await
-            {
-                Ok(Some(session)) => pool.give_back(session),
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::info!(%error, "proxy: could not open a spare upstream session")
-                }
-            }
-        });
     }
     sessions.serve_client(&mut client, session, &params).await
 }
