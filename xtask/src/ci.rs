@@ -831,7 +831,7 @@ async fn overlapping_runs_check() -> anyhow::Result<()> {
             bail!("the {name} of two overlapping runs failed:\n{log}");
         }
     }
-    let waited = "another `cargo xtask test` is still using";
+    let waited = "another `cargo pgharness test` is still using";
     if !first_log.contains(waited) && !second_log.contains(waited) {
         bail!(
             "the two runs did not overlap, so the check proved nothing:\n{first_log}\n{second_log}"

@@ -106,6 +106,24 @@ pub(crate) async fn check() -> anyhow::Result<()> {
     // Its build is kept between runs (its own target directory, here), its state with it.
     let target = crate::project_root().join("target/outside-workspace");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // A project locked at an older tokio, as many are: adding pgharness must not upgrade it
+    // (the project was on 1.40; pgharness declares 1.38). tokio-util is held back
+    // with it, as such a project's lock file has it.
+    for (package, version) in [("", ""), ("tokio-util", "0.7.12"), ("tokio", "1.38.0")] {
+        let mut command = Command::new(&cargo);
+        match package {
+            "" => command.args(["generate-lockfile", "--quiet"]),
+            _ => command.args(["update", "--quiet", "-p", package, "--precise", version]),
+        };
+        let status = command
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .with_context(|| format!("cargo update -p {package} --precise {version}"))?;
+        if !status.success() {
+            bail!("pgharness does not allow {package} {version} in a user's lock file ({status})");
+        }
+    }
     let run = || -> anyhow::Result<String> {
         let mut command = Command::new(&cargo);
         command
