@@ -874,11 +874,14 @@ async fn emulated_run_stops_its_postgres_check() -> anyhow::Result<()> {
 }
 
 /// The GitHub Actions workflow passes actionlint.
+/// This repository's workflow and the one README gives users to copy.
+const WORKFLOWS: &[&str] = &[".github/workflows/ci.yml", "docs/github-actions.yml"];
+
 fn actionlint() -> anyhow::Result<()> {
-    eprintln!("xtask ci: actionlint .github/workflows/ci.yml");
+    eprintln!("xtask ci: actionlint {}", WORKFLOWS.join(" "));
     let status = std::process::Command::new("actionlint")
         .current_dir(crate::project_root())
-        .arg(".github/workflows/ci.yml")
+        .args(WORKFLOWS)
         .status()
         .map_err(|e| {
             anyhow::anyhow!(
@@ -886,7 +889,7 @@ fn actionlint() -> anyhow::Result<()> {
             )
         })?;
     if !status.success() {
-        bail!("actionlint found problems in .github/workflows/ci.yml");
+        bail!("actionlint found problems in {}", WORKFLOWS.join(" "));
     }
     Ok(())
 }
