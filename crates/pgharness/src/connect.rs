@@ -20,12 +20,12 @@ use crate::settings::BackendKind;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Patience {
     /// A server still starting (refused, reset, 57P03) and full connection slots (53300).
-    StartingOrFull,
+    WhileStartingOrFull,
     /// A server still starting only: "too many clients" means it is up.
-    Starting,
-    /// Full connection slots only: a refused connection fails at once (a server that is
-    /// only believed to run, see `backend::known`).
-    Full,
+    WhileStarting,
+    /// While the server's connection slots are full (53300) only: a refused connection
+    /// fails at once (a server that is only believed to run, see `backend::known`).
+    WhileFull,
     /// Nothing: the RDS proxy waits for sessions itself (within its budget, and never for a
     /// test that holds sessions while it waits: see rds-iam's `leases`), so its `53300` is
     /// final, and a retry here would be a test holding sessions while it waits for more.
@@ -39,9 +39,9 @@ impl Patience {
     /// there; a local server may still be starting.
     pub(crate) fn for_backend(backend: BackendKind) -> Patience {
         match backend {
-            BackendKind::Url => Patience::Full,
+            BackendKind::Url => Patience::WhileFull,
             BackendKind::Rds => Patience::Never,
-            _ => Patience::StartingOrFull,
+            _ => Patience::WhileStartingOrFull,
         }
     }
 
@@ -51,7 +51,7 @@ impl Patience {
     pub(crate) fn after_claim(backend: BackendKind) -> Patience {
         match backend {
             BackendKind::Rds => Patience::Never,
-            _ => Patience::Full,
+            _ => Patience::WhileFull,
         }
     }
 }
@@ -62,13 +62,18 @@ fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
         return false;
     }
     match error.code() {
-        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => patience != Patience::Starting,
+        Some(code) if code == &SqlState::TOO_MANY_CONNECTIONS => {
+            patience != Patience::WhileStarting
+        }
         Some(code) => {
             code == &SqlState::CANNOT_CONNECT_NOW
-                && matches!(patience, Patience::Starting | Patience::StartingOrFull)
+                && matches!(
+                    patience,
+                    Patience::WhileStarting | Patience::WhileStartingOrFull
+                )
         }
         // No SQLSTATE: refused, reset, closed before the startup finished.
-        None => patience == Patience::Starting || patience == Patience::StartingOrFull,
+        None => patience == Patience::WhileStarting || patience == Patience::WhileStartingOrFull,
     }
 }
 
@@ -133,8 +138,8 @@ pub(crate) async fn connect(
         Ok((client, _handle)) => Ok(client),
         // A wait for a starting server that ran out (with `Full` nothing waited for it).
         Err(error)
-            if matches!(patience, Patience::Starting | Patience::StartingOrFull)
-                && transient(&error, Patience::Starting) =>
+            if matches!(patience, Patience::WhileStarting | Patience::WhileStartingOrFull)
+                && transient(&error, Patience::WhileStarting) =>
         {
             Err(Error::Timeout {
                 what: format!(
@@ -158,7 +163,15 @@ pub(crate) async fn wait_ready(
     what: &str,
 ) -> Result<(), Error> {
     let started = Instant::now();
-    match connect(config, started + timeout, Patience::Starting, sink, what).await {
+    match connect(
+        config,
+        started + timeout,
+        Patience::WhileStarting,
+        sink,
+        what,
+    )
+    .await
+    {
         Ok(client) => {
             client
                 .simple_query("SELECT 1")

@@ -221,7 +221,7 @@ impl TestDbBuilder {
         // Nobody is starting a `url` server, nor one merely believed to run: a refused
         // connection fails at once (53300 is still waited out).
         let patience = if believed {
-            Patience::Full
+            Patience::WhileFull
         } else {
             Patience::for_backend(server.backend())
         };
@@ -244,7 +244,7 @@ impl TestDbBuilder {
                 connect::connect(
                     &server.config(),
                     deadline,
-                    Patience::StartingOrFull,
+                    Patience::WhileStartingOrFull,
                     &log_only,
                     &server.describe(),
                 )

@@ -258,7 +258,7 @@ pub fn serve(
             );
             let (counted, pool, leases) = (counted.clone(), pool.clone(), leases.clone());
             tokio::spawn(async move {
-                let upstream = Upstream {
+                let upstream = UpstreamSide {
                     target,
                     dialer,
                     tokens,
@@ -310,7 +310,7 @@ fn open_spare_in_background(
 }
 
 /// Everything a client's session needs of the upstream side.
-struct Upstream {
+struct UpstreamSide {
     target: Arc<RdsTarget>,
     dialer: Arc<dyn Dialer>,
     tokens: Arc<TokenCache>,
@@ -327,7 +327,7 @@ async fn refuse(client: &mut TcpStream, code: SqlState, message: &str) -> Result
 
 async fn session(
     mut client: TcpStream,
-    upstream: &Upstream,
+    upstream: &UpstreamSide,
     verifier: &ScramVerifier,
     activity: &Arc<Activity>,
 ) -> Result<(), Error> {
@@ -358,7 +358,7 @@ async fn session(
     };
     activity.sessions.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(activity.clone());
-    relay(client, upstream, params).await
+    lend_and_relay(client, upstream, params).await
 }
 
 /// The client's startup and SCRAM login; `None` when it was answered already (refused,
@@ -421,9 +421,9 @@ async fn authenticate(
 }
 
 /// After the login: an upstream session (an idle one, else a new one), and the relay.
-async fn relay(
+async fn lend_and_relay(
     mut client: TcpStream,
-    upstream: &Upstream,
+    upstream: &UpstreamSide,
     params: Vec<(String, String)>,
 ) -> Result<(), Error> {
     // The client's database replaces the target's.

@@ -23,7 +23,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::faults::Faults;
-use super::service::{SsmConfig, State};
+use super::service::SsmConfig;
+use super::state::State;
 
 /// A frame from the websocket, or its end.
 #[derive(Debug)]

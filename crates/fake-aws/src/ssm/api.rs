@@ -19,7 +19,8 @@ use ssm_proto::payload::OpenDataChannel;
 use tokio::sync::mpsc;
 
 use super::agent::{Attachment, Control, SessionTask, WsIn, WsOut};
-use super::service::{SessionRecord, SessionSlot, State};
+use super::service::SessionRecord;
+use super::state::{SessionSlot, State};
 use crate::sigv4::SignedRequest;
 
 pub(crate) fn router(state: Arc<State>) -> Router {

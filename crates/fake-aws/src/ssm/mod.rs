@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod faults;
 mod service;
+mod state;
 
 pub use faults::Faults;
 pub use service::{SessionRecord, SsmConfig, SsmService};

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::faults::Faults;
+use super::state::State;
 use crate::credentials::CredentialStore;
 
 /// How the fake SSM service behaves.
@@ -80,26 +80,6 @@ pub struct SessionRecord {
     pub end_reason: Option<String>,
     /// Websockets opened for it (1 + resumes).
     pub connections: u32,
-}
-
-pub(crate) struct SessionSlot {
-    pub(crate) record: SessionRecord,
-    pub(crate) token: String,
-    /// Tokens this session was given before `token` (one per resume).
-    pub(crate) earlier_tokens: Vec<String>,
-    pub(crate) attach: mpsc::UnboundedSender<super::agent::Attachment>,
-    pub(crate) control: mpsc::UnboundedSender<super::agent::Control>,
-    pub(crate) cell: u32,
-}
-
-pub(crate) struct State {
-    pub(crate) config: Mutex<SsmConfig>,
-    pub(crate) credentials: Arc<CredentialStore>,
-    pub(crate) sessions: Mutex<HashMap<String, SessionSlot>>,
-    pub(crate) start_sessions: Mutex<u64>,
-    pub(crate) addr: SocketAddr,
-    /// Accepted sockets, and those of them the kernel reports with TCP_NODELAY.
-    pub(crate) accepted: (AtomicU64, AtomicU64),
 }
 
 /// A running fake SSM service. Dropping it stops it.
