@@ -195,9 +195,9 @@ impl RdsProxy {
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|source| rds_iam::Error::Postgres {
+            .map_err(|error| rds_iam::Error::Postgres {
                 action: format!("failed to query {host} as {user}"),
-                source,
+                error,
             })?;
         drop(client);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -63,12 +63,12 @@ pub fn is_transient(error: &Error) -> bool {
                 && message.contains("no pg_hba.conf entry"))
     };
     match error {
-        Error::Io { source, .. } => io_transient(source),
+        Error::Io { error, .. } => io_transient(error),
         Error::Refused { code, message, .. } => resuming(code, message),
-        Error::Postgres { source, .. } => match source.as_db_error() {
+        Error::Postgres { error, .. } => match error.as_db_error() {
             Some(db) => resuming(db.code(), db.message()),
             // No server answer: transient unless TLS itself rejected the server.
-            None => crate::error::rustls_in_chain(source).is_none(),
+            None => crate::error::rustls_in_chain(error).is_none(),
         },
         _ => false,
     }
@@ -250,7 +250,7 @@ async fn login(
                     "failed to log in to {} as {}",
                     target.endpoint.host, target.endpoint.user
                 ),
-                source: e,
+                error: e,
             })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {

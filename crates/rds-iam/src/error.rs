@@ -36,22 +36,22 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
     /// The socket could not be opened or broke.
-    #[error("{action}: {source}")]
+    #[error("{action}: {error}")]
     Io {
         /// What we were doing.
         action: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+        /// The cause (in the message, so not also a `source()`: printed once under `{:#}`;
+        /// [`Error::inner`] gives it).
+        error: std::io::Error,
     },
     /// The server refused us.
-    #[error("{action}: {}", describe_db(.source))]
+    #[error("{action}: {}", describe_db(.error))]
     Postgres {
         /// What we were doing.
         action: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error (in the message, so not also a `source()`; [`Error::inner`]
+        /// gives it).
+        error: tokio_postgres::Error,
     },
     /// The server answered with an error during a raw handshake (proxy, wake-up).
     #[error("the server refused the connection: {severity} {}: {message}", .code.code())]
@@ -143,10 +143,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(action: impl Into<String>, source: std::io::Error) -> Error {
+    pub(crate) fn io(action: impl Into<String>, error: std::io::Error) -> Error {
         Error::Io {
             action: action.into(),
-            source,
+            error,
         }
     }
 
@@ -172,7 +172,7 @@ impl Error {
     pub fn is_token_refused(&self) -> bool {
         let message = match self {
             Error::Refused { message, .. } => message.as_str(),
-            Error::Postgres { source, .. } => source.as_db_error().map_or("", |db| db.message()),
+            Error::Postgres { error, .. } => error.as_db_error().map_or("", |db| db.message()),
             _ => return false,
         };
         match self.code() {
@@ -189,21 +189,35 @@ impl Error {
         matches!(self, Error::Tls { .. }) || rustls_in_chain(self).is_some()
     }
 
+    /// The cause a variant carries in its message rather than as its `source()` (the
+    /// socket's error, the driver's), for callers that inspect it.
+    pub fn inner(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { error, .. } => Some(error),
+            Error::Postgres { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE of a server refusal, if this is one.
     pub fn code(&self) -> Option<&SqlState> {
         match self {
             Error::Refused { code, .. } => Some(code),
-            Error::Postgres { source, .. } => source.code(),
+            Error::Postgres { error, .. } => error.code(),
             _ => None,
         }
     }
 }
 
-/// An error and its sources, outermost first.
+/// An error and its sources, outermost first, with the causes this crate's errors carry in
+/// their messages ([`Error::inner`]).
 pub(crate) fn chain<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(error), |e| e.source())
+    std::iter::successors(Some(error), |e| {
+        e.source()
+            .or_else(|| e.downcast_ref::<Error>().and_then(Error::inner))
+    })
 }
 
 /// The rustls error in a chain, also where tokio-rustls wrapped it in an `io::Error` (whose
@@ -258,5 +272,43 @@ fn certificate_fix(error: &rustls::CertificateError) -> &'static str {
             "; the certificate has expired, or this machine's clock is wrong"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    /// What anyhow's `{:#}` prints: each `source()` after the message.
+    fn printed_with_sources(error: &(dyn std::error::Error + 'static)) -> String {
+        std::iter::successors(Some(error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ")
+    }
+
+    #[test]
+    fn a_cause_in_the_message_is_printed_once_and_still_inspected() {
+        let refused = Error::io(
+            "failed to dial the cluster",
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"),
+        );
+        assert_eq!(
+            printed_with_sources(&refused)
+                .matches("connection refused")
+                .count(),
+            1
+        );
+        // The TLS checks still find a rustls error inside the socket's error.
+        let rejected = Error::io(
+            "TLS handshake with the cluster",
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ),
+        );
+        assert!(rejected.is_certificate_rejected());
+        assert!(rejected.is_tls());
+        assert!(!refused.is_tls());
     }
 }
