@@ -30,13 +30,15 @@ struct Args {
     fixtures: Vec<LitStr>,
     /// `fixtures(path = "dir", scripts("a", "b"))`: `dir/a.sql`, `dir/b.sql` instead.
     fixtures_path: Option<LitStr>,
-    /// `migrations = "dir"` (relative to the crate) or `migrations = false`.
+    /// `migrations = "dir"` (relative to the crate), `migrations = false`, or
+    /// `migrator = "path::TO::MIGRATOR"` (an embedded sqlx `Migrator`).
     migrations: Option<Migrations>,
 }
 
 enum Migrations {
     Dir(LitStr),
     None,
+    Migrator(syn::Path, LitStr),
 }
 
 impl Parse for Args {
@@ -88,15 +90,28 @@ impl Parse for Args {
                     });
                 }
                 Meta::NameValue(pair) if pair.path.is_ident("migrator") => {
-                    return Err(syn::Error::new(
-                        pair.span(),
-                        "`migrator = …` is not supported yet: give the directory with `migrations = \"dir\"`",
-                    ));
+                    // As `#[sqlx::test]`: a string naming the static (`"crate::MIGRATOR"`).
+                    let text = match &pair.value {
+                        Expr::Lit(ExprLit {
+                            lit: Lit::Str(text),
+                            ..
+                        }) => text.clone(),
+                        other => {
+                            return Err(syn::Error::new(
+                                other.span(),
+                                "expected `migrator = \"path::TO::MIGRATOR\"` (a string naming a static sqlx `Migrator`)",
+                            ));
+                        }
+                    };
+                    let path = text.parse::<syn::Path>().map_err(|_| {
+                        syn::Error::new(text.span(), "expected the path of a static sqlx `Migrator`, e.g. `\"crate::MIGRATOR\"`")
+                    })?;
+                    args.migrations = Some(Migrations::Migrator(path, text));
                 }
                 other => {
                     return Err(syn::Error::new(
                         other.span(),
-                        "unknown argument; #[pgharness::test] takes `fixtures(…)` and `migrations = …`",
+                        "unknown argument; #[pgharness::test] takes `fixtures(…)`, `migrations = …` and `migrator = …`",
                     ));
                 }
             }
@@ -188,6 +203,10 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
             builder = quote!(#builder.migrations(::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(#dir)));
         }
         Some(Migrations::None) => builder = quote!(#builder.without_migrations()),
+        // `sqlx_migrator` needs pgharness's `sqlx` feature.
+        Some(Migrations::Migrator(path, text)) => {
+            builder = quote!(#builder.sqlx_migrator(&#path, concat!(module_path!(), ": ", #text)));
+        }
         None => {}
     }
     // As `#[sqlx::test]`: embedded with `include_str!`, so found next to the test's
@@ -280,7 +299,7 @@ mod tests {
             (
                 "migrator = MIGRATOR",
                 "async fn t() {}",
-                "`migrator = …` is not supported yet",
+                "a string naming a static sqlx `Migrator`",
             ),
             (
                 "migrations = true",

@@ -179,25 +179,13 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                     "give each migration its own version",
                 ));
             }
-            let mut history = String::from(
-                "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);\n",
-            );
-            if !migrations.is_empty() {
-                let rows: Vec<String> = migrations
-                    .iter()
-                    .map(|(version, description, file)| {
-                        let checksum = hex::encode(Sha384::digest(file.text.as_bytes()));
-                        format!(
-                            "({version}, {}, true, '\\x{checksum}'::bytea, 0)",
-                            quote_literal(description)
-                        )
-                    })
-                    .collect();
-                history.push_str(&format!(
-                    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES {};\n",
-                    rows.join(", ")
-                ));
-            }
+            let history = sqlx_history(migrations.iter().map(|(version, description, file)| {
+                (
+                    *version,
+                    description.as_str(),
+                    Sha384::digest(file.text.as_bytes()).to_vec(),
+                )
+            }));
             Ok(Read {
                 layout,
                 files: migrations.into_iter().map(|(_, _, file)| file).collect(),
@@ -250,4 +238,67 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
             })
         }
     }
+}
+
+/// `_sqlx_migrations` as sqlx creates it, with a row per applied migration `(version,
+/// description, checksum)` as sqlx's migrator writes it.
+pub(crate) fn sqlx_history<'a>(rows: impl Iterator<Item = (i64, &'a str, Vec<u8>)>) -> String {
+    let mut history = String::from(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);\n",
+    );
+    let rows: Vec<String> = rows
+        .map(|(version, description, checksum)| {
+            format!(
+                "({version}, {}, true, '\\x{}'::bytea, 0)",
+                quote_literal(description),
+                hex::encode(checksum)
+            )
+        })
+        .collect();
+    if !rows.is_empty() {
+        history.push_str(&format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES {};\n",
+            rows.join(", ")
+        ));
+    }
+    history
+}
+
+/// The up migrations of an embedded sqlx `Migrator` (`sqlx::migrate!()`, or built at run
+/// time) as files to apply in version order, with `_sqlx_migrations` holding the checksums
+/// the migrator computed; `-- no-transaction` ones are refused as in the directory layout.
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Result<Read, String> {
+    let mut migrations: Vec<&sqlx::migrate::Migration> = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    migrations.sort_by_key(|m| m.version);
+    if let Some(m) = migrations.iter().find(|m| m.no_tx) {
+        return Err(format!(
+            "migration {} ({}) asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction",
+            m.version, m.description
+        ));
+    }
+    let history = sqlx_history(
+        migrations
+            .iter()
+            .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
+    );
+    Ok(Read {
+        layout: Layout::Sqlx,
+        files: migrations
+            .iter()
+            .map(|m| SqlFile {
+                path: PathBuf::from(format!(
+                    "{}_{}.sql",
+                    m.version,
+                    m.description.replace(' ', "_")
+                )),
+                text: m.sql.to_string(),
+            })
+            .collect(),
+        history: Some(history),
+    })
 }

@@ -42,6 +42,21 @@ impl Migrations {
             });
         }
         let read = crate::layout::read(dir, layout)?;
+        Ok(Migrations::from_read(read, dir, dir.display().to_string()))
+    }
+
+    /// The migrations of an embedded sqlx `Migrator`; `source` names where it comes from
+    /// (the pool tells newer sets of the same source by it).
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn from_sqlx(
+        migrator: &sqlx::migrate::Migrator,
+        source: String,
+    ) -> Result<Migrations, String> {
+        let read = crate::layout::sqlx_migrator(migrator)?;
+        Ok(Migrations::from_read(read, Path::new(""), source))
+    }
+
+    fn from_read(read: crate::layout::Read, dir: &Path, source: String) -> Migrations {
         let mut hasher = Sha256::new();
         hasher.update(read.layout.as_str().as_bytes());
         for file in &read.files {
@@ -63,12 +78,12 @@ impl Migrations {
                 path: file.path,
             })
             .collect();
-        Ok(Migrations {
+        Migrations {
             files,
             history: read.history,
             hash: hex::encode(&hasher.finalize()[..8]),
-            source: dir.display().to_string(),
-        })
+            source,
+        }
     }
 }
 

@@ -71,6 +71,9 @@ pub struct TestDbBuilder {
     /// Fixtures given as text (`#[pgharness::test]` embeds them as `#[sqlx::test]` does).
     fixture_sources: Vec<(String, String)>,
     migrations: Option<Option<PathBuf>>,
+    /// Migrations given in code (an embedded sqlx `Migrator`), or why they cannot be used;
+    /// they win over `migrations`.
+    embedded: Option<Result<Arc<Migrations>, String>>,
     fixtures_dir: Option<PathBuf>,
     keep: Option<KeepPolicy>,
     pool_size: Option<usize>,
@@ -100,6 +103,30 @@ impl TestDbBuilder {
     /// Applies the migrations of this directory instead of the configured one.
     pub fn migrations(mut self, dir: impl Into<PathBuf>) -> Self {
         self.migrations = Some(Some(dir.into()));
+        self
+    }
+
+    /// Applies the migrations of an embedded sqlx `Migrator` (`sqlx::migrate!()`, or one
+    /// built at run time) instead of a directory, and fills `_sqlx_migrations` with its
+    /// checksums, so that `migrator.run(&pool)` in the app finds the schema up to date. Pool
+    /// schemas are kept per content hash, as for a directory; `source` says where the
+    /// migrator comes from (`#[pgharness::test(migrator = "…")]` gives its path).
+    #[cfg(feature = "sqlx")]
+    pub fn sqlx_migrator(mut self, migrator: &sqlx::migrate::Migrator, source: &str) -> Self {
+        // Read once per process and migrator (a `static`, so its address is its identity):
+        // hashing every migration for each test would cost a dependent's debug build.
+        type Cache = HashMap<(usize, String), Result<Arc<Migrations>, String>>;
+        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (std::ptr::from_ref(migrator) as usize, source.to_owned());
+        let read = cache
+            .get_or_insert_with(HashMap::new)
+            .entry(key)
+            .or_insert_with(|| {
+                Migrations::from_sqlx(migrator, format!("sqlx::migrate::Migrator {source}"))
+                    .map(Arc::new)
+            });
+        self.embedded = Some(read.clone());
         self
     }
 
@@ -176,10 +203,21 @@ impl TestDbBuilder {
         // The name a kept schema gets: pool schemas are renamed to it when their test fails.
         let keep_name =
             naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
-        let migrations = match &self.migrations {
-            Some(None) => None,
-            Some(Some(dir)) => Some(load_migrations(dir, settings.migrations_layout)?),
-            None => Some(load_migrations(
+        let migrations = match (&self.embedded, &self.migrations) {
+            (Some(embedded), _) => match embedded {
+                Ok(migrations) => Some(migrations.clone()),
+                Err(problem) => {
+                    return Err(Error::Setting {
+                        name: "migrator".into(),
+                        origin: "TestDb::builder().sqlx_migrator(..)".into(),
+                        problem: problem.clone(),
+                        fix: "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)".into(),
+                    });
+                }
+            },
+            (None, Some(None)) => None,
+            (None, Some(Some(dir))) => Some(load_migrations(dir, settings.migrations_layout)?),
+            (None, None) => Some(load_migrations(
                 &settings.migrations,
                 settings.migrations_layout,
             )?),

@@ -188,3 +188,59 @@ async fn the_sqlx_pool_is_closed_before_the_schema_is_recycled() {
         "the schema was recycled, with no sqlx connection left to wait for"
     );
 }
+
+/// An embedded sqlx migrator, as `sqlx::migrate!()` makes one (built at run time here: the
+/// tests do not build sqlx's macros). Its first migration wraps itself in a transaction,
+/// its second seeds a row, and it has a down migration that must never run.
+static MIGRATOR: std::sync::LazyLock<pgharness::sqlx::migrate::Migrator> = std::sync::LazyLock::new(
+    || {
+        use pgharness::sqlx::migrate::{Migration, MigrationType, Migrator};
+        let migration = |version, description: &'static str, kind, sql: &'static str| {
+            Migration::new(version, description.into(), kind, sql.into(), false)
+        };
+        Migrator {
+            migrations: vec![
+                migration(
+                    20240101000000,
+                    "accounts",
+                    MigrationType::ReversibleUp,
+                    "BEGIN;\nCREATE TABLE accounts (id bigserial PRIMARY KEY, name text NOT NULL);\nCOMMIT;\n",
+                ),
+                migration(
+                    20240101000000,
+                    "accounts",
+                    MigrationType::ReversibleDown,
+                    "DROP TABLE accounts;\n",
+                ),
+                migration(
+                    20240102000000,
+                    "house account",
+                    MigrationType::Simple,
+                    "INSERT INTO accounts (name) VALUES ('house');\n",
+                ),
+            ]
+            .into(),
+            ..Migrator::DEFAULT
+        }
+    },
+);
+
+#[pgharness::test(migrator = "MIGRATOR")]
+async fn an_embedded_sqlx_migrator_builds_the_schema_and_finds_it_up_to_date(
+    pool: pgharness::sqlx::PgPool,
+) {
+    let names: Vec<String> = pgharness::sqlx::query_scalar("SELECT name FROM accounts")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(names, ["house"]);
+    // The app's own start-up migration: nothing to apply (it would fail on the existing
+    // table), no checksum mismatch, and the history as sqlx wrote it.
+    MIGRATOR.run(&pool).await.unwrap();
+    let versions: Vec<i64> =
+        pgharness::sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [20240101000000, 20240102000000]);
+}
