@@ -81,6 +81,20 @@ async fn connect_once(
     config: tokio_postgres::Config,
 ) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
     driver::run(async move {
+        // A server a user gave: its logins skip SCRAM's key stretching after the first
+        // (`auth_relay`); a socket that does not open gets the driver's own error below.
+        if crate::auth_relay::enabled()
+            && config.get_password().is_some()
+            && let Some(connected) = crate::auth_relay::connect(&config).await
+        {
+            let (client, connection) = connected?;
+            let handle = tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "pgharness connection ended with an error");
+                }
+            });
+            return Ok((client, handle));
+        }
         let (client, connection) = config.connect(NoTls).await?;
         let handle = tokio::spawn(async move {
             if let Err(error) = connection.await {

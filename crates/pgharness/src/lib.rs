@@ -32,6 +32,7 @@
 //! for tools such as `cargo xtask` that start servers, reap schemas and size test groups.
 #![warn(missing_docs)]
 
+mod auth_relay;
 pub mod backend;
 pub mod budget;
 mod connect;
@@ -45,6 +46,7 @@ mod layout;
 pub mod ledger;
 mod naming;
 pub mod pool;
+mod scram;
 mod script;
 mod server;
 mod settings;

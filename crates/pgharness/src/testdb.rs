@@ -191,6 +191,12 @@ impl TestDbBuilder {
             },
             false => process_server(&settings).await?,
         };
+        if server.backend() == BackendKind::Url {
+            // A server a user gave stores SCRAM verifiers with 4096 iterations: derive each
+            // salted password once, for every test process (`auth_relay`).
+            crate::auth_relay::keep_in(&settings.state_dir);
+            crate::auth_relay::enable();
+        }
         let test_name = self.test_name.clone().unwrap_or_else(current_test_name);
         let run_id = settings
             .run_id

@@ -227,3 +227,73 @@ async fn a_missing_migrations_directory_is_an_error_naming_it() {
     );
     assert!(error.contains("without_migrations"), "{error}");
 }
+
+/// A server a user gives stores SCRAM verifiers with 4096 iterations, which a dependent
+/// crate's debug build spends ~100 ms on at every login: pgharness derives the salted
+/// password once and keeps it (0600, in the state directory) for every later login, while
+/// the server still checks every proof — a wrong password still fails as it would.
+#[tokio::test]
+async fn a_url_server_s_key_stretching_is_paid_once_and_a_wrong_password_still_fails() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let role = common::Role::create(&admin, "scram", &server).await;
+    let url = url::Url::parse(&role.url()).unwrap();
+    let verifier: String = admin
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&url.username()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    let state = std::env::temp_dir().join(format!("pgharness-scram-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&state).unwrap();
+    let mut settings = role.settings();
+    settings.state_dir = state.clone();
+
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .without_migrations()
+        .build()
+        .await
+        .expect("the relayed login");
+    let pooled = db.pool().get().await.expect("a second login");
+    let who: String = pooled
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, url.username());
+    // One salted password, derived once, for both logins and the processes that follow.
+    let cache = state.join("scram-cache");
+    let text = std::fs::read_to_string(&cache).expect("the salted password is kept");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        !text.contains(url.password().unwrap()),
+        "the password itself is never kept"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    drop(pooled);
+    drop(db);
+
+    let mut wrong = url.clone();
+    wrong.set_password(Some("not-the-password")).unwrap();
+    settings.url = Some(SecretUrl::new(wrong.to_string()));
+    let error = TestDb::builder()
+        .settings(settings)
+        .without_migrations()
+        .build()
+        .await
+        .expect_err("a wrong password is refused");
+    assert_eq!(
+        error.as_db_error().map(|db| db.code().code()),
+        Some("28P01"),
+        "{error}"
+    );
+    role.drop_all(&admin).await;
+}

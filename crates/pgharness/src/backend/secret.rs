@@ -229,36 +229,7 @@ pub fn create_private(path: &Path) -> Result<std::fs::File, Error> {
 /// postgres-protocol's `password::scram_sha_256` fixes the cost at 4096 iterations, and
 /// every test's connection pays it: a random 128-bit password needs no key stretching.
 pub fn scram_verifier(password: &str, iterations: u32, salt: &[u8]) -> String {
-    use base64::Engine;
-    use hmac::{Hmac, Mac};
-    use sha2::{Digest, Sha256};
-    type HmacSha256 = Hmac<Sha256>;
-    let hmac = |key: &[u8], data: &[u8]| {
-        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key");
-        mac.update(data);
-        mac.finalize().into_bytes()
-    };
-    // Hi(): PBKDF2-HMAC-SHA-256 with one block.
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password.as_bytes(), &block);
-    let mut salted = u;
-    for _ in 1..iterations {
-        u = hmac(password.as_bytes(), &u);
-        for (s, x) in salted.iter_mut().zip(u.iter()) {
-            *s ^= x;
-        }
-    }
-    let client_key = hmac(&salted, b"Client Key");
-    let stored_key = Sha256::digest(client_key);
-    let server_key = hmac(&salted, b"Server Key");
-    let b64 = base64::engine::general_purpose::STANDARD;
-    format!(
-        "SCRAM-SHA-256${iterations}:{}${}:{}",
-        b64.encode(salt),
-        b64.encode(stored_key),
-        b64.encode(server_key)
-    )
+    crate::scram::verifier(password, iterations, salt)
 }
 
 /// The advisory lock that serialises `lower_scram_cost` across processes.

@@ -1,0 +1,404 @@
+//! Logins to a server that asks for SCRAM with many iterations, without paying them on each
+//! connection.
+//!
+//! A server a user points pgharness at (`url`) stores SCRAM verifiers with 4096 iterations of
+//! PBKDF2; tokio-postgres derives the salted password afresh on every login, and in a
+//! dependent crate's debug build (where sha2 is not optimised) that is ~100 ms per
+//! connection: most of a test's acquire. So the client's login goes through this relay:
+//! tokio-postgres talks to one end of an in-memory stream, the relay to the server. Every
+//! message passes unchanged, except that when the server asks for SCRAM-SHA-256 the relay
+//! answers it itself with a salted password it derived once per password, salt and
+//! iteration count — kept in memory, and in a 0600 file of the state directory
+//! (`scram-cache`) for the test processes that follow — and hands the client the server's
+//! `AuthenticationOk`. Errors the server sends (a wrong password, too many clients, a server
+//! starting) reach tokio-postgres as they are, so they read as they would without it.
+//!
+//! The salted password is password-equivalent for SCRAM: the file is the server password
+//! file's kin, 0600 in the same directory, keyed by a hash of the password, salt and count.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::scram::{ClientFinal, ClientFirst, ServerFirst};
+
+/// Where salted passwords are kept across processes (the state directory), once known.
+static CACHE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Whether this process's logins with a password go through the relay: to a server a user
+/// gave (`url`); the servers pgharness starts store 16-iteration verifiers.
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sends this process's logins with a password through the relay from now on.
+pub(crate) fn enable() {
+    ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether logins go through the relay.
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Keeps salted passwords in `state_dir` from now on (the first caller in a process wins).
+pub(crate) fn keep_in(state_dir: &std::path::Path) {
+    let _ = CACHE_DIR.set(state_dir.to_path_buf());
+}
+
+/// The key of a salted password: a hash of the password, the salt and the count (the file
+/// never holds the password).
+fn cache_key(password: &str, salt: &[u8], iterations: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update((password.len() as u64).to_be_bytes());
+    hasher.update(password.as_bytes());
+    hasher.update(salt);
+    hasher.update(iterations.to_be_bytes());
+    hex::encode(hasher.finalize())
+}
+
+fn memory() -> &'static Mutex<HashMap<String, [u8; 32]>> {
+    static MEMORY: OnceLock<Mutex<HashMap<String, [u8; 32]>>> = OnceLock::new();
+    MEMORY.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// How many salted passwords this process derived (the rest came from the caches).
+#[cfg(test)]
+fn derivations() -> u64 {
+    DERIVED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static DERIVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The salted password, from memory, the cache file, or derived (and then kept in both).
+fn salted(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+    let key = cache_key(password, salt, iterations);
+    if let Some(salted) = memory().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return *salted;
+    }
+    let file = CACHE_DIR.get().map(|dir| dir.join("scram-cache"));
+    let from_file = file.as_ref().and_then(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|line| {
+            let (k, v) = line.split_once(' ')?;
+            (k == key).then(|| hex::decode(v).ok()?.try_into().ok())?
+        })
+    });
+    let salted = match from_file {
+        Some(salted) => salted,
+        None => {
+            DERIVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let salted = crate::scram::salted_password(password, salt, iterations);
+            if let Some(file) = &file {
+                remember(file, &key, &salted);
+            }
+            salted
+        }
+    };
+    memory()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, salted);
+    salted
+}
+
+/// Appends a line to the 0600 cache file (a lost race costs one more derivation, never a
+/// wrong answer: lines are whole, and a key maps to one value).
+fn remember(file: &std::path::Path, key: &str, salted: &[u8; 32]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::File::options()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(file);
+    match opened {
+        Ok(mut opened) => {
+            let _ = writeln!(opened, "{key} {}", hex::encode(salted));
+        }
+        Err(error) => tracing::debug!(%error, "pgharness: the SCRAM cache is not writable"),
+    }
+}
+
+/// One message of the v3 protocol, whole: its tag, and the bytes as they came.
+struct Frame {
+    tag: u8,
+    bytes: Vec<u8>,
+}
+
+impl Frame {
+    fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+
+    /// An Authentication message's request code.
+    fn auth_code(&self) -> Option<i32> {
+        (self.tag == b'R' && self.body().len() >= 4).then(|| {
+            i32::from_be_bytes([
+                self.body()[0],
+                self.body()[1],
+                self.body()[2],
+                self.body()[3],
+            ])
+        })
+    }
+}
+
+/// The largest message the relay reads during the login (the rest is copied as bytes).
+const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Frame> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let length = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    let length = usize::try_from(length)
+        .ok()
+        .filter(|length| (4..=MAX_LOGIN_MESSAGE).contains(length))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "bad message length")
+        })?;
+    let mut bytes = header.to_vec();
+    bytes.resize(1 + length, 0);
+    stream.read_exact(&mut bytes[5..]).await?;
+    Ok(Frame {
+        tag: header[0],
+        bytes,
+    })
+}
+
+/// The startup packet (no tag): its length, then the rest.
+async fn read_startup(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await?;
+    let n = usize::try_from(i32::from_be_bytes(length))
+        .ok()
+        .filter(|n| (8..=MAX_LOGIN_MESSAGE).contains(n))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "bad startup length")
+        })?;
+    let mut bytes = length.to_vec();
+    bytes.resize(n, 0);
+    stream.read_exact(&mut bytes[4..]).await?;
+    Ok(bytes)
+}
+
+/// A frontend message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![tag];
+    bytes.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// An ErrorResponse for the client, so that tokio-postgres reports the relay's own failures
+/// (a server whose SCRAM answer is wrong) as a server error, with a SQLSTATE.
+fn error_response(code: &str, text: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', text)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    message(b'E', &body)
+}
+
+/// Connects `config` through the relay: the server's socket (TCP or Unix), an in-memory
+/// stream for tokio-postgres, and the relay between them on the current runtime. A socket
+/// that cannot be opened is `None` (the caller connects as usual, for the driver's own
+/// error).
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+) -> Option<
+    Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio::io::DuplexStream, tokio_postgres::tls::NoTlsStream>,
+        ),
+        tokio_postgres::Error,
+    >,
+> {
+    use tokio_postgres::config::Host;
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    match config.get_hosts().first()? {
+        Host::Tcp(host) => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(relay(theirs, stream, password));
+        }
+        Host::Unix(dir) => {
+            let stream = tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                .await
+                .ok()?;
+            tokio::spawn(relay(theirs, stream, password));
+        }
+    }
+    Some(config.connect_raw(ours, tokio_postgres::NoTls).await)
+}
+
+/// Relays a login between `client` (tokio-postgres) and `server`, answering the server's
+/// SCRAM-SHA-256 itself with `password`; then copies bytes both ways until either side
+/// closes.
+pub(crate) async fn relay<C, S>(mut client: C, mut server: S, password: Option<String>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(error) = login(&mut client, &mut server, password.as_deref()).await {
+        tracing::debug!(%error, "pgharness: the login relay stopped");
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}
+
+async fn login<C, S>(client: &mut C, server: &mut S, password: Option<&str>) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let startup = read_startup(client).await?;
+    server.write_all(&startup).await?;
+    loop {
+        let frame = read_frame(server).await?;
+        match frame.auth_code() {
+            // AuthenticationSASL offering SCRAM-SHA-256, and a password to answer with.
+            Some(10) if password.is_some() && sasl_offers_scram(frame.body()) => {
+                match scram(server, password.unwrap_or_default()).await? {
+                    Scram::Done => {}
+                    // The server's own error (a wrong password), as the client would get it.
+                    Scram::Refused(frame) => {
+                        client.write_all(&frame.bytes).await?;
+                        return Err(std::io::Error::other("the server refused the login"));
+                    }
+                    Scram::Failed(text) => {
+                        client.write_all(&error_response("28000", &text)).await?;
+                        return Err(std::io::Error::other(text));
+                    }
+                }
+            }
+            // AuthenticationOk: the login is done; what follows is copied as it comes.
+            Some(0) => {
+                client.write_all(&frame.bytes).await?;
+                return Ok(());
+            }
+            // Cleartext (3) or MD5 (5) password, or SASL without a password: the client
+            // answers, through the relay.
+            Some(3 | 5 | 10) => {
+                client.write_all(&frame.bytes).await?;
+                let answer = read_frame(client).await?;
+                server.write_all(&answer.bytes).await?;
+            }
+            _ => {
+                client.write_all(&frame.bytes).await?;
+                if frame.tag == b'E' {
+                    return Err(std::io::Error::other("the server refused the login"));
+                }
+            }
+        }
+    }
+}
+
+fn sasl_offers_scram(body: &[u8]) -> bool {
+    body[4..]
+        .split(|b| *b == 0)
+        .any(|mechanism| mechanism == b"SCRAM-SHA-256")
+}
+
+/// How a SCRAM exchange ended.
+enum Scram {
+    /// The server accepted the proof and proved it knows the password.
+    Done,
+    /// The server sent an error (a wrong password).
+    Refused(Frame),
+    /// The exchange went wrong otherwise.
+    Failed(String),
+}
+
+/// The SCRAM exchange with the server.
+async fn scram<S>(server: &mut S, password: &str) -> std::io::Result<Scram>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let nonce = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes())
+    };
+    let first = ClientFirst::new("", &nonce);
+    let mut initial = b"SCRAM-SHA-256\0".to_vec();
+    initial.extend_from_slice(&(first.message.len() as i32).to_be_bytes());
+    initial.extend_from_slice(first.message.as_bytes());
+    server.write_all(&message(b'p', &initial)).await?;
+    let continue_frame = read_frame(server).await?;
+    if continue_frame.tag == b'E' {
+        return Ok(Scram::Refused(continue_frame));
+    }
+    if continue_frame.auth_code() != Some(11) {
+        return Ok(Scram::Failed(format!(
+            "the server answered SCRAM's first message with `{}`",
+            continue_frame.tag as char
+        )));
+    }
+    let server_first = String::from_utf8_lossy(&continue_frame.body()[4..]).into_owned();
+    let server_first = match ServerFirst::parse(&first, &server_first) {
+        Ok(parsed) => parsed,
+        Err(error) => return Ok(Scram::Failed(error.0)),
+    };
+    let salted = salted(password, &server_first.salt, server_first.iterations);
+    let last = ClientFinal::new(&first, &server_first, &salted);
+    server
+        .write_all(&message(b'p', last.message.as_bytes()))
+        .await?;
+    let final_frame = read_frame(server).await?;
+    match final_frame.auth_code() {
+        Some(12) => {
+            let text = String::from_utf8_lossy(&final_frame.body()[4..]).into_owned();
+            Ok(match last.verify(&text) {
+                Ok(()) => Scram::Done,
+                Err(error) => Scram::Failed(error.0),
+            })
+        }
+        _ if final_frame.tag == b'E' => Ok(Scram::Refused(final_frame)),
+        _ => Ok(Scram::Failed(format!(
+            "the server answered SCRAM's proof with `{}`",
+            final_frame.tag as char
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_salted_password_is_derived_once_then_read_from_the_state_directory() {
+        let dir = std::env::temp_dir().join(format!("pgharness-relay-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        keep_in(&dir);
+        let salt = b"0123456789abcdef";
+        // What another process left: read, not derived again (a marker value, so that a
+        // derivation would show).
+        let key = cache_key("other", salt, 4096);
+        std::fs::write(
+            dir.join("scram-cache"),
+            format!("{key} {}\n", "ab".repeat(32)),
+        )
+        .unwrap();
+        assert_eq!(salted("other", salt, 4096), [0xab; 32]);
+        assert_eq!(derivations(), 0);
+        // New: derived once, kept, then served from memory.
+        let first = salted("pencil", salt, 64);
+        assert_eq!(first, crate::scram::salted_password("pencil", salt, 64));
+        assert_eq!(salted("pencil", salt, 64), first);
+        assert_eq!(derivations(), 1);
+        let text = std::fs::read_to_string(dir.join("scram-cache")).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
