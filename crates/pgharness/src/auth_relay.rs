@@ -108,6 +108,9 @@ fn salted(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
 fn remember(file: &std::path::Path, key: &str, salted: &[u8; 32]) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let opened = std::fs::File::options()
         .append(true)
         .create(true)
