@@ -1,7 +1,8 @@
 //! `cargo xtask ci --only outside-workspace`: README's "Use it in your project" recipe, run
 //! as a user outside this repository would run it: a fresh workspace in a temporary
 //! directory (an app with sqlx-layout migrations, a seed row, a fixture and tests on
-//! `#[pgharness::test]` with an injected `PgPool`), pgharness as a path dependency without
+//! `#[pgharness::test]` with an injected `PgPool`, and a `#[sqlx::test]` file converted by
+//! replacing the attribute), pgharness as a path dependency without
 //! its default features, plain `cargo test` twice on the native backend. Checked: every test
 //! passes both times, sqlx's own migrator finds each schema up to date, the second run
 //! claims schemas the first one recycled. Then `cargo pgharness` installed from this
@@ -41,6 +42,36 @@ async fn migrating_at_start_up_is_a_no_op(pool: PgPool) {
     assert_eq!(count(&pool).await, 1);
 }
 "#;
+
+/// A test file as a `#[sqlx::test]` suite has it, converted the way README's "From
+/// `#[sqlx::test]`" says: the attribute replaced, nothing else.
+const SQLX_TEST_SUITE: &str = r#"use sqlx::{PgConnection, PgPool, Row};
+
+#[sqlx::test]
+async fn a_pool_sees_the_migrated_seeded_schema(pool: PgPool) -> sqlx::Result<()> {
+    let row = sqlx::query("SELECT count(*) AS n FROM customers").fetch_one(&pool).await?;
+    assert_eq!(row.get::<i64, _>("n"), 1);
+    Ok(())
+}
+
+#[sqlx::test(fixtures("two_more"))]
+async fn fixtures_load_before_the_body(mut conn: PgConnection) {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM customers").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 3);
+}
+
+#[sqlx::test(migrations = false)]
+async fn without_migrations_the_schema_is_empty(pool: PgPool) {
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0);
+}
+"#;
+
+/// Tests in the workspace: 3 written for pgharness, 3 converted from `#[sqlx::test]`.
+const TESTS_IN_ALL: usize = 6;
 
 fn write(root: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     let path = root.join(name);
@@ -96,7 +127,12 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
         "tests/fixtures/two_more.sql",
         "INSERT INTO customers (name) VALUES ('a'), ('b');\n",
     )?;
-    write(root, "tests/shop.rs", TESTS)
+    write(root, "tests/shop.rs", TESTS)?;
+    write(
+        root,
+        "tests/converted.rs",
+        &SQLX_TEST_SUITE.replace("#[sqlx::test", "#[pgharness::test"),
+    )
 }
 
 pub(crate) async fn check() -> anyhow::Result<()> {
@@ -144,7 +180,7 @@ pub(crate) async fn check() -> anyhow::Result<()> {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        if !output.status.success() || !text.contains("test result: ok. 3 passed") {
+        if !output.status.success() || text.matches("test result: ok. 3 passed").count() != 2 {
             bail!("`cargo test` in {} failed:\n{text}", root.display());
         }
         Ok(text)
@@ -255,14 +291,15 @@ async fn with_cargo_pgharness(
                 .parse::<u64>()
                 .ok()
         });
-        if !text.contains("3 tests run: 3 passed") || hits.unwrap_or_default() == 0 {
+        let passed = format!("{TESTS_IN_ALL} tests run: {TESTS_IN_ALL} passed");
+        if !text.contains(&passed) || hits.unwrap_or_default() == 0 {
             bail!(
-                "`cargo pgharness {}` did not pass its 3 tests with pool hits:\n{text}",
+                "`cargo pgharness {}` did not pass its {TESTS_IN_ALL} tests with pool hits:\n{text}",
                 args.join(" ")
             );
         }
         eprintln!(
-            "xtask ci: outside workspace, `cargo pgharness {}`: 3/3 passed, {} pool hit(s)",
+            "xtask ci: outside workspace, `cargo pgharness {}`: {TESTS_IN_ALL}/{TESTS_IN_ALL} passed, {} pool hit(s)",
             args.join(" "),
             hits.unwrap_or_default()
         );
