@@ -945,13 +945,15 @@ impl Ci {
             &["--workspace", "--features", "xtask/rds", "--profile", "ci"],
         )
         .await?;
-        // The example suite on the native backend, 32 tests at once against
+        // The example suites on the native backend, 32 tests at once against
         // max_connections=100: the DB group keeps it inside the connection budget.
         tests(
             BackendKind::Native,
             &[
                 "-p",
                 "todo-app",
+                "-p",
+                "shop-app",
                 "--profile",
                 "ci",
                 "--",
