@@ -151,39 +151,37 @@ impl Frame {
 /// The largest message the relay reads during the login (the rest is copied as bytes).
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 
-async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Frame> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let length = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+/// Reads a packet whose last four bytes of `head` are its length (counting itself, at
+/// least `min`), and the rest of it.
+async fn read_packet<const N: usize>(
+    stream: &mut (impl AsyncRead + Unpin),
+    min: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut head = [0u8; N];
+    stream.read_exact(&mut head).await?;
+    let length = i32::from_be_bytes([head[N - 4], head[N - 3], head[N - 2], head[N - 1]]);
     let length = usize::try_from(length)
         .ok()
-        .filter(|length| (4..=MAX_LOGIN_MESSAGE).contains(length))
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "bad message length")
-        })?;
-    let mut bytes = header.to_vec();
-    bytes.resize(1 + length, 0);
-    stream.read_exact(&mut bytes[5..]).await?;
+        .filter(|length| (min..=MAX_LOGIN_MESSAGE).contains(length))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad packet length"))?;
+    let mut bytes = head.to_vec();
+    bytes.resize(N - 4 + length, 0);
+    stream.read_exact(&mut bytes[N..]).await?;
+    Ok(bytes)
+}
+
+/// A message: its tag, then its length.
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Frame> {
+    let bytes = read_packet::<5>(stream, 4).await?;
     Ok(Frame {
-        tag: header[0],
+        tag: bytes[0],
         bytes,
     })
 }
 
-/// The startup packet (no tag): its length, then the rest.
+/// The startup packet (no tag): its length, then the protocol version and parameters.
 async fn read_startup(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-    let mut length = [0u8; 4];
-    stream.read_exact(&mut length).await?;
-    let n = usize::try_from(i32::from_be_bytes(length))
-        .ok()
-        .filter(|n| (8..=MAX_LOGIN_MESSAGE).contains(n))
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "bad startup length")
-        })?;
-    let mut bytes = length.to_vec();
-    bytes.resize(n, 0);
-    stream.read_exact(&mut bytes[4..]).await?;
-    Ok(bytes)
+    read_packet::<4>(stream, 8).await
 }
 
 /// A frontend message: tag, length, body.
