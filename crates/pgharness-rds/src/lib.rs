@@ -3,7 +3,7 @@
 //! local auth proxy for every test process, psql and the app, and writes the
 //! `target/pgharness/env` contract that test processes read. Progress is reported as
 //! [`pgharness::events::Event`]s; [`report`] carries them, typed, from a background process
-//! to the one that started it. `cargo xtask up --backend rds` is a thin layer over this; a
+//! to the one that started it. `cargo pgharness up --backend rds` is a thin layer over this; a
 //! user's own binary can start it the same way.
 
 mod dialer;

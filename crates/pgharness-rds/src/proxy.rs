@@ -1,5 +1,5 @@
-//! [`RdsProxy`]: the run's one path to the cluster. Started once per run (by `cargo xtask
-//! up`, or a user's binary), shared by every test process through the local auth proxy's
+//! [`RdsProxy`]: the run's one path to the cluster. Started once per run (by `cargo
+//! pgharness up`, through `pgharness-runner`, or a user's binary), shared by every test process through the local auth proxy's
 //! URL in `target/pgharness/env`.
 
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Something a long wait is doing. Every event is also logged with `tracing`. Events
 /// serialise (serde), so that a background process can report them to the one that
-/// started it (`pgharness-rds`'s proxy to `cargo xtask up`).
+/// started it (`pgharness-rds`'s proxy to `cargo pgharness up`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Event {

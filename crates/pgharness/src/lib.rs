@@ -29,7 +29,7 @@
 //! ```
 //!
 //! The modules a test needs are re-exported here; `backend`, `ledger` and `budget` are
-//! for tools such as `cargo xtask` that start servers, reap schemas and size test groups.
+//! for tools such as `cargo pgharness` (`pgharness-runner`) that start servers, reap schemas and size test groups.
 #![warn(missing_docs)]
 
 mod auth_relay;

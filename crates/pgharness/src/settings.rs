@@ -24,7 +24,7 @@ pub enum BackendKind {
     Native,
     /// An existing server given by `PGHARNESS_URL`.
     Url,
-    /// RDS/Aurora through the run's local auth proxy (started by `cargo xtask up --backend rds`):
+    /// RDS/Aurora through the run's local auth proxy (started by `cargo pgharness up --backend rds`):
     /// IAM tokens, verify-full TLS, and an SSM tunnel when `[rds.ssm] target` is set.
     Rds,
 }
@@ -94,7 +94,7 @@ impl FromStr for KeepPolicy {
 pub enum Teardown {
     /// The test drops its own schema when its `TestDb` is dropped.
     Inline,
-    /// The test marks its schema `passed`; a janitor (run by `cargo xtask test`) drops it
+    /// The test marks its schema `passed`; a janitor (run by `cargo pgharness test`) drops it
     /// off the test's critical path.
     Deferred,
 }
@@ -228,12 +228,12 @@ pub struct Settings {
     /// has no TCP listener at all and is reached only through the socket in its private
     /// directory.
     pub native_tcp: bool,
-    /// `container_ttl` / `PGHARNESS_CONTAINER_TTL`: `cargo xtask reap` removes the shared
+    /// `container_ttl` / `PGHARNESS_CONTAINER_TTL`: `cargo pgharness reap` removes the shared
     /// container once this long has passed since it was created.
     pub container_ttl: Duration,
-    /// `PGHARNESS_RUN_ID` (set by `cargo xtask test`), else `NEXTEST_RUN_ID`, else one per process.
+    /// `PGHARNESS_RUN_ID` (set by `cargo pgharness test`), else `NEXTEST_RUN_ID`, else one per process.
     pub run_id: Option<String>,
-    /// `PGHARNESS_TEARDOWN` (`inline` or `deferred`; set by `cargo xtask test`).
+    /// `PGHARNESS_TEARDOWN` (`inline` or `deferred`; set by `cargo pgharness test`).
     pub teardown: Teardown,
     /// `[rds]` and `[rds.ssm]`.
     pub rds: RdsSettings,

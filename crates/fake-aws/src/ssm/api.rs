@@ -272,7 +272,7 @@ fn describe_instances(state: &Arc<State>) -> Response {
     ok(json!({ "InstanceInformationList": list }))
 }
 
-/// Counters for tests and `cargo xtask` (not an AWS API).
+/// Counters for tests and the runner (not an AWS API).
 async fn stats(AxumState(state): AxumState<Arc<State>>) -> Response {
     let start_sessions = *state
         .start_sessions

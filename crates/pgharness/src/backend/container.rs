@@ -45,15 +45,15 @@ use crate::settings::{BackendKind, Settings};
 
 /// The image used when `PGHARNESS_IMAGE` is not set.
 pub const DEFAULT_IMAGE: &str = "postgres:17";
-/// The image `cargo xtask image` builds from Debian packages when no registry is reachable.
+/// The image `cargo pgharness image` builds from Debian packages when no registry is reachable.
 pub const LOCAL_IMAGE: &str = "pgharness/postgres:17-2";
 
 /// Label on every container pgharness creates.
 pub const LABEL_MANAGED: &str = "dev.pgharness.managed";
-/// Label: the Unix time after which `cargo xtask reap` may remove the container (set by
+/// Label: the Unix time after which `cargo pgharness reap` may remove the container (set by
 /// containers of earlier pgharness versions; read by the reaper).
 pub const LABEL_DEADLINE: &str = "dev.pgharness.deadline";
-/// Label: seconds after its creation when `cargo xtask reap` may remove the container.
+/// Label: seconds after its creation when `cargo pgharness reap` may remove the container.
 /// (A creation-relative label, not a deadline, because testcontainers finds a reusable
 /// container by all of its labels: every process must ask for the same ones.)
 pub const LABEL_TTL: &str = "dev.pgharness.ttl";
@@ -415,7 +415,7 @@ async fn remove_stale(docker: &Docker, settings: &Settings, password: &str) -> R
     Ok(())
 }
 
-/// Removes this workspace's container (for `cargo xtask down`).
+/// Removes this workspace's container (for `cargo pgharness down`).
 pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
     quiet(stop_unlogged(settings)).await
 }
@@ -434,7 +434,7 @@ async fn stop_unlogged(settings: &Settings) -> Result<Vec<String>, Error> {
     Ok(removed)
 }
 
-/// Removes every pgharness container whose deadline label has passed (for `cargo xtask reap`).
+/// Removes every pgharness container whose deadline label has passed (for `cargo pgharness reap`).
 pub async fn reap_expired() -> Result<Vec<String>, Error> {
     quiet(reap_expired_unlogged()).await
 }

@@ -71,7 +71,7 @@ pub async fn resolve(settings: &Settings, sink: EventSink<'_>) -> Result<Backend
         return Ok(settings.backend);
     }
     let mut attempts = Vec::new();
-    // A server brought up by `cargo xtask up --backend rds` serves every run until `down`.
+    // A server brought up by `cargo pgharness up --backend rds` serves every run until `down`.
     if rds::is_running(settings) {
         return Ok(BackendKind::Rds);
     }
@@ -162,7 +162,7 @@ pub async fn stop(settings: &Settings, kind: BackendKind) -> Result<Vec<String>,
         #[cfg(not(feature = "container"))]
         BackendKind::Container => Ok(Vec::new()),
         BackendKind::Native => native::stop(settings).await,
-        // The RDS proxy is a process of xtask's; `cargo xtask down` stops it.
+        // The RDS proxy is a background process of the runner; `cargo pgharness down` stops it.
         BackendKind::Url | BackendKind::Auto | BackendKind::Rds => Ok(Vec::new()),
     }
 }

@@ -4,7 +4,7 @@
 //! directory of its user (no port for another local user to squat or to try passwords
 //! on); `native_tcp` adds a TCP listener on 127.0.0.1 with password login. As root it runs
 //! the server as an unprivileged user, since postgres refuses to run as root. A small watchdog shell process owns the server
-//! and stops it after `native_idle` with no client connected, or on `cargo xtask down`.
+//! and stops it after `native_idle` with no client connected, or on `cargo pgharness down`.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -280,7 +280,7 @@ pub fn is_running(settings: &Settings) -> bool {
     read_state(&paths(settings, &bindir).state).is_some_and(|state| alive(&state, settings))
 }
 
-/// Stops this workspace's native servers (for `cargo xtask down`).
+/// Stops this workspace's native servers (for `cargo pgharness down`).
 pub async fn stop(settings: &Settings) -> Result<Vec<String>, Error> {
     let records = match std::fs::read_dir(&settings.state_dir) {
         Ok(entries) => entries

@@ -1,5 +1,5 @@
 //! The `rds` backend, as test processes see it: the run's local auth proxy, started by
-//! `cargo xtask up --backend rds` (or `cargo xtask test --backend rds`), described in
+//! `cargo pgharness up --backend rds` (or `cargo pgharness test --backend rds`), described in
 //! `target/pgharness/env`. Test processes never open SSM sessions or mint tokens
 //! themselves; the one background process does, for the whole run.
 
@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::server::Server;
 use crate::settings::{BackendKind, SecretUrl, Settings};
 
-/// What `cargo xtask up` wrote: `KEY=value` lines. `Debug` hides the URL's password.
+/// What `cargo pgharness up` wrote: `KEY=value` lines. `Debug` hides the URL's password.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EnvFile {
     /// `PGHARNESS_BACKEND`.

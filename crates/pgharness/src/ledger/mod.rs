@@ -31,7 +31,7 @@ pub use summary::{RunSummary, run_summary};
 
 /// Advisory-lock namespace (first key) for schema owners.
 pub(crate) const SCHEMA_LOCK_SPACE: i32 = 0x7067_6800;
-/// Advisory-lock namespace for runs (held by `cargo xtask test` for the whole run).
+/// Advisory-lock namespace for runs (held by `cargo pgharness test` for the whole run).
 pub(crate) const RUN_LOCK_SPACE: i32 = 0x7067_6801;
 /// Advisory-lock namespace for creating the ledger itself.
 const BOOTSTRAP_LOCK_SPACE: i32 = 0x7067_6802;

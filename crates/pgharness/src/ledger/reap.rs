@@ -27,7 +27,7 @@ pub enum ReapScope {
         ttl: Duration,
         /// A run none of whose tests holds a lock still counts as live for this long after
         /// its last schema was created or ended (the gap between two tests of a plain
-        /// `cargo nextest run`, which has no run lock). `cargo xtask reap` uses 30 s.
+        /// `cargo nextest run`, which has no run lock). `cargo pgharness reap` uses 30 s.
         run_grace: Duration,
     },
 }
