@@ -6,10 +6,13 @@
 //!   version order; `_sqlx_migrations` with sqlx's SHA-384 checksums;
 //! - `diesel`: `<version>_<name>/up.sql` directories (`down.sql` never applied), in name order;
 //!   `__diesel_schema_migrations`.
+//! - `refinery`: `V<version>__<name>.sql` (and unversioned `U<version>__<name>.sql`), in
+//!   version order; `refinery_schema_history` with refinery's SipHash-1-3 checksums.
 //!
-//! `auto` picks `diesel` for a directory of migration directories, `sqlx` when a file is
-//! reversible (`.up.sql`/`.down.sql`), else `plain`: sqlx's simple layout and the plain one
-//! look alike, so `migrations_layout = "sqlx"` says which it is.
+//! `auto` picks `diesel` for a directory of migration directories, `refinery` when every
+//! `.sql` file is named as refinery names them, `sqlx` when a file is reversible
+//! (`.up.sql`/`.down.sql`), else `plain`: sqlx's simple layout and the plain one look alike,
+//! so `migrations_layout = "sqlx"` says which it is.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,8 @@ pub enum Layout {
     Sqlx,
     /// diesel's (`diesel migration run`, `embed_migrations!`).
     Diesel,
+    /// refinery's (`embed_migrations!`, `refinery migrate`).
+    Refinery,
 }
 
 impl Layout {
@@ -42,6 +47,7 @@ impl Layout {
             Layout::Plain => "plain",
             Layout::Sqlx => "sqlx",
             Layout::Diesel => "diesel",
+            Layout::Refinery => "refinery",
         }
     }
 }
@@ -61,8 +67,9 @@ impl FromStr for Layout {
             "plain" => Ok(Layout::Plain),
             "sqlx" => Ok(Layout::Sqlx),
             "diesel" => Ok(Layout::Diesel),
+            "refinery" => Ok(Layout::Refinery),
             other => Err(format!(
-                "unknown migrations layout `{other}`; use auto, plain, sqlx or diesel"
+                "unknown migrations layout `{other}`; use auto, plain, sqlx, diesel or refinery"
             )),
         }
     }
@@ -106,6 +113,17 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                 .any(|(p, is_dir)| *is_dir && p.join("up.sql").is_file()) =>
         {
             Layout::Diesel
+        }
+        Layout::Auto
+            if entries
+                .iter()
+                .any(|(p, is_dir)| !is_dir && name(p).ends_with(".sql"))
+                && entries
+                    .iter()
+                    .filter(|(p, is_dir)| !is_dir && name(p).ends_with(".sql"))
+                    .all(|(p, _)| refinery_name(&name(p)).is_some()) =>
+        {
+            Layout::Refinery
         }
         Layout::Auto
             if entries
@@ -186,6 +204,75 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                     Sha384::digest(file.text.as_bytes()).to_vec(),
                 )
             }));
+            Ok(Read {
+                layout,
+                files: migrations.into_iter().map(|(_, _, file)| file).collect(),
+                history: Some(history),
+            })
+        }
+        Layout::Refinery => {
+            // As refinery's `find_migration_files` and `Migration::unapplied`.
+            let mut migrations = Vec::new();
+            for (path, is_dir) in entries {
+                let file_name = name(&path);
+                if is_dir || !(file_name.ends_with(".sql") || file_name.ends_with(".rs")) {
+                    continue;
+                }
+                let Some((version, migration_name)) = refinery_name(&file_name) else {
+                    return Err(layout_error(
+                        dir,
+                        format!("`{file_name}` is not named as refinery names migrations"),
+                        "name them `V<version>__<name>.sql` (e.g. `V1__create_users.sql`)",
+                    ));
+                };
+                if file_name.ends_with(".rs") {
+                    return Err(layout_error(
+                        dir,
+                        format!(
+                            "`{file_name}` is a migration written in Rust, which pgharness cannot run"
+                        ),
+                        "write it as SQL, or build the schema in the test (`migrations = false`)",
+                    ));
+                }
+                let file = read_file(path)?;
+                if file.text.contains("refinery:noTransaction") {
+                    return Err(layout_error(
+                        dir,
+                        format!(
+                            "`{file_name}` asks to run outside a transaction, which pgharness does not support yet: a schema is created and migrated in one transaction"
+                        ),
+                        "run that statement in a migration without the annotation if Postgres allows it in a transaction",
+                    ));
+                }
+                migrations.push((version, migration_name, file));
+            }
+            migrations.sort_by_key(|(version, _, _)| *version);
+            if let Some(pair) = migrations.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(layout_error(
+                    dir,
+                    format!("two migrations have version {}", pair[0].0),
+                    "give each migration its own version",
+                ));
+            }
+            let mut history = String::from(
+                "CREATE TABLE refinery_schema_history (version INT4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255));\n",
+            );
+            if !migrations.is_empty() {
+                let rows: Vec<String> = migrations
+                    .iter()
+                    .map(|(version, migration_name, file)| {
+                        format!(
+                            "({version}, {}, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '{}')",
+                            quote_literal(migration_name),
+                            refinery_checksum(migration_name, *version, &file.text)
+                        )
+                    })
+                    .collect();
+                history.push_str(&format!(
+                    "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES {};\n",
+                    rows.join(", ")
+                ));
+            }
             Ok(Read {
                 layout,
                 files: migrations.into_iter().map(|(_, _, file)| file).collect(),
@@ -301,4 +388,29 @@ pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Result<Read, 
             .collect(),
         history: Some(history),
     })
+}
+
+/// A refinery migration's version and name from its file name: `V<i32>__<word chars>` (or
+/// `U…`, unversioned, which a fresh schema applies in the same order), then `.sql` or `.rs`.
+fn refinery_name(file_name: &str) -> Option<(i32, String)> {
+    let stem = file_name
+        .strip_suffix(".sql")
+        .or_else(|| file_name.strip_suffix(".rs"))?;
+    let rest = stem.strip_prefix('V').or_else(|| stem.strip_prefix('U'))?;
+    let (version, name) = rest.split_once("__")?;
+    let version: i32 = version.parse().ok()?;
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    (!name.is_empty() && name.chars().all(word)).then(|| (version, name.to_owned()))
+}
+
+/// refinery's checksum of a migration: SipHash-1-3 (keys 0) over its name, version and SQL
+/// as Rust's `Hash` feeds them (a `str` is its bytes and `0xff`; an `i32` its native-endian
+/// bytes), printed as a `u64`.
+fn refinery_checksum(name: &str, version: i32, sql: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = siphasher::sip::SipHasher13::new();
+    name.hash(&mut hasher);
+    version.hash(&mut hasher);
+    sql.hash(&mut hasher);
+    hasher.finish()
 }

@@ -1,0 +1,1 @@
+INSERT INTO users (email, admin) VALUES ('admin@example.com', true);
