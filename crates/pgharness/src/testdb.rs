@@ -658,11 +658,27 @@ impl Drop for TestDb {
                     final_name = name.to_owned();
                 }
             }
+            // Said on stderr as well as logged: a project that installs no tracing
+            // subscriber (or silences pgharness) still sees it with the test's output.
+            Some(Err(error)) if lost.is_none() => {
+                let error = crate::error::pg_message(&error);
+                tracing::warn!(%schema, %error, "pgharness: teardown failed; the reaper will recycle or drop the schema");
+                eprintln!(
+                    "pgharness: the teardown of test `{}` failed ({error}); schema {schema} is left for `cargo pgharness reap` to recycle or drop",
+                    self.test_name
+                );
+            }
+            // The connection itself is gone: said once below for a kept schema; else the
+            // server went away and there is nothing to recycle.
             Some(Err(error)) => {
-                tracing::warn!(%schema, error = %crate::error::pg_message(&error), "pgharness: teardown failed; the reaper will recycle or drop the schema");
+                tracing::warn!(%schema, %error, "pgharness: teardown lost its connection");
             }
             None => {
-                tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will recycle or drop the schema")
+                tracing::warn!(%schema, "pgharness: teardown timed out; the reaper will recycle or drop the schema");
+                eprintln!(
+                    "pgharness: the teardown of test `{}` did not finish within 60 s; schema {schema} is left for `cargo pgharness reap` to recycle or drop",
+                    self.test_name
+                );
             }
         }
         if let (true, Some(error)) = (keep, &lost) {
