@@ -92,6 +92,34 @@ fn layout_error(dir: &Path, problem: String, fix: &str) -> Error {
     }
 }
 
+/// A migration that asks to run outside a transaction (sqlx's `-- no-transaction`,
+/// refinery's `noTransaction`), which the one transaction a schema is made in cannot hold.
+fn outside_a_transaction(dir: &Path, file_name: &str, directive: &str) -> Error {
+    layout_error(
+        dir,
+        format!(
+            "`{file_name}` asks to run outside a transaction (`{directive}`), which pgharness does not support yet: a schema is created and migrated in one transaction"
+        ),
+        "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)",
+    )
+}
+
+/// Versions in order must not repeat.
+fn unique_versions(dir: &Path, versions: impl Iterator<Item = i64>) -> Result<(), Error> {
+    let mut last = None;
+    for version in versions {
+        if last == Some(version) {
+            return Err(layout_error(
+                dir,
+                format!("two migrations have version {version}"),
+                "give each migration its own version",
+            ));
+        }
+        last = Some(version);
+    }
+    Ok(())
+}
+
 /// Reads `dir` in `layout` (resolving `auto`).
 pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
     let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
@@ -179,24 +207,12 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                 let description = rest.trim_end_matches(suffix).replace('_', " ");
                 let file = read_file(path)?;
                 if file.text.starts_with("-- no-transaction") {
-                    return Err(layout_error(
-                        dir,
-                        format!(
-                            "`{file_name}` asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction"
-                        ),
-                        "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)",
-                    ));
+                    return Err(outside_a_transaction(dir, &file_name, "-- no-transaction"));
                 }
                 migrations.push((version, description, file));
             }
             migrations.sort_by_key(|(version, _, _)| *version);
-            if let Some(pair) = migrations.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(layout_error(
-                    dir,
-                    format!("two migrations have version {}", pair[0].0),
-                    "give each migration its own version",
-                ));
-            }
+            unique_versions(dir, migrations.iter().map(|(version, _, _)| *version))?;
             let history = sqlx_history(migrations.iter().map(|(version, description, file)| {
                 (
                     *version,
@@ -236,24 +252,19 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                 }
                 let file = read_file(path)?;
                 if file.text.contains("refinery:noTransaction") {
-                    return Err(layout_error(
+                    return Err(outside_a_transaction(
                         dir,
-                        format!(
-                            "`{file_name}` asks to run outside a transaction, which pgharness does not support yet: a schema is created and migrated in one transaction"
-                        ),
-                        "run that statement in a migration without the annotation if Postgres allows it in a transaction",
+                        &file_name,
+                        "refinery:noTransaction",
                     ));
                 }
                 migrations.push((version, migration_name, file));
             }
             migrations.sort_by_key(|(version, _, _)| *version);
-            if let Some(pair) = migrations.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(layout_error(
-                    dir,
-                    format!("two migrations have version {}", pair[0].0),
-                    "give each migration its own version",
-                ));
-            }
+            unique_versions(
+                dir,
+                migrations.iter().map(|(version, _, _)| i64::from(*version)),
+            )?;
             let mut history = String::from(
                 "CREATE TABLE refinery_schema_history (version INT4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255));\n",
             );
