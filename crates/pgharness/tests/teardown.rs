@@ -75,10 +75,17 @@ async fn a_failing_test_keeps_its_schema_and_prints_a_psql_command_that_works() 
 #[tokio::test]
 async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     let server = configured_server().await;
-    let client = common::runner(&server).await;
+    // A role of its own: a reap with no TTL and no grace takes everything stale of its
+    // role, which on the shared one would include other tests' kept schemas.
+    let admin = common::admin(&server).await;
+    let role = common::Role::create(&admin, "kill", &server).await;
+    let client = role.client().await;
+    let ns = pgharness::ledger::Namespace::of(&role.url().parse().unwrap());
     let run = unique_run("kill");
     let mut child = Command::new(child_binary())
         .arg("hold")
+        .env("PGHARNESS_BACKEND", "url")
+        .env("PGHARNESS_URL", role.url())
         .env("PGHARNESS_RUN_ID", &run)
         .stdout(Stdio::piped())
         .spawn()
@@ -94,9 +101,7 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
         ttl: Duration::ZERO,
         run_grace: Duration::ZERO,
     };
-    let report = ledger::reap(&client, &common::admin_ns(), &scope)
-        .await
-        .unwrap();
+    let report = ledger::reap(&client, &ns, &scope).await.unwrap();
     assert!(
         !report.dropped.contains(&schema),
         "a live test's schema was reaped"
@@ -112,9 +117,7 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     // The server notices the closed socket and releases the owner lock.
     let mut dropped = false;
     for _ in 0..50 {
-        let report = ledger::reap(&client, &common::admin_ns(), &scope)
-            .await
-            .unwrap();
+        let report = ledger::reap(&client, &ns, &scope).await.unwrap();
         if report.dropped.contains(&schema) {
             dropped = true;
             break;
@@ -123,10 +126,17 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     }
     assert!(dropped, "the killed test's schema was not reaped");
     assert!(!schema_exists(&client, &schema).await);
-    assert_eq!(
-        ledger_status(&client, &schema).await.as_deref(),
-        Some("dropped")
-    );
+    let status: Option<String> = client
+        .query_opt(
+            &format!("SELECT status FROM {ns}.ledger WHERE schema_name = $1"),
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0));
+    assert_eq!(status.as_deref(), Some("dropped"));
+    drop(client);
+    role.drop_all(&admin).await;
 }
 
 #[tokio::test]
@@ -291,4 +301,30 @@ async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
         rows[1].get::<_, Option<f64>>(3).is_none(),
         "a claimed schema was not created"
     );
+}
+
+/// A teardown that fails says so on stderr, where the test's output is, even in a project
+/// that installs no tracing subscriber (the child installs none).
+#[tokio::test]
+async fn a_failed_teardown_is_said_on_stderr_without_a_tracing_subscriber() {
+    let server = configured_server().await;
+    let admin = common::admin(&server).await;
+    // A role of its own: the child breaks that role's ledger, nobody else's.
+    let role = common::Role::create(&admin, "teardown", &server).await;
+    let output = Command::new(child_binary())
+        .arg("broken-teardown")
+        .env("PGHARNESS_BACKEND", "url")
+        .env("PGHARNESS_URL", role.url())
+        .env("PGHARNESS_RUN_ID", unique_run("broken-teardown"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the child runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the teardown of test `selftest_broken-teardown` failed")
+            && stderr.contains("cargo pgharness reap"),
+        "{stderr}"
+    );
+    role.drop_all(&admin).await;
 }

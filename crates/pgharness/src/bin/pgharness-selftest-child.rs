@@ -2,7 +2,9 @@
 //! of the public tool set). `fail` takes a database, writes a marker row and panics, as a
 //! failing test does; `hold` takes a database, prints its schema and waits to be killed;
 //! `claim` takes a migrated database, prints its schema, waits for its standard input to
-//! close (the caller's sync point) and passes.
+//! close (the caller's sync point) and passes; `broken-teardown` takes a database, renames its
+//! role's ledger `finish` function away (run it as a role of its own) and passes, so that
+//! its teardown fails. It installs no tracing subscriber, as many projects do not.
 
 use std::io::Write;
 
@@ -24,6 +26,17 @@ fn main() {
             .build()
             .await
             .unwrap_or_else(|error| panic!("selftest child: {error}"));
+        if mode == "broken-teardown" {
+            db.client()
+                .batch_execute(
+                    "DO $$ DECLARE ns text := (SELECT n.nspname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                        WHERE p.proname = 'finish' AND n.nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user));
+                     BEGIN EXECUTE format('ALTER FUNCTION %I.finish RENAME TO finish_gone', ns); END $$;",
+                )
+                .await
+                .expect("the ledger's finish renamed");
+            return;
+        }
         if mode == "claim" {
             println!("{}", db.schema());
             std::io::stdout().flush().expect("stdout");
