@@ -59,13 +59,21 @@ impl TestRun {
         // Held from before the server is started or joined until this run ends: the last
         // run to end is the one that can take it exclusively.
         let runs = runs::RunsLock::join(settings).await?;
+        // The tests build while the server starts (a container takes seconds) and the pool
+        // fills: on a fresh clone the build is most of the run.
+        let build = tokio::spawn(crate::nextest::build(
+            settings.root.clone(),
+            self.nextest_args.clone(),
+        ));
         let (server, kind, started) = servers::start_or_build(settings, report).await?;
         let mut settings = settings.clone();
         settings.backend = kind;
         if started {
             runs::mark_started_by_a_run(&settings, kind)?;
         }
-        let outcome = self.run_on(&settings, &server, kind, None, report).await;
+        let outcome = self
+            .run_on(&settings, &server, kind, Some(build), report)
+            .await;
         let kept = outcome.as_ref().map_or(0, |(_, kept)| *kept);
         if self.keep_server {
             runs::forget_started_by_a_run(&settings);
@@ -256,11 +264,12 @@ impl TestRun {
         };
         if let Some(build) = build {
             // The first tests find their schemas ready: the pool fills on several
-            // connections while the tests build (and the proxy opens their sessions), with
-            // a second wave for the tests that start while the first one's schemas are
-            // being recycled through the link.
+            // connections while the tests build (and the proxy opens their sessions); through
+            // the link with a second wave for the tests that start while the first one's
+            // schemas are being recycled.
             let started = std::time::Instant::now();
-            let prefill = crate::janitor::prefill(server, settings, 2 * warm, PREFILL_CONNECTIONS);
+            let target = if latency_bound { 2 * warm } else { warm };
+            let prefill = crate::janitor::prefill(server, settings, target, PREFILL_CONNECTIONS);
             let (built, filled) = tokio::join!(build, prefill);
             if !matches!(built, Ok(Ok(status)) if status.success()) {
                 tracing::debug!("the build ahead of the run did not succeed; nextest will say why");
