@@ -229,15 +229,9 @@ impl Bench {
         // Hits: one migration set, its pool warmed, every schema recycled after its test.
         settings.migrations = bench_migrations()?;
         let ns = pgharness::ledger::Namespace::of(&server.config());
-        pgharness::pool::warm(
-            &admin,
-            &ns,
-            &settings.migrations,
-            settings.migrations_layout,
-            3,
-            3,
-        )
-        .await?;
+        pgharness::pool::Warmer::for_settings(&settings)?
+            .warm(&admin, &ns, 3, 3)
+            .await?;
         let (claimed, teardowns) = {
             let settings = settings.clone();
             let n = self.schemas;
@@ -395,15 +389,9 @@ impl Bench {
         let server = pgharness::backend::ensure(settings, &pgharness::events::log_only).await?;
         let admin = pgharness_runner::servers::admin_client(&server).await?;
         let ns = pgharness::ledger::Namespace::of(&server.config());
-        pgharness::pool::warm(
-            &admin,
-            &ns,
-            &settings.migrations,
-            settings.migrations_layout,
-            3,
-            3,
-        )
-        .await?;
+        pgharness::pool::Warmer::for_settings(settings)?
+            .warm(&admin, &ns, 3, 3)
+            .await?;
         let (settings, n) = (settings.clone(), self.schemas.min(20));
         let (claimed, _) =
             tokio::task::spawn_blocking(move || claim_loop(&settings, n, "rds")).await??;

@@ -94,12 +94,14 @@ impl Janitor {
     }
 }
 
-/// Fills the pool of `settings`' migrations up to `target` ready schemas on `connections`
-/// connections of its own at once, before a run's first test: through a link with latency
-/// each schema costs round trips that the janitor's one connection would pay in turn.
-/// Returns how many are ready (`None` without migrations to warm).
+/// Fills the pool of `settings`' migrations up to `target` ready schemas on up to
+/// `connections` connections of its own at once, before a run's first test: through a link
+/// with latency each schema costs round trips that the janitor's one connection would pay in
+/// turn. Counts first on `admin`, so that a pool already full opens no connection. Returns
+/// how many are ready (`None` without migrations to warm).
 pub async fn prefill(
     server: &pgharness::Server,
+    admin: &tokio_postgres::Client,
     settings: &pgharness::Settings,
     target: u64,
     connections: u64,
@@ -109,14 +111,19 @@ pub async fn prefill(
     }
     let warmer = pgharness::pool::Warmer::for_settings(settings)?;
     let ns = ledger::Namespace::of(&server.config());
-    let share = target.div_ceil(connections.max(1));
-    let fills = (0..connections.max(1)).map(|_| async {
+    let ready = warmer.warm(admin, &ns, target, 0).await?.ready_before;
+    let missing = target.saturating_sub(ready);
+    if missing == 0 {
+        return Ok(Some(ready));
+    }
+    let connections = connections.clamp(1, missing);
+    let share = missing.div_ceil(connections);
+    let fills = (0..connections).map(|_| async {
         let client = crate::servers::admin_client(server).await?;
-        let warmed = warmer.warm(&client, &ns, target, share).await?;
-        Ok::<_, crate::Error>(warmed.ready_before + warmed.created)
+        Ok::<_, crate::Error>(warmer.warm(&client, &ns, target, share).await?.created)
     });
-    let filled = futures_util::future::try_join_all(fills).await?;
-    Ok(filled.into_iter().max())
+    let created = futures_util::future::try_join_all(fills).await?;
+    Ok(Some(ready + created.iter().sum::<u64>()))
 }
 
 /// The janitor's warnings, rate-limited: a failure that repeats (a migration that does not

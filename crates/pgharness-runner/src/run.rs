@@ -269,7 +269,8 @@ impl TestRun {
             // schemas are being recycled.
             let started = std::time::Instant::now();
             let target = if latency_bound { 2 * warm } else { warm };
-            let prefill = crate::janitor::prefill(server, settings, target, PREFILL_CONNECTIONS);
+            let prefill =
+                crate::janitor::prefill(server, &admin, settings, target, PREFILL_CONNECTIONS);
             let (built, filled) = tokio::join!(build, prefill);
             if !matches!(built, Ok(Ok(status)) if status.success()) {
                 tracing::debug!("the build ahead of the run did not succeed; nextest will say why");
