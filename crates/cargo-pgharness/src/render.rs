@@ -178,6 +178,9 @@ pub fn line(event: &RunEvent) -> Option<String> {
         RunEvent::KeptSchema { schema, test, psql } => {
             Some(format!("  kept {schema} (test `{test}`): {psql}"))
         }
+        RunEvent::TeardownFailed { test, outcome } => said(format!(
+            "the teardown of test `{test}` failed on the server ({outcome}); its schema is left for `cargo pgharness reap` to recycle or drop"
+        )),
         RunEvent::ServerKeptForSchemas { kind, idle_stop } => said(format!(
             "the {kind} server stays up for the kept schema(s){}; stop it with `cargo pgharness down`",
             idle_stop.map_or_else(String::new, |idle| format!(

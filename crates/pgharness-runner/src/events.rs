@@ -77,6 +77,14 @@ pub enum RunEvent {
         /// A psql command that opens it (no password on it).
         psql: String,
     },
+    /// A test's teardown failed on the server after the test had moved on (recorded in the
+    /// acquire log); its schema is left for the janitor or the reaper.
+    TeardownFailed {
+        /// The test.
+        test: String,
+        /// `failed: <SQLSTATE> <message>`.
+        outcome: String,
+    },
     /// The server stays up for the kept schemas.
     ServerKeptForSchemas {
         /// The backend.

@@ -343,6 +343,12 @@ impl TestRun {
                 psql: server.psql_command(schema, &settings.state_dir),
             });
         }
+        for (test, outcome) in &summary.teardown_failures {
+            report(RunEvent::TeardownFailed {
+                test: test.clone(),
+                outcome: outcome.clone(),
+            });
+        }
         report(RunEvent::Summary(Box::new(summary)));
         Ok((exit_code(status?), kept))
     }

@@ -206,42 +206,46 @@ fn error_response(code: &str, text: &str) -> Vec<u8> {
 }
 
 /// Connects `config` through the relay: the server's socket (TCP or Unix), an in-memory
-/// stream for tokio-postgres, and the relay between them on the current runtime. A socket
+/// stream for tokio-postgres, and the relay between them on the current runtime; with
+/// `parting`, a duplicate of the server's socket for the teardown (`parting`). A socket
 /// that cannot be opened is `None` (the caller connects as usual, for the driver's own
 /// error).
 pub(crate) async fn connect(
     config: &tokio_postgres::Config,
+    parting: bool,
 ) -> Option<
     Result<
         (
             tokio_postgres::Client,
             tokio_postgres::Connection<tokio::io::DuplexStream, tokio_postgres::tls::NoTlsStream>,
+            Option<crate::parting::Parting>,
         ),
         tokio_postgres::Error,
     >,
 > {
-    use tokio_postgres::config::Host;
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    use crate::connect::Socket;
     let password = config
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned());
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    match config.get_hosts().first()? {
-        Host::Tcp(host) => {
-            let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .ok()?;
-            let _ = stream.set_nodelay(true);
+    let kept = match crate::connect::open(config).await? {
+        Socket::Tcp(stream) => {
+            let kept = parting.then(|| crate::parting::Parting::of(&stream).ok()).flatten();
             tokio::spawn(relay(theirs, stream, password));
+            kept
         }
-        Host::Unix(dir) => {
-            let stream = tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
-                .await
-                .ok()?;
+        Socket::Unix(stream) => {
+            let kept = parting.then(|| crate::parting::Parting::of(&stream).ok()).flatten();
             tokio::spawn(relay(theirs, stream, password));
+            kept
         }
-    }
-    Some(config.connect_raw(ours, tokio_postgres::NoTls).await)
+    };
+    Some(
+        config
+            .connect_raw(ours, tokio_postgres::NoTls)
+            .await
+            .map(|(client, connection)| (client, connection, kept)),
+    )
 }
 
 /// Relays a login between `client` (tokio-postgres) and `server`, answering the server's

@@ -14,6 +14,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::driver;
 use crate::error::Error;
 use crate::events::{Event, EventSink, emit};
+use crate::parting::Parting;
 use crate::settings::BackendKind;
 
 /// What a connection attempt waits out.
@@ -77,33 +78,93 @@ fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
     }
 }
 
+/// A connection, the task that drives it, and (when asked for) a duplicate of its socket
+/// for the teardown's parting.
+type Connected = (Client, JoinHandle<()>, Option<Parting>);
+
 async fn connect_once(
     config: tokio_postgres::Config,
-) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    parting: bool,
+) -> Result<Connected, tokio_postgres::Error> {
     driver::run(async move {
         // A server a user gave: its logins skip SCRAM's key stretching after the first
         // (`auth_relay`); a socket that does not open gets the driver's own error below.
         if crate::auth_relay::enabled()
             && config.get_password().is_some()
-            && let Some(connected) = crate::auth_relay::connect(&config).await
+            && let Some(connected) = crate::auth_relay::connect(&config, parting).await
         {
-            let (client, connection) = connected?;
-            let handle = tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "pgharness connection ended with an error");
-                }
-            });
-            return Ok((client, handle));
+            let (client, connection, kept) = connected?;
+            return Ok((client, drive(connection), kept));
         }
-        let (client, connection) = config.connect(NoTls).await?;
-        let handle = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "pgharness connection ended with an error");
+        // The socket opened here (as tokio-postgres would: TCP without Nagle, or the Unix
+        // socket of the directory) so that the control connection can keep a duplicate.
+        match open(&config).await {
+            Some(Socket::Tcp(stream)) => {
+                let kept = keep(parting, &stream);
+                let (client, connection) = config.connect_raw(stream, NoTls).await?;
+                Ok((client, drive(connection), kept))
             }
-        });
-        Ok((client, handle))
+            Some(Socket::Unix(stream)) => {
+                let kept = keep(parting, &stream);
+                let (client, connection) = config.connect_raw(stream, NoTls).await?;
+                Ok((client, drive(connection), kept))
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                Ok((client, drive(connection), None))
+            }
+        }
     })
     .await
+}
+
+/// Drives a connection on the current (driver) runtime until it ends.
+fn drive<S, T>(connection: tokio_postgres::Connection<S, T>) -> JoinHandle<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "pgharness connection ended with an error");
+        }
+    })
+}
+
+fn keep(wanted: bool, socket: &impl std::os::fd::AsFd) -> Option<Parting> {
+    if !wanted {
+        return None;
+    }
+    Parting::of(socket)
+        .inspect_err(|error| tracing::debug!(%error, "pgharness: no duplicate of the socket; the teardown will wait"))
+        .ok()
+}
+
+/// A connected socket to a server.
+pub(crate) enum Socket {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Opens the socket of `config`'s first host, as tokio-postgres would (TCP without Nagle,
+/// or `<dir>/.s.PGSQL.<port>`); `None` when it does not open (the caller connects through
+/// tokio-postgres then, for its own error).
+pub(crate) async fn open(config: &tokio_postgres::Config) -> Option<Socket> {
+    use tokio_postgres::config::Host;
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first()? {
+        Host::Tcp(host) => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
+            let _ = stream.set_nodelay(true);
+            Some(Socket::Tcp(stream))
+        }
+        Host::Unix(dir) => tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+            .await
+            .ok()
+            .map(Socket::Unix),
+    }
 }
 
 /// Retries transient failures until `deadline`; calls `waiting` about once a second.
@@ -111,13 +172,14 @@ async fn connect_patiently(
     config: &tokio_postgres::Config,
     deadline: Instant,
     patience: Patience,
+    parting: bool,
     mut waiting: impl FnMut(&tokio_postgres::Error, Duration),
-) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+) -> Result<Connected, tokio_postgres::Error> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(20);
     let mut last_report = started;
     loop {
-        let error = match connect_once(config.clone()).await {
+        let error = match connect_once(config.clone(), parting).await {
             Ok(connected) => return Ok(connected),
             Err(error) => error,
         };
@@ -142,14 +204,29 @@ pub(crate) async fn connect(
     sink: EventSink<'_>,
     what: &str,
 ) -> Result<Client, Error> {
+    connect_keeping(config, deadline, patience, sink, what, false)
+        .await
+        .map(|(client, _)| client)
+}
+
+/// [`connect`], keeping a duplicate of the socket when `parting` (a test's control
+/// connection: its teardown is written on it, see `parting`).
+pub(crate) async fn connect_keeping(
+    config: &tokio_postgres::Config,
+    deadline: Instant,
+    patience: Patience,
+    sink: EventSink<'_>,
+    what: &str,
+    parting: bool,
+) -> Result<(Client, Option<Parting>), Error> {
     let started = Instant::now();
-    let result = connect_patiently(config, deadline, patience, |error, waited| {
+    let result = connect_patiently(config, deadline, patience, parting, |error, waited| {
         let reason = crate::error::pg_message(error);
         emit(sink, Event::WaitingForServer { reason, waited });
     })
     .await;
     match result {
-        Ok((client, _handle)) => Ok(client),
+        Ok((client, _handle, kept)) => Ok((client, kept)),
         // A wait for a starting server that ran out (with `Full` nothing waited for it).
         Err(error)
             if matches!(patience, Patience::WhileStarting | Patience::WhileStartingOrFull)
@@ -221,10 +298,11 @@ impl deadpool_postgres::Connect for PatientConnect {
         let config = pg_config.clone();
         let deadline = Instant::now() + self.timeout;
         Box::pin(async move {
-            connect_patiently(&config, deadline, self.patience, |error, waited| {
+            connect_patiently(&config, deadline, self.patience, false, |error, waited| {
                 tracing::info!(%error, ?waited, "pgharness pool: waiting for a connection slot");
             })
             .await
+            .map(|(client, handle, _)| (client, handle))
         })
     }
 }

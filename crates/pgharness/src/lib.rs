@@ -45,6 +45,7 @@ mod inject;
 mod layout;
 pub mod ledger;
 mod naming;
+mod parting;
 pub mod pool;
 mod scram;
 mod script;

@@ -89,13 +89,18 @@ impl FromStr for KeepPolicy {
     }
 }
 
-/// How a passing test's schema is dropped.
+/// How a passing test gives its schema back when its `TestDb` drops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Teardown {
-    /// The test drops its own schema when its `TestDb` is dropped.
+    /// The default: the test sends the reset of its schema on its connection and does not
+    /// wait for it; the server resets (or drops) the schema after the test, even after its
+    /// process has exited. A failure is recorded in the acquire log and named by the run
+    /// summary.
+    Detached,
+    /// The test waits for the reset of its schema, and a failure is said on its stderr.
     Inline,
-    /// The test marks its schema `passed`; a janitor (run by `cargo pgharness test`) drops it
-    /// off the test's critical path.
+    /// The test marks its schema `passed`, without waiting; a janitor (run by `cargo
+    /// pgharness test`) resets it.
     Deferred,
 }
 
@@ -233,7 +238,8 @@ pub struct Settings {
     pub container_ttl: Duration,
     /// `PGHARNESS_RUN_ID` (set by `cargo pgharness test`), else `NEXTEST_RUN_ID`, else one per process.
     pub run_id: Option<String>,
-    /// `PGHARNESS_TEARDOWN` (`inline` or `deferred`; set by `cargo pgharness test`).
+    /// `teardown` / `PGHARNESS_TEARDOWN`: `detached` (default), `inline`, or `deferred` (set
+    /// by `cargo pgharness test`, whose janitor resets the schemas).
     pub teardown: Teardown,
     /// `[rds]` and `[rds.ssm]`.
     pub rds: RdsSettings,
@@ -514,11 +520,12 @@ impl Settings {
                 duration,
             )?,
             run_id: get("run_id").map(|(v, _)| v.to_owned()).or(nextest_run_id),
-            teardown: parse(get("teardown"), "teardown", Teardown::Inline, |v| match v {
+            teardown: parse(get("teardown"), "teardown", Teardown::Detached, |v| match v {
+                "detached" => Ok(Teardown::Detached),
                 "inline" => Ok(Teardown::Inline),
                 "deferred" => Ok(Teardown::Deferred),
                 other => Err(format!(
-                    "unknown teardown `{other}`; use inline or deferred"
+                    "unknown teardown `{other}`; use detached, inline or deferred"
                 )),
             })?,
             rds: RdsSettings::default(),

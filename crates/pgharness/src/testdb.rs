@@ -30,6 +30,8 @@ pub struct TestDb {
     test_name: String,
     server: Server,
     client: Option<Client>,
+    /// A duplicate of the control connection's socket, for a teardown not waited for.
+    parting: Option<crate::parting::Parting>,
     pool: Pool,
     config: tokio_postgres::Config,
     fixtures_dir: PathBuf,
@@ -269,14 +271,21 @@ impl TestDbBuilder {
         } else {
             Patience::for_backend(server.backend())
         };
-        let connected =
-            connect::connect(&first, deadline, patience, &log_only, &server.describe()).await;
-        let client = match connected {
-            Ok(client) => {
+        let connected = connect::connect_keeping(
+            &first,
+            deadline,
+            patience,
+            &log_only,
+            &server.describe(),
+            true,
+        )
+        .await;
+        let (client, parting) = match connected {
+            Ok(connected) => {
                 if believed && self.settings.is_none() {
                     remember_server(&server);
                 }
-                client
+                connected
             }
             Err(error) if believed => {
                 // The full check starts or finds the server and mends the record.
@@ -285,12 +294,13 @@ impl TestDbBuilder {
                 if self.settings.is_none() {
                     remember_server(&server);
                 }
-                connect::connect(
+                connect::connect_keeping(
                     &server.config(),
                     deadline,
                     Patience::WhileStartingOrFull,
                     &log_only,
                     &server.describe(),
+                    true,
                 )
                 .await?
             }
@@ -375,6 +385,7 @@ impl TestDbBuilder {
             test_name,
             server,
             client: Some(client),
+            parting,
             pool,
             config,
             fixtures_dir,
@@ -595,6 +606,32 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Writes the teardown on the control connection and returns without waiting: the
+    /// server finishes the schema after the test (`parting`). Only a write that fails is
+    /// the test's to hear of; what the finish meets on the server is recorded in the
+    /// acquire log, and named by the run summary.
+    fn part(&self, parting: crate::parting::Parting, log: &ledger::AcquireLog<'_>, finish: Finish) {
+        let shape = match self.server.backend() {
+            BackendKind::Rds => crate::parting::Shape::Query,
+            _ => crate::parting::Shape::Unsynced,
+        };
+        let statements = ledger::parting_sql(&self.ns, &self.schema, log, finish);
+        let sent = crate::parting::message(&statements, shape)
+            .and_then(|bytes| parting.send(&bytes, Duration::from_secs(5)));
+        match sent {
+            Ok(()) => tracing::debug!(schema = %self.schema, "test database finished (not waited for)"),
+            Err(error) => {
+                tracing::warn!(schema = %self.schema, %error, "pgharness: the teardown could not be sent; the reaper will recycle or drop the schema");
+                eprintln!(
+                    "pgharness: the teardown of test `{}` could not be sent ({error}); schema {} is left for `cargo pgharness reap` to recycle or drop",
+                    self.test_name, self.schema
+                );
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let failed = self.failed || std::thread::panicking();
@@ -609,6 +646,7 @@ impl Drop for TestDb {
         let Some(client) = self.client.take() else {
             return;
         };
+        let parting = self.parting.take();
         let finish = if keep {
             Finish::Keep
         } else if self.teardown == Teardown::Deferred {
@@ -627,6 +665,17 @@ impl Drop for TestDb {
             claim_ms: self.claim_ms,
             acquire_ms: self.acquire.as_secs_f64() * 1000.0,
         };
+        // A passing test's teardown is sent and not waited for (`parting`), unless the
+        // settings ask to wait (`teardown = inline`) or no duplicate of the socket was kept.
+        if !keep && self.teardown != Teardown::Inline {
+            if let Some(parting) = parting {
+                self.part(parting, &log, finish);
+                // tokio-postgres's own Terminate follows the parting's: the server has ended
+                // the session at the first.
+                drop(client);
+                return;
+            }
+        }
         let sql = ledger::finish_sql(
             &self.ns,
             &self.schema,

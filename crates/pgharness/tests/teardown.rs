@@ -303,8 +303,131 @@ async fn the_acquire_log_records_each_acquire_with_its_phase_timings() {
     );
 }
 
+/// The default teardown is sent and not waited for: `drop` returns while the reset cannot
+/// run yet (another session holds a lock on the test's table: a teardown that waited would
+/// wait out the lock, then fail), and the server recycles the schema once it can, after
+/// the test.
+#[tokio::test]
+async fn a_detached_teardown_returns_at_once_and_the_server_recycles_the_schema_after() {
+    let server = configured_server().await;
+    let mut locker = common::runner(&server).await;
+    let watcher = common::runner(&server).await;
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.teardown = Teardown::Detached;
+    let dir = own_migrations(
+        "detached",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+    );
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("INSERT INTO notes (body) VALUES ('a'), ('b')")
+        .await
+        .unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!("LOCK TABLE \"{schema}\".notes IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .unwrap();
+    drop(db);
+    // The sync point: `drop` has returned, and the reset is waiting for the lock.
+    let waiting = async {
+        for _ in 0..500 {
+            let row = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                      WHERE NOT l.granted AND c.relname = 'notes'
+                        AND c.relnamespace = to_regnamespace(quote_ident($1))",
+                    &[&schema],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) > 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(waiting.await, "the server never ran the reset");
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("active"),
+        "recycled under a lock"
+    );
+    lock.rollback().await.unwrap();
+    let mut status = None;
+    for _ in 0..500 {
+        status = ledger_status(&watcher, &schema).await;
+        if status.as_deref() != Some("active") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status.as_deref(), Some("ready"));
+    // The next test of the same migration set gets it back, empty and with fresh sequences.
+    let db = TestDb::builder()
+        .settings(settings)
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(db.schema(), schema);
+    let row = db
+        .client()
+        .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 1));
+}
+
+/// A detached teardown that fails on the server, after its test, is recorded in the acquire
+/// log and named by the run summary (what `cargo pgharness test` prints).
+#[tokio::test]
+async fn a_failed_detached_teardown_is_named_by_the_run_summary() {
+    let server = configured_server().await;
+    let admin = common::admin(&server).await;
+    let role = common::Role::create(&admin, "detached", &server).await;
+    let run = unique_run("broken-detached");
+    let output = Command::new(child_binary())
+        .arg("broken-teardown")
+        .env("PGHARNESS_BACKEND", "url")
+        .env("PGHARNESS_URL", role.url())
+        .env("PGHARNESS_RUN_ID", &run)
+        .env("PGHARNESS_TEARDOWN", "detached")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the child runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let client = role.client().await;
+    let ns = pgharness::ledger::Namespace::of(&role.url().parse().unwrap());
+    let mut summary = Default::default();
+    for _ in 0..500 {
+        summary = ledger::run_summary(&client, &ns, &run).await.unwrap();
+        if !summary.teardown_failures.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failures = &summary.teardown_failures;
+    assert_eq!(failures.len(), 1, "{summary:?}");
+    assert_eq!(failures[0].0, "selftest_broken-teardown");
+    assert!(
+        failures[0].1.starts_with("failed: 42883") && failures[0].1.contains("finish"),
+        "{failures:?}"
+    );
+    drop(client);
+    role.drop_all(&admin).await;
+}
+
 /// A teardown that fails says so on stderr, where the test's output is, even in a project
-/// that installs no tracing subscriber (the child installs none).
+/// that installs no tracing subscriber (the child installs none): when the test waits for
+/// it (`teardown = inline`).
 #[tokio::test]
 async fn a_failed_teardown_is_said_on_stderr_without_a_tracing_subscriber() {
     let server = configured_server().await;
@@ -316,6 +439,7 @@ async fn a_failed_teardown_is_said_on_stderr_without_a_tracing_subscriber() {
         .env("PGHARNESS_BACKEND", "url")
         .env("PGHARNESS_URL", role.url())
         .env("PGHARNESS_RUN_ID", unique_run("broken-teardown"))
+        .env("PGHARNESS_TEARDOWN", "inline")
         .env_remove("RUST_LOG")
         .output()
         .expect("the child runs");

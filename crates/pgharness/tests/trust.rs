@@ -88,11 +88,12 @@ async fn a_namespace_another_role_made_first_is_refused_by_name_and_nothing_in_i
              CREATE TABLE {ns}.called (by text);
              GRANT USAGE ON SCHEMA {ns} TO PUBLIC;
              GRANT INSERT, SELECT ON {ns}.called TO PUBLIC;
-             CREATE FUNCTION {ns}.version_11() RETURNS integer LANGUAGE sql VOLATILE
+             CREATE FUNCTION {ns}.{version}() RETURNS integer LANGUAGE sql VOLATILE
                AS $$ INSERT INTO {ns}.called VALUES (current_user) RETURNING 9 $$;
-             GRANT EXECUTE ON FUNCTION {ns}.version_11() TO PUBLIC;
+             GRANT EXECUTE ON FUNCTION {ns}.{version}() TO PUBLIC;
              CREATE TABLE {ns}.ledger (schema_name text, status text, migrations_hash text);
-             GRANT ALL ON {ns}.ledger TO PUBLIC;"
+             GRANT ALL ON {ns}.ledger TO PUBLIC;",
+            version = pgharness::ledger::VERSION_FUNCTION,
         ))
         .await
         .unwrap();

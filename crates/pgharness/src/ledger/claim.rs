@@ -146,6 +146,21 @@ pub(crate) struct AcquireLog<'a> {
     pub(crate) acquire_ms: f64,
 }
 
+impl AcquireLog<'_> {
+    /// The log as `finish` reads it (`p_acquire`).
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "run": self.run_id,
+            "test": self.test_name,
+            "path": self.path,
+            "connect_ms": self.connect_ms,
+            "claim_ms": self.claim_ms,
+            "acquire_ms": self.acquire_ms,
+        })
+    }
+}
+
 /// Ends a test's use of its schema, logs its acquire and releases its owner lock, in one
 /// round trip. Its one row says what happened (`kept:<name>`, `passed`, `recycled`,
 /// `dropped:<why>`).
@@ -168,15 +183,7 @@ pub(crate) fn finish_sql(
     } else {
         String::new()
     };
-    let log = serde_json::json!({
-        "id": log.id,
-        "run": log.run_id,
-        "test": log.test_name,
-        "path": log.path,
-        "connect_ms": log.connect_ms,
-        "claim_ms": log.claim_ms,
-        "acquire_ms": log.acquire_ms,
-    });
+    let log = log.json();
     format!(
         "BEGIN;
 SET LOCAL lock_timeout = '10s';
@@ -187,6 +194,51 @@ SELECT pg_advisory_unlock({SCHEMA_LOCK_SPACE}, {lock_key});{sweep}",
         quote_literal(&log.to_string()),
         quote_literal(keep_name),
     )
+}
+
+/// How long a teardown nobody waits for lets the reset wait for the test's other sessions
+/// to close (its pool's, an app's): its process is exiting, or its pools closing.
+const DETACHED_BUSY_WAIT_MS: u32 = 2000;
+
+/// The statements of a teardown sent and not waited for (`parting`), one per element: a
+/// transaction that finishes the schema (`finish_detached`: its errors are recorded, not
+/// raised) and, for a recycle, one that sweeps up to two schemas earlier tests left in use.
+/// Notices are turned off first: the server flushes them at once, to a client that may be
+/// gone.
+pub(crate) fn parting_sql(
+    ns: &Namespace,
+    schema: &str,
+    log: &AcquireLog<'_>,
+    finish: Finish,
+) -> Vec<String> {
+    let mode = match finish {
+        Finish::Keep => "keep",
+        Finish::Pass => "pass",
+        Finish::Recycle => "recycle",
+    };
+    let mut statements = vec![
+        "BEGIN".to_owned(),
+        format!(
+            "SELECT set_config('client_min_messages', 'error', false), \
+             set_config('lock_timeout', '10s', true), \
+             set_config('pgharness.busy_wait_ms', '{DETACHED_BUSY_WAIT_MS}', true)"
+        ),
+        format!(
+            "SELECT {ns}.finish_detached({}, {}::jsonb, '{mode}')",
+            quote_literal(schema),
+            quote_literal(&log.json().to_string()),
+        ),
+        "COMMIT".to_owned(),
+    ];
+    if finish == Finish::Recycle {
+        statements.extend([
+            "BEGIN".to_owned(),
+            "SELECT set_config('lock_timeout', '10s', true)".to_owned(),
+            format!("SELECT {ns}.sweep(2)"),
+            "COMMIT".to_owned(),
+        ]);
+    }
+    statements
 }
 
 /// Milliseconds between two `set_config` marks made with `mark()`.

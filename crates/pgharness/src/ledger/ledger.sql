@@ -251,6 +251,7 @@ DECLARE
   probe text;
   seed_changed boolean;
   cols text;
+  waits integer;
 BEGIN
   IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL
      OR (SELECT n.nspowner FROM pg_namespace n WHERE n.oid = nsp)
@@ -260,11 +261,15 @@ BEGIN
   -- Which tables hold rows, children first: built from their names with format('%I').
   SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
     INTO probe FROM jsonb_array_elements_text(p_fresh->'tables') WITH ORDINALITY AS u(x, i);
-  -- Connections of the test that are still closing: wait briefly, never reset under them.
-  FOR i IN 1..6 LOOP
+  -- Connections of the test that are still closing: wait for them, never reset under
+  -- them. Briefly (30 ms) unless the caller says otherwise (`pgharness.busy_wait_ms`: a
+  -- teardown nobody waits for gives the test's process time to exit).
+  waits := greatest(1, coalesce(nullif(current_setting('pgharness.busy_wait_ms', true), '')::integer, 30) / 5);
+  FOR i IN 0..waits LOOP
+    PERFORM pg_stat_clear_snapshot();
     EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity
                            WHERE application_name = p_schema AND pid <> pg_backend_pid());
-    IF i = 6 THEN
+    IF i = waits THEN
       RETURN 'busy';
     END IF;
     PERFORM pg_sleep(0.005);
@@ -348,7 +353,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION __NS__.version_11() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 11';
+CREATE OR REPLACE FUNCTION __NS__.version_12() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 12';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).
@@ -383,7 +388,7 @@ BEGIN
             WHERE status = 'passed' AND ended_at < now() - interval '100 milliseconds'
             ORDER BY ended_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
     CONTINUE WHEN NOT pg_try_advisory_xact_lock(1885825024, r.lock_key); -- ledger::SCHEMA_LOCK_SPACE
-    PERFORM __NS__.finish(r.schema_name, NULL, 'recycle', NULL);
+    PERFORM __NS__.finish_detached(r.schema_name, NULL, 'recycle');
     done := done + 1;
   END LOOP;
   RETURN done;
@@ -468,6 +473,30 @@ BEGIN
   RETURN 'dropped:' || result;
 END
 $fin$;
+
+-- `finish` for a teardown nobody waits for (`parting.rs`), and for a sweep: its errors are
+-- caught, recorded as the acquire's outcome (`failed: <SQLSTATE> <message>`, which the run
+-- summary names), and the schema is left `passed` for a later sweep, the janitor or the
+-- reaper to retry.
+CREATE OR REPLACE FUNCTION __NS__.finish_detached(p_schema text, p_acquire jsonb, p_mode text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE AS $fd$
+BEGIN
+  RETURN __NS__.finish(p_schema, p_acquire, p_mode, NULL);
+EXCEPTION WHEN OTHERS THEN
+  IF p_acquire IS NOT NULL THEN
+    INSERT INTO __NS__.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms,
+        acquire_ms, outcome)
+    VALUES (p_acquire->>'id', p_acquire->>'run', p_acquire->>'test', p_schema, p_acquire->>'path',
+        (p_acquire->>'connect_ms')::double precision, (p_acquire->>'claim_ms')::double precision,
+        (p_acquire->>'acquire_ms')::double precision, 'failed: ' || SQLSTATE || ' ' || SQLERRM)
+    ON CONFLICT (id) DO UPDATE SET outcome = EXCLUDED.outcome;
+  END IF;
+  UPDATE __NS__.ledger SET status = 'passed', ended_at = now()
+   WHERE schema_name = p_schema AND status = 'active';
+  RETURN 'failed';
+END
+$fd$;
 
 -- Drops a ready schema of the pool, unless a claimant has it locked this instant. True when
 -- it dropped it.

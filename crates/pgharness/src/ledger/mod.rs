@@ -24,7 +24,7 @@ use crate::error::Error;
 
 pub(crate) use claim::{
     AcquireLog, Claimant, Finish, MISS_SQLSTATE, claim_sql, elapsed_ms, finish_sql, fixtures_sql,
-    mark, ms_since, register_sql, search_path_sql,
+    mark, ms_since, parting_sql, register_sql, search_path_sql,
 };
 pub use reap::{POOL_IDLE_LIMIT, ReapReport, ReapScope, hold_run_lock, reap};
 pub use summary::{RunSummary, run_summary};
@@ -96,8 +96,11 @@ const OWNED_BY_CURRENT_USER: &str = "(SELECT nspowner FROM pg_catalog.pg_namespa
 /// this version call it, so that an older installation fails them with 42883 and
 /// [`is_missing_ledger`] sends the caller to [`bootstrap`].
 pub(crate) fn version_probe(ns: &Namespace) -> String {
-    format!("{ns}.version_11()")
+    format!("{ns}.{VERSION_FUNCTION}()")
 }
+
+/// The name of `ledger.sql`'s version marker function (see [`version_probe`]).
+pub const VERSION_FUNCTION: &str = "version_12";
 
 /// What a failed guard says (see [`guard_sql`]), to be found in the error.
 const FOREIGN_MARK: &str = "pgharness: the schema belongs to another role";

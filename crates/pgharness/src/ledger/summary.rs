@@ -38,6 +38,10 @@ pub struct RunSummary {
     pub reset_p50_ms: Option<f64>,
     /// Kept schemas, with their tests.
     pub kept_schemas: Vec<(String, String)>,
+    /// Teardowns that failed on the server after their test had moved on (a detached or
+    /// deferred teardown): the test, and the outcome with the error (`failed: <SQLSTATE>
+    /// <message>`). Their schemas are left for a sweep, the janitor or the reaper.
+    pub teardown_failures: Vec<(String, String)>,
 }
 
 /// Reads the summary of one run. A server that has no ledger yet has an empty summary.
@@ -83,6 +87,16 @@ pub async fn run_summary(
         )
         .await
         .map_err(|e| Error::postgres("failed to read kept schemas", e))?;
+    let failures = client
+        .query(
+            &format!(
+                "SELECT test_name, outcome FROM {ns}.acquires
+                  WHERE run_id = $1 AND outcome LIKE 'failed:%' ORDER BY at"
+            ),
+            &[&run_id],
+        )
+        .await
+        .map_err(|e| Error::postgres("failed to read failed teardowns", e))?;
     let count = |i: usize| row.get::<_, i64>(i) as u64;
     Ok(RunSummary {
         tests: count(0),
@@ -100,5 +114,6 @@ pub async fn run_summary(
         created_p95_ms: row.get(12),
         reset_p50_ms: row.get(13),
         kept_schemas: kept.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        teardown_failures: failures.iter().map(|r| (r.get(0), r.get(1))).collect(),
     })
 }

@@ -1,0 +1,178 @@
+//! A teardown sent and not waited for: the statements that finish a test's schema, and
+//! Terminate, written on the test's control connection in one write as its `TestDb` drops.
+//! The server runs them after the test has moved on (or its process has exited), so the
+//! reset of the schema is off the test's path and never waits on anything inside the
+//! test's runtime.
+//!
+//! Written on a duplicate of the connection's socket rather than through tokio-postgres:
+//! tokio-postgres sends Terminate only once every answer it is owed has arrived, so a
+//! query sent through it and not awaited would still keep the connection (and a process
+//! that exits at once would cut it before the query was even written).
+//!
+//! The message is built here, sans IO ([`message`]); [`Parting::send`] is the one write.
+//!
+//! **What the server sees.** To a server: each statement as Parse, Bind and Execute with no
+//! Sync, then Terminate. Without Sync the server sends nothing: its answers wait in its
+//! output buffer (a few hundred bytes, never flushed), `COMMIT` commits at its own Execute,
+//! and Terminate ends the session without writing them. So a client that is gone by then
+//! costs no `could not send data to client` line in the server's log, as a simple Query
+//! would (its ReadyForQuery is always flushed, and on a Unix socket that write fails once
+//! the client has closed). Notices are flushed at once, so the first statement turns them
+//! off for the session (`client_min_messages = error`). An error is flushed too, and ends
+//! the rest of the message: the finish catches its own errors and records them in the
+//! acquire log (`finish_detached` in `ledger.sql`).
+//!
+//! Through the RDS proxy ([`Shape::Query`]): one simple Query, then Terminate. The proxy
+//! keeps its upstream session: it reads the owed ReadyForQuery itself (rds-iam's
+//! `DRAIN_TIMEOUT`), and a session left inside an unsynced extended-protocol exchange
+//! could not be lent again.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::IsNull;
+use postgres_protocol::message::frontend;
+
+/// How the parting statements are framed (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// Parse, Bind, Execute per statement, no Sync: for a server.
+    Unsynced,
+    /// One simple Query with every statement: for the RDS proxy, which drains its answer.
+    Query,
+}
+
+/// The bytes of a parting: `statements` framed as `shape` says, then Terminate.
+pub(crate) fn message(statements: &[String], shape: Shape) -> std::io::Result<Vec<u8>> {
+    let mut buf = BytesMut::new();
+    match shape {
+        Shape::Unsynced => {
+            for statement in statements {
+                frontend::parse("", statement, std::iter::empty(), &mut buf)?;
+                frontend::bind(
+                    "",
+                    "",
+                    std::iter::empty(),
+                    std::iter::empty::<()>(),
+                    |(), _| Ok(IsNull::No),
+                    std::iter::empty(),
+                    &mut buf,
+                )
+                .map_err(|_| std::io::Error::other("failed to frame a Bind"))?;
+                frontend::execute("", 0, &mut buf)?;
+            }
+        }
+        Shape::Query => {
+            let joined: Vec<&str> = statements
+                .iter()
+                .map(|s| s.trim_end().trim_end_matches(';'))
+                .collect();
+            frontend::query(&format!("{};", joined.join(";\n")), &mut buf)?;
+        }
+    }
+    frontend::terminate(&mut buf);
+    Ok(buf.to_vec())
+}
+
+/// A duplicate of a control connection's socket, kept to write its parting on.
+#[derive(Debug)]
+pub(crate) struct Parting {
+    socket: OwnedFd,
+}
+
+impl Parting {
+    /// Keeps a duplicate of `socket` (a connected TCP or Unix stream).
+    pub(crate) fn of(socket: &impl AsFd) -> std::io::Result<Parting> {
+        Ok(Parting {
+            socket: socket.as_fd().try_clone_to_owned()?,
+        })
+    }
+
+    /// Writes `bytes` whole. The socket is non-blocking (tokio's): a full send buffer is
+    /// waited for, up to `timeout`; an error or a timeout means the parting may be cut, and
+    /// the caller must not trust the schema's finish to have been sent.
+    pub(crate) fn send(self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+        use nix::errno::Errno;
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let deadline = Instant::now() + timeout;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match nix::unistd::write(&self.socket, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(std::io::ErrorKind::TimedOut.into());
+                    }
+                    let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                    let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT)];
+                    match poll(&mut fds, PollTimeout::from(millis)) {
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(errno) => return Err(errno.into()),
+                    }
+                }
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The messages of a buffer: (tag, body).
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let tag = bytes[0];
+            let length = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            frames.push((tag, bytes[5..1 + length].to_vec()));
+            bytes = &bytes[1 + length..];
+        }
+        frames
+    }
+
+    #[test]
+    fn an_unsynced_parting_is_parse_bind_execute_per_statement_then_terminate_and_no_sync() {
+        let statements = ["BEGIN".to_owned(), "SELECT 1".to_owned(), "COMMIT".to_owned()];
+        let bytes = message(&statements, Shape::Unsynced).unwrap();
+        let tags: Vec<u8> = frames(&bytes).iter().map(|(tag, _)| *tag).collect();
+        assert_eq!(tags, b"PBEPBEPBEX".to_vec());
+        let parse = &frames(&bytes)[3];
+        // Unnamed statement, the text, no parameter types.
+        assert_eq!(parse.1, b"\0SELECT 1\0\0\0".to_vec());
+    }
+
+    #[test]
+    fn a_query_parting_is_one_simple_query_then_terminate() {
+        let statements = ["BEGIN;".to_owned(), "SELECT 1".to_owned(), "COMMIT;".to_owned()];
+        let bytes = message(&statements, Shape::Query).unwrap();
+        let frames = frames(&bytes);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].0, b'Q');
+        assert_eq!(frames[0].1, b"BEGIN;\nSELECT 1;\nCOMMIT;\0".to_vec());
+        assert_eq!(frames[1], (b'X', Vec::new()));
+    }
+
+    #[test]
+    fn a_parting_is_written_whole_on_the_duplicate() {
+        use std::io::Read;
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let parting = Parting::of(&ours).unwrap();
+        drop(ours);
+        // Larger than a Unix socket's buffer: the write waits for the reader.
+        let bytes: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).unwrap();
+            got
+        });
+        parting.send(&bytes, Duration::from_secs(10)).unwrap();
+        assert_eq!(reader.join().unwrap(), bytes);
+    }
+}
