@@ -270,6 +270,27 @@ impl Bench {
             "",
             "teardown with inline reset, p50",
         );
+        // The default teardown: sent, not waited for; the server resets after the test.
+        let detached = {
+            let mut settings = settings.clone();
+            settings.teardown = pgharness::Teardown::Detached;
+            let n = self.schemas;
+            tokio::task::spawn_blocking(move || claim_loop(&settings, n, "detached")).await??
+        };
+        figure(
+            "teardown_detached_p50_ms",
+            ms(percentile(&detached.1, 0.5)),
+            "ms",
+            "<= 3",
+            "teardown detached (the default: the server resets after the test), p50",
+        );
+        figure(
+            "acquire_claimed_after_detached_p50_ms",
+            ms(percentile(&detached.0, 0.5)),
+            "ms",
+            "",
+            "acquire, claimed, while earlier tests' detached resets run, p50",
+        );
         let both: Vec<_> = {
             let settings = settings.clone();
             let n = self.schemas;
@@ -399,9 +420,10 @@ impl Bench {
     }
 
     /// 40 trivial tests with the fixture against the same 40 with a plain connection, each
-    /// under `cargo nextest run --test-threads 2`; the difference per test. Twice: as plain
-    /// `cargo nextest run` runs them (each test resets its schema in its teardown), and as
-    /// `cargo xtask test` does (deferred teardown, a janitor resets off the critical path).
+    /// under `cargo nextest run --test-threads 2`; the difference per test. As plain `cargo
+    /// nextest run` runs them (the default detached teardown, and `teardown = inline`, where
+    /// each test waits for its reset), and as `cargo xtask test` does (deferred teardown, a
+    /// janitor resets off the critical path).
     async fn suite_overhead(
         &self,
         settings: &pgharness::Settings,
@@ -429,7 +451,6 @@ impl Bench {
             ])
             .env("PGHARNESS_BACKEND", settings.backend.to_string())
             .env("PGHARNESS_MIGRATIONS", &settings.migrations)
-            .env("PGHARNESS_TEARDOWN", "inline")
             .env("BENCH_PLAIN_URL", server.url().expose())
             .envs(
                 settings
@@ -456,17 +477,27 @@ impl Bench {
         run("test(/^plain::/)", &[])?;
         let mut plain = Vec::new();
         let mut inline = Vec::new();
+        let mut detached = Vec::new();
+        let inline_env = [("PGHARNESS_TEARDOWN", "inline".to_owned())];
         for _ in 0..3 {
             plain.push(run("test(/^plain::/)", &[])?);
-            inline.push(run("test(/^isolated::/)", &[])?);
+            inline.push(run("test(/^isolated::/)", &inline_env)?);
+            detached.push(run("test(/^isolated::/)", &[])?);
         }
         let plain = median(plain);
         figure(
             "suite_overhead_per_test_ms",
-            (median(inline) - plain) / 40.0,
+            (median(detached) - plain) / 40.0,
             "ms",
             "<= 8",
-            "suite overhead per test, cargo nextest run (reset in teardown)",
+            "suite overhead per test, cargo nextest run (default: detached teardown)",
+        );
+        figure(
+            "suite_overhead_inline_per_test_ms",
+            (median(inline) - plain) / 40.0,
+            "ms",
+            "",
+            "suite overhead per test, cargo nextest run, teardown = inline",
         );
         let admin = std::sync::Arc::new(pgharness_runner::servers::admin_client(server).await?);
         let mut janitored = Vec::new();

@@ -92,18 +92,6 @@ fn layout_error(dir: &Path, problem: String, fix: &str) -> Error {
     }
 }
 
-/// A migration that asks to run outside a transaction (sqlx's `-- no-transaction`,
-/// refinery's `noTransaction`), which the one transaction a schema is made in cannot hold.
-fn outside_a_transaction(dir: &Path, file_name: &str, directive: &str) -> Error {
-    layout_error(
-        dir,
-        format!(
-            "`{file_name}` asks to run outside a transaction (`{directive}`), which pgharness does not support yet: a schema is created and migrated in one transaction"
-        ),
-        "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)",
-    )
-}
-
 /// Versions in order must not repeat.
 fn unique_versions(dir: &Path, versions: impl Iterator<Item = i64>) -> Result<(), Error> {
     let mut last = None;
@@ -166,7 +154,11 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
     let read_file = |path: PathBuf| -> Result<SqlFile, Error> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io("failed to read migration", &path, e))?;
-        Ok(SqlFile { path, text })
+        Ok(SqlFile {
+            path,
+            text,
+            outside_transaction: false,
+        })
     };
     match layout {
         Layout::Plain | Layout::Auto => {
@@ -205,10 +197,9 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                     ".sql"
                 };
                 let description = rest.trim_end_matches(suffix).replace('_', " ");
-                let file = read_file(path)?;
-                if file.text.starts_with("-- no-transaction") {
-                    return Err(outside_a_transaction(dir, &file_name, "-- no-transaction"));
-                }
+                let mut file = read_file(path)?;
+                // As sqlx reads it: the file's first line.
+                file.outside_transaction = file.text.starts_with("-- no-transaction");
                 migrations.push((version, description, file));
             }
             migrations.sort_by_key(|(version, _, _)| *version);
@@ -250,14 +241,9 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
                         "write it as SQL, or build the schema in the test (`migrations = false`)",
                     ));
                 }
-                let file = read_file(path)?;
-                if file.text.contains("refinery:noTransaction") {
-                    return Err(outside_a_transaction(
-                        dir,
-                        &file_name,
-                        "refinery:noTransaction",
-                    ));
-                }
+                let mut file = read_file(path)?;
+                // As refinery reads it: the directive anywhere in the file.
+                file.outside_transaction = file.text.contains("refinery:noTransaction");
                 migrations.push((version, migration_name, file));
             }
             migrations.sort_by_key(|(version, _, _)| *version);
@@ -364,27 +350,22 @@ pub(crate) fn sqlx_history<'a>(rows: impl Iterator<Item = (i64, &'a str, Vec<u8>
 
 /// The up migrations of an embedded sqlx `Migrator` (`sqlx::migrate!()`, or built at run
 /// time) as files to apply in version order, with `_sqlx_migrations` holding the checksums
-/// the migrator computed; `-- no-transaction` ones are refused as in the directory layout.
+/// the migrator computed; `-- no-transaction` ones run outside the schema's transaction, as
+/// in the directory layout.
 #[cfg(feature = "sqlx")]
-pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Result<Read, String> {
+pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
     let mut migrations: Vec<&sqlx::migrate::Migration> = migrator
         .migrations
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .collect();
     migrations.sort_by_key(|m| m.version);
-    if let Some(m) = migrations.iter().find(|m| m.no_tx) {
-        return Err(format!(
-            "migration {} ({}) asks to run outside a transaction (`-- no-transaction`), which pgharness does not support yet: a schema is created and migrated in one transaction",
-            m.version, m.description
-        ));
-    }
     let history = sqlx_history(
         migrations
             .iter()
             .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
     );
-    Ok(Read {
+    Read {
         layout: Layout::Sqlx,
         files: migrations
             .iter()
@@ -395,10 +376,11 @@ pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Result<Read, 
                     m.description.replace(' ', "_")
                 )),
                 text: m.sql.to_string(),
+                outside_transaction: m.no_tx,
             })
             .collect(),
         history: Some(history),
-    })
+    }
 }
 
 /// A refinery migration's version and name from its file name: `V<i32>__<word chars>` (or

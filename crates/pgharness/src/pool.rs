@@ -1,6 +1,6 @@
 //! The schema pool: migrated schemas waiting, ready, per content hash of their
 //! migrations. A test claims one in one round trip (`ledger::claim_sql`); a passing test's
-//! schema is reset to its freshly migrated state and returned (`finish` in `ledger.sql`), unless its structure changed; a miss creates one with [`create_batch`].
+//! schema is reset to its freshly migrated state and returned (`finish` in `ledger.sql`), unless its structure changed; a miss creates one with [`create`].
 //! [`warm`] keeps enough ready for a run's parallelism, on one connection.
 //!
 //! Everything run-wide is in Postgres: nextest runs each test in its own process.
@@ -22,17 +22,60 @@ pub(crate) fn schema_name(hash: &str) -> String {
     format!("p_{}_{}", &hash[..hash.len().min(12)], &random[..16])
 }
 
-/// The one round trip that creates, migrates and records a schema: for a test on a miss
-/// (owner lock taken, session `search_path` set, then fixtures) or for the pool.
-pub(crate) fn create_batch(
+/// Creates, migrates and records a schema, for a test on a miss (owner lock taken, session
+/// `search_path` set, then fixtures: `for_test`) or for the pool. One round trip and one
+/// transaction ([`create_batches`]); a migration that must run outside a transaction splits
+/// it, and a failure after the first part drops what was made.
+pub(crate) async fn create(
+    client: &Client,
     schema: &str,
     lock_key: i32,
     migrations: Option<&Migrations>,
     who: &Claimant<'_>,
     for_test: bool,
     fixtures: &[SqlFile],
-) -> Batch {
+) -> Result<(), Error> {
+    let action = if for_test {
+        format!("failed to create schema {schema}")
+    } else {
+        format!("failed to create pool schema {schema}")
+    };
+    let batches = create_batches(schema, lock_key, migrations, who, for_test, fixtures);
+    for (i, batch) in batches.iter().enumerate() {
+        if let Err(error) = client.batch_execute(batch.text()).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            if i > 0 {
+                // An earlier part committed the schema: nothing of it may stay behind.
+                let _ = client
+                    .batch_execute(&format!(
+                        "SELECT {}.discard_owned({});",
+                        who.ns,
+                        crate::script::quote_literal(schema)
+                    ))
+                    .await;
+            }
+            return Err(batch.explain(&action, error));
+        }
+    }
+    Ok(())
+}
+
+/// The statements of [`create`]: one batch, a transaction that creates the schema, applies
+/// the migrations, fills the tool's history table and records the schema (then loads the
+/// fixtures, for a test). A migration its tool runs outside any transaction (`-- no-transaction`)
+/// is a batch of its own, between two transactions; the session's `search_path` and the
+/// timing marks then outlive the first (and a pool schema's `search_path` is reset after).
+pub(crate) fn create_batches(
+    schema: &str,
+    lock_key: i32,
+    migrations: Option<&Migrations>,
+    who: &Claimant<'_>,
+    for_test: bool,
+    fixtures: &[SqlFile],
+) -> Vec<Batch> {
+    let split = migrations.is_some_and(|m| m.files.iter().any(|f| f.outside_transaction));
     let ident = quote_ident(schema);
+    let mut batches = Vec::new();
     let mut batch = Batch::default();
     if for_test {
         batch.push(&format!(
@@ -43,18 +86,27 @@ pub(crate) fn create_batch(
     batch.push("BEGIN;");
     batch.push(&ledger::mark("t0"));
     batch.push(&format!("CREATE SCHEMA {ident};"));
-    // Session-wide for a test's own connection (it persists after COMMIT); only for this
-    // transaction when warming. The claim's search_path (`ledger::search_path_sql`): the
-    // migrations see what the tests will.
+    // Session-wide for a test's own connection (it persists after COMMIT), and for every
+    // part of a split creation; only for this transaction when warming in one. The claim's
+    // search_path (`ledger::search_path_sql`): the migrations see what the tests will.
     batch.push(&format!(
         "SELECT set_config('search_path', {}, {});",
         ledger::search_path_sql(&crate::script::quote_literal(schema), who.extra_search_path),
-        !for_test
+        !for_test && !split
     ));
     batch.push(&ledger::mark("t1"));
     if let Some(migrations) = migrations {
         for file in &migrations.files {
-            batch.push_file("migration", file);
+            if file.outside_transaction {
+                batch.push("COMMIT;");
+                batches.push(std::mem::take(&mut batch));
+                let mut alone = Batch::default();
+                alone.push_file("migration", file);
+                batches.push(alone);
+                batch.push("BEGIN;");
+            } else {
+                batch.push_file("migration", file);
+            }
         }
         if let Some(history) = &migrations.history {
             batch.push(history);
@@ -71,7 +123,11 @@ pub(crate) fn create_batch(
     ));
     push_fixtures(&mut batch, fixtures);
     batch.push("COMMIT;");
-    batch
+    if split && !for_test {
+        batch.push("RESET search_path;");
+    }
+    batches.push(batch);
+    batches
 }
 
 /// Appends fixtures (if any) and the record of how long they took to load.
@@ -158,18 +214,16 @@ impl Warmer {
                 host: &self.host,
                 connect_ms: 0.0,
             };
-            let batch = create_batch(
+            create(
+                client,
                 &schema,
                 naming::lock_key(&schema),
                 Some(migrations),
                 &who,
                 false,
                 &[],
-            );
-            if let Err(error) = client.batch_execute(batch.text()).await {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(batch.explain(&format!("failed to create pool schema {schema}"), error));
-            }
+            )
+            .await?;
             warmed.created += 1;
         }
         Ok(warmed)

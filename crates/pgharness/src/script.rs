@@ -13,6 +13,10 @@ use crate::layout::Layout;
 pub(crate) struct SqlFile {
     pub(crate) path: PathBuf,
     pub(crate) text: String,
+    /// A migration its tool runs outside any transaction (sqlx's `-- no-transaction`,
+    /// refinery's `refinery:noTransaction`): applied as it is, on its own, between the
+    /// transactions of the schema's creation (`pool::create`).
+    pub(crate) outside_transaction: bool,
 }
 
 /// The migrations of a directory, read as its tool reads them (see `layout`).
@@ -51,9 +55,9 @@ impl Migrations {
     pub(crate) fn from_sqlx(
         migrator: &sqlx::migrate::Migrator,
         source: String,
-    ) -> Result<Migrations, String> {
-        let read = crate::layout::sqlx_migrator(migrator)?;
-        Ok(Migrations::from_read(read, Path::new(""), source))
+    ) -> Migrations {
+        let read = crate::layout::sqlx_migrator(migrator);
+        Migrations::from_read(read, Path::new(""), source)
     }
 
     fn from_read(read: crate::layout::Read, dir: &Path, source: String) -> Migrations {
@@ -74,8 +78,13 @@ impl Migrations {
             .files
             .into_iter()
             .map(|file| SqlFile {
-                text: without_transaction_control(&file.text),
+                text: if file.outside_transaction {
+                    file.text
+                } else {
+                    without_transaction_control(&file.text)
+                },
                 path: file.path,
+                outside_transaction: file.outside_transaction,
             })
             .collect();
         Migrations {
@@ -116,7 +125,11 @@ pub(crate) fn load_fixtures(dir: &Path, names: &[String]) -> Result<Vec<SqlFile>
                     Error::io("failed to read fixture", &path, e)
                 }
             })?;
-            Ok(SqlFile { path, text })
+            Ok(SqlFile {
+                path,
+                text,
+                outside_transaction: false,
+            })
         })
         .collect()
 }

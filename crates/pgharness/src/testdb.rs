@@ -73,9 +73,8 @@ pub struct TestDbBuilder {
     /// Fixtures given as text (`#[pgharness::test]` embeds them as `#[sqlx::test]` does).
     fixture_sources: Vec<(String, String)>,
     migrations: Option<Option<PathBuf>>,
-    /// Migrations given in code (an embedded sqlx `Migrator`), or why they cannot be used;
-    /// they win over `migrations`.
-    embedded: Option<Result<Arc<Migrations>, String>>,
+    /// Migrations given in code (an embedded sqlx `Migrator`); they win over `migrations`.
+    embedded: Option<Arc<Migrations>>,
     fixtures_dir: Option<PathBuf>,
     keep: Option<KeepPolicy>,
     pool_size: Option<usize>,
@@ -117,7 +116,7 @@ impl TestDbBuilder {
     pub fn sqlx_migrator(mut self, migrator: &sqlx::migrate::Migrator, source: &str) -> Self {
         // Read once per process and migrator (a `static`, so its address is its identity):
         // hashing every migration for each test would cost a dependent's debug build.
-        type Cache = HashMap<(usize, String), Result<Arc<Migrations>, String>>;
+        type Cache = HashMap<(usize, String), Arc<Migrations>>;
         static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
         let key = (std::ptr::from_ref(migrator) as usize, source.to_owned());
@@ -125,8 +124,10 @@ impl TestDbBuilder {
             .get_or_insert_with(HashMap::new)
             .entry(key)
             .or_insert_with(|| {
-                Migrations::from_sqlx(migrator, format!("sqlx::migrate::Migrator {source}"))
-                    .map(Arc::new)
+                Arc::new(Migrations::from_sqlx(
+                    migrator,
+                    format!("sqlx::migrate::Migrator {source}"),
+                ))
             });
         self.embedded = Some(read.clone());
         self
@@ -212,17 +213,7 @@ impl TestDbBuilder {
         let keep_name =
             naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
         let migrations = match (&self.embedded, &self.migrations) {
-            (Some(embedded), _) => match embedded {
-                Ok(migrations) => Some(migrations.clone()),
-                Err(problem) => {
-                    return Err(Error::Setting {
-                        name: "migrator".into(),
-                        origin: "TestDb::builder().sqlx_migrator(..)".into(),
-                        problem: problem.clone(),
-                        fix: "run that statement in a migration without the directive if Postgres allows it in a transaction (e.g. CREATE INDEX without CONCURRENTLY on a new table)".into(),
-                    });
-                }
-            },
+            (Some(embedded), _) => Some(embedded.clone()),
             (None, Some(None)) => None,
             (None, Some(Some(dir))) => Some(load_migrations(dir, settings.migrations_layout)?),
             (None, None) => Some(load_migrations(
@@ -241,6 +232,7 @@ impl TestDbBuilder {
                 .map(|(name, sql)| script::SqlFile {
                     path: PathBuf::from(name),
                     text: sql.clone(),
+                    outside_transaction: false,
                 }),
         );
 
@@ -330,17 +322,16 @@ impl TestDbBuilder {
             Some((schema, search_path)) => (schema, search_path, "claimed"),
             None => {
                 let schema = pool::schema_name(hash);
-                let batch = pool::create_batch(
+                pool::create(
+                    &client,
                     &schema,
                     naming::lock_key(&schema),
                     migrations.as_deref(),
                     &who,
                     true,
                     &fixtures,
-                );
-                if let Err(error) = client.batch_execute(batch.text()).await {
-                    return Err(batch.explain(&format!("failed to create schema {schema}"), error));
-                }
+                )
+                .await?;
                 // The path the batch set (a miss is rare and slow: one round trip more).
                 let search_path: String = client
                     .query_one("SELECT current_setting('search_path')", &[])

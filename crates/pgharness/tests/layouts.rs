@@ -230,20 +230,109 @@ fn a_misnamed_sqlx_migration_is_an_error_naming_it() {
         error.contains("first_users.sql") && error.contains("<version>_<description>.sql"),
         "{error}"
     );
+}
+
+/// `-- no-transaction` runs the file as sqlx does: on its own, outside any transaction (a
+/// `CREATE INDEX CONCURRENTLY` fails inside one), between the migrations before and after
+/// it; sqlx's migrator then finds the schema up to date, and the pool recycles it.
+#[tokio::test]
+async fn a_no_transaction_migration_runs_outside_a_transaction_as_sqlx_runs_it() {
+    let unique = format!("-- {}\n", uuid::Uuid::new_v4());
     let dir = dir_with(
         "sqlx-notx",
-        &[(
-            "1_index.sql",
-            "-- no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);",
-        )],
+        &[
+            (
+                "1_users.sql",
+                &format!("{unique}CREATE TABLE users (id bigserial PRIMARY KEY, email text);"),
+            ),
+            (
+                "2_index.sql",
+                "-- no-transaction\nCREATE INDEX CONCURRENTLY users_email ON users (email);",
+            ),
+            (
+                "3_seed.sql",
+                "INSERT INTO users (email) VALUES ('admin@example.com');",
+            ),
+        ],
     );
-    let error = pgharness::pool::migrations_hash(Path::new(&dir), Layout::Sqlx)
-        .unwrap_err()
+    let run = format!("it-layout-notx-{}", uuid::Uuid::new_v4());
+    for round in 0..2 {
+        let db = TestDb::builder()
+            .settings(settings(Layout::Sqlx, &run))
+            .migrations(&dir)
+            .build()
+            .await
+            .expect("the migrations apply, the concurrent index outside a transaction");
+        let row = db
+            .client()
+            .query_one(
+                "SELECT (SELECT count(*) FROM users),
+                        (SELECT count(*) FROM pg_indexes WHERE indexname = 'users_email'
+                            AND schemaname = current_schema()),
+                        current_setting('search_path')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1, 1), "round {round}");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(db.sqlx_connect_options())
+            .await
+            .unwrap();
+        let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+        migrator
+            .run(&pool)
+            .await
+            .expect("sqlx finds the schema up to date");
+        pool.close().await;
+        db.client()
+            .batch_execute("INSERT INTO users (email) VALUES ('b@example.com')")
+            .await
+            .unwrap();
+    }
+}
+
+/// A failure in or after a `-- no-transaction` migration leaves nothing behind: the schema
+/// the first part committed is dropped, and the error names the file and line.
+#[tokio::test]
+async fn a_failure_after_a_no_transaction_migration_leaves_nothing_behind() {
+    let unique = format!("-- {}\n", uuid::Uuid::new_v4());
+    let dir = dir_with(
+        "sqlx-notx-fail",
+        &[
+            (
+                "1_users.sql",
+                &format!("{unique}CREATE TABLE users (id bigserial PRIMARY KEY, email text);"),
+            ),
+            (
+                "2_index.sql",
+                "-- no-transaction\nCREATE INDEX CONCURRENTLY users_email ON users (email);",
+            ),
+            ("3_bad.sql", "SELECT 1;\nINSERT INTO users (id) VALUES ('x');"),
+        ],
+    );
+    let run = format!("it-layout-notx-fail-{}", uuid::Uuid::new_v4());
+    let error = TestDb::builder()
+        .settings(settings(Layout::Sqlx, &run))
+        .migrations(&dir)
+        .build()
+        .await
+        .expect_err("the bad migration fails")
         .to_string();
-    assert!(
-        error.contains("1_index.sql") && error.contains("no-transaction"),
-        "{error}"
-    );
+    assert!(error.contains("3_bad.sql:2"), "{error}");
+    let hash = pgharness::pool::migrations_hash(&dir, Layout::Sqlx).unwrap();
+    let server = common::configured_server().await;
+    let admin = common::admin(&server).await;
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1",
+            &[&format!("p\\_{}%", &hash[..12])],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a half-migrated schema was left behind");
 }
 
 mod refinery_migrations {

@@ -55,7 +55,9 @@ fn service_section(url: &str) -> Option<String> {
             .into_owned()
     };
     let mut text = String::from("[pgharness]\n");
-    text.push_str(&format!("host={}\n", url.host_str()?));
+    // A Unix socket's directory is percent-encoded in the URL (`%2Fdev%2Fshm%2F…`); libpq
+    // reads the service file's values as they are.
+    text.push_str(&format!("host={}\n", decode(url.host_str()?)));
     text.push_str(&format!("port={}\n", url.port().unwrap_or(5432)));
     if !url.username().is_empty() {
         text.push_str(&format!("user={}\n", decode(url.username())));
@@ -249,6 +251,11 @@ mod tests {
             Some(
                 "[pgharness]\nhost=127.0.0.1\nport=6000\nuser=iam@app\npassword=p/w\ndbname=app db\n"
             )
+        );
+        // The native server's URL: its socket directory as the host, percent-encoded.
+        assert_eq!(
+            service_section("postgres://u@%2Fdev%2Fshm%2Fpgh%2Fsock:40939/postgres").as_deref(),
+            Some("[pgharness]\nhost=/dev/shm/pgh/sock\nport=40939\nuser=u\ndbname=postgres\n")
         );
         assert_eq!(service_section("not a url"), None);
     }

@@ -255,7 +255,9 @@ pub(crate) fn ms_since(from: &str) -> String {
     )
 }
 
-/// Records the current time under `pgharness.<name>` for this transaction.
+/// Records the current time under `pgharness.<name>`.
 pub(crate) fn mark(name: &str) -> String {
-    format!("SELECT set_config('pgharness.{name}', clock_timestamp()::text, true);")
+    // For the session, not the transaction: a creation split by a migration that runs
+    // outside a transaction (`pool::create_batches`) reads its marks after a COMMIT.
+    format!("SELECT set_config('pgharness.{name}', clock_timestamp()::text, false);")
 }
