@@ -954,6 +954,8 @@ impl Ci {
                 "todo-app",
                 "-p",
                 "shop-app",
+                "-p",
+                "orm-suite",
                 "--profile",
                 "ci",
                 "--",

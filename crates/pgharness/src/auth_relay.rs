@@ -230,12 +230,16 @@ pub(crate) async fn connect(
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let kept = match crate::connect::open(config).await? {
         Socket::Tcp(stream) => {
-            let kept = parting.then(|| crate::parting::Parting::of(&stream).ok()).flatten();
+            let kept = parting
+                .then(|| crate::parting::Parting::of(&stream).ok())
+                .flatten();
             tokio::spawn(relay(theirs, stream, password));
             kept
         }
         Socket::Unix(stream) => {
-            let kept = parting.then(|| crate::parting::Parting::of(&stream).ok()).flatten();
+            let kept = parting
+                .then(|| crate::parting::Parting::of(&stream).ok())
+                .flatten();
             tokio::spawn(relay(theirs, stream, password));
             kept
         }

@@ -64,6 +64,103 @@ impl Inject for sqlx::PgConnection {
     }
 }
 
+/// A diesel-async connection to the test's schema, over a connection pgharness opens and
+/// drives (as `TestDb::connect`).
+#[cfg(feature = "diesel-async")]
+impl Inject for diesel_async::AsyncPgConnection {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        match diesel_connection(db.pg_config().clone(), db.server().backend()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                panic!(
+                    "pgharness: failed to connect to the test's schema with diesel-async: {error}"
+                )
+            }
+        }
+    }
+}
+
+/// A deadpool of diesel-async connections to the test's schema (at most `pool_size`),
+/// closed after the test's body and before its schema is finished.
+#[cfg(feature = "diesel-async")]
+impl Inject for diesel_async::pooled_connection::deadpool::Pool<diesel_async::AsyncPgConnection> {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        let manager = diesel_manager(db);
+        let pool = match Self::builder(manager)
+            .max_size(db.pool().status().max_size.max(1))
+            .build()
+        {
+            Ok(pool) => pool,
+            Err(error) => panic!("pgharness: failed to build the diesel-async pool: {error}"),
+        };
+        let closing = pool.clone();
+        closers.push(async move { closing.close() });
+        pool
+    }
+}
+
+/// A bb8 pool of diesel-async connections to the test's schema (at most `pool_size`). bb8
+/// has no close: its idle connections close when the test's last handle to it drops.
+#[cfg(feature = "diesel-async")]
+impl Inject for diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection> {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        let manager = diesel_manager(db);
+        match Self::builder()
+            .max_size(db.pool().status().max_size.max(1) as u32)
+            .build(manager)
+            .await
+        {
+            Ok(pool) => pool,
+            Err(error) => panic!("pgharness: failed to build the diesel-async bb8 pool: {error}"),
+        }
+    }
+}
+
+/// A diesel-async connection over a tokio-postgres client opened as the test's own are
+/// (patiently, through the login relay of a `url` server, driven on pgharness' runtime).
+#[cfg(feature = "diesel-async")]
+async fn diesel_connection(
+    config: tokio_postgres::Config,
+    backend: crate::BackendKind,
+) -> diesel::ConnectionResult<diesel_async::AsyncPgConnection> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let client = crate::connect::connect(
+        &config,
+        deadline,
+        crate::connect::Patience::after_claim(backend),
+        &crate::events::log_only,
+        "the test's schema",
+    )
+    .await
+    .map_err(|error| diesel::ConnectionError::BadConnection(error.to_string()))?;
+    diesel_async::AsyncPgConnection::try_from(client).await
+}
+
+/// diesel-async's pool manager, its connections opened by [`diesel_connection`] (the URL
+/// it is given is not used: the test's configuration is).
+#[cfg(feature = "diesel-async")]
+fn diesel_manager(
+    db: &TestDb,
+) -> diesel_async::pooled_connection::AsyncDieselConnectionManager<diesel_async::AsyncPgConnection>
+{
+    use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+    let (config, backend) = (db.pg_config().clone(), db.server().backend());
+    let mut manager = ManagerConfig::default();
+    manager.custom_setup =
+        Box::new(move |_url| Box::pin(diesel_connection(config.clone(), backend)));
+    AsyncDieselConnectionManager::new_with_config("postgres://pgharness", manager)
+}
+
+/// A sea-orm connection to the test's schema, over an sqlx pool of at most `pool_size`
+/// connections, closed after the test's body and before its schema is finished.
+#[cfg(feature = "sea-orm")]
+impl Inject for sea_orm::DatabaseConnection {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        let pool = <sqlx::PgPool as Inject>::inject(db, closers).await;
+        sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
+    }
+}
+
 /// What must be closed after the test's body and before its schema is finished.
 #[derive(Default)]
 pub struct Closers(Vec<Pin<Box<dyn Future<Output = ()> + Send>>>);

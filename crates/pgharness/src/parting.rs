@@ -138,7 +138,11 @@ mod tests {
 
     #[test]
     fn an_unsynced_parting_is_parse_bind_execute_per_statement_then_terminate_and_no_sync() {
-        let statements = ["BEGIN".to_owned(), "SELECT 1".to_owned(), "COMMIT".to_owned()];
+        let statements = [
+            "BEGIN".to_owned(),
+            "SELECT 1".to_owned(),
+            "COMMIT".to_owned(),
+        ];
         let bytes = message(&statements, Shape::Unsynced).unwrap();
         let tags: Vec<u8> = frames(&bytes).iter().map(|(tag, _)| *tag).collect();
         assert_eq!(tags, b"PBEPBEPBEX".to_vec());
@@ -149,7 +153,11 @@ mod tests {
 
     #[test]
     fn a_query_parting_is_one_simple_query_then_terminate() {
-        let statements = ["BEGIN;".to_owned(), "SELECT 1".to_owned(), "COMMIT;".to_owned()];
+        let statements = [
+            "BEGIN;".to_owned(),
+            "SELECT 1".to_owned(),
+            "COMMIT;".to_owned(),
+        ];
         let bytes = message(&statements, Shape::Query).unwrap();
         let frames = frames(&bytes);
         assert_eq!(frames.len(), 2);

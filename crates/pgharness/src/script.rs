@@ -52,10 +52,7 @@ impl Migrations {
     /// The migrations of an embedded sqlx `Migrator`; `source` names where it comes from
     /// (the pool tells newer sets of the same source by it).
     #[cfg(feature = "sqlx")]
-    pub(crate) fn from_sqlx(
-        migrator: &sqlx::migrate::Migrator,
-        source: String,
-    ) -> Migrations {
+    pub(crate) fn from_sqlx(migrator: &sqlx::migrate::Migrator, source: String) -> Migrations {
         let read = crate::layout::sqlx_migrator(migrator);
         Migrations::from_read(read, Path::new(""), source)
     }

@@ -520,14 +520,19 @@ impl Settings {
                 duration,
             )?,
             run_id: get("run_id").map(|(v, _)| v.to_owned()).or(nextest_run_id),
-            teardown: parse(get("teardown"), "teardown", Teardown::Detached, |v| match v {
-                "detached" => Ok(Teardown::Detached),
-                "inline" => Ok(Teardown::Inline),
-                "deferred" => Ok(Teardown::Deferred),
-                other => Err(format!(
-                    "unknown teardown `{other}`; use detached, inline or deferred"
-                )),
-            })?,
+            teardown: parse(
+                get("teardown"),
+                "teardown",
+                Teardown::Detached,
+                |v| match v {
+                    "detached" => Ok(Teardown::Detached),
+                    "inline" => Ok(Teardown::Inline),
+                    "deferred" => Ok(Teardown::Deferred),
+                    other => Err(format!(
+                        "unknown teardown `{other}`; use detached, inline or deferred"
+                    )),
+                },
+            )?,
             rds: RdsSettings::default(),
             near_misses,
         };

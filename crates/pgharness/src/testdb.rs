@@ -611,7 +611,9 @@ impl TestDb {
         let sent = crate::parting::message(&statements, shape)
             .and_then(|bytes| parting.send(&bytes, Duration::from_secs(5)));
         match sent {
-            Ok(()) => tracing::debug!(schema = %self.schema, "test database finished (not waited for)"),
+            Ok(()) => {
+                tracing::debug!(schema = %self.schema, "test database finished (not waited for)")
+            }
             Err(error) => {
                 tracing::warn!(schema = %self.schema, %error, "pgharness: the teardown could not be sent; the reaper will recycle or drop the schema");
                 eprintln!(

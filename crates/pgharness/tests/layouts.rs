@@ -274,7 +274,11 @@ async fn a_no_transaction_migration_runs_outside_a_transaction_as_sqlx_runs_it()
             )
             .await
             .unwrap();
-        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1, 1), "round {round}");
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+            (1, 1),
+            "round {round}"
+        );
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect_with(db.sqlx_connect_options())
@@ -309,7 +313,10 @@ async fn a_failure_after_a_no_transaction_migration_leaves_nothing_behind() {
                 "2_index.sql",
                 "-- no-transaction\nCREATE INDEX CONCURRENTLY users_email ON users (email);",
             ),
-            ("3_bad.sql", "SELECT 1;\nINSERT INTO users (id) VALUES ('x');"),
+            (
+                "3_bad.sql",
+                "SELECT 1;\nINSERT INTO users (id) VALUES ('x');",
+            ),
         ],
     );
     let run = format!("it-layout-notx-fail-{}", uuid::Uuid::new_v4());

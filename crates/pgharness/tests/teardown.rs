@@ -330,9 +330,11 @@ async fn a_detached_teardown_returns_at_once_and_the_server_recycles_the_schema_
         .await
         .unwrap();
     let lock = locker.transaction().await.unwrap();
-    lock.batch_execute(&format!("LOCK TABLE \"{schema}\".notes IN ACCESS EXCLUSIVE MODE"))
-        .await
-        .unwrap();
+    lock.batch_execute(&format!(
+        "LOCK TABLE \"{schema}\".notes IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
     drop(db);
     // The sync point: `drop` has returned, and the reset is waiting for the lock.
     let waiting = async {
