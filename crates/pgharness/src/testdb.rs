@@ -660,14 +660,15 @@ impl Drop for TestDb {
         };
         // A passing test's teardown is sent and not waited for (`parting`), unless the
         // settings ask to wait (`teardown = inline`) or no duplicate of the socket was kept.
-        if !keep && self.teardown != Teardown::Inline {
-            if let Some(parting) = parting {
-                self.part(parting, &log, finish);
-                // tokio-postgres's own Terminate follows the parting's: the server has ended
-                // the session at the first.
-                drop(client);
-                return;
-            }
+        if !keep
+            && self.teardown != Teardown::Inline
+            && let Some(parting) = parting
+        {
+            self.part(parting, &log, finish);
+            // tokio-postgres's own Terminate follows the parting's: the server has ended
+            // the session at the first.
+            drop(client);
+            return;
         }
         let sql = ledger::finish_sql(
             &self.ns,
