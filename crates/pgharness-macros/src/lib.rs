@@ -30,8 +30,9 @@ struct Args {
     fixtures: Vec<LitStr>,
     /// `fixtures(path = "dir", scripts("a", "b"))`: `dir/a.sql`, `dir/b.sql` instead.
     fixtures_path: Option<LitStr>,
-    /// `migrations = "dir"` (relative to the crate), `migrations = false`, or
-    /// `migrator = "path::TO::MIGRATOR"` (an embedded sqlx `Migrator`).
+    /// `migrations = "dir"` (relative to the crate), `migrations = false`,
+    /// `migrator = "path::TO::MIGRATOR"` (an embedded sqlx `Migrator`), or
+    /// `sea_orm_migrator = "path::Migrator"` (a type implementing sea-orm's `MigratorTrait`).
     migrations: Option<Migrations>,
 }
 
@@ -39,6 +40,7 @@ enum Migrations {
     Dir(LitStr),
     None,
     Migrator(syn::Path, LitStr),
+    SeaOrm(syn::Path),
 }
 
 impl Parse for Args {
@@ -108,10 +110,19 @@ impl Parse for Args {
                     })?;
                     args.migrations = Some(Migrations::Migrator(path, text));
                 }
+                Meta::NameValue(pair) if pair.path.is_ident("sea_orm_migrator") => {
+                    let text = string(&pair.value).map_err(|_| {
+                        syn::Error::new(pair.value.span(), "expected `sea_orm_migrator = \"path::Migrator\"` (a string naming a type implementing sea-orm's `MigratorTrait`)")
+                    })?;
+                    let path = text.parse::<syn::Path>().map_err(|_| {
+                        syn::Error::new(text.span(), "expected the path of a type implementing sea-orm's `MigratorTrait`, e.g. `\"migration::Migrator\"`")
+                    })?;
+                    args.migrations = Some(Migrations::SeaOrm(path));
+                }
                 other => {
                     return Err(syn::Error::new(
                         other.span(),
-                        "unknown argument; #[pgharness::test] takes `fixtures(…)`, `migrations = …` and `migrator = …`",
+                        "unknown argument; #[pgharness::test] takes `fixtures(…)`, `migrations = …`, `migrator = …` and `sea_orm_migrator = …`",
                     ));
                 }
             }
@@ -206,6 +217,10 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
         // `sqlx_migrator` needs pgharness's `sqlx` feature.
         Some(Migrations::Migrator(path, text)) => {
             builder = quote!(#builder.sqlx_migrator(&#path, concat!(module_path!(), ": ", #text)));
+        }
+        // `sea_orm_migrator` needs pgharness's `sea-orm` feature.
+        Some(Migrations::SeaOrm(path)) => {
+            builder = quote!(#builder.sea_orm_migrator::<#path>(""));
         }
         None => {}
     }

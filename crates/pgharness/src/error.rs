@@ -69,6 +69,15 @@ pub enum Error {
         /// a `source()`; `as_db_error` gives the server's error).
         error: tokio_postgres::Error,
     },
+    /// Migrations written in code failed (`TestDbBuilder::migrate_with`, a sea-orm
+    /// migrator); the schema they ran in was dropped.
+    #[error("migrations in code ({source_name}) failed: {message}")]
+    CodeMigrations {
+        /// Which migrations.
+        source_name: String,
+        /// Their error, as they said it.
+        message: String,
+    },
     /// The connection pool could not be built.
     #[error("failed to build the connection pool: {0}")]
     Pool(deadpool_postgres::BuildError),

@@ -35,6 +35,7 @@
 mod auth_relay;
 pub mod backend;
 pub mod budget;
+mod code_migrations;
 mod connect;
 mod driver;
 mod error;

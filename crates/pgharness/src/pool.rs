@@ -22,10 +22,15 @@ pub(crate) fn schema_name(hash: &str) -> String {
     format!("p_{}_{}", &hash[..hash.len().min(12)], &random[..16])
 }
 
+/// A connection string into a schema, given its `search_path` (for migrations in code).
+pub(crate) type UrlFor<'a> = &'a (dyn Fn(&str) -> String + Sync);
+
 /// Creates, migrates and records a schema, for a test on a miss (owner lock taken, session
 /// `search_path` set, then fixtures: `for_test`) or for the pool. One round trip and one
-/// transaction ([`create_batches`]); a migration that must run outside a transaction splits
-/// it, and a failure after the first part drops what was made.
+/// transaction ([`create_batches`]); a migration that must run outside a transaction, or
+/// migrations in code (run on `url_for`'s connection string), split it, and a failure after
+/// the first part drops what was made.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn create(
     client: &Client,
     schema: &str,
@@ -34,15 +39,23 @@ pub(crate) async fn create(
     who: &Claimant<'_>,
     for_test: bool,
     fixtures: &[SqlFile],
+    url_for: Option<UrlFor<'_>>,
 ) -> Result<(), Error> {
     let action = if for_test {
         format!("failed to create schema {schema}")
     } else {
         format!("failed to create pool schema {schema}")
     };
-    let batches = create_batches(schema, lock_key, migrations, who, for_test, fixtures);
-    for (i, batch) in batches.iter().enumerate() {
-        if let Err(error) = client.batch_execute(batch.text()).await {
+    let parts = create_batches(schema, lock_key, migrations, who, for_test, fixtures);
+    for (i, part) in parts.iter().enumerate() {
+        let failed = match part {
+            Part::Sql(batch) => match client.batch_execute(batch.text()).await {
+                Ok(()) => None,
+                Err(error) => Some(batch.explain(&action, error)),
+            },
+            Part::Code(code) => run_code(client, code, url_for).await.err(),
+        };
+        if let Some(error) = failed {
             let _ = client.batch_execute("ROLLBACK").await;
             if i > 0 {
                 // An earlier part committed the schema: nothing of it may stay behind.
@@ -54,10 +67,40 @@ pub(crate) async fn create(
                     ))
                     .await;
             }
-            return Err(batch.explain(&action, error));
+            return Err(error);
         }
     }
     Ok(())
+}
+
+/// Runs migrations in code on a connection of their own to the schema the session's
+/// `search_path` names.
+async fn run_code(
+    client: &Client,
+    code: &crate::code_migrations::CodeMigrations,
+    url_for: Option<UrlFor<'_>>,
+) -> Result<(), Error> {
+    let failed = |message: String| Error::CodeMigrations {
+        source_name: code.source.clone(),
+        message,
+    };
+    let url_for = url_for.ok_or_else(|| {
+        failed("they run only in a test process (a warmer has no code to run)".into())
+    })?;
+    let search_path: String = client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .map_err(|e| Error::postgres("failed to read the search_path", e))?
+        .get(0);
+    code.run(url_for(&search_path.replace(' ', "")))
+        .await
+        .map_err(failed)
+}
+
+/// A part of a schema's creation: SQL sent as one batch, or migrations in code.
+pub(crate) enum Part<'a> {
+    Sql(Batch),
+    Code(&'a crate::code_migrations::CodeMigrations),
 }
 
 /// The statements of [`create`]: one batch, a transaction that creates the schema, applies
@@ -65,15 +108,16 @@ pub(crate) async fn create(
 /// fixtures, for a test). A migration its tool runs outside any transaction (`-- no-transaction`)
 /// is a batch of its own, between two transactions; the session's `search_path` and the
 /// timing marks then outlive the first (and a pool schema's `search_path` is reset after).
-pub(crate) fn create_batches(
+pub(crate) fn create_batches<'m>(
     schema: &str,
     lock_key: i32,
-    migrations: Option<&Migrations>,
+    migrations: Option<&'m Migrations>,
     who: &Claimant<'_>,
     for_test: bool,
     fixtures: &[SqlFile],
-) -> Vec<Batch> {
-    let split = migrations.is_some_and(|m| m.files.iter().any(|f| f.outside_transaction));
+) -> Vec<Part<'m>> {
+    let split = migrations
+        .is_some_and(|m| m.code.is_some() || m.files.iter().any(|f| f.outside_transaction));
     let ident = quote_ident(schema);
     let mut batches = Vec::new();
     let mut batch = Batch::default();
@@ -99,14 +143,20 @@ pub(crate) fn create_batches(
         for file in &migrations.files {
             if file.outside_transaction {
                 batch.push("COMMIT;");
-                batches.push(std::mem::take(&mut batch));
+                batches.push(Part::Sql(std::mem::take(&mut batch)));
                 let mut alone = Batch::default();
                 alone.push_file("migration", file);
-                batches.push(alone);
+                batches.push(Part::Sql(alone));
                 batch.push("BEGIN;");
             } else {
                 batch.push_file("migration", file);
             }
+        }
+        if let Some(code) = &migrations.code {
+            batch.push("COMMIT;");
+            batches.push(Part::Sql(std::mem::take(&mut batch)));
+            batches.push(Part::Code(code));
+            batch.push("BEGIN;");
         }
         if let Some(history) = &migrations.history {
             batch.push(history);
@@ -126,7 +176,7 @@ pub(crate) fn create_batches(
     if split && !for_test {
         batch.push("RESET search_path;");
     }
-    batches.push(batch);
+    batches.push(Part::Sql(batch));
     batches
 }
 
@@ -222,6 +272,7 @@ impl Warmer {
                 &who,
                 false,
                 &[],
+                None,
             )
             .await?;
             warmed.created += 1;

@@ -31,6 +31,8 @@ pub(crate) struct Migrations {
     pub(crate) hash: String,
     /// The directory they came from (the pool tells newer sets of the same source by it).
     pub(crate) source: String,
+    /// Migrations written in code, run after `files` (which are then none).
+    pub(crate) code: Option<crate::code_migrations::CodeMigrations>,
 }
 
 impl Migrations {
@@ -55,6 +57,22 @@ impl Migrations {
     pub(crate) fn from_sqlx(migrator: &sqlx::migrate::Migrator, source: String) -> Migrations {
         let read = crate::layout::sqlx_migrator(migrator);
         Migrations::from_read(read, Path::new(""), source)
+    }
+
+    /// Migrations in code: no files, keyed by the code's source and key.
+    pub(crate) fn from_code(code: crate::code_migrations::CodeMigrations) -> Migrations {
+        let mut hasher = Sha256::new();
+        hasher.update(b"code\0");
+        hasher.update((code.source.len() as u64).to_be_bytes());
+        hasher.update(code.source.as_bytes());
+        hasher.update(code.key.as_bytes());
+        Migrations {
+            files: Vec::new(),
+            history: None,
+            hash: hex::encode(&hasher.finalize()[..8]),
+            source: code.source.clone(),
+            code: Some(code),
+        }
     }
 
     fn from_read(read: crate::layout::Read, dir: &Path, source: String) -> Migrations {
@@ -89,6 +107,7 @@ impl Migrations {
             history: read.history,
             hash: hex::encode(&hasher.finalize()[..8]),
             source,
+            code: None,
         }
     }
 }

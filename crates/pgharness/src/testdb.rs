@@ -57,6 +57,26 @@ pub struct TestDb {
     search_path: String,
 }
 
+/// A URL into a schema: `search_path` and the RDS lease (if any) in its options, named after
+/// the schema.
+fn schema_url(server: &Server, search_path: &str, lease: Option<&str>, schema: &str) -> String {
+    let url = server.url_with_search_path(search_path);
+    let url = match lease {
+        // The lease goes with the search_path (see `build`): `-` and `.` need no escape,
+        // and the id is a uuid.
+        Some(lease) => format!(
+            "{url}%20{}",
+            lease.trim_start().replace('=', "%3D").replace(':', "%3A")
+        ),
+        None => url,
+    };
+    // Named after the schema, as the test's own connections are: the schema is reset only
+    // once no session of that name is left (an app's pool still open when the test ends
+    // leaves the schema to be recycled later, never under it). Schema names need no
+    // escaping.
+    format!("{url}&application_name={schema}")
+}
+
 /// A failed connection to the RDS proxy says so when the proxy is gone.
 fn explain(server: &Server, state_dir: &std::path::Path, error: Error) -> Error {
     if server.backend() != BackendKind::Rds {
@@ -73,7 +93,8 @@ pub struct TestDbBuilder {
     /// Fixtures given as text (`#[pgharness::test]` embeds them as `#[sqlx::test]` does).
     fixture_sources: Vec<(String, String)>,
     migrations: Option<Option<PathBuf>>,
-    /// Migrations given in code (an embedded sqlx `Migrator`); they win over `migrations`.
+    /// Migrations given in code (an embedded sqlx `Migrator`, migrations in code); they win
+    /// over `migrations`.
     embedded: Option<Arc<Migrations>>,
     fixtures_dir: Option<PathBuf>,
     keep: Option<KeepPolicy>,
@@ -130,6 +151,40 @@ impl TestDbBuilder {
                 ))
             });
         self.embedded = Some(read.clone());
+        self
+    }
+
+    /// Builds the schema with migrations written in code instead of a directory: `migrate`
+    /// gets a connection string into the new schema (its `search_path`, as
+    /// [`TestDb::connection_string`]) and runs them there, once per pool schema: schemas are
+    /// pooled by `source` and `key` (a version, or what names the migrations: change it when
+    /// they change). `source` names them in errors and the ledger. Only a test process runs
+    /// them, on a miss; the pool fills by recycling.
+    pub fn migrate_with<F, Fut, E>(
+        mut self,
+        source: impl Into<String>,
+        key: impl Into<String>,
+        migrate: F,
+    ) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let code = crate::code_migrations::CodeMigrations::new(source.into(), key.into(), migrate);
+        self.embedded = Some(Arc::new(Migrations::from_code(code)));
+        self
+    }
+
+    /// Builds the schema with sea-orm's migrator `M` (`MigratorTrait::up`, on a connection of
+    /// its own, which fills `seaql_migrations` as sea-orm does), once per pool schema: keyed
+    /// by `M`, its migrations' names and `version` (change it when a migration's code
+    /// changes under the same name). `#[pgharness::test(sea_orm_migrator = "path::Migrator")]`
+    /// asks for it.
+    #[cfg(feature = "sea-orm")]
+    pub fn sea_orm_migrator<M: sea_orm_migration::MigratorTrait>(mut self, version: &str) -> Self {
+        let code = crate::code_migrations::sea_orm::<M>(version);
+        self.embedded = Some(Arc::new(Migrations::from_code(code)));
         self
     }
 
@@ -322,6 +377,8 @@ impl TestDbBuilder {
             Some((schema, search_path)) => (schema, search_path, "claimed"),
             None => {
                 let schema = pool::schema_name(hash);
+                let url_for =
+                    |search_path: &str| schema_url(&server, search_path, lease.as_deref(), &schema);
                 pool::create(
                     &client,
                     &schema,
@@ -330,6 +387,7 @@ impl TestDbBuilder {
                     &who,
                     true,
                     &fixtures,
+                    Some(&url_for),
                 )
                 .await?;
                 // The path the batch set (a miss is rare and slow: one round trip more).
@@ -490,21 +548,12 @@ impl TestDb {
     /// `options=-csearch_path=<schema>,public` and `application_name=<schema>`. It includes the server's password, if any:
     /// do not log it.
     pub fn connection_string(&self) -> String {
-        let url = self.server.url_with_search_path(&self.search_path);
-        let url = match &self.lease {
-            // The lease goes with the search_path (see `build`): `-` and `.` need no escape,
-            // and the id is a uuid.
-            Some(lease) => format!(
-                "{url}%20{}",
-                lease.trim_start().replace('=', "%3D").replace(':', "%3A")
-            ),
-            None => url,
-        };
-        // Named after the schema, as the test's own connections are: the schema is reset
-        // only once no session of that name is left (an app's pool still open when the test
-        // ends leaves the schema to be recycled later, never under it). Schema names need
-        // no escaping.
-        format!("{url}&application_name={}", self.schema)
+        schema_url(
+            &self.server,
+            &self.search_path,
+            self.lease.as_deref(),
+            &self.schema,
+        )
     }
 
     /// The test's connection as sqlx 0.8 options (the `sqlx` feature), for an app that
