@@ -214,9 +214,13 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
             builder = quote!(#builder.migrations(::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(#dir)));
         }
         Some(Migrations::None) => builder = quote!(#builder.without_migrations()),
-        // `sqlx_migrator` needs pgharness's `sqlx` feature.
+        // An sqlx 0.8 or 0.9 `Migrator` (pgharness's `sqlx` or `sqlx09` feature), or a
+        // `LazyLock` of one: a method call derefs to it.
         Some(Migrations::Migrator(path, text)) => {
-            builder = quote!(#builder.sqlx_migrator(&#path, concat!(module_path!(), ": ", #text)));
+            builder = quote!({
+                use ::pgharness::__macro::SqlxMigrator as _;
+                #path.pgharness_apply(#builder, concat!(module_path!(), ": ", #text))
+            });
         }
         // `sea_orm_migrator` needs pgharness's `sea-orm` feature.
         Some(Migrations::SeaOrm(path)) => {

@@ -161,6 +161,32 @@ impl Inject for sea_orm::DatabaseConnection {
     }
 }
 
+/// A pool of sqlx 0.9 connections to the test's schema (the `sqlx09` feature), as for 0.8.
+#[cfg(feature = "sqlx09")]
+impl Inject for sqlx09::PgPool {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        let pool = sqlx09::postgres::PgPoolOptions::new()
+            .max_connections(db.pool().status().max_size.max(1) as u32)
+            .connect_lazy_with(db.sqlx09_connect_options());
+        let closing = pool.clone();
+        closers.push(async move { closing.close().await });
+        pool
+    }
+}
+
+/// One sqlx 0.9 connection to the test's schema (the `sqlx09` feature).
+#[cfg(feature = "sqlx09")]
+impl Inject for sqlx09::PgConnection {
+    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+        match sqlx09::ConnectOptions::connect(&db.sqlx09_connect_options()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                panic!("pgharness: failed to connect to the test's schema with sqlx: {error}")
+            }
+        }
+    }
+}
+
 /// What must be closed after the test's body and before its schema is finished.
 #[derive(Default)]
 pub struct Closers(Vec<Pin<Box<dyn Future<Output = ()> + Send>>>);
@@ -203,6 +229,27 @@ impl<T, E: Debug> Outcome for Result<T, E> {
 pub mod __macro {
     pub use super::Closers;
     use super::{Outcome, TestDb, TestDbBuilder};
+
+    /// `migrator = "…"`: an embedded sqlx `Migrator` of 0.8 or 0.9 (a method call, so that a
+    /// `LazyLock` of one derefs to it).
+    pub trait SqlxMigrator {
+        /// The builder with this migrator's migrations.
+        fn pgharness_apply(&self, builder: TestDbBuilder, source: &str) -> TestDbBuilder;
+    }
+
+    #[cfg(feature = "sqlx")]
+    impl SqlxMigrator for sqlx::migrate::Migrator {
+        fn pgharness_apply(&self, builder: TestDbBuilder, source: &str) -> TestDbBuilder {
+            builder.sqlx_migrator(self, source)
+        }
+    }
+
+    #[cfg(feature = "sqlx09")]
+    impl SqlxMigrator for sqlx09::migrate::Migrator {
+        fn pgharness_apply(&self, builder: TestDbBuilder, source: &str) -> TestDbBuilder {
+            builder.sqlx09_migrator(self, source)
+        }
+    }
 
     /// A current-thread runtime with IO and time, as `#[tokio::test]` builds.
     pub fn runtime() -> tokio::runtime::Runtime {

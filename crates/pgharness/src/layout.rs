@@ -204,13 +204,16 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
             }
             migrations.sort_by_key(|(version, _, _)| *version);
             unique_versions(dir, migrations.iter().map(|(version, _, _)| *version))?;
-            let history = sqlx_history(migrations.iter().map(|(version, description, file)| {
-                (
-                    *version,
-                    description.as_str(),
-                    Sha384::digest(file.text.as_bytes()).to_vec(),
-                )
-            }));
+            let history = sqlx_history(
+                "_sqlx_migrations",
+                migrations.iter().map(|(version, description, file)| {
+                    (
+                        *version,
+                        description.as_str(),
+                        Sha384::digest(file.text.as_bytes()).to_vec(),
+                    )
+                }),
+            );
             Ok(Read {
                 layout,
                 files: migrations.into_iter().map(|(_, _, file)| file).collect(),
@@ -326,9 +329,12 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
 
 /// `_sqlx_migrations` as sqlx creates it, with a row per applied migration `(version,
 /// description, checksum)` as sqlx's migrator writes it.
-pub(crate) fn sqlx_history<'a>(rows: impl Iterator<Item = (i64, &'a str, Vec<u8>)>) -> String {
-    let mut history = String::from(
-        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);\n",
+pub(crate) fn sqlx_history<'a>(
+    table: &str,
+    rows: impl Iterator<Item = (i64, &'a str, Vec<u8>)>,
+) -> String {
+    let mut history = format!(
+        "CREATE TABLE {table} (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);\n",
     );
     let rows: Vec<String> = rows
         .map(|(version, description, checksum)| {
@@ -341,7 +347,7 @@ pub(crate) fn sqlx_history<'a>(rows: impl Iterator<Item = (i64, &'a str, Vec<u8>
         .collect();
     if !rows.is_empty() {
         history.push_str(&format!(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES {};\n",
+            "INSERT INTO {table} (version, description, success, checksum, execution_time) VALUES {};\n",
             rows.join(", ")
         ));
     }
@@ -361,6 +367,7 @@ pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
         .collect();
     migrations.sort_by_key(|m| m.version);
     let history = sqlx_history(
+        "_sqlx_migrations",
         migrations
             .iter()
             .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
@@ -381,6 +388,50 @@ pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
             .collect(),
         history: Some(history),
     }
+}
+
+/// [`sqlx_migrator`] for sqlx 0.9's `Migrator` (the `sqlx09` feature): its history table is
+/// the one it names (`table_name`, `_sqlx_migrations` by default), and a migrator that runs
+/// outside transactions (`no_tx`) runs every file so. A history table or schemas of its own
+/// outside the test's schema (a qualified `table_name`, `create_schemas`) would be shared by
+/// every test: refused, naming them.
+#[cfg(feature = "sqlx09")]
+pub(crate) fn sqlx09_migrator(migrator: &sqlx09::migrate::Migrator) -> Result<Read, String> {
+    let table = migrator.table_name.as_ref();
+    if table.contains('.') || !migrator.create_schemas.is_empty() {
+        return Err(format!(
+            "its history table `{table}` or schemas {:?} are outside the test's schema, where every test would share them",
+            migrator.create_schemas
+        ));
+    }
+    let mut migrations: Vec<&sqlx09::migrate::Migration> = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    migrations.sort_by_key(|m| m.version);
+    let history = sqlx_history(
+        table,
+        migrations
+            .iter()
+            .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
+    );
+    Ok(Read {
+        layout: Layout::Sqlx,
+        files: migrations
+            .iter()
+            .map(|m| SqlFile {
+                path: PathBuf::from(format!(
+                    "{}_{}.sql",
+                    m.version,
+                    m.description.replace(' ', "_")
+                )),
+                text: m.sql.as_str().to_owned(),
+                outside_transaction: m.no_tx || migrator.no_tx,
+            })
+            .collect(),
+        history: Some(history),
+    })
 }
 
 /// A refinery migration's version and name from its file name: `V<i32>__<word chars>` (or

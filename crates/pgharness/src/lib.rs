@@ -83,5 +83,8 @@ pub use deadpool_postgres;
 /// your app must use.
 #[cfg(feature = "sqlx")]
 pub use sqlx;
+/// The sqlx 0.9 that `#[pgharness::test]` injects (`sqlx09` feature).
+#[cfg(feature = "sqlx09")]
+pub use sqlx09;
 /// Re-exported so that tests need no direct dependency to use the client types.
 pub use tokio_postgres;

@@ -75,6 +75,16 @@ impl Migrations {
         }
     }
 
+    /// The migrations of an embedded sqlx 0.9 `Migrator` (see `layout::sqlx09_migrator`).
+    #[cfg(feature = "sqlx09")]
+    pub(crate) fn from_sqlx09(
+        migrator: &sqlx09::migrate::Migrator,
+        source: String,
+    ) -> Result<Migrations, String> {
+        let read = crate::layout::sqlx09_migrator(migrator)?;
+        Ok(Migrations::from_read(read, Path::new(""), source))
+    }
+
     fn from_read(read: crate::layout::Read, dir: &Path, source: String) -> Migrations {
         let mut hasher = Sha256::new();
         hasher.update(read.layout.as_str().as_bytes());

@@ -95,7 +95,7 @@ pub struct TestDbBuilder {
     migrations: Option<Option<PathBuf>>,
     /// Migrations given in code (an embedded sqlx `Migrator`, migrations in code); they win
     /// over `migrations`.
-    embedded: Option<Arc<Migrations>>,
+    embedded: Option<Result<Arc<Migrations>, String>>,
     fixtures_dir: Option<PathBuf>,
     keep: Option<KeepPolicy>,
     pool_size: Option<usize>,
@@ -150,6 +150,26 @@ impl TestDbBuilder {
                     format!("sqlx::migrate::Migrator {source}"),
                 ))
             });
+        self.embedded = Some(Ok(read.clone()));
+        self
+    }
+
+    /// [`sqlx_migrator`](Self::sqlx_migrator) for sqlx 0.9's `Migrator` (the `sqlx09`
+    /// feature): its history table is the one it names (`table_name`); one outside the
+    /// test's schema (a qualified name, `create_schemas`) is an error at `build`.
+    #[cfg(feature = "sqlx09")]
+    pub fn sqlx09_migrator(mut self, migrator: &sqlx09::migrate::Migrator, source: &str) -> Self {
+        type Cache = HashMap<(usize, String), Result<Arc<Migrations>, String>>;
+        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (std::ptr::from_ref(migrator) as usize, source.to_owned());
+        let read = cache
+            .get_or_insert_with(HashMap::new)
+            .entry(key)
+            .or_insert_with(|| {
+                Migrations::from_sqlx09(migrator, format!("sqlx::migrate::Migrator {source}"))
+                    .map(Arc::new)
+            });
         self.embedded = Some(read.clone());
         self
     }
@@ -172,7 +192,7 @@ impl TestDbBuilder {
         E: std::fmt::Display,
     {
         let code = crate::code_migrations::CodeMigrations::new(source.into(), key.into(), migrate);
-        self.embedded = Some(Arc::new(Migrations::from_code(code)));
+        self.embedded = Some(Ok(Arc::new(Migrations::from_code(code))));
         self
     }
 
@@ -184,7 +204,7 @@ impl TestDbBuilder {
     #[cfg(feature = "sea-orm")]
     pub fn sea_orm_migrator<M: sea_orm_migration::MigratorTrait>(mut self, version: &str) -> Self {
         let code = crate::code_migrations::sea_orm::<M>(version);
-        self.embedded = Some(Arc::new(Migrations::from_code(code)));
+        self.embedded = Some(Ok(Arc::new(Migrations::from_code(code))));
         self
     }
 
@@ -268,7 +288,15 @@ impl TestDbBuilder {
         let keep_name =
             naming::schema_name(&run_id, &test_name, attempt, naming::next_nth(&test_name));
         let migrations = match (&self.embedded, &self.migrations) {
-            (Some(embedded), _) => Some(embedded.clone()),
+            (Some(Ok(embedded)), _) => Some(embedded.clone()),
+            (Some(Err(problem)), _) => {
+                return Err(Error::Setting {
+                    name: "migrator".into(),
+                    origin: "TestDb::builder().sqlx09_migrator(..)".into(),
+                    problem: problem.clone(),
+                    fix: "keep the migrator's history table in the schema it migrates (an unqualified `table_name`, no `create_schemas`)".into(),
+                });
+            }
             (None, Some(None)) => None,
             (None, Some(Some(dir))) => Some(load_migrations(dir, settings.migrations_layout)?),
             (None, None) => Some(load_migrations(
@@ -562,6 +590,19 @@ impl TestDb {
     /// [`connection_string`](Self::connection_string).
     #[cfg(feature = "sqlx")]
     pub fn sqlx_connect_options(&self) -> sqlx::postgres::PgConnectOptions {
+        match self.connection_string().parse() {
+            Ok(options) => options,
+            // The URL is pgharness's own; the parser's errors never quote it.
+            Err(error) => panic!("pgharness: sqlx does not read the test's URL: {error}"),
+        }
+    }
+
+    /// The test's connection as sqlx 0.9 options (the `sqlx09` feature), for an app that
+    /// builds its own pool: `PgPoolOptions::new().connect_with(db.sqlx_connect_options())`.
+    /// Its fields (host or socket, port, user, password, database, options) are those of
+    /// [`connection_string`](Self::connection_string).
+    #[cfg(feature = "sqlx09")]
+    pub fn sqlx09_connect_options(&self) -> sqlx09::postgres::PgConnectOptions {
         match self.connection_string().parse() {
             Ok(options) => options,
             // The URL is pgharness's own; the parser's errors never quote it.
