@@ -75,7 +75,7 @@ pub use settings::{
     BackendKind, InvalidDuration, KeepPolicy, RdsSettings, SETTING_NAMES, SecretUrl, Settings,
     Teardown, parse_duration, redact_url,
 };
-pub use testdb::{TestDb, TestDbBuilder};
+pub use testdb::{ConnectParams, TestDb, TestDbBuilder};
 
 /// Re-exported so that tests need no direct dependency to use the client and pool types.
 pub use deadpool_postgres;

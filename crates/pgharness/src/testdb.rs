@@ -610,6 +610,30 @@ impl TestDb {
         }
     }
 
+    /// The test's connection as separate fields, for an app whose configuration takes a
+    /// host, port, user, password and database rather than a URL. `options` carries the
+    /// schema's `search_path` (`-csearch_path=…`): pass it on as the driver's startup
+    /// options (sqlx `PgConnectOptions::options`, tokio-postgres `Config::options`, libpq's
+    /// `options`), or the app's connections land outside the test's schema.
+    pub fn connect_params(&self) -> ConnectParams {
+        let config = &self.config;
+        ConnectParams {
+            host: match config.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(name)) => name.clone(),
+                Some(tokio_postgres::config::Host::Unix(dir)) => dir.display().to_string(),
+                None => String::new(),
+            },
+            port: config.get_ports().first().copied().unwrap_or(5432),
+            user: config.get_user().unwrap_or_default().to_owned(),
+            password: config
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            database: config.get_dbname().unwrap_or_default().to_owned(),
+            options: config.get_options().unwrap_or_default().to_owned(),
+            application_name: self.schema.clone(),
+        }
+    }
+
     /// The test's connection as libpq environment variables (`PGHOST`, `PGPORT`, `PGUSER`,
     /// `PGPASSWORD`, `PGDATABASE`, `PGOPTIONS` with the schema's `search_path`), for `psql`,
     /// `pg_dump` or any libpq program: `Command::new("psql").envs(db.libpq_env())`. Its
@@ -826,6 +850,42 @@ impl Drop for TestDb {
             // with the failing test's output, where the developer is looking.
             eprintln!("{message}");
         }
+    }
+}
+
+/// The test's connection as separate fields ([`TestDb::connect_params`]). `Debug` never
+/// shows the password.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectParams {
+    /// A host name or address, or a Unix socket's directory (a path, starting with `/`).
+    pub host: String,
+    /// The port (of the socket, for a directory).
+    pub port: u16,
+    /// The role.
+    pub user: String,
+    /// Its password, if the server asks for one.
+    pub password: Option<String>,
+    /// The database.
+    pub database: String,
+    /// Startup options: `-csearch_path=<schema>,…` (and, through the RDS proxy, its lease).
+    pub options: String,
+    /// The schema's name: pgharness waits for the sessions of this name to close before it
+    /// recycles the schema.
+    pub application_name: String,
+}
+
+impl fmt::Debug for ConnectParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .field("options", &self.options)
+            .field("application_name", &self.application_name)
+            .finish()
     }
 }
 

@@ -297,3 +297,49 @@ async fn a_url_server_s_key_stretching_is_paid_once_and_a_wrong_password_still_f
     );
     role.drop_all(&admin).await;
 }
+
+/// An app that takes host, port, user, password and database (and startup options) lands
+/// in the test's schema with `connect_params()`, named after it; `Debug` hides the password.
+#[tokio::test]
+async fn an_app_configured_by_fields_reaches_the_schema_with_connect_params() {
+    let db = TestDb::builder()
+        .without_migrations()
+        .build()
+        .await
+        .unwrap();
+    db.client()
+        .batch_execute("CREATE TABLE marker (id int)")
+        .await
+        .unwrap();
+    let params = db.connect_params();
+    // As an app builds its own configuration from fields.
+    let mut config = tokio_postgres::Config::new();
+    if params.host.starts_with('/') {
+        config.host_path(&params.host);
+    } else {
+        config.host(&params.host);
+    }
+    config
+        .port(params.port)
+        .user(&params.user)
+        .dbname(&params.database)
+        .options(&params.options)
+        .application_name(&params.application_name);
+    if let Some(password) = &params.password {
+        config.password(password);
+    }
+    let app = connect(config).await;
+    let row = app
+        .query_one(
+            "SELECT current_schema()::text, to_regclass('marker') IS NOT NULL, current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), db.schema());
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, String>(2), db.schema());
+    if let Some(password) = &params.password {
+        assert!(!format!("{params:?}").contains(password.as_str()));
+    }
+}
