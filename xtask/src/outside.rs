@@ -192,13 +192,24 @@ pub(crate) async fn check() -> anyhow::Result<()> {
     let server = pgharness::backend::ensure(&settings, &pgharness::events::log_only).await?;
     let client = pgharness_runner::servers::admin_client(&server).await?;
     let ns = pgharness::ledger::Namespace::of(&server.config());
-    let rows = client
-        .query(
-            &format!("SELECT status, uses FROM {ns}.ledger WHERE run_id IS DISTINCT FROM 'warmer'"),
-            &[],
-        )
-        .await?;
-    let statuses: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // The tests' teardowns are detached: the server finishes the last ones just after
+    // `cargo test` exits. Wait for them (a schema left `active` would fail below).
+    let mut statuses: Vec<(String, i32)> = Vec::new();
+    for _ in 0..100 {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT status, uses FROM {ns}.ledger WHERE run_id IS DISTINCT FROM 'warmer'"
+                ),
+                &[],
+            )
+            .await?;
+        statuses = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if statuses.iter().all(|(status, _)| status != "active") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // `passed`: recycled later (its app's connections were still closing at teardown).
     if statuses
         .iter()

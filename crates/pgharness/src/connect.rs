@@ -99,16 +99,8 @@ async fn connect_once(
         // The socket opened here (as tokio-postgres would: TCP without Nagle, or the Unix
         // socket of the directory) so that the control connection can keep a duplicate.
         match open(&config).await {
-            Some(Socket::Tcp(stream)) => {
-                let kept = keep(parting, &stream);
-                let (client, connection) = config.connect_raw(stream, NoTls).await?;
-                Ok((client, drive(connection), kept))
-            }
-            Some(Socket::Unix(stream)) => {
-                let kept = keep(parting, &stream);
-                let (client, connection) = config.connect_raw(stream, NoTls).await?;
-                Ok((client, drive(connection), kept))
-            }
+            Some(Socket::Tcp(stream)) => connect_over(&config, stream, parting).await,
+            Some(Socket::Unix(stream)) => connect_over(&config, stream, parting).await,
             None => {
                 let (client, connection) = config.connect(NoTls).await?;
                 Ok((client, drive(connection), None))
@@ -116,6 +108,20 @@ async fn connect_once(
         }
     })
     .await
+}
+
+/// Logs in over an open socket, keeping a duplicate of it when `parting`.
+async fn connect_over<S>(
+    config: &tokio_postgres::Config,
+    stream: S,
+    parting: bool,
+) -> Result<Connected, tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::os::fd::AsFd + Unpin + Send + 'static,
+{
+    let kept = keep(parting, &stream);
+    let (client, connection) = config.connect_raw(stream, NoTls).await?;
+    Ok((client, drive(connection), kept))
 }
 
 /// Drives a connection on the current (driver) runtime until it ends.

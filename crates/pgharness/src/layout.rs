@@ -354,23 +354,27 @@ pub(crate) fn sqlx_history<'a>(
     history
 }
 
-/// The up migrations of an embedded sqlx `Migrator` (`sqlx::migrate!()`, or built at run
-/// time) as files to apply in version order, with `_sqlx_migrations` holding the checksums
-/// the migrator computed; `-- no-transaction` ones run outside the schema's transaction, as
-/// in the directory layout.
-#[cfg(feature = "sqlx")]
-pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
-    let mut migrations: Vec<&sqlx::migrate::Migration> = migrator
-        .migrations
-        .iter()
-        .filter(|m| m.migration_type.is_up_migration())
-        .collect();
+/// One up migration of an embedded sqlx `Migrator`, whichever sqlx version made it.
+#[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+struct Embedded<'a> {
+    version: i64,
+    description: &'a str,
+    sql: &'a str,
+    checksum: &'a [u8],
+    no_tx: bool,
+}
+
+/// Embedded migrations as files to apply in version order, with `table` (the migrator's
+/// history table) holding the checksums the migrator computed; `-- no-transaction` ones run
+/// outside the schema's transaction, as in the directory layout.
+#[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+fn embedded(table: &str, mut migrations: Vec<Embedded<'_>>) -> Read {
     migrations.sort_by_key(|m| m.version);
     let history = sqlx_history(
-        "_sqlx_migrations",
+        table,
         migrations
             .iter()
-            .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
+            .map(|m| (m.version, m.description, m.checksum.to_vec())),
     );
     Read {
         layout: Layout::Sqlx,
@@ -382,12 +386,31 @@ pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
                     m.version,
                     m.description.replace(' ', "_")
                 )),
-                text: m.sql.to_string(),
+                text: m.sql.to_owned(),
                 outside_transaction: m.no_tx,
             })
             .collect(),
         history: Some(history),
     }
+}
+
+/// The up migrations of an embedded sqlx 0.8 `Migrator` (`sqlx::migrate!()`, or built at
+/// run time), as [`embedded`] reads them, its history in `_sqlx_migrations`.
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_migrator(migrator: &sqlx::migrate::Migrator) -> Read {
+    let migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| Embedded {
+            version: m.version,
+            description: m.description.as_ref(),
+            sql: m.sql.as_ref(),
+            checksum: m.checksum.as_ref(),
+            no_tx: m.no_tx,
+        })
+        .collect();
+    embedded("_sqlx_migrations", migrations)
 }
 
 /// [`sqlx_migrator`] for sqlx 0.9's `Migrator` (the `sqlx09` feature): its history table is
@@ -404,34 +427,19 @@ pub(crate) fn sqlx09_migrator(migrator: &sqlx09::migrate::Migrator) -> Result<Re
             migrator.create_schemas
         ));
     }
-    let mut migrations: Vec<&sqlx09::migrate::Migration> = migrator
+    let migrations = migrator
         .migrations
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| Embedded {
+            version: m.version,
+            description: m.description.as_ref(),
+            sql: m.sql.as_str(),
+            checksum: m.checksum.as_ref(),
+            no_tx: m.no_tx || migrator.no_tx,
+        })
         .collect();
-    migrations.sort_by_key(|m| m.version);
-    let history = sqlx_history(
-        table,
-        migrations
-            .iter()
-            .map(|m| (m.version, m.description.as_ref(), m.checksum.to_vec())),
-    );
-    Ok(Read {
-        layout: Layout::Sqlx,
-        files: migrations
-            .iter()
-            .map(|m| SqlFile {
-                path: PathBuf::from(format!(
-                    "{}_{}.sql",
-                    m.version,
-                    m.description.replace(' ', "_")
-                )),
-                text: m.sql.as_str().to_owned(),
-                outside_transaction: m.no_tx || migrator.no_tx,
-            })
-            .collect(),
-        history: Some(history),
-    })
+    Ok(embedded(table, migrations))
 }
 
 /// A refinery migration's version and name from its file name: `V<i32>__<word chars>` (or

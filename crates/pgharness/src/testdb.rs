@@ -57,6 +57,25 @@ pub struct TestDb {
     search_path: String,
 }
 
+/// An embedded migrator's migrations, read once per process, migrator (a `static`: its
+/// address is its identity) and source: hashing every migration for each test would cost a
+/// dependent's debug build.
+#[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+fn embedded_once(
+    address: usize,
+    source: &str,
+    read: impl FnOnce(String) -> Result<Migrations, String>,
+) -> Result<Arc<Migrations>, String> {
+    type Cache = HashMap<(usize, String), Result<Arc<Migrations>, String>>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .get_or_insert_with(HashMap::new)
+        .entry((address, source.to_owned()))
+        .or_insert_with(|| read(format!("sqlx::migrate::Migrator {source}")).map(Arc::new))
+        .clone()
+}
+
 /// A URL into a schema: `search_path` and the RDS lease (if any) in its options, named after
 /// the schema.
 fn schema_url(server: &Server, search_path: &str, lease: Option<&str>, schema: &str) -> String {
@@ -135,22 +154,11 @@ impl TestDbBuilder {
     /// migrator comes from (`#[pgharness::test(migrator = "…")]` gives its path).
     #[cfg(feature = "sqlx")]
     pub fn sqlx_migrator(mut self, migrator: &sqlx::migrate::Migrator, source: &str) -> Self {
-        // Read once per process and migrator (a `static`, so its address is its identity):
-        // hashing every migration for each test would cost a dependent's debug build.
-        type Cache = HashMap<(usize, String), Arc<Migrations>>;
-        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (std::ptr::from_ref(migrator) as usize, source.to_owned());
-        let read = cache
-            .get_or_insert_with(HashMap::new)
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(Migrations::from_sqlx(
-                    migrator,
-                    format!("sqlx::migrate::Migrator {source}"),
-                ))
-            });
-        self.embedded = Some(Ok(read.clone()));
+        self.embedded = Some(embedded_once(
+            std::ptr::from_ref(migrator) as usize,
+            source,
+            |source| Ok(Migrations::from_sqlx(migrator, source)),
+        ));
         self
     }
 
@@ -159,18 +167,11 @@ impl TestDbBuilder {
     /// test's schema (a qualified name, `create_schemas`) is an error at `build`.
     #[cfg(feature = "sqlx09")]
     pub fn sqlx09_migrator(mut self, migrator: &sqlx09::migrate::Migrator, source: &str) -> Self {
-        type Cache = HashMap<(usize, String), Result<Arc<Migrations>, String>>;
-        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (std::ptr::from_ref(migrator) as usize, source.to_owned());
-        let read = cache
-            .get_or_insert_with(HashMap::new)
-            .entry(key)
-            .or_insert_with(|| {
-                Migrations::from_sqlx09(migrator, format!("sqlx::migrate::Migrator {source}"))
-                    .map(Arc::new)
-            });
-        self.embedded = Some(read.clone());
+        self.embedded = Some(embedded_once(
+            std::ptr::from_ref(migrator) as usize,
+            source,
+            |source| Migrations::from_sqlx09(migrator, source),
+        ));
         self
     }
 

@@ -19,6 +19,21 @@ fn dir_with(label: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// Schemas of the sqlx-layout migration set in `dir`, in the pool or not.
+async fn schemas_of(dir: &Path) -> i64 {
+    let hash = pgharness::pool::migrations_hash(dir, Layout::Sqlx).unwrap();
+    let server = common::configured_server().await;
+    let admin = common::admin(&server).await;
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1",
+            &[&format!("p\\_{}%", &hash[..12])],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn settings(layout: Layout, run: &str) -> Settings {
     let mut settings = Settings::load().unwrap();
     settings.migrations_layout = layout;
@@ -158,18 +173,11 @@ async fn a_failing_migration_after_a_file_s_own_commit_leaves_nothing_behind() {
         .expect_err("the bad migration fails")
         .to_string();
     assert!(error.contains("2_bad.sql:2"), "{error}");
-    let hash = pgharness::pool::migrations_hash(&dir, Layout::Sqlx).unwrap();
-    let server = common::configured_server().await;
-    let admin = common::admin(&server).await;
-    let left: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1",
-            &[&format!("p\\_{}%", &hash[..12])],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "a half-migrated schema was left behind");
+    assert_eq!(
+        schemas_of(&dir).await,
+        0,
+        "a half-migrated schema was left behind"
+    );
 }
 
 #[tokio::test]
@@ -328,18 +336,11 @@ async fn a_failure_after_a_no_transaction_migration_leaves_nothing_behind() {
         .expect_err("the bad migration fails")
         .to_string();
     assert!(error.contains("3_bad.sql:2"), "{error}");
-    let hash = pgharness::pool::migrations_hash(&dir, Layout::Sqlx).unwrap();
-    let server = common::configured_server().await;
-    let admin = common::admin(&server).await;
-    let left: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1",
-            &[&format!("p\\_{}%", &hash[..12])],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "a half-migrated schema was left behind");
+    assert_eq!(
+        schemas_of(&dir).await,
+        0,
+        "a half-migrated schema was left behind"
+    );
 }
 
 mod refinery_migrations {
