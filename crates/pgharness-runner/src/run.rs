@@ -326,6 +326,14 @@ impl TestRun {
             });
             return Ok((exit_code(status?), 0));
         }
+        // The last tests' teardowns are applied by the server just after their processes
+        // end (`parting`): wait for them, so that the final pass and the summary see them.
+        if !ledger::settle(&admin, &ns, &run_id, Duration::from_secs(5))
+            .await
+            .map_err(crate::Error::from)?
+        {
+            tracing::warn!("teardowns of the run were still being applied after 5 s");
+        }
         let finished = ledger::reap(&admin, &ns, &ReapScope::FinishedInRun(run_id.clone()))
             .await
             .map_err(crate::Error::from)?;

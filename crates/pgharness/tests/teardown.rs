@@ -233,6 +233,12 @@ async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
         .await
         .unwrap();
     drop(db);
+    // Sent without waiting: the sync point is the server having applied it.
+    assert!(
+        ledger::settle(&client, &common::admin_ns(), &run, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
     assert_eq!(
         ledger_status(&client, &schema).await.as_deref(),
         Some("passed")

@@ -26,7 +26,7 @@ pub(crate) use claim::{
     AcquireLog, Claimant, Finish, MISS_SQLSTATE, claim_sql, elapsed_ms, finish_sql, fixtures_sql,
     mark, ms_since, parting_sql, register_sql, search_path_sql,
 };
-pub use reap::{POOL_IDLE_LIMIT, ReapReport, ReapScope, hold_run_lock, reap};
+pub use reap::{POOL_IDLE_LIMIT, ReapReport, ReapScope, hold_run_lock, reap, settle};
 pub use summary::{RunSummary, run_summary};
 
 /// Advisory-lock namespace (first key) for schema owners.

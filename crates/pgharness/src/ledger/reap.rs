@@ -43,6 +43,45 @@ pub struct ReapReport {
     pub skipped: u64,
 }
 
+/// Waits, up to `within`, until the teardowns a run's tests sent without waiting for them
+/// (detached or deferred: `parting`) have been applied: no schema of the run is `active`
+/// while its owner's session is still there. A run's last tests end moments before the
+/// run does, and the server applies their teardowns just after; a killed test's schema
+/// (active, its session gone) is not waited for. Returns whether it settled in time.
+pub async fn settle(
+    client: &Client,
+    ns: &Namespace,
+    run_id: &str,
+    within: std::time::Duration,
+) -> Result<bool, Error> {
+    if !check_namespace(client, ns).await? {
+        return Ok(true);
+    }
+    let query = format!(
+        "SELECT count(*) FROM {ns}.ledger l
+          WHERE run_id = $1 AND status = 'active' AND EXISTS (
+            SELECT 1 FROM pg_locks k
+             WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 2
+               AND k.classid::bigint = {SCHEMA_LOCK_SPACE} AND k.objid::bigint = l.lock_key
+               AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+    );
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let in_flight: i64 = client
+            .query_one(&query, &[&run_id])
+            .await
+            .map_err(|e| Error::postgres("failed to read the run's teardowns", e))?
+            .get(0);
+        if in_flight == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Recycles or drops the schemas `scope` allows. Each one is first locked (its owner
 /// lock, or for a ready schema its ledger row), so a schema whose test is alive, or that a
 /// test is claiming, is never touched, even in a race.
