@@ -139,6 +139,24 @@ async fn a_killed_test_is_reaped_and_a_live_one_never_is() {
     role.drop_all(&admin).await;
 }
 
+/// The next test of the migration set in `dir` gets `schema` back, empty and with fresh
+/// sequences (its migrations make `notes` with a `bigserial` id).
+async fn gets_it_back_fresh(settings: pgharness::Settings, dir: &std::path::Path, schema: &str) {
+    let db = TestDb::builder()
+        .settings(settings)
+        .migrations(dir)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(db.schema(), schema);
+    let row = db
+        .client()
+        .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 1));
+}
+
 #[tokio::test]
 async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
     let server = configured_server().await;
@@ -167,20 +185,7 @@ async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
         ledger_status(&client, &schema).await.as_deref(),
         Some("ready")
     );
-    // The next test of the same migration set gets it back, empty and with fresh sequences.
-    let db = TestDb::builder()
-        .settings(settings)
-        .migrations(&dir)
-        .build()
-        .await
-        .unwrap();
-    assert_eq!(db.schema(), schema);
-    let row = db
-        .client()
-        .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 1));
+    gets_it_back_fresh(settings, &dir, &schema).await;
 }
 
 #[tokio::test]
@@ -377,20 +382,7 @@ async fn a_detached_teardown_returns_at_once_and_the_server_recycles_the_schema_
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(status.as_deref(), Some("ready"));
-    // The next test of the same migration set gets it back, empty and with fresh sequences.
-    let db = TestDb::builder()
-        .settings(settings)
-        .migrations(&dir)
-        .build()
-        .await
-        .unwrap();
-    assert_eq!(db.schema(), schema);
-    let row = db
-        .client()
-        .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 1));
+    gets_it_back_fresh(settings, &dir, &schema).await;
 }
 
 /// A detached teardown that fails on the server, after its test, is recorded in the acquire
@@ -459,4 +451,42 @@ async fn a_failed_teardown_is_said_on_stderr_without_a_tracing_subscriber() {
         "{stderr}"
     );
     role.drop_all(&admin).await;
+}
+
+/// A test that leaves a transaction open on its client still has its schema recycled by the
+/// detached teardown (its rows, committed by the teardown's own COMMIT, then deleted).
+#[tokio::test]
+async fn a_detached_teardown_recycles_a_schema_whose_client_left_a_transaction_open() {
+    let server = configured_server().await;
+    let watcher = common::runner(&server).await;
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.teardown = Teardown::Detached;
+    let run = unique_run("open-transaction");
+    settings.run_id = Some(run.clone());
+    let dir = own_migrations(
+        "open-transaction",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+    );
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("BEGIN; INSERT INTO notes (body) VALUES ('left open');")
+        .await
+        .unwrap();
+    drop(db);
+    assert!(
+        ledger::settle(&watcher, &common::admin_ns(), &run, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("ready")
+    );
+    gets_it_back_fresh(settings, &dir, &schema).await;
 }

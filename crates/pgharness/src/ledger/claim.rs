@@ -217,10 +217,12 @@ pub(crate) fn parting_sql(
         Finish::Recycle => "recycle",
     };
     let mut statements = vec![
+        // First: a BEGIN in a transaction the test left open warns, and the server would
+        // flush the warning to a client that may be gone.
+        "SELECT set_config('client_min_messages', 'error', false)".to_owned(),
         "BEGIN".to_owned(),
         format!(
-            "SELECT set_config('client_min_messages', 'error', false), \
-             set_config('lock_timeout', '10s', true), \
+            "SELECT set_config('lock_timeout', '10s', true), \
              set_config('pgharness.busy_wait_ms', '{DETACHED_BUSY_WAIT_MS}', true)"
         ),
         format!(
