@@ -88,6 +88,11 @@ pub async fn cluster_settings(
     let mut local = settings.clone();
     local.url = None;
     local.native_tcp = true;
+    // Started once per run, with progress shown: a fresh container's first start took 58 s on
+    // this kind of machine while its disk was slow after bulk deletes (CI's earlier legs).
+    local.acquire_timeout = local
+        .acquire_timeout
+        .max(std::time::Duration::from_secs(180));
     local.backend = match backend {
         Some(kind) if kind != BackendKind::Auto => kind,
         _ => pgharness::backend::resolve_local(&local, &pgharness::events::log_only).await?,

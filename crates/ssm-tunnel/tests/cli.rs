@@ -134,7 +134,6 @@ async fn a_busy_port_exits_at_once_without_starting_a_session() {
     let env = env(|_| {}).await;
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let started = Instant::now();
     let output = Command::new(binary())
         .args([
             "--target",
@@ -155,7 +154,8 @@ async fn a_busy_port_exits_at_once_without_starting_a_session() {
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // At once: the port is tried before any AWS call (a wall-clock bound here failed on a
+    // loaded CI machine; what "at once" means is that nothing was asked of SSM).
     assert_eq!(env.ssm.start_session_calls(), 0, "no session was started");
 }
 
