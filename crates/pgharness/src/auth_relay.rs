@@ -230,16 +230,12 @@ pub(crate) async fn connect(
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let kept = match crate::connect::open(config).await? {
         Socket::Tcp(stream) => {
-            let kept = parting
-                .then(|| crate::parting::Parting::of(&stream).ok())
-                .flatten();
+            let kept = crate::connect::keep(parting, &stream);
             tokio::spawn(relay(theirs, stream, password));
             kept
         }
         Socket::Unix(stream) => {
-            let kept = parting
-                .then(|| crate::parting::Parting::of(&stream).ok())
-                .flatten();
+            let kept = crate::connect::keep(parting, &stream);
             tokio::spawn(relay(theirs, stream, password));
             kept
         }

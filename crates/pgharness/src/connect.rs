@@ -137,7 +137,9 @@ where
     })
 }
 
-fn keep(wanted: bool, socket: &impl std::os::fd::AsFd) -> Option<Parting> {
+/// A duplicate of `socket` for the teardown's parting, when `wanted` (a failure is logged:
+/// the teardown then waits, as `teardown = inline` does).
+pub(crate) fn keep(wanted: bool, socket: &impl std::os::fd::AsFd) -> Option<Parting> {
     if !wanted {
         return None;
     }

@@ -133,6 +133,17 @@ pub(crate) enum Finish {
     Recycle,
 }
 
+impl Finish {
+    /// `finish`'s `p_mode` for it (`ledger.sql`).
+    fn mode(self) -> &'static str {
+        match self {
+            Finish::Keep => "keep",
+            Finish::Pass => "pass",
+            Finish::Recycle => "recycle",
+        }
+    }
+}
+
 /// One acquire as the teardown logs it.
 pub(crate) struct AcquireLog<'a> {
     pub(crate) id: &'a str,
@@ -172,11 +183,7 @@ pub(crate) fn finish_sql(
     keep_name: &str,
     lock_key: i32,
 ) -> String {
-    let mode = match finish {
-        Finish::Keep => "keep",
-        Finish::Pass => "pass",
-        Finish::Recycle => "recycle",
-    };
+    let mode = finish.mode();
     // Without a janitor, teardowns recycle what earlier tests could not (still in use then).
     let sweep = if finish == Finish::Recycle {
         format!("\nSELECT {ns}.sweep(2);")
@@ -211,11 +218,7 @@ pub(crate) fn parting_sql(
     log: &AcquireLog<'_>,
     finish: Finish,
 ) -> Vec<String> {
-    let mode = match finish {
-        Finish::Keep => "keep",
-        Finish::Pass => "pass",
-        Finish::Recycle => "recycle",
-    };
+    let mode = finish.mode();
     let mut statements = vec![
         // First: a BEGIN in a transaction the test left open warns, and the server would
         // flush the warning to a client that may be gone.
