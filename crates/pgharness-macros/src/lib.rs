@@ -244,6 +244,13 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
         let path = LitStr::new(&path, name.span());
         builder = quote!(#builder.fixture_sql(#path, include_str!(#path)));
     }
+    // A test that cannot reach its `TestDb` lends the control session to its first sqlx
+    // connection (pgharness's `lend`).
+    let closers = if test_db_params == 0 {
+        quote!(::pgharness::__macro::Closers::lending())
+    } else {
+        quote!(::pgharness::__macro::Closers::default())
+    };
     let inner = format_ident!("__pgharness_{}", name, span = Span::call_site());
     Ok(quote! {
         #[::core::prelude::v1::test]
@@ -252,7 +259,7 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
             async fn #inner(#(#inner_params),*) #output #block
             ::pgharness::__macro::runtime().block_on(async {
                 let mut __pgharness_db = ::pgharness::__macro::database(#builder).await;
-                let mut __pgharness_closers = ::pgharness::__macro::Closers::default();
+                let mut __pgharness_closers = #closers;
                 #(#fills)*
                 let __pgharness_outcome = #inner(#(#call_args),*).await;
                 __pgharness_closers.close().await;

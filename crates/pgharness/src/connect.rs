@@ -78,9 +78,16 @@ fn transient(error: &tokio_postgres::Error, patience: Patience) -> bool {
     }
 }
 
-/// A connection, the task that drives it, and (when asked for) a duplicate of its socket
-/// for the teardown's parting.
-type Connected = (Client, JoinHandle<()>, Option<Parting>);
+/// A connection, the task that drives it, and (when asked for) what its test keeps of it.
+type Connected = (Client, JoinHandle<()>, Kept);
+
+/// What a test keeps of its control connection: a duplicate of its socket for the
+/// teardown's parting, and the means to lend its session to sqlx (`lend`).
+#[derive(Default)]
+pub(crate) struct Kept {
+    pub(crate) parting: Option<Parting>,
+    pub(crate) lendable: Option<crate::lend::Lendable>,
+}
 
 async fn connect_once(
     config: tokio_postgres::Config,
@@ -93,34 +100,62 @@ async fn connect_once(
             && config.get_password().is_some()
             && let Some(connected) = crate::auth_relay::connect(&config, parting).await
         {
-            let (client, connection, kept) = connected?;
+            let (client, connection, parting) = connected?;
+            let kept = Kept {
+                parting,
+                lendable: None,
+            };
             return Ok((client, drive(connection), kept));
         }
         // The socket opened here (as tokio-postgres would: TCP without Nagle, or the Unix
         // socket of the directory) so that the control connection can keep a duplicate.
         match open(&config).await {
-            Some(Socket::Tcp(stream)) => connect_over(&config, stream, parting).await,
-            Some(Socket::Unix(stream)) => connect_over(&config, stream, parting).await,
+            Some(Socket::Tcp(stream)) => connect_over(&config, stream, false, parting).await,
+            Some(Socket::Unix(stream)) => connect_over(&config, stream, true, parting).await,
             None => {
                 let (client, connection) = config.connect(NoTls).await?;
-                Ok((client, drive(connection), None))
+                Ok((client, drive(connection), Kept::default()))
             }
         }
     })
     .await
 }
 
-/// Logs in over an open socket, keeping a duplicate of it when `parting`.
+/// Logs in over an open socket; when `parting` (a test's control connection), keeps a
+/// duplicate of it and holds its client's stream at a gate, so that its session can be lent.
 async fn connect_over<S>(
     config: &tokio_postgres::Config,
     stream: S,
+    unix: bool,
     parting: bool,
 ) -> Result<Connected, tokio_postgres::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::os::fd::AsFd + Unpin + Send + 'static,
 {
-    let kept = keep(parting, &stream);
-    let (client, connection) = config.connect_raw(stream, NoTls).await?;
+    if !parting {
+        let (client, connection) = config.connect_raw(stream, NoTls).await?;
+        return Ok((client, drive(connection), Kept::default()));
+    }
+    let parting = keep(true, &stream);
+    let lendable = match stream.as_fd().try_clone_to_owned() {
+        Ok(socket) => Some(crate::lend::Lendable {
+            socket,
+            unix,
+            gate: Default::default(),
+        }),
+        Err(error) => {
+            tracing::debug!(%error, "pgharness: no duplicate of the socket; the session will not be lent");
+            None
+        }
+    };
+    let gate = lendable
+        .as_ref()
+        .map(|lendable| lendable.gate.clone())
+        .unwrap_or_default();
+    let (client, connection) = config
+        .connect_raw(crate::lend::Gated::new(stream, gate), NoTls)
+        .await?;
+    let kept = Kept { parting, lendable };
     Ok((client, drive(connection), kept))
 }
 
@@ -226,7 +261,7 @@ pub(crate) async fn connect_keeping(
     sink: EventSink<'_>,
     what: &str,
     parting: bool,
-) -> Result<(Client, Option<Parting>), Error> {
+) -> Result<(Client, Kept), Error> {
     let started = Instant::now();
     let result = connect_patiently(config, deadline, patience, parting, |error, waited| {
         let reason = crate::error::pg_message(error);

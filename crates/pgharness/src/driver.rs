@@ -47,3 +47,11 @@ where
     });
     receiver.recv_timeout(timeout).ok()
 }
+
+/// Runs `future` on the driver runtime, not waited for.
+pub(crate) fn spawn<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    drop(runtime().spawn(future));
+}

@@ -42,9 +42,24 @@ impl Inject for deadpool_postgres::Pool {
 #[cfg(feature = "sqlx")]
 impl Inject for sqlx::PgPool {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(db.pool().status().max_size.max(1) as u32)
-            .connect_lazy_with(db.sqlx_connect_options());
+        let options = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(db.pool().status().max_size.max(1) as u32);
+        let lent = lent_options(closers, db.sqlx_lent_options()).await;
+        let pool = match lent {
+            // Its first connection is the test's control session (`lend`): opened now, so
+            // that every later one goes to the server.
+            Some(lent) => match options.clone().connect_with(lent).await {
+                Ok(pool) => {
+                    pool.set_connect_options(db.sqlx_connect_options());
+                    pool
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "pgharness: sqlx did not take the lent session");
+                    options.connect_lazy_with(db.sqlx_connect_options())
+                }
+            },
+            None => options.connect_lazy_with(db.sqlx_connect_options()),
+        };
         let closing = pool.clone();
         closers.push(async move { closing.close().await });
         pool
@@ -54,7 +69,16 @@ impl Inject for sqlx::PgPool {
 /// One sqlx 0.8 connection to the test's schema.
 #[cfg(feature = "sqlx")]
 impl Inject for sqlx::PgConnection {
-    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        // The test's control session (`lend`), when it can be lent.
+        if let Some(lent) = lent_options(closers, db.sqlx_lent_options()).await {
+            match sqlx::ConnectOptions::connect(&lent).await {
+                Ok(connection) => return connection,
+                Err(error) => {
+                    tracing::debug!(%error, "pgharness: sqlx did not take the lent session")
+                }
+            }
+        }
         match sqlx::ConnectOptions::connect(&db.sqlx_connect_options()).await {
             Ok(connection) => connection,
             Err(error) => {
@@ -165,9 +189,24 @@ impl Inject for sea_orm::DatabaseConnection {
 #[cfg(feature = "sqlx09")]
 impl Inject for sqlx09::PgPool {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
-        let pool = sqlx09::postgres::PgPoolOptions::new()
-            .max_connections(db.pool().status().max_size.max(1) as u32)
-            .connect_lazy_with(db.sqlx09_connect_options());
+        let options = sqlx09::postgres::PgPoolOptions::new()
+            .max_connections(db.pool().status().max_size.max(1) as u32);
+        let lent = lent_options(closers, db.sqlx09_lent_options()).await;
+        let pool = match lent {
+            // Its first connection is the test's control session (`lend`): opened now, so
+            // that every later one goes to the server.
+            Some(lent) => match options.clone().connect_with(lent).await {
+                Ok(pool) => {
+                    pool.set_connect_options(db.sqlx09_connect_options());
+                    pool
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "pgharness: sqlx did not take the lent session");
+                    options.connect_lazy_with(db.sqlx09_connect_options())
+                }
+            },
+            None => options.connect_lazy_with(db.sqlx09_connect_options()),
+        };
         let closing = pool.clone();
         closers.push(async move { closing.close().await });
         pool
@@ -177,7 +216,16 @@ impl Inject for sqlx09::PgPool {
 /// One sqlx 0.9 connection to the test's schema (the `sqlx09` feature).
 #[cfg(feature = "sqlx09")]
 impl Inject for sqlx09::PgConnection {
-    async fn inject(db: &TestDb, _: &mut Closers) -> Self {
+    async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        // The test's control session (`lend`), when it can be lent.
+        if let Some(lent) = lent_options(closers, db.sqlx09_lent_options()).await {
+            match sqlx09::ConnectOptions::connect(&lent).await {
+                Ok(connection) => return connection,
+                Err(error) => {
+                    tracing::debug!(%error, "pgharness: sqlx did not take the lent session")
+                }
+            }
+        }
         match sqlx09::ConnectOptions::connect(&db.sqlx09_connect_options()).await {
             Ok(connection) => connection,
             Err(error) => {
@@ -187,20 +235,48 @@ impl Inject for sqlx09::PgConnection {
     }
 }
 
-/// What must be closed after the test's body and before its schema is finished.
+/// `options` (a lend of the control session) when `closers` allow lending.
+#[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+async fn lent_options<T>(closers: &Closers, options: impl Future<Output = Option<T>>) -> Option<T> {
+    if closers.lends() { options.await } else { None }
+}
+
+/// What must be closed after the test's body and before its schema is finished, and
+/// whether the test's control session may be lent to its first sqlx connection.
 #[derive(Default)]
-pub struct Closers(Vec<Pin<Box<dyn Future<Output = ()> + Send>>>);
+pub struct Closers {
+    closes: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    lend: bool,
+}
 
 impl Closers {
+    /// For a test that cannot reach its `TestDb`'s own client (`#[pgharness::test]` on a
+    /// test with no `TestDb` parameter): the first sqlx pool or connection injected gets
+    /// the control session itself, and no second backend is started for it. After that,
+    /// [`TestDb::client`] fails with an error that says so; [`TestDb::connect`] still
+    /// opens clients.
+    #[doc(hidden)]
+    pub fn lending() -> Closers {
+        Closers {
+            closes: Vec::new(),
+            lend: true,
+        }
+    }
+
+    /// Whether the control session may be lent (see [`Closers::lending`]).
+    pub fn lends(&self) -> bool {
+        self.lend
+    }
+
     /// Runs `close` after the test's body returns. (After a panic nothing is closed: the
     /// schema of a failed test is kept as it is.)
     pub fn push(&mut self, close: impl Future<Output = ()> + Send + 'static) {
-        self.0.push(Box::pin(close));
+        self.closes.push(Box::pin(close));
     }
 
     #[doc(hidden)]
     pub async fn close(self) {
-        for close in self.0 {
+        for close in self.closes {
             close.await;
         }
     }

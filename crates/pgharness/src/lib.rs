@@ -45,6 +45,7 @@ mod fixture;
 mod inject;
 mod layout;
 pub mod ledger;
+mod lend;
 mod naming;
 mod parting;
 pub mod pool;

@@ -32,6 +32,8 @@ pub struct TestDb {
     client: Option<Client>,
     /// A duplicate of the control connection's socket, for a teardown not waited for.
     parting: Option<crate::parting::Parting>,
+    /// The control session, lendable once to an sqlx connection (`lend`).
+    lender: Option<crate::lend::Lender>,
     pool: Pool,
     config: tokio_postgres::Config,
     fixtures_dir: PathBuf,
@@ -356,7 +358,7 @@ impl TestDbBuilder {
             true,
         )
         .await;
-        let (client, parting) = match connected {
+        let (client, kept) = match connected {
             Ok(connected) => {
                 if believed && self.settings.is_none() {
                     remember_server(&server);
@@ -383,6 +385,12 @@ impl TestDbBuilder {
             Err(error) => return Err(explain(&server, &settings.state_dir, error)),
         };
         let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
+        let parting = kept.parting;
+        // Through the RDS proxy a new connection is a lease of a session already open.
+        let lender = match server.backend() {
+            BackendKind::Rds => None,
+            _ => kept.lendable.map(crate::lend::Lender::new),
+        };
 
         let host = hostname();
         let (hash, source) = match &migrations {
@@ -464,6 +472,7 @@ impl TestDbBuilder {
             server,
             client: Some(client),
             parting,
+            lender,
             pool,
             config,
             fixtures_dir,
@@ -611,6 +620,49 @@ impl TestDb {
         }
     }
 
+    /// Lends the control session (`lend`) once its client is owed nothing: tokio-postgres
+    /// closes a prepared statement as it drops, not waited for, and the answer must not
+    /// reach sqlx. One round trip after it makes sure.
+    async fn lend(&self) -> Option<crate::lend::Ticket> {
+        let lender = self.lender.as_ref()?;
+        if !lender.can_lend() {
+            return None;
+        }
+        if let Err(error) = self.client().simple_query("").await {
+            tracing::debug!(%error, "pgharness: the control session is not lent");
+            return None;
+        }
+        lender.lend()
+    }
+
+    /// Options for one sqlx 0.8 connection on the test's control session, lent to it
+    /// (`lend`): `None` once lent, or when the session cannot be lent (through the RDS
+    /// proxy, or the login relay of a `url` server).
+    #[cfg(feature = "sqlx")]
+    pub(crate) async fn sqlx_lent_options(&self) -> Option<sqlx::postgres::PgConnectOptions> {
+        let ticket = self.lend().await?;
+        Some(
+            self.sqlx_connect_options()
+                .socket(&ticket.dir)
+                .port(crate::lend::PORT)
+                .password(&ticket.password)
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+    }
+
+    /// [`sqlx_lent_options`](Self::sqlx_lent_options) for sqlx 0.9.
+    #[cfg(feature = "sqlx09")]
+    pub(crate) async fn sqlx09_lent_options(&self) -> Option<sqlx09::postgres::PgConnectOptions> {
+        let ticket = self.lend().await?;
+        Some(
+            self.sqlx09_connect_options()
+                .socket(&ticket.dir)
+                .port(crate::lend::PORT)
+                .password(&ticket.password)
+                .ssl_mode(sqlx09::postgres::PgSslMode::Disable),
+        )
+    }
+
     /// The test's connection as separate fields, for an app whose configuration takes a
     /// host, port, user, password and database rather than a URL. `options` carries the
     /// schema's `search_path` (`-csearch_path=…`): pass it on as the driver's startup
@@ -740,6 +792,29 @@ impl TestDb {
     }
 }
 
+/// How long a teardown waits for the control session lent to sqlx to come home: its pool
+/// was closed before, so only a connection the test kept in use is still out.
+const RECLAIM_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl TestDb {
+    /// Has the teardown written on the lent control session when sqlx gives it back.
+    fn part_later(&self, log: &ledger::AcquireLog<'_>, finish: Finish) {
+        let statements = ledger::parting_sql(&self.ns, &self.schema, log, finish);
+        let deferred = crate::parting::message(&statements, crate::parting::Shape::Unsynced)
+            .ok()
+            .is_some_and(|bytes| {
+                self.lender
+                    .as_ref()
+                    .is_some_and(|lender| lender.part_later(bytes))
+            });
+        if deferred {
+            tracing::info!(schema = %self.schema, "pgharness: the test's sqlx connection is still in use; its schema is finished when it closes");
+        } else {
+            tracing::warn!(schema = %self.schema, "pgharness: the control session lent to sqlx is gone; the reaper will recycle or drop the schema");
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let failed = self.failed || std::thread::panicking();
@@ -762,6 +837,12 @@ impl Drop for TestDb {
         } else {
             Finish::Recycle
         };
+        // A session lent to sqlx comes home when its pool closes (`#[pgharness::test]`
+        // closes it first): what the teardown needs to wait for.
+        let lent = match &self.lender {
+            Some(lender) => lender.reclaim(RECLAIM_TIMEOUT),
+            None => crate::lend::Whereabouts::Home,
+        };
         // The owner lock is released in the same round trip: a janitor must not wait for
         // the server to notice the closed connection.
         let log = ledger::AcquireLog {
@@ -773,10 +854,24 @@ impl Drop for TestDb {
             claim_ms: self.claim_ms,
             acquire_ms: self.acquire.as_secs_f64() * 1000.0,
         };
+        match lent {
+            crate::lend::Whereabouts::Home => {}
+            // Still with an sqlx connection the test kept (a pool clone in a server that
+            // outlives it): the teardown goes out when that connection closes.
+            crate::lend::Whereabouts::Lent => {
+                self.part_later(&log, finish);
+                return;
+            }
+            crate::lend::Whereabouts::Lost | crate::lend::Whereabouts::Parted => {
+                tracing::warn!(schema = %self.schema, "pgharness: the control session lent to sqlx was lost; the reaper will recycle or drop the schema");
+                return;
+            }
+        }
         // A passing test's teardown is sent and not waited for (`parting`), unless the
         // settings ask to wait (`teardown = inline`) or no duplicate of the socket was kept.
-        if !keep
-            && self.teardown != Teardown::Inline
+        // A client that wrote while its session was lent is closed: the parting is all
+        // that can finish the schema then.
+        if (client.is_closed() || !keep && self.teardown != Teardown::Inline)
             && let Some(parting) = parting
         {
             self.part(parting, &log, finish);

@@ -1,0 +1,187 @@
+//! A test that gets an sqlx pool or connection and no `TestDb` is lent the control session
+//! for its first sqlx connection (`lend`): no second backend starts, sqlx's settings hold,
+//! and the session comes home for the teardown, whatever the test left on it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{configured_server, ledger_status, own_migrations};
+use pgharness::sqlx::{self, PgPool};
+use pgharness::{Closers, Inject, Teardown, TestDb};
+
+/// Whether this session holds an advisory lock: the control session holds its schema's
+/// owner lock; a new connection holds none.
+async fn holds_the_owner_lock(connection: &mut sqlx::PgConnection) -> bool {
+    let (locks,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted",
+    )
+    .fetch_one(connection)
+    .await
+    .unwrap();
+    locks > 0
+}
+
+#[pgharness::test(
+    migrations = "tests/attribute/sql",
+    fixtures(path = "attribute/fixtures", scripts("items"))
+)]
+async fn a_test_s_first_sqlx_connection_is_its_control_session(
+    pool: PgPool,
+) -> Result<(), sqlx::Error> {
+    let mut first = pool.acquire().await?;
+    assert!(holds_the_owner_lock(&mut first).await, "a second backend");
+    // What sqlx asked for at its login holds on the lent session.
+    let (zone, style, schema, name): (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('TimeZone'), current_setting('DateStyle'), current_schema()::text,
+                current_setting('application_name')",
+    )
+    .fetch_one(&mut *first)
+    .await?;
+    assert_eq!((zone.as_str(), style.as_str()), ("UTC", "ISO, MDY"));
+    assert_eq!(schema, name, "in the test's schema, named after it");
+    let (items,): (i64,) = sqlx::query_as("SELECT count(*) FROM items")
+        .fetch_one(&mut *first)
+        .await?;
+    assert_eq!(items, 2);
+    // A second connection at the same time is a backend of its own, in the same schema.
+    let mut second = pool.acquire().await?;
+    assert!(!holds_the_owner_lock(&mut second).await);
+    let (other,): (String,) = sqlx::query_as("SELECT current_schema()::text")
+        .fetch_one(&mut *second)
+        .await?;
+    assert_eq!(other, schema);
+    Ok(())
+}
+
+fn settings(run: &str, teardown: Teardown) -> pgharness::Settings {
+    let mut settings = pgharness::Settings::load().unwrap();
+    settings.run_id = Some(run.to_owned());
+    settings.teardown = teardown;
+    settings
+}
+
+async fn database(label: &str, teardown: Teardown) -> (TestDb, String) {
+    let run = format!("it-lend-{label}-{}", uuid::Uuid::new_v4());
+    let dir = own_migrations(
+        &format!("lend-{label}"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+    );
+    let db = TestDb::builder()
+        .settings(settings(&run, teardown))
+        .migrations(&dir)
+        .build()
+        .await
+        .unwrap();
+    (db, run)
+}
+
+/// With `teardown = inline` the teardown waits on the control session's own client: the
+/// session came home from sqlx, and the client works again.
+#[tokio::test]
+async fn a_lent_session_comes_home_for_an_inline_teardown() {
+    let server = configured_server().await;
+    let watcher = common::runner(&server).await;
+    let (db, _) = database("inline", Teardown::Inline).await;
+    let schema = db.schema().to_owned();
+    let mut closers = Closers::lending();
+    let pool = PgPool::inject(&db, &mut closers).await;
+    let (a, mut b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    sqlx::query("INSERT INTO notes (body) VALUES ('x')")
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    drop((a, b));
+    closers.close().await;
+    pgharness::__macro::finish(db, ());
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("ready"),
+        "recycled inline, on the session sqlx gave back"
+    );
+}
+
+/// A connection that leaves a transaction open has it rolled back when it leaves; the
+/// `TestDb`'s own client, used while the session is lent, fails and says why; the detached
+/// teardown still recycles the schema.
+#[tokio::test]
+async fn a_lent_connection_left_in_a_transaction_is_rolled_back_and_recycled() {
+    let server = configured_server().await;
+    let watcher = common::runner(&server).await;
+    let (db, run) = database("open", Teardown::Detached).await;
+    let schema = db.schema().to_owned();
+    let mut closers = Closers::lending();
+    let mut connection = sqlx::PgConnection::inject(&db, &mut closers).await;
+    assert!(holds_the_owner_lock(&mut connection).await);
+    sqlx::raw_sql("BEGIN; INSERT INTO notes (body) VALUES ('left open')")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    // The test's own client fails rather than wait (stderr says why), and none of its
+    // bytes reached the lent session: sqlx's transaction goes on.
+    let error = db.client().simple_query("SELECT 1").await.unwrap_err();
+    assert!(error.is_closed(), "{error}");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM notes")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    drop(connection);
+    closers.close().await;
+    pgharness::__macro::finish(db, ());
+    assert!(
+        pgharness::ledger::settle(&watcher, &common::admin_ns(), &run, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("ready")
+    );
+    let rows: i64 = watcher
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".notes"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows, 0,
+        "the open transaction was rolled back, not committed"
+    );
+}
+
+/// A lent connection the test kept in use past its end (a server that outlives it): the
+/// teardown does not wait for it, and the schema is finished once it closes.
+#[tokio::test]
+async fn a_lent_connection_still_in_use_gets_the_teardown_when_it_closes() {
+    let server = configured_server().await;
+    let watcher = common::runner(&server).await;
+    let (db, run) = database("kept", Teardown::Detached).await;
+    let schema = db.schema().to_owned();
+    let mut closers = Closers::lending();
+    let pool = PgPool::inject(&db, &mut closers).await;
+    let mut held = pool.acquire().await.unwrap();
+    assert!(holds_the_owner_lock(&mut held).await);
+    // The body "returns" without closing the pool: the connection is still out.
+    drop(closers);
+    pgharness::__macro::finish(db, ());
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("active"),
+        "nothing was finished under a connection in use"
+    );
+    sqlx::query("INSERT INTO notes (body) VALUES ('late')")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    drop(held);
+    pool.close().await;
+    assert!(
+        pgharness::ledger::settle(&watcher, &common::admin_ns(), &run, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("ready")
+    );
+}
