@@ -121,14 +121,33 @@ fn claim_loop(
     })
 }
 
+/// What [`pgpool_claim_loop`] measured per test.
+struct PgPoolTimes {
+    /// The acquire, until the test holds an open connection of its pool.
+    acquire: Vec<Duration>,
+    /// Until its first query through the pool (an INSERT, prepared by sqlx) has answered.
+    first_answer: Vec<Duration>,
+    /// One query's round trip on the pool's first connection (p50 of 20 per test).
+    round_trip: Vec<Duration>,
+}
+
 /// Like [`claim_loop`], for a test that gets an sqlx `PgPool` as `#[pgharness::test]`
-/// injects it: the acquire until its first query through that pool has answered.
-fn pgpool_claim_loop(settings: &pgharness::Settings, n: usize) -> anyhow::Result<Vec<Duration>> {
+/// injects it (`lending`: the pool's first connection is the control session, as for a
+/// test that takes no `TestDb`; else a connection of its own).
+fn pgpool_claim_loop(
+    settings: &pgharness::Settings,
+    n: usize,
+    lending: bool,
+) -> anyhow::Result<PgPoolTimes> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut times = Vec::new();
+        let mut times = PgPoolTimes {
+            acquire: Vec::new(),
+            first_answer: Vec::new(),
+            round_trip: Vec::new(),
+        };
         for i in 0..n {
             let started = Instant::now();
             let db = TestDb::builder()
@@ -136,17 +155,34 @@ fn pgpool_claim_loop(settings: &pgharness::Settings, n: usize) -> anyhow::Result
                 .test_name(format!("bench_pgpool_{i}"))
                 .build()
                 .await?;
-            let mut closers = pgharness::Closers::default();
+            let mut closers = if lending {
+                pgharness::Closers::lending()
+            } else {
+                pgharness::Closers::default()
+            };
             let pool =
                 <pgharness::sqlx::PgPool as pgharness::Inject>::inject(&db, &mut closers).await;
+            // The test holds a connection of its pool: the acquire.
+            drop(pool.acquire().await?);
+            times.acquire.push(started.elapsed());
             pgharness::sqlx::query("INSERT INTO t04_tasks (name) VALUES ('x')")
                 .execute(&pool)
                 .await?;
-            times.push(started.elapsed());
+            times.first_answer.push(started.elapsed());
+            let mut round_trips = Vec::new();
+            for _ in 0..20 {
+                let started = Instant::now();
+                pgharness::sqlx::query("SELECT 1").execute(&pool).await?;
+                round_trips.push(started.elapsed());
+            }
+            round_trips.sort();
+            times.round_trip.push(percentile(&round_trips, 0.5));
             closers.close().await;
             drop(db);
         }
-        times.sort();
+        times.acquire.sort();
+        times.first_answer.sort();
+        times.round_trip.sort();
         Ok(times)
     })
 }
@@ -251,17 +287,58 @@ impl Bench {
             "<= 15",
             "acquire, claimed from the pool, p95",
         );
-        let with_pgpool = {
+        // One after the other: the figures compare.
+        let mut runs = Vec::new();
+        for lending in [true, false] {
             let settings = settings.clone();
             let n = self.schemas;
-            tokio::task::spawn_blocking(move || pgpool_claim_loop(&settings, n)).await??
-        };
+            runs.push(
+                tokio::task::spawn_blocking(move || pgpool_claim_loop(&settings, n, lending))
+                    .await??,
+            );
+        }
+        let (own, lent) = (runs.pop().expect("two runs"), runs.pop().expect("two runs"));
         figure(
             "acquire_pgpool_p50_ms",
-            ms(percentile(&with_pgpool, 0.5)),
+            ms(percentile(&lent.acquire, 0.5)),
             "ms",
             &format!("<= {:.2}", ms(percentile(&claimed, 0.5)) + 2.0),
-            "acquire with an injected sqlx PgPool, to its first answer, p50",
+            "acquire with an injected sqlx PgPool, a connection in hand, p50",
+        );
+        figure(
+            "acquire_pgpool_own_connection_p50_ms",
+            ms(percentile(&own.acquire, 0.5)),
+            "ms",
+            "",
+            "  the same, the pool's first connection a backend of its own, p50",
+        );
+        figure(
+            "pgpool_first_answer_p50_ms",
+            ms(percentile(&lent.first_answer, 0.5)),
+            "ms",
+            "",
+            "  the same, to its first query's answer (sqlx prepares it), p50",
+        );
+        figure(
+            "pgpool_first_answer_own_connection_p50_ms",
+            ms(percentile(&own.first_answer, 0.5)),
+            "ms",
+            "",
+            "  the same, a backend of its own, p50",
+        );
+        figure(
+            "pgpool_round_trip_lent_p50_us",
+            percentile(&lent.round_trip, 0.5).as_secs_f64() * 1e6,
+            "us",
+            "",
+            "sqlx round trip on the lent control session (relayed), p50",
+        );
+        figure(
+            "pgpool_round_trip_own_p50_us",
+            percentile(&own.round_trip, 0.5).as_secs_f64() * 1e6,
+            "us",
+            "",
+            "sqlx round trip on a connection of its own, p50",
         );
         figure(
             "teardown_recycle_p50_ms",

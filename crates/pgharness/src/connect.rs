@@ -142,6 +142,7 @@ where
             socket,
             unix,
             gate: Default::default(),
+            reported: Vec::new(),
         }),
         Err(error) => {
             tracing::debug!(%error, "pgharness: no duplicate of the socket; the session will not be lent");
@@ -155,6 +156,13 @@ where
     let (client, connection) = config
         .connect_raw(crate::lend::Gated::new(stream, gate), NoTls)
         .await?;
+    let lendable = lendable.map(|mut lendable| {
+        lendable.reported = crate::lend::REPORTED
+            .iter()
+            .filter_map(|name| Some((name.to_string(), connection.parameter(name)?.to_owned())))
+            .collect();
+        lendable
+    });
     let kept = Kept { parting, lendable };
     Ok((client, drive(connection), kept))
 }

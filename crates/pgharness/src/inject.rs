@@ -42,9 +42,12 @@ impl Inject for deadpool_postgres::Pool {
 #[cfg(feature = "sqlx")]
 impl Inject for sqlx::PgPool {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        // No ping before each acquire: it costs every query through the pool a round
+        // trip, and a connection of a test's pool dies only with its server.
         let options = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(db.pool().status().max_size.max(1) as u32);
-        let lent = lent_options(closers, db.sqlx_lent_options()).await;
+            .max_connections(db.pool().status().max_size.max(1) as u32)
+            .test_before_acquire(false);
+        let lent = closers.lends().then(|| db.sqlx_lent_options()).flatten();
         let pool = match lent {
             // Its first connection is the test's control session (`lend`): opened now, so
             // that every later one goes to the server.
@@ -61,7 +64,11 @@ impl Inject for sqlx::PgPool {
             None => options.connect_lazy_with(db.sqlx_connect_options()),
         };
         let closing = pool.clone();
-        closers.push(async move { closing.close().await });
+        let home = db.lent_home();
+        closers.push(async move {
+            closing.close().await;
+            home_within(home).await;
+        });
         pool
     }
 }
@@ -71,9 +78,12 @@ impl Inject for sqlx::PgPool {
 impl Inject for sqlx::PgConnection {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
         // The test's control session (`lend`), when it can be lent.
-        if let Some(lent) = lent_options(closers, db.sqlx_lent_options()).await {
+        if let Some(lent) = closers.lends().then(|| db.sqlx_lent_options()).flatten() {
             match sqlx::ConnectOptions::connect(&lent).await {
-                Ok(connection) => return connection,
+                Ok(connection) => {
+                    closers.push(home_within(db.lent_home()));
+                    return connection;
+                }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: sqlx did not take the lent session")
                 }
@@ -189,9 +199,12 @@ impl Inject for sea_orm::DatabaseConnection {
 #[cfg(feature = "sqlx09")]
 impl Inject for sqlx09::PgPool {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
+        // No ping before each acquire: it costs every query through the pool a round
+        // trip, and a connection of a test's pool dies only with its server.
         let options = sqlx09::postgres::PgPoolOptions::new()
-            .max_connections(db.pool().status().max_size.max(1) as u32);
-        let lent = lent_options(closers, db.sqlx09_lent_options()).await;
+            .max_connections(db.pool().status().max_size.max(1) as u32)
+            .test_before_acquire(false);
+        let lent = closers.lends().then(|| db.sqlx09_lent_options()).flatten();
         let pool = match lent {
             // Its first connection is the test's control session (`lend`): opened now, so
             // that every later one goes to the server.
@@ -208,7 +221,11 @@ impl Inject for sqlx09::PgPool {
             None => options.connect_lazy_with(db.sqlx09_connect_options()),
         };
         let closing = pool.clone();
-        closers.push(async move { closing.close().await });
+        let home = db.lent_home();
+        closers.push(async move {
+            closing.close().await;
+            home_within(home).await;
+        });
         pool
     }
 }
@@ -218,9 +235,12 @@ impl Inject for sqlx09::PgPool {
 impl Inject for sqlx09::PgConnection {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
         // The test's control session (`lend`), when it can be lent.
-        if let Some(lent) = lent_options(closers, db.sqlx09_lent_options()).await {
+        if let Some(lent) = closers.lends().then(|| db.sqlx09_lent_options()).flatten() {
             match sqlx09::ConnectOptions::connect(&lent).await {
-                Ok(connection) => return connection,
+                Ok(connection) => {
+                    closers.push(home_within(db.lent_home()));
+                    return connection;
+                }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: sqlx did not take the lent session")
                 }
@@ -235,10 +255,12 @@ impl Inject for sqlx09::PgConnection {
     }
 }
 
-/// `options` (a lend of the control session) when `closers` allow lending.
+/// Waits (a little) for the control session lent to sqlx to come home: the Terminate of a
+/// closed pool's connection may still be a task of the test's runtime. A connection the
+/// test kept past its end is not waited for: the teardown goes out when it closes.
 #[cfg(any(feature = "sqlx", feature = "sqlx09"))]
-async fn lent_options<T>(closers: &Closers, options: impl Future<Output = Option<T>>) -> Option<T> {
-    if closers.lends() { options.await } else { None }
+async fn home_within(home: impl Future<Output = ()>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), home).await;
 }
 
 /// What must be closed after the test's body and before its schema is finished, and

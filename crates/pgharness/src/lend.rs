@@ -171,6 +171,8 @@ pub(crate) struct Lendable {
     pub(crate) socket: OwnedFd,
     pub(crate) unix: bool,
     pub(crate) gate: Arc<Gate>,
+    /// What the server reported at the control connection's login ([`REPORTED`]).
+    pub(crate) reported: Vec<(String, String)>,
 }
 
 /// Where the session is.
@@ -189,6 +191,8 @@ pub(crate) enum Whereabouts {
 struct Shared {
     state: Mutex<(Whereabouts, Option<Vec<u8>>)>,
     changed: Condvar,
+    /// The same change, for tasks (`Lender::home`).
+    notify: tokio::sync::Notify,
     gate: Arc<Gate>,
 }
 
@@ -200,6 +204,7 @@ impl Shared {
     fn set(&self, whereabouts: Whereabouts) {
         self.lock().0 = whereabouts;
         self.changed.notify_all();
+        self.notify.notify_waiters();
     }
 }
 
@@ -231,20 +236,13 @@ impl Lender {
         let shared = Arc::new(Shared {
             state: Mutex::new((Whereabouts::Home, None)),
             changed: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
             gate: lendable.gate.clone(),
         });
         Lender {
             lendable: Mutex::new(Some(lendable)),
             shared,
         }
-    }
-
-    /// Whether the session can still be lent.
-    pub(crate) fn can_lend(&self) -> bool {
-        self.lendable
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
     }
 
     /// Lends the session to the next connection that logs in on the ticket's socket with
@@ -271,13 +269,14 @@ impl Lender {
         let shared = self.shared.clone();
         let secret = password.clone();
         let socket_dir = dir.clone();
+        let reported = lendable.reported;
         crate::driver::spawn(async move {
             let whereabouts = match session(lendable.socket, lendable.unix) {
                 Ok(Session::Tcp(stream)) => {
-                    serve(listener, stream, &secret, &socket_dir, &shared).await
+                    serve(listener, stream, &secret, &reported, &socket_dir, &shared).await
                 }
                 Ok(Session::Unix(stream)) => {
-                    serve(listener, stream, &secret, &socket_dir, &shared).await
+                    serve(listener, stream, &secret, &reported, &socket_dir, &shared).await
                 }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: the control session could not be lent");
@@ -291,6 +290,27 @@ impl Lender {
             shared.set(whereabouts);
         });
         Some(Ticket { dir, password })
+    }
+
+    /// Resolves once the session is not lent (at once if it never was): an sqlx pool's
+    /// `close()` may leave the Terminate of the lent connection to a task of the test's
+    /// runtime, so the test's closers wait here, on that runtime, for the session.
+    pub(crate) fn home(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let changed = shared.notify.notified();
+                if shared.lock().0 != Whereabouts::Lent {
+                    return;
+                }
+                changed.await;
+            }
+        }
+    }
+
+    /// Whether the session is lent now.
+    pub(crate) fn is_lent(&self) -> bool {
+        self.shared.lock().0 == Whereabouts::Lent
     }
 
     /// Waits up to `timeout` for a lent session to come home; where it is then.
@@ -351,13 +371,14 @@ async fn serve<B>(
     listener: std::os::unix::net::UnixListener,
     mut backend: B,
     password: &str,
+    reported: &[(String, String)],
     dir: &Path,
     shared: &Shared,
 ) -> Whereabouts
 where
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let lent = lend_out(listener, &mut backend, password, dir).await;
+    let lent = lend_out(listener, &mut backend, password, reported, dir).await;
     let _ = std::fs::remove_dir_all(dir);
     let status = match lent {
         Ok(status) => status,
@@ -394,6 +415,7 @@ async fn lend_out<B>(
     listener: std::os::unix::net::UnixListener,
     backend: &mut B,
     password: &str,
+    reported: &[(String, String)],
     dir: &Path,
 ) -> io::Result<u8>
 where
@@ -407,7 +429,12 @@ where
             return Ok(b'I');
         };
         let (mut client, _) = accepted?;
-        match tokio::time::timeout(LOGIN_TIMEOUT, login(&mut client, backend, password)).await {
+        match tokio::time::timeout(
+            LOGIN_TIMEOUT,
+            login(&mut client, backend, password, reported),
+        )
+        .await
+        {
             Ok(Ok(Login::Done | Login::Failed)) => break client,
             Ok(Ok(Login::Refused)) => {}
             Ok(Ok(Login::Lost(error))) => return Err(error),
@@ -440,6 +467,7 @@ async fn login<B>(
     client: &mut tokio::net::UnixStream,
     backend: &mut B,
     password: &str,
+    reported: &[(String, String)],
 ) -> io::Result<Login>
 where
     B: AsyncRead + AsyncWrite + Unpin,
@@ -473,9 +501,10 @@ where
         client.write_all(&refusal).await?;
         return Ok(Login::Refused);
     }
+    let mut reported = reported.to_vec();
     let mut query = BytesMut::new();
     put_frame(&mut query, b'Q', |body| {
-        body.put_slice(settings_sql(&params).as_bytes());
+        body.put_slice(settings_sql(&params, &reported).as_bytes());
         body.put_u8(0);
     });
     let answer = match simple(backend, &query).await {
@@ -486,14 +515,17 @@ where
         client.write_all(&error).await?;
         return Ok(Login::Failed);
     }
+    // What the settings changed, as the server reported it.
+    for (name, value) in answer.statuses {
+        match reported.iter_mut().find(|(known, _)| *known == name) {
+            Some(known) => known.1 = value,
+            None => reported.push((name, value)),
+        }
+    }
+    let pid = answer.first.parse().unwrap_or(0);
     let mut hello = BytesMut::new();
     put_frame(&mut hello, b'R', |body| body.put_i32(0));
-    let mut pid = 0;
-    for (name, value) in &answer.rows {
-        if name == "pgharness.pid" {
-            pid = value.parse().unwrap_or(0);
-            continue;
-        }
+    for (name, value) in &reported {
         put_frame(&mut hello, b'S', |body| {
             body.put_slice(name.as_bytes());
             body.put_u8(0);
@@ -595,8 +627,9 @@ fn split_options(options: &str) -> Vec<String> {
     words
 }
 
-/// The settings reported to a client at login (`GUC_REPORT`), as far as the server has them.
-const REPORTED: &[&str] = &[
+/// The settings a server reports to its client at login (`GUC_REPORT`, up to Postgres 18):
+/// the control connection keeps what its own login reported ([`Lendable::reported`]).
+pub(crate) const REPORTED: &[&str] = &[
     "application_name",
     "client_encoding",
     "DateStyle",
@@ -614,38 +647,57 @@ const REPORTED: &[&str] = &[
     "TimeZone",
 ];
 
-/// One simple query: the startup's settings set for the session, then what the server
-/// reports at login and the backend's pid (`pgharness.pid`) as (name, value) rows.
-fn settings_sql(params: &[(String, String)]) -> String {
-    use crate::script::quote_literal;
-    let sets: Vec<String> = startup_settings(params)
+/// Names of the one UTC zone (tzdata links to it).
+const UTC_NAMES: &[&str] = &[
+    "utc",
+    "etc/utc",
+    "uct",
+    "etc/uct",
+    "universal",
+    "etc/universal",
+    "zulu",
+    "etc/zulu",
+];
+
+/// Whether a setting asked for at login is what the session has already (`reported`): a
+/// `TimeZone` of UTC under another of its names counts (loading a zone costs a backend
+/// about a millisecond, and the zone is the same).
+fn already(name: &str, value: &str, reported: &[(String, String)]) -> bool {
+    let Some((_, current)) = reported
         .iter()
+        .find(|(known, _)| known.eq_ignore_ascii_case(name))
+    else {
+        return false;
+    };
+    let utc = |zone: &str| UTC_NAMES.contains(&zone.to_ascii_lowercase().as_str());
+    current == value || name.eq_ignore_ascii_case("timezone") && utc(current) && utc(value)
+}
+
+/// One simple query: the backend's pid, and the startup's settings that the session does
+/// not have already set for it (`set_config`, as the claim uses: nothing new to look up in
+/// the catalog of a backend that started a moment ago).
+fn settings_sql(params: &[(String, String)], reported: &[(String, String)]) -> String {
+    use crate::script::quote_literal;
+    let sets: String = startup_settings(params)
+        .iter()
+        .filter(|(name, value)| !already(name, value, reported))
         .map(|(name, value)| {
             format!(
-                "set_config({}, {}, false)",
+                ", set_config({}, {}, false)",
                 quote_literal(name),
                 quote_literal(value)
             )
         })
         .collect();
-    let names: Vec<String> = REPORTED.iter().map(|name| quote_literal(name)).collect();
-    let set = if sets.is_empty() {
-        String::new()
-    } else {
-        format!("SELECT {};\n", sets.join(", "))
-    };
-    format!(
-        "{set}SELECT n, current_setting(n, true) FROM unnest(ARRAY[{}]) n \
-         WHERE current_setting(n, true) IS NOT NULL \
-         UNION ALL SELECT 'pgharness.pid', pg_backend_pid()::text",
-        names.join(", ")
-    )
+    format!("SELECT pg_backend_pid()::text{sets}")
 }
 
 /// What a simple query on the session answered.
 struct Answer {
-    /// Two-column rows (NULLs as empty).
-    rows: Vec<(String, String)>,
+    /// The first field of the first row.
+    first: String,
+    /// The ParameterStatus messages that came with it.
+    statuses: Vec<(String, String)>,
     /// The ErrorResponse, whole, if one came.
     error: Option<Vec<u8>>,
 }
@@ -657,17 +709,24 @@ where
 {
     backend.write_all(query).await?;
     let mut answer = Answer {
-        rows: Vec::new(),
+        first: String::new(),
+        statuses: Vec::new(),
         error: None,
     };
+    let mut rows = 0;
     loop {
         let (kind, body) = read_frame(backend).await?;
         match kind {
             b'D' => {
-                let mut fields = data_row(&body)?.into_iter();
-                if let (Some(a), Some(b)) = (fields.next(), fields.next()) {
-                    answer.rows.push((a, b));
+                if rows == 0 {
+                    answer.first = data_row(&body)?.into_iter().next().unwrap_or_default();
                 }
+                rows += 1;
+            }
+            b'S' => {
+                let mut rest = &body[..];
+                let name = cstr(&mut rest)?;
+                answer.statuses.push((name, cstr(&mut rest)?));
             }
             b'E' => {
                 let mut frame = BytesMut::new();
@@ -979,6 +1038,7 @@ mod relay_tests {
         client
             .write_all(&startup(&[
                 ("user", "app"),
+                ("DateStyle", "ISO, MDY"),
                 ("TimeZone", "UTC"),
                 ("options", "-csearch_path=t_1,public"),
             ]))
@@ -1014,7 +1074,9 @@ mod relay_tests {
         let lending_dir = dir.clone();
         let lent = tokio::spawn(async move {
             let mut backend = backend;
-            lend_out(listener, &mut backend, "right", &lending_dir).await
+            let reported = [("server_version", "17.2"), ("TimeZone", "Etc/UTC")]
+                .map(|(name, value)| (name.to_owned(), value.to_owned()));
+            lend_out(listener, &mut backend, "right", &reported, &lending_dir).await
         });
 
         let (_, kind, body) = log_in(&socket, "wrong").await;
@@ -1025,22 +1087,25 @@ mod relay_tests {
             let socket = socket.clone();
             async move { log_in(&socket, "right").await }
         });
-        // The session gets the startup's settings, then is asked what it reports.
+        // The session gets the startup's settings it lacks (UTC under another name is
+        // UTC), and is asked for its pid.
         let (kind, body) = read_frame(&mut server).await.unwrap();
         let sql = String::from_utf8_lossy(&body).into_owned();
         assert_eq!(kind, b'Q');
-        assert!(
-            sql.contains("set_config('TimeZone', 'UTC', false)"),
-            "{sql}"
-        );
+        assert!(sql.starts_with("SELECT pg_backend_pid()"), "{sql}");
         assert!(
             sql.contains("set_config('search_path', 't_1,public', false)"),
             "{sql}"
         );
+        assert!(
+            sql.contains("set_config('DateStyle', 'ISO, MDY', false)"),
+            "{sql}"
+        );
+        assert!(!sql.contains("TimeZone"), "{sql}");
         assert!(!sql.contains("'app'"), "the user is not a setting: {sql}");
-        let mut answer = data_row(&["server_version", "17.2"]);
-        answer.extend(data_row(&["pgharness.pid", "4242"]));
-        answer.extend(message(b'C', b"SELECT 2\0"));
+        let mut answer = data_row(&["4242", "t_1,public"]);
+        answer.extend(message(b'S', b"DateStyle\0ISO, MDY\0"));
+        answer.extend(message(b'C', b"SELECT 1\0"));
         answer.extend(message(b'Z', b"I"));
         server.write_all(&answer).await.unwrap();
 
@@ -1050,8 +1115,15 @@ mod relay_tests {
             (b'R', 0i32.to_be_bytes().to_vec()),
             "logged in"
         );
-        let (kind, body) = read_frame(&mut client).await.unwrap();
-        assert_eq!((kind, body), (b'S', b"server_version\x0017.2\0".to_vec()));
+        // What the control session's login reported, with what the settings changed.
+        for expected in [
+            &b"server_version\x0017.2\0"[..],
+            b"TimeZone\0Etc/UTC\0",
+            b"DateStyle\0ISO, MDY\0",
+        ] {
+            let (kind, body) = read_frame(&mut client).await.unwrap();
+            assert_eq!((kind, body), (b'S', expected.to_vec()));
+        }
         let (kind, body) = read_frame(&mut client).await.unwrap();
         assert_eq!((kind, &body[..4]), (b'K', &4242i32.to_be_bytes()[..]));
         let (kind, body) = read_frame(&mut client).await.unwrap();

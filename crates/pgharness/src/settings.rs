@@ -241,12 +241,25 @@ pub struct Settings {
     /// `teardown` / `PGHARNESS_TEARDOWN`: `detached` (default), `inline`, or `deferred` (set
     /// by `cargo pgharness test`, whose janitor resets the schemas).
     pub teardown: Teardown,
+    /// `lend_session` / `PGHARNESS_LEND_SESSION` (default true): a test that takes an sqlx
+    /// pool or connection and no `TestDb` gets its control session as its first sqlx
+    /// connection (no second backend starts; each round trip on it is relayed).
+    pub lend_session: bool,
     /// `[rds]` and `[rds.ssm]`.
     pub rds: RdsSettings,
     /// Environment variables that look like misspelt settings (`PGHARNES_POOL_SIZE`), with
     /// the name they were probably meant to be; not read. `load` logs them at WARN; tools
     /// show them.
     pub near_misses: Vec<(String, String)>,
+}
+
+/// A boolean setting's value.
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("`{v}` is not true or false")),
+    }
 }
 
 /// Where a value came from, for error messages.
@@ -274,6 +287,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "container_ttl",
     "run_id",
     "teardown",
+    "lend_session",
     "rds_host",
     "rds_port",
     "rds_region",
@@ -506,13 +520,7 @@ impl Settings {
                 Duration::from_secs(600),
                 duration,
             )?,
-            native_tcp: parse(get("native_tcp"), "native_tcp", false, |v| {
-                match v.to_ascii_lowercase().as_str() {
-                    "true" | "1" | "yes" | "on" => Ok(true),
-                    "false" | "0" | "no" | "off" => Ok(false),
-                    _ => Err(format!("`{v}` is not true or false")),
-                }
-            })?,
+            native_tcp: parse(get("native_tcp"), "native_tcp", false, boolean)?,
             container_ttl: parse(
                 get("container_ttl"),
                 "container_ttl",
@@ -533,6 +541,7 @@ impl Settings {
                     )),
                 },
             )?,
+            lend_session: parse(get("lend_session"), "lend_session", true, boolean)?,
             rds: RdsSettings::default(),
             near_misses,
         };

@@ -389,6 +389,7 @@ impl TestDbBuilder {
         // Through the RDS proxy a new connection is a lease of a session already open.
         let lender = match server.backend() {
             BackendKind::Rds => None,
+            _ if !settings.lend_session => None,
             _ => kept.lendable.map(crate::lend::Lender::new),
         };
 
@@ -427,12 +428,21 @@ impl TestDbBuilder {
                     Some(&url_for),
                 )
                 .await?;
-                // The path the batch set (a miss is rare and slow: one round trip more).
-                let search_path: String = client
-                    .query_one("SELECT current_setting('search_path')", &[])
+                // The path the batch set (a miss is rare and slow: one round trip more). A
+                // simple query: a prepared statement's Close would still be owed when the
+                // session is lent (`lend`).
+                let search_path = client
+                    .simple_query("SELECT current_setting('search_path')")
                     .await
                     .map_err(|e| Error::postgres("failed to read the search_path", e))?
-                    .get(0);
+                    .into_iter()
+                    .find_map(|message| match message {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => {
+                            row.get(0).map(str::to_owned)
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or_default();
                 (schema, search_path, "created")
             }
         };
@@ -620,27 +630,32 @@ impl TestDb {
         }
     }
 
-    /// Lends the control session (`lend`) once its client is owed nothing: tokio-postgres
-    /// closes a prepared statement as it drops, not waited for, and the answer must not
-    /// reach sqlx. One round trip after it makes sure.
-    async fn lend(&self) -> Option<crate::lend::Ticket> {
-        let lender = self.lender.as_ref()?;
-        if !lender.can_lend() {
-            return None;
+    /// Resolves once the control session is not lent to sqlx (`lend`).
+    #[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+    pub(crate) fn lent_home(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let home = self.lender.as_ref().map(crate::lend::Lender::home);
+        async move {
+            if let Some(home) = home {
+                home.await;
+            }
         }
-        if let Err(error) = self.client().simple_query("").await {
-            tracing::debug!(%error, "pgharness: the control session is not lent");
-            return None;
-        }
-        lender.lend()
+    }
+
+    /// Lends the control session (`lend`). Its client must be owed nothing: `build` ends
+    /// on simple queries (tokio-postgres closes a prepared statement as it drops, not
+    /// waited for, and that answer would reach sqlx). The lending tests build on both paths
+    /// (claimed and created) and would see such an answer as a protocol error.
+    #[cfg(any(feature = "sqlx", feature = "sqlx09"))]
+    fn lend(&self) -> Option<crate::lend::Ticket> {
+        self.lender.as_ref()?.lend()
     }
 
     /// Options for one sqlx 0.8 connection on the test's control session, lent to it
     /// (`lend`): `None` once lent, or when the session cannot be lent (through the RDS
     /// proxy, or the login relay of a `url` server).
     #[cfg(feature = "sqlx")]
-    pub(crate) async fn sqlx_lent_options(&self) -> Option<sqlx::postgres::PgConnectOptions> {
-        let ticket = self.lend().await?;
+    pub(crate) fn sqlx_lent_options(&self) -> Option<sqlx::postgres::PgConnectOptions> {
+        let ticket = self.lend()?;
         Some(
             self.sqlx_connect_options()
                 .socket(&ticket.dir)
@@ -652,8 +667,8 @@ impl TestDb {
 
     /// [`sqlx_lent_options`](Self::sqlx_lent_options) for sqlx 0.9.
     #[cfg(feature = "sqlx09")]
-    pub(crate) async fn sqlx09_lent_options(&self) -> Option<sqlx09::postgres::PgConnectOptions> {
-        let ticket = self.lend().await?;
+    pub(crate) fn sqlx09_lent_options(&self) -> Option<sqlx09::postgres::PgConnectOptions> {
+        let ticket = self.lend()?;
         Some(
             self.sqlx09_connect_options()
                 .socket(&ticket.dir)
@@ -792,9 +807,10 @@ impl TestDb {
     }
 }
 
-/// How long a teardown waits for the control session lent to sqlx to come home: its pool
-/// was closed before, so only a connection the test kept in use is still out.
-const RECLAIM_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a teardown that waits (inline, or keeping a failed test's schema) waits for the
+/// control session lent to sqlx to come home: after its closers, only a connection the test
+/// kept in use (or, after a panic, one its runtime would have closed) is still out.
+const RECLAIM_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl TestDb {
     /// Has the teardown written on the lent control session when sqlx gives it back.
@@ -837,9 +853,13 @@ impl Drop for TestDb {
         } else {
             Finish::Recycle
         };
-        // A session lent to sqlx comes home when its pool closes (`#[pgharness::test]`
-        // closes it first): what the teardown needs to wait for.
+        // A session lent to sqlx comes home when its pool closes (`#[pgharness::test]`'s
+        // closers wait for it). A teardown not waited for never waits for it either: if
+        // the session is still out, its parting goes out when it comes home. One that
+        // waits gives it a moment (its test's runtime, blocked here, may hold the close).
+        let detached = !keep && self.teardown != Teardown::Inline;
         let lent = match &self.lender {
+            Some(lender) if detached && lender.is_lent() => crate::lend::Whereabouts::Lent,
             Some(lender) => lender.reclaim(RECLAIM_TIMEOUT),
             None => crate::lend::Whereabouts::Home,
         };
@@ -871,7 +891,7 @@ impl Drop for TestDb {
         // settings ask to wait (`teardown = inline`) or no duplicate of the socket was kept.
         // A client that wrote while its session was lent is closed: the parting is all
         // that can finish the schema then.
-        if (client.is_closed() || !keep && self.teardown != Teardown::Inline)
+        if (client.is_closed() || detached)
             && let Some(parting) = parting
         {
             self.part(parting, &log, finish);

@@ -31,14 +31,15 @@ async fn a_test_s_first_sqlx_connection_is_its_control_session(
 ) -> Result<(), sqlx::Error> {
     let mut first = pool.acquire().await?;
     assert!(holds_the_owner_lock(&mut first).await, "a second backend");
-    // What sqlx asked for at its login holds on the lent session.
-    let (zone, style, schema, name): (String, String, String, String) = sqlx::query_as(
-        "SELECT current_setting('TimeZone'), current_setting('DateStyle'), current_schema()::text,
-                current_setting('application_name')",
+    // What sqlx asked for at its login holds on the lent session (`TimeZone=UTC`: the UTC
+    // zone, under whichever of its names the server already had).
+    let (offset, style, schema, name): (f64, String, String, String) = sqlx::query_as(
+        "SELECT extract(timezone from now())::float8, current_setting('DateStyle'),
+                current_schema()::text, current_setting('application_name')",
     )
     .fetch_one(&mut *first)
     .await?;
-    assert_eq!((zone.as_str(), style.as_str()), ("UTC", "ISO, MDY"));
+    assert_eq!((offset, style.as_str()), (0.0, "ISO, MDY"));
     assert_eq!(schema, name, "in the test's schema, named after it");
     let (items,): (i64,) = sqlx::query_as("SELECT count(*) FROM items")
         .fetch_one(&mut *first)
@@ -184,4 +185,28 @@ async fn a_lent_connection_still_in_use_gets_the_teardown_when_it_closes() {
         ledger_status(&watcher, &schema).await.as_deref(),
         Some("ready")
     );
+}
+
+/// `lend_session = false`: the pool's first connection is a backend of its own.
+#[tokio::test]
+async fn with_lend_session_off_the_first_connection_is_a_backend_of_its_own() {
+    let _server = configured_server().await;
+    let run = format!("it-lend-off-{}", uuid::Uuid::new_v4());
+    let mut settings = settings(&run, Teardown::Inline);
+    settings.lend_session = false;
+    let db = TestDb::builder()
+        .settings(settings)
+        .without_migrations()
+        .build()
+        .await
+        .unwrap();
+    let mut closers = Closers::lending();
+    let pool = PgPool::inject(&db, &mut closers).await;
+    let mut first = pool.acquire().await.unwrap();
+    assert!(!holds_the_owner_lock(&mut first).await);
+    drop(first);
+    closers.close().await;
+    // The control client was never held: it still answers.
+    db.client().simple_query("SELECT 1").await.unwrap();
+    pgharness::__macro::finish(db, ());
 }
