@@ -24,6 +24,11 @@
 //!
 //! The relay frames messages ([`take_frames`]) only to count what the server owes
 //! (a ReadyForQuery per Sync, Query or FunctionCall) and to hold back Terminate.
+//!
+//! rds-iam's session pool (`sessions.rs`) does the same two things for the RDS proxy
+//! (startup options read as the server reads them, ReadyForQuery counted): a twin of a few
+//! dozen lines, kept because the crates are independent — pgharness must stay as light as
+//! sqlx for a user's workspace, and rds-iam carries AWS's clients.
 
 #![cfg_attr(not(any(feature = "sqlx", feature = "sqlx09")), allow(dead_code))]
 
@@ -254,7 +259,7 @@ impl Lender {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()?;
-        let dir = std::env::temp_dir().join(format!("pgharness-{}", uuid::Uuid::new_v4().simple()));
+        let dir = socket_parent().join(format!("pgharness-{}", uuid::Uuid::new_v4().simple()));
         let listener = match listen(&dir) {
             Ok(listener) => listener,
             Err(error) => {
@@ -336,6 +341,18 @@ impl Lender {
         state.1 = Some(parting);
         true
     }
+}
+
+/// Where the lending socket's directory goes: memory, where there is some to put it in
+/// (`XDG_RUNTIME_DIR`, `/dev/shm`: a directory made on a disk after bulk deletes can cost a
+/// millisecond), else the temporary directory.
+fn socket_parent() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/dev/shm")])
+        .find(|dir| dir.is_absolute() && dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// A private directory (0700) with the lending socket in it.
