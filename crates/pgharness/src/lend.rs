@@ -6,10 +6,14 @@
 //! for the control connection that claims its schema, once for sqlx's first connection.
 //! Instead, `#[pgharness::test]` (for a test that takes no `TestDb`) lends the control
 //! session: sqlx connects to a Unix socket of this process, in a fresh directory only its
-//! user can enter, and logs in with a password made for that one connection; behind it,
-//! this module replays sqlx's startup settings on the control session (one round trip),
-//! answers sqlx's login itself and then relays its messages to and from the session.
-//! The pool's later connections go to the server directly.
+//! user can enter, and logs in with a password made for that one connection. This module
+//! answers the login itself, with the greeting the server gave the control connection (its
+//! ParameterStatus messages, read off tokio-postgres, and its pid, read off the login as it
+//! passed through the [`Gated`] stream); sends the settings sqlx asked for and the session
+//! lacks ahead of sqlx's first query, swallowing their answer but for the ParameterStatus
+//! messages (so the login costs the session no round trip; a setting the server refuses
+//! closes sqlx's connection, and says why); then relays sqlx's messages to and from the
+//! session. The pool's later connections go to the server directly.
 //!
 //! While the session is lent, the control connection's tokio-postgres client is held at
 //! a [`Gated`] stream: its reads wait and its writes fail with an error that says why (its
@@ -64,6 +68,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Gated<S> {
     inner: S,
     gate: Arc<Gate>,
+    /// What the login has sent so far, until its ReadyForQuery: read for the pid.
+    login: Option<BytesMut>,
 }
 
 /// Whether the session behind a [`Gated`] stream is lent, and who waits for it to come home.
@@ -72,6 +78,8 @@ pub(crate) struct Gate {
     state: Mutex<GateState>,
     /// Whether a client that wrote while the session was lent has been told.
     told: std::sync::atomic::AtomicBool,
+    /// The backend's pid, from the login's BackendKeyData (0 until seen).
+    pid: std::sync::atomic::AtomicI32,
 }
 
 #[derive(Default)]
@@ -114,21 +122,78 @@ impl Gate {
 
 impl<S> Gated<S> {
     pub(crate) fn new(inner: S, gate: Arc<Gate>) -> Gated<S> {
-        Gated { inner, gate }
+        Gated {
+            inner,
+            gate,
+            login: Some(BytesMut::new()),
+        }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.gate.held(cx) {
             return Poll::Pending;
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(login)) = (&read, this.login.as_mut()) {
+            login.extend_from_slice(&buf.filled()[before..]);
+            let (pid, over) = read_login(login);
+            if let Some(pid) = pid {
+                this.gate
+                    .pid
+                    .store(pid, std::sync::atomic::Ordering::Relaxed);
+            }
+            if over {
+                this.login = None;
+            }
+        }
+        read
     }
+}
+
+/// Takes the whole messages of a login out of `login`: the pid of its BackendKeyData, if one
+/// came, and whether its ReadyForQuery came (the login is over).
+fn read_login(login: &mut BytesMut) -> (Option<i32>, bool) {
+    let mut pid = None;
+    let mut end = 0;
+    let mut over = false;
+    while login.len() >= end + 5 {
+        let len = i32::from_be_bytes([
+            login[end + 1],
+            login[end + 2],
+            login[end + 3],
+            login[end + 4],
+        ]);
+        let len = len.max(4) as usize;
+        if login.len() < end + 1 + len {
+            break;
+        }
+        match login[end] {
+            b'K' if len >= 8 => {
+                pid = Some(i32::from_be_bytes([
+                    login[end + 5],
+                    login[end + 6],
+                    login[end + 7],
+                    login[end + 8],
+                ]));
+            }
+            b'Z' => over = true,
+            _ => {}
+        }
+        end += 1 + len;
+        if over {
+            break;
+        }
+    }
+    login.advance(end);
+    (pid, over)
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
@@ -178,6 +243,15 @@ pub(crate) struct Lendable {
     pub(crate) gate: Arc<Gate>,
     /// What the server reported at the control connection's login ([`REPORTED`]).
     pub(crate) reported: Vec<(String, String)>,
+}
+
+/// What a lent session's client is greeted with at login, as the server greeted the
+/// control connection.
+struct Greeting {
+    /// The settings the server reported ([`REPORTED`]).
+    reported: Vec<(String, String)>,
+    /// The backend's pid (its BackendKeyData).
+    pid: i32,
 }
 
 /// Where the session is.
@@ -274,14 +348,17 @@ impl Lender {
         let shared = self.shared.clone();
         let secret = password.clone();
         let socket_dir = dir.clone();
-        let reported = lendable.reported;
+        let greeting = Greeting {
+            reported: lendable.reported,
+            pid: lendable.gate.pid.load(std::sync::atomic::Ordering::Relaxed),
+        };
         crate::driver::spawn(async move {
             let whereabouts = match session(lendable.socket, lendable.unix) {
                 Ok(Session::Tcp(stream)) => {
-                    serve(listener, stream, &secret, &reported, &socket_dir, &shared).await
+                    serve(listener, stream, &secret, &greeting, &socket_dir, &shared).await
                 }
                 Ok(Session::Unix(stream)) => {
-                    serve(listener, stream, &secret, &reported, &socket_dir, &shared).await
+                    serve(listener, stream, &secret, &greeting, &socket_dir, &shared).await
                 }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: the control session could not be lent");
@@ -388,14 +465,14 @@ async fn serve<B>(
     listener: std::os::unix::net::UnixListener,
     mut backend: B,
     password: &str,
-    reported: &[(String, String)],
+    greeting: &Greeting,
     dir: &Path,
     shared: &Shared,
 ) -> Whereabouts
 where
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let lent = lend_out(listener, &mut backend, password, reported, dir).await;
+    let lent = lend_out(listener, &mut backend, password, greeting, dir).await;
     let _ = std::fs::remove_dir_all(dir);
     let status = match lent {
         Ok(status) => status,
@@ -432,7 +509,7 @@ async fn lend_out<B>(
     listener: std::os::unix::net::UnixListener,
     backend: &mut B,
     password: &str,
-    reported: &[(String, String)],
+    greeting: &Greeting,
     dir: &Path,
 ) -> io::Result<u8>
 where
@@ -440,7 +517,7 @@ where
 {
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let deadline = tokio::time::Instant::now() + ACCEPT_TIMEOUT;
-    let client = loop {
+    let (client, swallow) = loop {
         let Ok(accepted) = tokio::time::timeout_at(deadline, listener.accept()).await else {
             tracing::debug!("pgharness: nobody took the lent control session");
             return Ok(b'I');
@@ -448,11 +525,11 @@ where
         let (mut client, _) = accepted?;
         match tokio::time::timeout(
             LOGIN_TIMEOUT,
-            login(&mut client, backend, password, reported),
+            login(&mut client, backend, password, greeting),
         )
         .await
         {
-            Ok(Ok(Login::Done | Login::Failed)) => break client,
+            Ok(Ok(Login::Done { swallow })) => break (client, swallow),
             Ok(Ok(Login::Refused)) => {}
             Ok(Ok(Login::Lost(error))) => return Err(error),
             Ok(Err(error)) => {
@@ -464,27 +541,25 @@ where
     // One connection only: nobody else can reach the session from here on.
     drop(listener);
     let _ = std::fs::remove_dir_all(dir);
-    relay(client, backend).await
+    relay(client, backend, swallow).await
 }
 
 enum Login {
-    /// The client is logged in on the session.
-    Done,
+    /// The client is logged in on the session; the answers to swallow first (its settings').
+    Done { swallow: u32 },
     /// A wrong password, a cancel request: the client was turned away.
     Refused,
-    /// The session refused the client's settings; the client was told, and leaves.
-    Failed,
     /// The session did not answer.
     Lost(io::Error),
 }
 
-/// sqlx's login on the lending socket: its password checked, its startup settings set on
-/// the session, and the session's reported settings sent back as the server would.
+/// sqlx's login on the lending socket: its password checked, its startup settings sent to
+/// the session, and the session's login greeting sent back as the server would.
 async fn login<B>(
     client: &mut tokio::net::UnixStream,
     backend: &mut B,
     password: &str,
-    reported: &[(String, String)],
+    greeting: &Greeting,
 ) -> io::Result<Login>
 where
     B: AsyncRead + AsyncWrite + Unpin,
@@ -518,31 +593,23 @@ where
         client.write_all(&refusal).await?;
         return Ok(Login::Refused);
     }
-    let mut reported = reported.to_vec();
-    let mut query = BytesMut::new();
-    put_frame(&mut query, b'Q', |body| {
-        body.put_slice(settings_sql(&params, &reported).as_bytes());
-        body.put_u8(0);
-    });
-    let answer = match simple(backend, &query).await {
-        Ok(answer) => answer,
-        Err(error) => return Ok(Login::Lost(error)),
-    };
-    if let Some(error) = answer.error {
-        client.write_all(&error).await?;
-        return Ok(Login::Failed);
-    }
-    // What the settings changed, as the server reported it.
-    for (name, value) in answer.statuses {
-        match reported.iter_mut().find(|(known, _)| *known == name) {
-            Some(known) => known.1 = value,
-            None => reported.push((name, value)),
+    // The settings go ahead of the client's first query, and their answer is swallowed by
+    // the relay (all but the ParameterStatus messages, which the client gets as a server
+    // would send them after a SET): the login costs the session no round trip.
+    let settings = settings_sql(&params, &greeting.reported);
+    if let Some(sql) = &settings {
+        let mut query = BytesMut::new();
+        put_frame(&mut query, b'Q', |body| {
+            body.put_slice(sql.as_bytes());
+            body.put_u8(0);
+        });
+        if let Err(error) = backend.write_all(&query).await {
+            return Ok(Login::Lost(error));
         }
     }
-    let pid = answer.first.parse().unwrap_or(0);
     let mut hello = BytesMut::new();
     put_frame(&mut hello, b'R', |body| body.put_i32(0));
-    for (name, value) in &reported {
+    for (name, value) in &greeting.reported {
         put_frame(&mut hello, b'S', |body| {
             body.put_slice(name.as_bytes());
             body.put_u8(0);
@@ -551,12 +618,14 @@ where
         });
     }
     put_frame(&mut hello, b'K', |body| {
-        body.put_i32(pid);
+        body.put_i32(greeting.pid);
         body.put_i32(rand_key());
     });
     put_frame(&mut hello, b'Z', |body| body.put_u8(b'I'));
     client.write_all(&hello).await?;
-    Ok(Login::Done)
+    Ok(Login::Done {
+        swallow: u32::from(settings.is_some()),
+    })
 }
 
 /// A cancel key nobody can use (cancel requests to the lending socket are turned away).
@@ -690,97 +759,41 @@ fn already(name: &str, value: &str, reported: &[(String, String)]) -> bool {
     current == value || name.eq_ignore_ascii_case("timezone") && utc(current) && utc(value)
 }
 
-/// One simple query: the backend's pid, and the startup's settings that the session does
-/// not have already set for it (`set_config`, as the claim uses: nothing new to look up in
-/// the catalog of a backend that started a moment ago).
-fn settings_sql(params: &[(String, String)], reported: &[(String, String)]) -> String {
+/// One statement setting what the startup asks for and the session lacks (`set_config`,
+/// as the claim uses: nothing new to look up in the catalog of a backend that started a
+/// moment ago); `None` when it lacks nothing.
+fn settings_sql(params: &[(String, String)], reported: &[(String, String)]) -> Option<String> {
     use crate::script::quote_literal;
-    let sets: String = startup_settings(params)
+    let sets: Vec<String> = startup_settings(params)
         .iter()
         .filter(|(name, value)| !already(name, value, reported))
         .map(|(name, value)| {
             format!(
-                ", set_config({}, {}, false)",
+                "set_config({}, {}, false)",
                 quote_literal(name),
                 quote_literal(value)
             )
         })
         .collect();
-    format!("SELECT pg_backend_pid()::text{sets}")
+    (!sets.is_empty()).then(|| format!("SELECT {}", sets.join(", ")))
 }
 
-/// What a simple query on the session answered.
-struct Answer {
-    /// The first field of the first row.
-    first: String,
-    /// The ParameterStatus messages that came with it.
-    statuses: Vec<(String, String)>,
-    /// The ErrorResponse, whole, if one came.
-    error: Option<Vec<u8>>,
-}
-
-/// Sends a simple query and reads its answer up to ReadyForQuery.
-async fn simple<B>(backend: &mut B, query: &[u8]) -> io::Result<Answer>
+/// Sends a simple query and reads its answer up to ReadyForQuery (dropped).
+async fn simple<B>(backend: &mut B, query: &[u8]) -> io::Result<()>
 where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     backend.write_all(query).await?;
-    let mut answer = Answer {
-        first: String::new(),
-        statuses: Vec::new(),
-        error: None,
-    };
-    let mut rows = 0;
-    loop {
-        let (kind, body) = read_frame(backend).await?;
-        match kind {
-            b'D' => {
-                if rows == 0 {
-                    answer.first = data_row(&body)?.into_iter().next().unwrap_or_default();
-                }
-                rows += 1;
-            }
-            b'S' => {
-                let mut rest = &body[..];
-                let name = cstr(&mut rest)?;
-                answer.statuses.push((name, cstr(&mut rest)?));
-            }
-            b'E' => {
-                let mut frame = BytesMut::new();
-                put_frame(&mut frame, b'E', |out| out.put_slice(&body));
-                answer.error = Some(frame.to_vec());
-            }
-            b'Z' => return Ok(answer),
-            _ => {}
-        }
-    }
+    while read_frame(backend).await?.0 != b'Z' {}
+    Ok(())
 }
 
-/// A DataRow's text fields (NULL as empty).
-fn data_row(mut body: &[u8]) -> io::Result<Vec<String>> {
-    let bad = || io::Error::other("a malformed DataRow");
-    if body.len() < 2 {
-        return Err(bad());
-    }
-    let count = body.get_u16();
-    let mut fields = Vec::with_capacity(count.into());
-    for _ in 0..count {
-        if body.len() < 4 {
-            return Err(bad());
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            fields.push(String::new());
-            continue;
-        }
-        let len = len as usize;
-        if body.len() < len {
-            return Err(bad());
-        }
-        fields.push(String::from_utf8_lossy(&body[..len]).into_owned());
-        body.advance(len);
-    }
-    Ok(fields)
+/// The text of an ErrorResponse's message field.
+fn error_message(body: &[u8]) -> String {
+    body.split(|&b| b == 0)
+        .find_map(|field| field.strip_prefix(b"M"))
+        .map(|text| String::from_utf8_lossy(text).into_owned())
+        .unwrap_or_default()
 }
 
 async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(u8, Vec<u8>)> {
@@ -845,12 +858,20 @@ pub(crate) fn take_frames(buf: &mut BytesMut) -> (BytesMut, u32, bool) {
     (buf.split_to(end), owed, false)
 }
 
-/// The ReadyForQuery messages among the whole messages at the front of `buf`, taken out
-/// with them: how many, and the last one's transaction status.
-pub(crate) fn take_answers(buf: &mut BytesMut) -> (BytesMut, u32, Option<u8>) {
-    let mut end = 0;
+/// The whole messages at the front of `buf`, taken out: the bytes to pass on, how many
+/// ReadyForQuery came, the last one's transaction status, and the message of an error
+/// among the answers swallowed. While `swallow` is above zero the answers are the
+/// session's own (the login's settings): dropped, but for ParameterStatus, each
+/// ReadyForQuery ending one.
+pub(crate) fn take_answers(
+    buf: &mut BytesMut,
+    swallow: &mut u32,
+) -> (BytesMut, u32, Option<u8>, Option<String>) {
+    let mut out = BytesMut::new();
     let mut ready = 0;
     let mut status = None;
+    let mut refused = None;
+    let mut end = 0;
     while buf.len() >= end + 5 {
         let kind = buf[end];
         let len = i32::from_be_bytes([buf[end + 1], buf[end + 2], buf[end + 3], buf[end + 4]]);
@@ -858,24 +879,37 @@ pub(crate) fn take_answers(buf: &mut BytesMut) -> (BytesMut, u32, Option<u8>) {
         if buf.len() < end + 1 + len {
             break;
         }
+        let frame = &buf[end..end + 1 + len];
         if kind == b'Z' && len >= 5 {
             ready += 1;
-            status = Some(buf[end + 5]);
+            status = Some(frame[5]);
+        }
+        if *swallow == 0 || kind == b'S' {
+            out.extend_from_slice(frame);
+        } else if kind == b'E' {
+            refused = Some(error_message(&frame[5..]));
+        } else if kind == b'Z' {
+            *swallow -= 1;
         }
         end += 1 + len;
     }
-    (buf.split_to(end), ready, status)
+    buf.advance(end);
+    (out, ready, status, refused)
 }
 
 /// Relays between the client and the session until the client leaves and every answer it
-/// was owed has come; the session's transaction status then.
-async fn relay<B>(mut client: tokio::net::UnixStream, backend: &mut B) -> io::Result<u8>
+/// (and the login, `swallow`) was owed has come; the session's transaction status then.
+async fn relay<B>(
+    mut client: tokio::net::UnixStream,
+    backend: &mut B,
+    mut swallow: u32,
+) -> io::Result<u8>
 where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = BytesMut::with_capacity(8192);
     let mut down = BytesMut::with_capacity(8192);
-    let mut owed: u32 = 0;
+    let mut owed: u32 = swallow;
     let mut status = b'I';
     let mut client_here = true;
     loop {
@@ -895,11 +929,18 @@ where
                 if read? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-                let (frames, ready, last) = take_answers(&mut down);
+                let (frames, ready, last, refused) = take_answers(&mut down, &mut swallow);
                 owed = owed.saturating_sub(ready);
                 status = last.unwrap_or(status);
                 if client_here && client.write_all(&frames).await.is_err() {
                     client_here = false;
+                }
+                // The session refused a setting sqlx asked for at login: sqlx must not go
+                // on without it. Said on stderr too (a test may have no subscriber).
+                if let Some(error) = refused {
+                    tracing::warn!(%error, "pgharness: a setting of the sqlx login failed on the lent session; its connection is closed");
+                    eprintln!("pgharness: a setting sqlx asked for at login failed on the test's lent session ({error}); its connection is closed");
+                    break;
                 }
             }
         }
@@ -911,7 +952,7 @@ where
             if backend.read_buf(&mut down).await? == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
-            let (_, ready, last) = take_answers(&mut down);
+            let (_, ready, last, _) = take_answers(&mut down, &mut swallow);
             owed = owed.saturating_sub(ready);
             status = last.unwrap_or(status);
         }
@@ -967,9 +1008,44 @@ mod tests {
         buf.extend_from_slice(&frame(b'Z', b"T"));
         buf.extend_from_slice(&frame(b'Z', b"E"));
         buf.extend_from_slice(&frame(b'D', b"\0")[..3]);
-        let (_, ready, status) = take_answers(&mut buf);
-        assert_eq!((ready, status), (2, Some(b'E')));
+        let (passed, ready, status, refused) = take_answers(&mut buf, &mut 0);
+        assert_eq!((ready, status, refused), (2, Some(b'E'), None));
+        assert_eq!(passed.len(), 6 + 5 + 6 + 6);
         assert_eq!(buf.len(), 3);
+    }
+
+    #[test]
+    fn the_login_s_own_answers_are_swallowed_but_for_parameter_status() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&frame(b'T', b"\0\0"));
+        buf.extend_from_slice(&frame(b'S', b"TimeZone\0UTC\0"));
+        buf.extend_from_slice(&frame(b'E', b"SERROR\0C22023\0Mbad value\0\0"));
+        buf.extend_from_slice(&frame(b'Z', b"I"));
+        let client_s = frame(b'C', b"SELECT 1\0");
+        buf.extend_from_slice(&client_s);
+        let mut swallow = 1;
+        let (passed, ready, _, refused) = take_answers(&mut buf, &mut swallow);
+        let mut expected = frame(b'S', b"TimeZone\0UTC\0");
+        expected.extend_from_slice(&client_s);
+        assert_eq!(passed.to_vec(), expected);
+        assert_eq!(
+            (ready, swallow, refused.as_deref()),
+            (1, 0, Some("bad value"))
+        );
+    }
+
+    #[test]
+    fn the_login_s_pid_is_read_off_its_answers() {
+        let mut login = BytesMut::new();
+        login.extend_from_slice(&frame(b'R', &0i32.to_be_bytes()));
+        let mut key = 4242i32.to_be_bytes().to_vec();
+        key.extend_from_slice(&7i32.to_be_bytes());
+        let k = frame(b'K', &key);
+        login.extend_from_slice(&k[..6]);
+        assert_eq!(read_login(&mut login), (None, false));
+        login.extend_from_slice(&k[6..]);
+        login.extend_from_slice(&frame(b'Z', b"I"));
+        assert_eq!(read_login(&mut login), (Some(4242), true));
     }
 
     #[test]
@@ -1091,53 +1167,28 @@ mod relay_tests {
         let lending_dir = dir.clone();
         let lent = tokio::spawn(async move {
             let mut backend = backend;
-            let reported = [("server_version", "17.2"), ("TimeZone", "Etc/UTC")]
-                .map(|(name, value)| (name.to_owned(), value.to_owned()));
-            lend_out(listener, &mut backend, "right", &reported, &lending_dir).await
+            let greeting = Greeting {
+                reported: [("server_version", "17.2"), ("TimeZone", "Etc/UTC")]
+                    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                    .into(),
+                pid: 4242,
+            };
+            lend_out(listener, &mut backend, "right", &greeting, &lending_dir).await
         });
 
         let (_, kind, body) = log_in(&socket, "wrong").await;
         assert_eq!(kind, b'E');
         assert!(String::from_utf8_lossy(&body).contains("28P01"));
 
-        let login = tokio::spawn({
-            let socket = socket.clone();
-            async move { log_in(&socket, "right").await }
-        });
-        // The session gets the startup's settings it lacks (UTC under another name is
-        // UTC), and is asked for its pid.
-        let (kind, body) = read_frame(&mut server).await.unwrap();
-        let sql = String::from_utf8_lossy(&body).into_owned();
-        assert_eq!(kind, b'Q');
-        assert!(sql.starts_with("SELECT pg_backend_pid()"), "{sql}");
-        assert!(
-            sql.contains("set_config('search_path', 't_1,public', false)"),
-            "{sql}"
-        );
-        assert!(
-            sql.contains("set_config('DateStyle', 'ISO, MDY', false)"),
-            "{sql}"
-        );
-        assert!(!sql.contains("TimeZone"), "{sql}");
-        assert!(!sql.contains("'app'"), "the user is not a setting: {sql}");
-        let mut answer = data_row(&["4242", "t_1,public"]);
-        answer.extend(message(b'S', b"DateStyle\0ISO, MDY\0"));
-        answer.extend(message(b'C', b"SELECT 1\0"));
-        answer.extend(message(b'Z', b"I"));
-        server.write_all(&answer).await.unwrap();
-
-        let (mut client, kind, body) = login.await.unwrap();
+        // Logged in at once, greeted as the control connection was: no round trip to the
+        // session.
+        let (mut client, kind, body) = log_in(&socket, "right").await;
         assert_eq!(
             (kind, body),
             (b'R', 0i32.to_be_bytes().to_vec()),
             "logged in"
         );
-        // What the control session's login reported, with what the settings changed.
-        for expected in [
-            &b"server_version\x0017.2\0"[..],
-            b"TimeZone\0Etc/UTC\0",
-            b"DateStyle\0ISO, MDY\0",
-        ] {
+        for expected in [&b"server_version\x0017.2\0"[..], b"TimeZone\0Etc/UTC\0"] {
             let (kind, body) = read_frame(&mut client).await.unwrap();
             assert_eq!((kind, body), (b'S', expected.to_vec()));
         }
@@ -1148,6 +1199,33 @@ mod relay_tests {
         assert!(
             !dir.exists(),
             "the socket is gone once its one client is in"
+        );
+
+        // The session got the startup's settings it lacks (UTC under another name is UTC)
+        // ahead of anything of the client's; of its answer the client sees only what the
+        // settings changed.
+        let (kind, body) = read_frame(&mut server).await.unwrap();
+        let sql = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(kind, b'Q');
+        assert!(
+            sql.contains("set_config('search_path', 't_1,public', false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("set_config('DateStyle', 'ISO, MDY', false)"),
+            "{sql}"
+        );
+        assert!(!sql.contains("TimeZone"), "{sql}");
+        assert!(!sql.contains("'app'"), "the user is not a setting: {sql}");
+        let mut answer = message(b'T', b"\0\0");
+        answer.extend(data_row(&["t_1,public"]));
+        answer.extend(message(b'S', b"DateStyle\0ISO, MDY\0"));
+        answer.extend(message(b'C', b"SELECT 1\0"));
+        answer.extend(message(b'Z', b"I"));
+        server.write_all(&answer).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client).await.unwrap(),
+            (b'S', b"DateStyle\0ISO, MDY\0".to_vec())
         );
 
         // Relayed both ways; Terminate is not passed on.
