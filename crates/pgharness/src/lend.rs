@@ -164,36 +164,43 @@ fn read_login(login: &mut BytesMut) -> (Option<i32>, bool) {
     let mut pid = None;
     let mut end = 0;
     let mut over = false;
-    while login.len() >= end + 5 {
-        let len = i32::from_be_bytes([
-            login[end + 1],
-            login[end + 2],
-            login[end + 3],
-            login[end + 4],
-        ]);
-        let len = len.max(4) as usize;
-        if login.len() < end + 1 + len {
-            break;
-        }
-        match login[end] {
-            b'K' if len >= 8 => {
+    for (kind, frame) in whole_frames(login) {
+        end = frame.end;
+        match kind {
+            b'K' if frame.len() >= 9 => {
+                let at = frame.start + 5;
                 pid = Some(i32::from_be_bytes([
-                    login[end + 5],
-                    login[end + 6],
-                    login[end + 7],
-                    login[end + 8],
+                    login[at],
+                    login[at + 1],
+                    login[at + 2],
+                    login[at + 3],
                 ]));
             }
-            b'Z' => over = true,
+            b'Z' => {
+                over = true;
+                break;
+            }
             _ => {}
-        }
-        end += 1 + len;
-        if over {
-            break;
         }
     }
     login.advance(end);
     (pid, over)
+}
+
+/// The whole messages at the front of `buf`, in order: each one's type and its bytes'
+/// range (type, length and body). A message not yet whole ends the walk.
+fn whole_frames(buf: &[u8]) -> impl Iterator<Item = (u8, std::ops::Range<usize>)> + '_ {
+    let mut end = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(end..end + 5)?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]).max(4) as usize;
+        let frame = end..end + 1 + len;
+        if buf.len() < frame.end {
+            return None;
+        }
+        end = frame.end;
+        Some((header[0], frame))
+    })
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
@@ -838,24 +845,22 @@ fn error_response(out: &mut BytesMut, code: &str, message: &str) {
 pub(crate) fn take_frames(buf: &mut BytesMut) -> (BytesMut, u32, bool) {
     let mut end = 0;
     let mut owed = 0;
-    while buf.len() >= end + 5 {
-        let kind = buf[end];
-        let len = i32::from_be_bytes([buf[end + 1], buf[end + 2], buf[end + 3], buf[end + 4]]);
-        let len = len.max(4) as usize;
-        if buf.len() < end + 1 + len {
-            break;
-        }
+    let mut terminated = false;
+    for (kind, frame) in whole_frames(buf) {
         if kind == b'X' {
-            let frames = buf.split_to(end);
-            buf.clear();
-            return (frames, owed, true);
+            terminated = true;
+            break;
         }
         if matches!(kind, b'S' | b'Q' | b'F') {
             owed += 1;
         }
-        end += 1 + len;
+        end = frame.end;
     }
-    (buf.split_to(end), owed, false)
+    let frames = buf.split_to(end);
+    if terminated {
+        buf.clear();
+    }
+    (frames, owed, terminated)
 }
 
 /// The whole messages at the front of `buf`, taken out: the bytes to pass on, how many
@@ -872,15 +877,10 @@ pub(crate) fn take_answers(
     let mut status = None;
     let mut refused = None;
     let mut end = 0;
-    while buf.len() >= end + 5 {
-        let kind = buf[end];
-        let len = i32::from_be_bytes([buf[end + 1], buf[end + 2], buf[end + 3], buf[end + 4]]);
-        let len = len.max(4) as usize;
-        if buf.len() < end + 1 + len {
-            break;
-        }
-        let frame = &buf[end..end + 1 + len];
-        if kind == b'Z' && len >= 5 {
+    for (kind, range) in whole_frames(buf) {
+        end = range.end;
+        let frame = &buf[range];
+        if kind == b'Z' && frame.len() >= 6 {
             ready += 1;
             status = Some(frame[5]);
         }
@@ -891,7 +891,6 @@ pub(crate) fn take_answers(
         } else if kind == b'Z' {
             *swallow -= 1;
         }
-        end += 1 + len;
     }
     buf.advance(end);
     (out, ready, status, refused)
