@@ -67,6 +67,13 @@ impl Inject for sqlx::PgPool {
         let home = db.lent_home();
         closers.push(async move {
             closing.close().await;
+            // sqlx 0.8's `close()` can return with a connection still open: one whose
+            // release (a ping) was under way takes its place among the idle ones after
+            // `close()` last looked there (sqlx-core 0.8.6 `PoolInner::close`; 0.9 waits
+            // first and looks after). That one stays open until the pool's last clone drops,
+            // holding the schema (or its lent session) past the test. A second `close()`
+            // closes it: by now no connection can be on its way back.
+            closing.close().await;
             home_within(home).await;
         });
         pool

@@ -64,6 +64,9 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a session whose client left waits for the answers still owed to it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A frontend Terminate message, whole.
+const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
+
 /// A stream that can be held while its session is lent.
 pub(crate) struct Gated<S> {
     inner: S,
@@ -210,6 +213,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.gate.is_lent() {
+            // A client dropped while its session is lent says goodbye (tokio-postgres's
+            // Terminate): not a use of the client, and not for the session either.
+            if buf == TERMINATE {
+                return Poll::Ready(Ok(buf.len()));
+            }
             // tokio-postgres answers its caller "connection closed": said here too, once,
             // on stderr as well (a test may install no tracing subscriber).
             if !self
@@ -376,6 +384,7 @@ impl Lender {
             if whereabouts == Whereabouts::Home {
                 shared.gate.open();
             }
+            tracing::debug!(?whereabouts, "pgharness: the lent control session is back");
             shared.set(whereabouts);
         });
         Some(Ticket { dir, password })
@@ -945,6 +954,10 @@ where
         }
     }
     drop(client);
+    tracing::debug!(
+        owed,
+        "pgharness: the lent session's client left; draining what it is owed"
+    );
     // The answers still owed: read and dropped.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while owed > 0 {
@@ -988,6 +1001,28 @@ mod tests {
         let (frames, owed, terminated) = take_frames(&mut buf);
         assert_eq!((frames.len(), owed, terminated), (whole, 2, true));
         assert!(buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_gated_stream_refuses_writes_while_lent_but_a_dropped_client_s_terminate() {
+        let (ours, mut session) = tokio::io::duplex(64);
+        let gate = Arc::new(Gate::default());
+        let mut gated = Gated::new(ours, gate.clone());
+        gate.close();
+        gated.write_all(TERMINATE).await.unwrap();
+        assert!(!gate.told.load(std::sync::atomic::Ordering::Relaxed));
+        let query = frame(b'Q', b"SELECT 1\0");
+        assert!(gated.write_all(&query).await.is_err());
+        assert!(gate.told.load(std::sync::atomic::Ordering::Relaxed));
+        gate.open();
+        gated.write_all(&query).await.unwrap();
+        drop(gated);
+        let mut reached = Vec::new();
+        session.read_to_end(&mut reached).await.unwrap();
+        assert_eq!(
+            reached, query,
+            "only what was written after the session came home"
+        );
     }
 
     #[test]

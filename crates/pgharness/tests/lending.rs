@@ -111,6 +111,40 @@ async fn a_lent_session_comes_home_for_an_inline_teardown() {
     );
 }
 
+/// sqlx 0.8's `close()` can return while the pool's last connection, being released (its
+/// ping under way), is put back among the idle ones: the closers close that one too, so the
+/// session is home when they are done, not when the pool's last clone drops.
+#[tokio::test]
+async fn a_connection_still_being_released_when_the_test_ends_is_closed_too() {
+    if !lent_here() {
+        eprintln!("nothing is lent through the RDS proxy");
+        return;
+    }
+    let server = configured_server().await;
+    let watcher = common::runner(&server).await;
+    let (db, _) = database("released", Teardown::Inline).await;
+    let schema = db.schema().to_owned();
+    let mut closers = Closers::lending();
+    let pool = PgPool::inject(&db, &mut closers).await;
+    sqlx::query("INSERT INTO notes (body) VALUES ('x')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The connection's release runs as a task of its own: let it start (and ping).
+    tokio::task::yield_now().await;
+    closers.close().await;
+    db.client()
+        .simple_query("SELECT 1")
+        .await
+        .expect("the session is home once the closers are done");
+    pgharness::__macro::finish(db, ());
+    drop(pool);
+    assert_eq!(
+        ledger_status(&watcher, &schema).await.as_deref(),
+        Some("ready"),
+    );
+}
+
 /// A connection that leaves a transaction open has it rolled back when it leaves; the
 /// `TestDb`'s own client, used while the session is lent, fails and says why; the detached
 /// teardown still recycles the schema.
