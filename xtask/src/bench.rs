@@ -123,17 +123,24 @@ fn claim_loop(
 
 /// What [`pgpool_claim_loop`] measured per test.
 struct PgPoolTimes {
-    /// The acquire, until the test holds an open connection of its pool.
+    /// The acquire of a plain test (as [`claim_loop`] measures it), claimed in the same loop:
+    /// the tests alternate, so that the machine's drift between loops (±2 ms here) hits
+    /// both kinds alike.
+    claimed: Vec<Duration>,
+    /// The acquire of a test that gets a `PgPool`, until it holds an open connection of it.
     acquire: Vec<Duration>,
+    /// What the pool added to that test's acquire: from its `TestDb` built to the connection
+    /// in hand.
+    inject: Vec<Duration>,
     /// Until its first query through the pool (an INSERT, prepared by sqlx) has answered.
     first_answer: Vec<Duration>,
     /// One query's round trip on the pool's first connection (p50 of 20 per test).
     round_trip: Vec<Duration>,
 }
 
-/// Like [`claim_loop`], for a test that gets an sqlx `PgPool` as `#[pgharness::test]`
-/// injects it (`lending`: the pool's first connection is the control session, as for a
-/// test that takes no `TestDb`; else a connection of its own).
+/// Alternates a plain test (as [`claim_loop`]) and one that gets an sqlx `PgPool` as
+/// `#[pgharness::test]` injects it (`lending`: the pool's first connection is the control
+/// session, as for a test that takes no `TestDb`; else a connection of its own), `n` of each.
 fn pgpool_claim_loop(
     settings: &pgharness::Settings,
     n: usize,
@@ -144,17 +151,31 @@ fn pgpool_claim_loop(
         .build()?;
     runtime.block_on(async {
         let mut times = PgPoolTimes {
+            claimed: Vec::new(),
             acquire: Vec::new(),
+            inject: Vec::new(),
             first_answer: Vec::new(),
             round_trip: Vec::new(),
         };
         for i in 0..n {
+            let db = TestDb::builder()
+                .settings(settings.clone())
+                .test_name(format!("bench_plain_{i}"))
+                .build()
+                .await?;
+            db.client()
+                .batch_execute("INSERT INTO t04_tasks (name) VALUES ('x')")
+                .await?;
+            times.claimed.push(db.acquire_time());
+            drop(db);
+
             let started = Instant::now();
             let db = TestDb::builder()
                 .settings(settings.clone())
                 .test_name(format!("bench_pgpool_{i}"))
                 .build()
                 .await?;
+            let built = Instant::now();
             let mut closers = if lending {
                 pgharness::Closers::lending()
             } else {
@@ -165,6 +186,7 @@ fn pgpool_claim_loop(
             // The test holds a connection of its pool: the acquire.
             drop(pool.acquire().await?);
             times.acquire.push(started.elapsed());
+            times.inject.push(built.elapsed());
             pgharness::sqlx::query("INSERT INTO t04_tasks (name) VALUES ('x')")
                 .execute(&pool)
                 .await?;
@@ -180,9 +202,15 @@ fn pgpool_claim_loop(
             closers.close().await;
             drop(db);
         }
-        times.acquire.sort();
-        times.first_answer.sort();
-        times.round_trip.sort();
+        for series in [
+            &mut times.claimed,
+            &mut times.acquire,
+            &mut times.inject,
+            &mut times.first_answer,
+            &mut times.round_trip,
+        ] {
+            series.sort();
+        }
         Ok(times)
     })
 }
@@ -299,11 +327,25 @@ impl Bench {
         }
         let (own, lent) = (runs.pop().expect("two runs"), runs.pop().expect("two runs"));
         figure(
+            "acquire_pgpool_claimed_p50_ms",
+            ms(percentile(&lent.claimed, 0.5)),
+            "ms",
+            "",
+            "acquire, claimed, the plain tests between the PgPool tests below, p50",
+        );
+        figure(
             "acquire_pgpool_p50_ms",
             ms(percentile(&lent.acquire, 0.5)),
             "ms",
-            &format!("<= {:.2}", ms(percentile(&claimed, 0.5)) + 2.0),
+            &format!("<= {:.2}", ms(percentile(&lent.claimed, 0.5)) + 2.0),
             "acquire with an injected sqlx PgPool, a connection in hand, p50",
+        );
+        figure(
+            "pgpool_inject_p50_ms",
+            ms(percentile(&lent.inject, 0.5)),
+            "ms",
+            "",
+            "  of it the pool's own part (its TestDb built to a connection in hand), p50",
         );
         figure(
             "acquire_pgpool_own_connection_p50_ms",
@@ -311,6 +353,13 @@ impl Bench {
             "ms",
             "",
             "  the same, the pool's first connection a backend of its own, p50",
+        );
+        figure(
+            "pgpool_inject_own_connection_p50_ms",
+            ms(percentile(&own.inject, 0.5)),
+            "ms",
+            "",
+            "    of it the pool's own part, p50",
         );
         figure(
             "pgpool_first_answer_p50_ms",

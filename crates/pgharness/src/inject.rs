@@ -47,21 +47,25 @@ impl Inject for sqlx::PgPool {
         let options = sqlx::postgres::PgPoolOptions::new()
             .max_connections(db.pool().status().max_size.max(1) as u32)
             .test_before_acquire(false);
-        let lent = closers.lends().then(|| db.sqlx_lent_options()).flatten();
+        let own = db.sqlx_connect_options();
+        let lent = closers
+            .lends()
+            .then(|| db.sqlx_lent_options(&own))
+            .flatten();
         let pool = match lent {
             // Its first connection is the test's control session (`lend`): opened now, so
             // that every later one goes to the server.
             Some(lent) => match options.clone().connect_with(lent).await {
                 Ok(pool) => {
-                    pool.set_connect_options(db.sqlx_connect_options());
+                    pool.set_connect_options(own);
                     pool
                 }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: sqlx did not take the lent session");
-                    options.connect_lazy_with(db.sqlx_connect_options())
+                    options.connect_lazy_with(own)
                 }
             },
-            None => options.connect_lazy_with(db.sqlx_connect_options()),
+            None => options.connect_lazy_with(own),
         };
         let closing = pool.clone();
         let home = db.lent_home();
@@ -85,7 +89,12 @@ impl Inject for sqlx::PgPool {
 impl Inject for sqlx::PgConnection {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
         // The test's control session (`lend`), when it can be lent.
-        if let Some(lent) = closers.lends().then(|| db.sqlx_lent_options()).flatten() {
+        let own = db.sqlx_connect_options();
+        if let Some(lent) = closers
+            .lends()
+            .then(|| db.sqlx_lent_options(&own))
+            .flatten()
+        {
             match sqlx::ConnectOptions::connect(&lent).await {
                 Ok(connection) => {
                     closers.push(home_within(db.lent_home()));
@@ -96,7 +105,7 @@ impl Inject for sqlx::PgConnection {
                 }
             }
         }
-        match sqlx::ConnectOptions::connect(&db.sqlx_connect_options()).await {
+        match sqlx::ConnectOptions::connect(&own).await {
             Ok(connection) => connection,
             Err(error) => {
                 panic!("pgharness: failed to connect to the test's schema with sqlx: {error}")
@@ -211,21 +220,25 @@ impl Inject for sqlx09::PgPool {
         let options = sqlx09::postgres::PgPoolOptions::new()
             .max_connections(db.pool().status().max_size.max(1) as u32)
             .test_before_acquire(false);
-        let lent = closers.lends().then(|| db.sqlx09_lent_options()).flatten();
+        let own = db.sqlx09_connect_options();
+        let lent = closers
+            .lends()
+            .then(|| db.sqlx09_lent_options(&own))
+            .flatten();
         let pool = match lent {
             // Its first connection is the test's control session (`lend`): opened now, so
             // that every later one goes to the server.
             Some(lent) => match options.clone().connect_with(lent).await {
                 Ok(pool) => {
-                    pool.set_connect_options(db.sqlx09_connect_options());
+                    pool.set_connect_options(own);
                     pool
                 }
                 Err(error) => {
                     tracing::debug!(%error, "pgharness: sqlx did not take the lent session");
-                    options.connect_lazy_with(db.sqlx09_connect_options())
+                    options.connect_lazy_with(own)
                 }
             },
-            None => options.connect_lazy_with(db.sqlx09_connect_options()),
+            None => options.connect_lazy_with(own),
         };
         let closing = pool.clone();
         let home = db.lent_home();
@@ -242,7 +255,12 @@ impl Inject for sqlx09::PgPool {
 impl Inject for sqlx09::PgConnection {
     async fn inject(db: &TestDb, closers: &mut Closers) -> Self {
         // The test's control session (`lend`), when it can be lent.
-        if let Some(lent) = closers.lends().then(|| db.sqlx09_lent_options()).flatten() {
+        let own = db.sqlx09_connect_options();
+        if let Some(lent) = closers
+            .lends()
+            .then(|| db.sqlx09_lent_options(&own))
+            .flatten()
+        {
             match sqlx09::ConnectOptions::connect(&lent).await {
                 Ok(connection) => {
                     closers.push(home_within(db.lent_home()));
@@ -253,7 +271,7 @@ impl Inject for sqlx09::PgConnection {
                 }
             }
         }
-        match sqlx09::ConnectOptions::connect(&db.sqlx09_connect_options()).await {
+        match sqlx09::ConnectOptions::connect(&own).await {
             Ok(connection) => connection,
             Err(error) => {
                 panic!("pgharness: failed to connect to the test's schema with sqlx: {error}")

@@ -651,13 +651,18 @@ impl TestDb {
     }
 
     /// Options for one sqlx 0.8 connection on the test's control session, lent to it
-    /// (`lend`): `None` once lent, or when the session cannot be lent (through the RDS
-    /// proxy, or the login relay of a `url` server).
+    /// (`lend`), made from the test's own `options` (read once per injection: sqlx's URL
+    /// parser looks for a password file too): `None` once lent, or when the session
+    /// cannot be lent (through the RDS proxy, or the login relay of a `url` server).
     #[cfg(feature = "sqlx")]
-    pub(crate) fn sqlx_lent_options(&self) -> Option<sqlx::postgres::PgConnectOptions> {
+    pub(crate) fn sqlx_lent_options(
+        &self,
+        options: &sqlx::postgres::PgConnectOptions,
+    ) -> Option<sqlx::postgres::PgConnectOptions> {
         let ticket = self.lend()?;
         Some(
-            self.sqlx_connect_options()
+            options
+                .clone()
                 .socket(&ticket.dir)
                 .port(crate::lend::PORT)
                 .password(&ticket.password)
@@ -667,10 +672,14 @@ impl TestDb {
 
     /// [`sqlx_lent_options`](Self::sqlx_lent_options) for sqlx 0.9.
     #[cfg(feature = "sqlx09")]
-    pub(crate) fn sqlx09_lent_options(&self) -> Option<sqlx09::postgres::PgConnectOptions> {
+    pub(crate) fn sqlx09_lent_options(
+        &self,
+        options: &sqlx09::postgres::PgConnectOptions,
+    ) -> Option<sqlx09::postgres::PgConnectOptions> {
         let ticket = self.lend()?;
         Some(
-            self.sqlx09_connect_options()
+            options
+                .clone()
                 .socket(&ticket.dir)
                 .port(crate::lend::PORT)
                 .password(&ticket.password)
