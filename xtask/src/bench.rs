@@ -102,23 +102,33 @@ fn claim_loop(
         let mut times = Vec::new();
         let mut teardowns = Vec::new();
         for i in 0..n {
-            let db = TestDb::builder()
-                .settings(settings.clone())
-                .test_name(format!("bench_{label}_{i}"))
-                .build()
-                .await?;
-            db.client()
-                .batch_execute("INSERT INTO t04_tasks (name) VALUES ('x')")
-                .await?;
-            times.push(db.acquire_time());
-            let started = Instant::now();
-            drop(db);
-            teardowns.push(started.elapsed());
+            let (acquire, teardown) = plain_test(settings, format!("bench_{label}_{i}")).await?;
+            times.push(acquire);
+            teardowns.push(teardown);
         }
         times.sort();
         teardowns.sort();
         Ok((times, teardowns))
     })
+}
+
+/// One plain test: it claims its schema, writes a row and ends; its acquire and teardown.
+async fn plain_test(
+    settings: &pgharness::Settings,
+    name: String,
+) -> anyhow::Result<(Duration, Duration)> {
+    let db = TestDb::builder()
+        .settings(settings.clone())
+        .test_name(name)
+        .build()
+        .await?;
+    db.client()
+        .batch_execute("INSERT INTO t04_tasks (name) VALUES ('x')")
+        .await?;
+    let acquire = db.acquire_time();
+    let started = Instant::now();
+    drop(db);
+    Ok((acquire, started.elapsed()))
 }
 
 /// What [`pgpool_claim_loop`] measured per test.
@@ -158,16 +168,9 @@ fn pgpool_claim_loop(
             round_trip: Vec::new(),
         };
         for i in 0..n {
-            let db = TestDb::builder()
-                .settings(settings.clone())
-                .test_name(format!("bench_plain_{i}"))
-                .build()
-                .await?;
-            db.client()
-                .batch_execute("INSERT INTO t04_tasks (name) VALUES ('x')")
-                .await?;
-            times.claimed.push(db.acquire_time());
-            drop(db);
+            times
+                .claimed
+                .push(plain_test(settings, format!("bench_plain_{i}")).await?.0);
 
             let started = Instant::now();
             let db = TestDb::builder()
