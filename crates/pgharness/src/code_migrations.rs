@@ -76,7 +76,7 @@ pub(crate) fn sea_orm<M: sea_orm_migration::MigratorTrait>(version: &str) -> Cod
                 .map_err(|e| e.to_string())?;
             let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool.clone());
             let result = M::up(&db, None).await.map_err(|e| e.to_string());
-            pool.close().await;
+            crate::inject::close_sqlx_pool(&pool).await;
             result
         },
     )

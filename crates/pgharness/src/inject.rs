@@ -70,18 +70,23 @@ impl Inject for sqlx::PgPool {
         let closing = pool.clone();
         let home = db.lent_home();
         closers.push(async move {
-            closing.close().await;
-            // sqlx 0.8's `close()` can return with a connection still open: one whose
-            // release (a ping) was under way takes its place among the idle ones after
-            // `close()` last looked there (sqlx-core 0.8.6 `PoolInner::close`; 0.9 waits
-            // first and looks after). That one stays open until the pool's last clone drops,
-            // holding the schema (or its lent session) past the test. A second `close()`
-            // closes it: by now no connection can be on its way back.
-            closing.close().await;
+            close_sqlx_pool(&closing).await;
             home_within(home).await;
         });
         pool
     }
+}
+
+/// Closes an sqlx 0.8 pool and every connection of it. Its `close()` alone can return with
+/// a connection still open: one whose release (a ping) was under way takes its place among
+/// the idle ones after `close()` last looked there (sqlx-core 0.8.6 `PoolInner::close`; 0.9
+/// waits first and looks after). That one would stay open until the pool's last clone
+/// drops, holding the schema (or its lent session) past the test. A second `close()` closes
+/// it: by then no connection can be on its way back.
+#[cfg(feature = "sqlx")]
+pub(crate) async fn close_sqlx_pool(pool: &sqlx::PgPool) {
+    pool.close().await;
+    pool.close().await;
 }
 
 /// One sqlx 0.8 connection to the test's schema.
