@@ -122,7 +122,7 @@ fn ms(value: Option<f64>) -> String {
 pub fn summary(summary: &RunSummary) -> String {
     format!(
         "pgharness summary: {} tests used a database; pool: {} hits, {} misses; after the tests: \
-         {} recycled, {} dropped, {} kept, {} pending\n\
+         {} recycled, {} dropped, {} kept, {} pending{}\n\
          pgharness acquire: p50 {} p95 {} (from the pool: p50 {} p95 {}; created: p50 {} p95 {}); reset p50 {}",
         summary.tests,
         summary.claimed,
@@ -131,6 +131,14 @@ pub fn summary(summary: &RunSummary) -> String {
         summary.dropped,
         summary.kept,
         summary.pending,
+        if summary.lost > 0 {
+            format!(
+                ", {} teardown(s) lost (finished later by a sweep)",
+                summary.lost
+            )
+        } else {
+            String::new()
+        },
         ms(summary.acquire_p50_ms),
         ms(summary.acquire_p95_ms),
         ms(summary.claimed_p50_ms),

@@ -217,7 +217,10 @@ pub(crate) async fn connect(
     Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio::io::DuplexStream, tokio_postgres::tls::NoTlsStream>,
+            tokio_postgres::Connection<
+                crate::lend::Gated<tokio::io::DuplexStream>,
+                tokio_postgres::tls::NoTlsStream,
+            >,
             Option<crate::parting::Parting>,
         ),
         tokio_postgres::Error,
@@ -228,21 +231,23 @@ pub(crate) async fn connect(
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned());
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    // The parting waits at this gate for the session to be at rest (`parting`).
+    let gate = std::sync::Arc::<crate::lend::Gate>::default();
     let kept = match crate::connect::open(config).await? {
         Socket::Tcp(stream) => {
-            let kept = crate::connect::keep(parting, &stream);
+            let kept = crate::connect::keep(parting, &stream, &gate, false, false);
             tokio::spawn(relay(theirs, stream, password));
             kept
         }
         Socket::Unix(stream) => {
-            let kept = crate::connect::keep(parting, &stream);
+            let kept = crate::connect::keep(parting, &stream, &gate, false, true);
             tokio::spawn(relay(theirs, stream, password));
             kept
         }
     };
     Some(
         config
-            .connect_raw(ours, tokio_postgres::NoTls)
+            .connect_raw(crate::lend::Gated::new(ours, gate), tokio_postgres::NoTls)
             .await
             .map(|(client, connection)| (client, connection, kept)),
     )

@@ -136,12 +136,13 @@ where
         let (client, connection) = config.connect_raw(stream, NoTls).await?;
         return Ok((client, drive(connection), Kept::default()));
     }
-    let parting = keep(true, &stream);
+    let gate = std::sync::Arc::<crate::lend::Gate>::default();
+    let parting = keep(true, &stream, &gate, true, unix);
     let lendable = match stream.as_fd().try_clone_to_owned() {
         Ok(socket) => Some(crate::lend::Lendable {
             socket,
             unix,
-            gate: Default::default(),
+            gate: gate.clone(),
             reported: Vec::new(),
         }),
         Err(error) => {
@@ -149,10 +150,6 @@ where
             None
         }
     };
-    let gate = lendable
-        .as_ref()
-        .map(|lendable| lendable.gate.clone())
-        .unwrap_or_default();
     let (client, connection) = config
         .connect_raw(crate::lend::Gated::new(stream, gate), NoTls)
         .await?;
@@ -180,13 +177,20 @@ where
     })
 }
 
-/// A duplicate of `socket` for the teardown's parting, when `wanted` (a failure is logged:
-/// the teardown then waits, as `teardown = inline` does).
-pub(crate) fn keep(wanted: bool, socket: &impl std::os::fd::AsFd) -> Option<Parting> {
+/// A duplicate of `socket` for the teardown's parting, when `wanted`, with the `gate` its
+/// client's stream is held at (`direct`: that stream is this socket; `unix`: a Unix
+/// socket). A failure is logged: the teardown then waits, as `teardown = inline` does.
+pub(crate) fn keep(
+    wanted: bool,
+    socket: &impl std::os::fd::AsFd,
+    gate: &std::sync::Arc<crate::lend::Gate>,
+    direct: bool,
+    unix: bool,
+) -> Option<Parting> {
     if !wanted {
         return None;
     }
-    Parting::of(socket)
+    Parting::of(socket, gate.clone(), direct, unix)
         .inspect_err(|error| tracing::debug!(%error, "pgharness: no duplicate of the socket; the teardown will wait"))
         .ok()
 }

@@ -47,6 +47,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::exchange::Exchange;
+
 /// The port in the lending socket's name (`.s.PGSQL.<port>`): any, as long as sqlx is told.
 pub(crate) const PORT: u16 = 5432;
 
@@ -75,20 +77,44 @@ pub(crate) struct Gated<S> {
     login: Option<BytesMut>,
 }
 
-/// Whether the session behind a [`Gated`] stream is lent, and who waits for it to come home.
+/// Whether the session behind a [`Gated`] stream is lent, and who waits for it to come home;
+/// what its client owes or is owed ([`Exchange`]), and whether the session is being parted
+/// from it.
 #[derive(Default)]
 pub(crate) struct Gate {
     state: Mutex<GateState>,
+    /// Signalled when the client's exchange changes while the session is being parted.
+    quiet: Condvar,
     /// Whether a client that wrote while the session was lent has been told.
     told: std::sync::atomic::AtomicBool,
     /// The backend's pid, from the login's BackendKeyData (0 until seen).
     pid: std::sync::atomic::AtomicI32,
+    /// The backend's secret key, from the same message (for a CancelRequest).
+    secret: std::sync::atomic::AtomicI32,
 }
 
 #[derive(Default)]
 struct GateState {
     lent: bool,
     readers: Vec<Waker>,
+    /// What the client has open with the server, counted once its login is over.
+    exchange: Exchange,
+    /// The login is over: the client's bytes are counted.
+    counting: bool,
+    /// The session is being parted from its client: the client's writes end at the next
+    /// message boundary, and are swallowed after it.
+    parting: bool,
+}
+
+/// Whether a session could be parted from its client ([`Gate::quiesce`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Quiet {
+    /// At rest: nothing owed, nothing half written, no COPY open. The parting may follow.
+    AtRest,
+    /// A COPY from the client is open (its CopyFail may be written, then wait again).
+    CopyOpen,
+    /// Answers are still owed after the wait (a statement still running).
+    Owed(usize),
 }
 
 impl Gate {
@@ -121,6 +147,50 @@ impl Gate {
     fn is_lent(&self) -> bool {
         self.lock().lent
     }
+
+    /// Parts the session from its client: from now on the client's writes end at the next
+    /// message boundary and are swallowed after it (tokio-postgres's Close for a statement
+    /// dropped later, its Terminate), and this waits until the session owes the client
+    /// nothing, or `timeout` passes. The client's connection task (on pgharness's driver
+    /// runtime) keeps reading the answers meanwhile.
+    pub(crate) fn quiesce(&self, timeout: Duration) -> Quiet {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = self.lock();
+        state.parting = true;
+        loop {
+            let exchange = &state.exchange;
+            if exchange.at_rest() {
+                return Quiet::AtRest;
+            }
+            if exchange.copy_in() && exchange.written_whole() && exchange.owed() == 0 {
+                return Quiet::CopyOpen;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return if exchange.copy_in() && exchange.written_whole() {
+                    Quiet::CopyOpen
+                } else {
+                    Quiet::Owed(exchange.owed().max(1))
+                };
+            }
+            state = self
+                .quiet
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Counts bytes the parting itself wrote on the session (a CopyFail and its Sync).
+    pub(crate) fn wrote_on_session(&self, bytes: &[u8]) {
+        self.lock().exchange.wrote(bytes);
+    }
+
+    /// The backend's pid and secret key, once the login has shown them.
+    pub(crate) fn cancel_key(&self) -> Option<(i32, i32)> {
+        let pid = self.pid.load(std::sync::atomic::Ordering::Relaxed);
+        (pid != 0).then(|| (pid, self.secret.load(std::sync::atomic::Ordering::Relaxed)))
+    }
 }
 
 impl<S> Gated<S> {
@@ -145,39 +215,51 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(login)) = (&read, this.login.as_mut()) {
-            login.extend_from_slice(&buf.filled()[before..]);
-            let (pid, over) = read_login(login);
-            if let Some(pid) = pid {
-                this.gate
-                    .pid
-                    .store(pid, std::sync::atomic::Ordering::Relaxed);
+        if !matches!(read, Poll::Ready(Ok(()))) {
+            return read;
+        }
+        let got = &buf.filled()[before..];
+        match this.login.as_mut() {
+            Some(login) => {
+                login.extend_from_slice(got);
+                let (key, over) = read_login(login);
+                if let Some((pid, secret)) = key {
+                    let relaxed = std::sync::atomic::Ordering::Relaxed;
+                    this.gate.pid.store(pid, relaxed);
+                    this.gate.secret.store(secret, relaxed);
+                }
+                if over {
+                    this.login = None;
+                    this.gate.lock().counting = true;
+                }
             }
-            if over {
-                this.login = None;
+            None => {
+                let mut state = this.gate.lock();
+                state.exchange.read(got);
+                if state.parting {
+                    this.gate.quiet.notify_all();
+                }
             }
         }
         read
     }
 }
 
-/// Takes the whole messages of a login out of `login`: the pid of its BackendKeyData, if one
-/// came, and whether its ReadyForQuery came (the login is over).
-fn read_login(login: &mut BytesMut) -> (Option<i32>, bool) {
+/// Takes the whole messages of a login out of `login`: the pid and secret key of its
+/// BackendKeyData, if one came, and whether its ReadyForQuery came (the login is over).
+fn read_login(login: &mut BytesMut) -> (Option<(i32, i32)>, bool) {
     let mut pid = None;
     let mut end = 0;
     let mut over = false;
     for (kind, frame) in whole_frames(login) {
         end = frame.end;
         match kind {
-            b'K' if frame.len() >= 9 => {
+            b'K' if frame.len() >= 13 => {
                 let at = frame.start + 5;
-                pid = Some(i32::from_be_bytes([
-                    login[at],
-                    login[at + 1],
-                    login[at + 2],
-                    login[at + 3],
-                ]));
+                let int = |at: usize| {
+                    i32::from_be_bytes([login[at], login[at + 1], login[at + 2], login[at + 3]])
+                };
+                pid = Some((int(at), int(at + 4)));
             }
             b'Z' => {
                 over = true;
@@ -208,7 +290,7 @@ fn whole_frames(buf: &[u8]) -> impl Iterator<Item = (u8, std::ops::Range<usize>)
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
@@ -230,7 +312,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
             }
             return Poll::Ready(Err(io::Error::other(LENT)));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        // Under the gate's lock, so that a parting never sees the session at rest while a
+        // write is under way.
+        let this = self.get_mut();
+        let mut state = this.gate.lock();
+        if !state.counting {
+            drop(state);
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let mut buf = buf;
+        if state.parting {
+            // The session is being parted: the message under way is finished, and nothing
+            // after it reaches the server (tokio-postgres believes it sent it).
+            let rest = state.exchange.rest_of_message();
+            if rest == 0 {
+                return Poll::Ready(Ok(buf.len()));
+            }
+            buf = &buf[..rest.min(buf.len())];
+        }
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            state.exchange.wrote(&buf[..n]);
+            if state.parting {
+                this.gate.quiet.notify_all();
+            }
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1069,7 +1176,7 @@ mod tests {
     }
 
     #[test]
-    fn the_login_s_pid_is_read_off_its_answers() {
+    fn the_login_s_pid_and_secret_are_read_off_its_answers() {
         let mut login = BytesMut::new();
         login.extend_from_slice(&frame(b'R', &0i32.to_be_bytes()));
         let mut key = 4242i32.to_be_bytes().to_vec();
@@ -1079,7 +1186,7 @@ mod tests {
         assert_eq!(read_login(&mut login), (None, false));
         login.extend_from_slice(&k[6..]);
         login.extend_from_slice(&frame(b'Z', b"I"));
-        assert_eq!(read_login(&mut login), (Some(4242), true));
+        assert_eq!(read_login(&mut login), (Some((4242, 7)), true));
     }
 
     #[test]

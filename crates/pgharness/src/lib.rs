@@ -40,6 +40,7 @@ mod connect;
 mod driver;
 mod error;
 pub mod events;
+mod exchange;
 #[cfg(feature = "rstest")]
 mod fixture;
 mod inject;

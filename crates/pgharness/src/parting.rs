@@ -28,11 +28,14 @@
 //! could not be lent again.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend;
+
+use crate::lend::{Gate, Quiet};
 
 /// How the parting statements are framed (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,24 +78,136 @@ pub(crate) fn message(statements: &[String], shape: Shape) -> std::io::Result<Ve
     Ok(buf.to_vec())
 }
 
-/// A duplicate of a control connection's socket, kept to write its parting on.
-#[derive(Debug)]
+/// How long a parting waits for the session to owe its client nothing (the answers to a
+/// dropped statement's Close, a query that just finished) before it cancels what runs.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long it waits after a CancelRequest or a CopyFail.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A duplicate of a control connection's socket, kept to write its parting on, and the gate
+/// of its client's stream, which says when the session is at rest.
 pub(crate) struct Parting {
     socket: OwnedFd,
+    gate: Arc<Gate>,
+    /// The client's stream is the socket itself (not a relay's in-memory stream), so that
+    /// the parting may write on it in the client's place (a CopyFail).
+    direct: bool,
+    unix: bool,
+}
+
+impl std::fmt::Debug for Parting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parting")
+            .field("socket", &self.socket)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Parting {
-    /// Keeps a duplicate of `socket` (a connected TCP or Unix stream).
-    pub(crate) fn of(socket: &impl AsFd) -> std::io::Result<Parting> {
+    /// Keeps a duplicate of `socket` (a connected TCP or Unix stream, `unix` saying which)
+    /// whose client's stream is held at `gate`; `direct` when that stream is the socket.
+    pub(crate) fn of(
+        socket: &impl AsFd,
+        gate: Arc<Gate>,
+        direct: bool,
+        unix: bool,
+    ) -> std::io::Result<Parting> {
         Ok(Parting {
             socket: socket.as_fd().try_clone_to_owned()?,
+            gate,
+            direct,
+            unix,
         })
     }
 
-    /// Writes `bytes` whole. The socket is non-blocking (tokio's): a full send buffer is
-    /// waited for, up to `timeout`; an error or a timeout means the parting may be cut, and
-    /// the caller must not trust the schema's finish to have been sent.
-    pub(crate) fn send(self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+    /// Writes `bytes` whole once the session is at rest: the client's writes are stopped at
+    /// a message boundary, the answers still owed to it are read (by its connection task,
+    /// when `reader_alive`), a COPY it left open is failed and a statement still running
+    /// is cancelled. The server would otherwise flush those answers to a client that may
+    /// have exited by then, and end the session before it ran the parting.
+    ///
+    /// The socket is non-blocking (tokio's): a full send buffer is waited for, up to
+    /// `timeout`. An error or a timeout means the parting was not (or not wholly) sent, and
+    /// the caller must not trust the schema's finish to have been: a later sweep finishes
+    /// it once the session is gone.
+    pub(crate) fn send(
+        self,
+        bytes: &[u8],
+        timeout: Duration,
+        reader_alive: bool,
+    ) -> std::io::Result<()> {
+        let first_wait = if reader_alive {
+            QUIET_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        let mut quiet = self.gate.quiesce(first_wait);
+        if quiet == Quiet::CopyOpen && self.direct {
+            let mut fail = BytesMut::new();
+            frontend::copy_fail("the test ended", &mut fail)?;
+            frontend::sync(&mut fail);
+            self.gate.wrote_on_session(&fail);
+            self.write(&fail, timeout)?;
+            quiet = self.gate.quiesce(if reader_alive {
+                CANCEL_TIMEOUT
+            } else {
+                Duration::ZERO
+            });
+        }
+        if let Quiet::Owed(_) = quiet
+            && reader_alive
+        {
+            self.cancel();
+            quiet = self.gate.quiesce(CANCEL_TIMEOUT);
+        }
+        match quiet {
+            Quiet::AtRest => self.write(bytes, timeout),
+            Quiet::CopyOpen => Err(std::io::Error::other(
+                "a COPY the test started on its control connection is still open",
+            )),
+            Quiet::Owed(n) => Err(std::io::Error::other(format!(
+                "the server still owes the test's control connection {n} answer(s) (a statement still running, or a connection that stopped reading)"
+            ))),
+        }
+    }
+
+    /// Asks the server to cancel what the session runs (a CancelRequest on a new connection
+    /// to the same server). Best effort: the wait after it says whether it worked.
+    fn cancel(&self) {
+        let Some((pid, secret)) = self.gate.cancel_key() else {
+            return;
+        };
+        let mut request = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut request);
+        let sent = self.socket.try_clone().and_then(|fd| {
+            use std::io::Write;
+            if self.unix {
+                let peer = std::os::unix::net::UnixStream::from(fd).peer_addr()?;
+                let path = peer
+                    .as_pathname()
+                    .ok_or_else(|| std::io::Error::other("the server's socket has no path"))?;
+                std::os::unix::net::UnixStream::connect(path)?.write_all(&request)
+            } else {
+                let peer = std::net::TcpStream::from(fd).peer_addr()?;
+                std::net::TcpStream::connect_timeout(&peer, Duration::from_secs(2))?
+                    .write_all(&request)
+            }
+        });
+        match sent {
+            Ok(()) => tracing::debug!(
+                pid,
+                "pgharness: cancelled what the test's control session still ran, to part from it"
+            ),
+            Err(error) => {
+                tracing::debug!(pid, %error, "pgharness: failed to cancel what the test's control session still ran")
+            }
+        }
+    }
+
+    /// Writes `bytes` whole on the duplicate, waiting for a full send buffer up to `timeout`.
+    fn write(&self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
         use nix::errno::Errno;
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let deadline = Instant::now() + timeout;
@@ -171,7 +286,7 @@ mod tests {
         use std::io::Read;
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let parting = Parting::of(&ours).unwrap();
+        let parting = Parting::of(&ours, Arc::default(), true, true).unwrap();
         drop(ours);
         // Larger than a Unix socket's buffer: the write waits for the reader.
         let bytes: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
@@ -180,7 +295,7 @@ mod tests {
             theirs.read_to_end(&mut got).unwrap();
             got
         });
-        parting.send(&bytes, Duration::from_secs(10)).unwrap();
+        parting.send(&bytes, Duration::from_secs(10), true).unwrap();
         assert_eq!(reader.join().unwrap(), bytes);
     }
 }

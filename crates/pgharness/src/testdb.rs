@@ -793,14 +793,20 @@ impl TestDb {
     /// server finishes the schema after the test (`parting`). Only a write that fails is
     /// the test's to hear of; what the finish meets on the server is recorded in the
     /// acquire log, and named by the run summary.
-    fn part(&self, parting: crate::parting::Parting, log: &ledger::AcquireLog<'_>, finish: Finish) {
+    fn part(
+        &self,
+        parting: crate::parting::Parting,
+        log: &ledger::AcquireLog<'_>,
+        finish: Finish,
+        reader_alive: bool,
+    ) {
         let shape = match self.server.backend() {
             BackendKind::Rds => crate::parting::Shape::Query,
             _ => crate::parting::Shape::Unsynced,
         };
         let statements = ledger::parting_sql(&self.ns, &self.schema, log, finish);
         let sent = crate::parting::message(&statements, shape)
-            .and_then(|bytes| parting.send(&bytes, Duration::from_secs(5)));
+            .and_then(|bytes| parting.send(&bytes, Duration::from_secs(5), reader_alive));
         match sent {
             Ok(()) => {
                 tracing::debug!(schema = %self.schema, "test database finished (not waited for)")
@@ -808,7 +814,7 @@ impl TestDb {
             Err(error) => {
                 tracing::warn!(schema = %self.schema, %error, "pgharness: the teardown could not be sent; the reaper will recycle or drop the schema");
                 eprintln!(
-                    "pgharness: the teardown of test `{}` could not be sent ({error}); schema {} is left for `cargo pgharness reap` to recycle or drop",
+                    "pgharness: the teardown of test `{}` could not be sent ({error}); schema {} is finished once its session ends, by a later test's teardown, the runner's janitor or `cargo pgharness reap`",
                     self.test_name, self.schema
                 );
             }
@@ -903,7 +909,7 @@ impl Drop for TestDb {
         if (client.is_closed() || detached)
             && let Some(parting) = parting
         {
-            self.part(parting, &log, finish);
+            self.part(parting, &log, finish, !client.is_closed());
             // tokio-postgres's own Terminate follows the parting's: the server has ended
             // the session at the first.
             drop(client);

@@ -131,6 +131,8 @@ async fn a_sqlx_layout_is_applied_as_sqlx_does_and_sqlx_finds_it_up_to_date() {
         common::ledger_status(&client, &schema).await.as_deref(),
         Some("ready")
     );
+    // Recycled under a new name.
+    let schema = common::current_name(&client, &schema).await.unwrap();
     let admin = common::admin(&server).await;
     let users: Vec<(String, bool)> = admin
         .query(

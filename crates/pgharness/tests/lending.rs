@@ -186,6 +186,7 @@ async fn a_lent_connection_left_in_a_transaction_is_rolled_back_and_recycled() {
         ledger_status(&watcher, &schema).await.as_deref(),
         Some("ready")
     );
+    let schema = common::current_name(&watcher, &schema).await.unwrap();
     let rows: i64 = watcher
         .query_one(&format!("SELECT count(*) FROM \"{schema}\".notes"), &[])
         .await

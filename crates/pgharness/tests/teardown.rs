@@ -148,7 +148,9 @@ async fn gets_it_back_fresh(settings: pgharness::Settings, dir: &std::path::Path
         .build()
         .await
         .unwrap();
-    assert_eq!(db.schema(), schema);
+    // A recycled schema comes back under a new name.
+    let now = common::current_name(db.client(), schema).await;
+    assert_eq!(Some(db.schema()), now.as_deref());
     let row = db
         .client()
         .query_one("SELECT count(*), nextval('notes_id_seq') FROM notes", &[])
@@ -180,11 +182,16 @@ async fn a_passing_test_returns_its_schema_to_the_pool_inline() {
         .await
         .unwrap();
     drop(db);
-    assert!(schema_exists(&client, &schema).await);
     assert_eq!(
         ledger_status(&client, &schema).await.as_deref(),
         Some("ready")
     );
+    let renamed = common::current_name(&client, &schema).await.unwrap();
+    assert!(
+        !schema_exists(&client, &schema).await,
+        "recycled under its old name"
+    );
+    assert!(schema_exists(&client, &renamed).await);
     gets_it_back_fresh(settings, &dir, &schema).await;
 }
 
@@ -256,6 +263,7 @@ async fn deferred_teardown_leaves_the_reset_to_the_janitor() {
         ledger_status(&client, &schema).await.as_deref(),
         Some("ready")
     );
+    let schema = common::current_name(&client, &schema).await.unwrap();
     let rows: i64 = client
         .query_one(&format!("SELECT count(*) FROM \"{schema}\".notes"), &[])
         .await

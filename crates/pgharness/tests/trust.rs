@@ -125,18 +125,34 @@ async fn a_reap_acts_only_on_its_own_role_s_schemas() {
     let other = Role::create(&admin, "other", &server).await;
     // The other role's pool: a ready schema, recorded in its own ledger.
     let dir = own_migrations("trust-reap", "CREATE TABLE t (id int);");
+    let mut settings = other.settings();
+    settings.teardown = pgharness::Teardown::Inline;
     let db = TestDb::builder()
-        .settings(other.settings())
+        .settings(settings)
         .migrations(&dir)
         .build()
         .await
         .expect("the other role's test");
-    let theirs = db.schema().to_owned();
+    let first_name = db.schema().to_owned();
     db.client()
         .execute("INSERT INTO t VALUES (1)", &[])
         .await
         .unwrap();
     drop(db);
+    // Recycled into their pool under a new name.
+    let theirs: String = other
+        .client()
+        .await
+        .query_one(
+            &format!(
+                "SELECT schema_name FROM {}.ledger WHERE previous_name = $1",
+                Namespace::for_user(&other.name)
+            ),
+            &[&first_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     // Unused for a day, as a pool of last week's work.
     other
         .client()

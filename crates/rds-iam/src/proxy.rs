@@ -499,6 +499,10 @@ async fn forward_cancel(
         .write_all(&forwarded)
         .await
         .map_err(|e| Error::io("failed to forward a cancel request", e))?;
+    upstream
+        .flush()
+        .await
+        .map_err(|e| Error::io("failed to forward a cancel request", e))?;
     upstream.shutdown().await.ok();
     Ok(())
 }

@@ -561,6 +561,10 @@ async fn pipeline(
         .write_all(&out)
         .await
         .map_err(|e| Error::io("failed to write to the server", e))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| Error::io("failed to write to the server", e))?;
     let mut buffer = BytesMut::new();
     let mut row = None;
     let mut owed = statements.len();
@@ -736,6 +740,7 @@ async fn relay(
         .write_all(&upstream.greeting_with_key(shown))
         .await
         .map_err(to_client)?;
+    client.flush().await.map_err(to_client)?;
     // ReadyForQuery messages the server still owes, and how many of them answer the
     // proxy's own statement (swallowed) rather than the client's.
     let (mut owed, mut swallow) = (0usize, 0usize);
@@ -745,6 +750,7 @@ async fn relay(
             .write_all(&query(&statement))
             .await
             .map_err(to_server)?;
+        upstream.stream.flush().await.map_err(to_server)?;
         (owed, swallow) = (1, 1);
     }
     let mut unsynced = false;
@@ -775,7 +781,11 @@ async fn relay(
                     }
                     out.extend_from_slice(&frame);
                 }
+                // Flushed, or the TLS records the write made can wait in rustls's buffer
+                // for a write that never comes (a COPY's last data and CopyDone, when the
+                // tunnel's window was full): the server then waits for ever.
                 upstream.stream.write_all(&out).await.map_err(to_server)?;
+                upstream.stream.flush().await.map_err(to_server)?;
                 if terminated {
                     break;
                 }
@@ -811,6 +821,7 @@ async fn relay(
                     }
                 }
                 client.write_all(&out).await.map_err(to_client)?;
+                client.flush().await.map_err(to_client)?;
             }
         }
     }

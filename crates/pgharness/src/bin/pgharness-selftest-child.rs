@@ -4,7 +4,10 @@
 //! `claim` takes a migrated database, prints its schema, waits for its standard input to
 //! close (the caller's sync point) and passes; `broken-teardown` takes a database, renames its
 //! role's ledger `finish` function away (run it as a role of its own) and passes, so that
-//! its teardown fails. It installs no tracing subscriber, as many projects do not.
+//! its teardown fails; `prepared` takes a migrated database (a table `items (id int)`), runs
+//! statements with parameters (prepared, then closed as they drop, as most tests query) and
+//! passes, its process exiting as soon as its teardown is sent. It installs no tracing
+//! subscriber, as many projects do not.
 
 use std::io::Write;
 
@@ -19,7 +22,7 @@ fn main() {
     runtime.block_on(async {
         let builder = TestDb::builder().test_name(format!("selftest_{mode}"));
         let builder = match mode.as_str() {
-            "claim" => builder,
+            "claim" | "prepared" => builder,
             _ => builder.without_migrations(),
         };
         let db = builder
@@ -35,6 +38,26 @@ fn main() {
                 )
                 .await
                 .expect("the ledger's finish renamed");
+            return;
+        }
+        if mode == "prepared" {
+            for id in 0..3i32 {
+                db.client()
+                    .execute("INSERT INTO items (id) VALUES ($1)", &[&id])
+                    .await
+                    .expect("an insert with a parameter");
+            }
+            let statement = db
+                .client()
+                .prepare("SELECT count(*) FROM items WHERE id >= $1")
+                .await
+                .expect("a prepared statement");
+            db.client()
+                .query_one(&statement, &[&0i32])
+                .await
+                .expect("its answer");
+            // The statement's Close goes out as it drops, just before the teardown.
+            drop(statement);
             return;
         }
         if mode == "claim" {

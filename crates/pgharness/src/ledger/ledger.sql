@@ -37,7 +37,10 @@ ALTER TABLE __NS__.ledger
   ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '',
   ADD COLUMN IF NOT EXISTS fresh jsonb,
   ADD COLUMN IF NOT EXISTS uses integer NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
+  ADD COLUMN IF NOT EXISTS claimed_at timestamptz,
+  -- The name the schema had before its last recycle (`finish` renames a recycled schema, so
+  -- that a session of the test that ended can never reach the next test's data by name).
+  ADD COLUMN IF NOT EXISTS previous_name text;
 -- The primary key only: the ledger holds a row per schema (hundreds), so scans are cheap,
 -- and a claim's update then touches no other index (every index a test's first statement
 -- touches costs it a cold cache entry in its new session).
@@ -68,7 +71,9 @@ CREATE INDEX IF NOT EXISTS acquires_open ON __NS__.acquires (schema_name) WHERE 
 -- Nothing is granted to anyone: the role's own objects are for the role alone.
 
 -- The structure of a schema, as a hash. Relations are compared by content (leaving out
--- what TRUNCATE, VACUUM and ANALYZE change: relfilenode, statistics, frozen xids); every
+-- what TRUNCATE, VACUUM, ANALYZE and REFRESH change: relfilenode, statistics, frozen xids,
+-- but not whether a materialized view is populated); the schema by its owner and ACL (not
+-- its name: `finish` renames a recycled schema); every
 -- other catalog by the count and the xmin sum of its rows for the schema: all of a fresh
 -- schema's rows are written by the transaction that migrated it, so any later DDL (a row
 -- added, replaced or removed) changes the count or raises the sum. Every lookup goes
@@ -99,10 +104,10 @@ BEGIN
   SELECT string_agg(concat_ws(',', c.oid, c.relname, c.relnamespace, c.relkind, c.relowner,
            c.relacl::text, c.reloptions::text, c.relpersistence, c.relnatts, c.relchecks,
            c.relrowsecurity, c.relforcerowsecurity, c.relreplident, c.relispartition,
-           c.reltype, c.relam, c.reloftype, c.relpartbound::text), ';' ORDER BY c.oid)
+           c.reltype, c.relam, c.reloftype, c.relpartbound::text, c.relispopulated), ';' ORDER BY c.oid)
     INTO part FROM pg_class c WHERE c.oid = ANY (rels);
   acc := members || '|' || coalesce(part, '');
-  SELECT concat_ws(',', nspname, nspowner, nspacl::text, xmin) INTO part FROM pg_namespace WHERE oid = nsp;
+  SELECT concat_ws(',', nspowner, nspacl::text) INTO part FROM pg_namespace WHERE oid = nsp;
   acc := acc || '|' || coalesce(part, '');
   SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) INTO part FROM pg_attribute WHERE attrelid = ANY (rels);
   acc := acc || '|' || part;
@@ -150,6 +155,58 @@ LANGUAGE sql IMMUTABLE AS $sq$
     FROM unnest(p_sequences) AS u(x)
 $sq$;
 
+-- Row-level security that applies to the schema's owner too (FORCE) would hide rows from
+-- `capture` and `reset`: they lift it for their own transaction (other sessions never see
+-- it lifted) and `reforce` puts it back. Returns the tables it was lifted on.
+CREATE OR REPLACE FUNCTION __NS__.unforce(p_schema text) RETURNS text[]
+LANGUAGE plpgsql VOLATILE AS $unf$
+DECLARE
+  forced text[];
+  t text;
+BEGIN
+  SELECT coalesce(array_agg(c.relname ORDER BY c.relname), '{}') INTO forced
+    FROM pg_class c WHERE c.relnamespace = to_regnamespace(quote_ident(p_schema))
+     AND c.relkind IN ('r', 'p') AND c.relforcerowsecurity;
+  FOREACH t IN ARRAY forced LOOP
+    EXECUTE format('ALTER TABLE %I.%I NO FORCE ROW LEVEL SECURITY', p_schema, t);
+  END LOOP;
+  RETURN forced;
+END
+$unf$;
+
+CREATE OR REPLACE FUNCTION __NS__.reforce(p_schema text, p_tables text[]) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $ref$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY p_tables LOOP
+    EXECUTE format('ALTER TABLE %I.%I FORCE ROW LEVEL SECURITY', p_schema, t);
+  END LOOP;
+END
+$ref$;
+
+-- Whether some rows of the schema may be hidden from the current role by row-level
+-- security it cannot lift: a table with RLS enabled that another role owns (the owner is
+-- exempt unless FORCE, which `unforce` lifts), unless the role bypasses RLS.
+CREATE OR REPLACE FUNCTION __NS__.rows_hidden(nsp oid) RETURNS boolean
+LANGUAGE sql STABLE AS $hid$
+  SELECT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p')
+                   AND c.relrowsecurity
+                   AND c.relowner <> (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user))
+     AND NOT (SELECT r.rolbypassrls OR r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+$hid$;
+
+-- The content of a relation as a hash (rows as text, in text order; NULL when empty).
+CREATE OR REPLACE FUNCTION __NS__.digest(p_schema text, p_relation text) RETURNS text
+LANGUAGE plpgsql STABLE AS $dig$
+DECLARE
+  digest text;
+BEGIN
+  EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, p_relation) INTO digest;
+  RETURN digest;
+END
+$dig$;
+
 -- Whether the current role owns the schema: pgharness drops, empties and renames only its
 -- own schemas, whatever a ledger row says.
 CREATE OR REPLACE FUNCTION __NS__.owned(p_schema text) RETURNS boolean
@@ -161,7 +218,10 @@ $own$;
 -- What a freshly migrated schema looks like, for `reset` to return to: its fingerprint, its
 -- tables (children before parents), the tables that hold rows now (seed data from the
 -- migrations) with a hash of their content and, up to 1000 rows and 256 kB a table, the rows
--- themselves (for `reset` to put back), and every sequence with its state. Names only:
+-- themselves (for `reset` to put back), every sequence with its state, every materialized
+-- view (populated or not, and its rows' hash), and whether row-level security may hide rows
+-- from the role (then `reset` cannot prove the schema fresh, and it is never recycled).
+-- Every row is seen: FORCE ROW LEVEL SECURITY is lifted for the capture (`unforce`). Names only:
 -- `reset` builds its statements from them with format('%I'), and no SQL text is ever kept
 -- in the ledger and executed.
 CREATE OR REPLACE FUNCTION __NS__.capture(p_schema text) RETURNS jsonb
@@ -179,6 +239,9 @@ DECLARE
   seqs jsonb := '[]';
   digest text;
   seq_names text[];
+  forced text[] := __NS__.unforce(p_schema);
+  matviews jsonb := '{}';
+  m record;
 BEGIN
   SELECT coalesce(array_agg(c.relname ORDER BY c.relname), '{}') INTO remaining
     FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
@@ -223,10 +286,18 @@ BEGIN
   IF seq_names IS NOT NULL THEN
     EXECUTE __NS__.sequences_query(p_schema, seq_names) INTO seqs;
   END IF;
+  -- Materialized views: whether each is populated, and its rows' hash when it is.
+  FOR m IN SELECT c.relname, c.relispopulated FROM pg_class c
+            WHERE c.relnamespace = nsp AND c.relkind = 'm' ORDER BY c.relname LOOP
+    matviews := matviews || jsonb_build_object(m.relname, jsonb_build_array(m.relispopulated,
+        CASE WHEN m.relispopulated THEN __NS__.digest(p_schema, m.relname) END));
+  END LOOP;
+  PERFORM __NS__.reforce(p_schema, forced);
   RETURN jsonb_build_object('fingerprint', __NS__.fingerprint(nsp), 'seed', seed,
                             'seed_rows', seed_rows,
                             'sequences', seqs, 'tables', to_jsonb(ordered),
-                            'sequence_names', to_jsonb(coalesce(seq_names, '{}')));
+                            'sequence_names', to_jsonb(coalesce(seq_names, '{}')),
+                            'matviews', matviews, 'hidden', __NS__.rows_hidden(nsp));
 END
 $cap$;
 
@@ -234,10 +305,18 @@ $cap$;
 -- holds some (children first, again while triggers add rows), puts the seed tables' rows
 -- back when a test changed them (all seed tables: deleted children first, inserted parents
 -- first, generated columns recomputed, identities as they were), checks that they are as
--- they were, and puts sequences back. Returns 'recycled', or why it cannot be: 'changed'
--- (its structure changed), 'seed' (seed rows changed and could not be put back), 'busy'
--- (another session of the test is still connected), 'failed' (a delete was refused),
--- 'missing'.
+-- they were, puts materialized views and sequences back, and checks the structure. Returns
+-- 'recycled', or why it cannot be: 'changed' (its structure changed), 'seed' (seed rows
+-- changed and could not be put back), 'matview' (a materialized view's rows could not be
+-- put back), 'hidden' (row-level security the role cannot lift may hide rows), 'busy'
+-- (another session still writes in it: an open transaction holds a lock that conflicts with
+-- its reset), 'failed' (a delete was refused), 'missing'.
+--
+-- What it proves rather than assumes: no other session can write while it runs (its tables
+-- are locked against writers first, and a writer still in a transaction makes it 'busy');
+-- every row is seen (FORCE ROW LEVEL SECURITY is lifted for its transaction); what it
+-- cannot put back ends in a drop. A session of the test that is still connected but idle
+-- cannot reach the schema afterwards: `finish` renames a recycled schema.
 CREATE OR REPLACE FUNCTION __NS__.reset(p_schema text, p_fresh jsonb) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $reset$
 DECLARE
@@ -252,28 +331,46 @@ DECLARE
   seed_changed boolean;
   cols text;
   waits integer;
+  lockable text;
+  timeout_before text;
+  forced text[];
+  m record;
+  want jsonb;
 BEGIN
   IF nsp IS NULL OR p_fresh IS NULL OR p_fresh->'tables' IS NULL
      OR (SELECT n.nspowner FROM pg_namespace n WHERE n.oid = nsp)
         IS DISTINCT FROM (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user) THEN
     RETURN 'missing';
   END IF;
+  IF coalesce((p_fresh->>'hidden')::boolean, false) OR __NS__.rows_hidden(nsp) THEN
+    RETURN 'hidden';
+  END IF;
   -- Which tables hold rows, children first: built from their names with format('%I').
   SELECT 'SELECT array_remove(ARRAY[' || coalesce(string_agg(format('CASE WHEN EXISTS (SELECT 1 FROM %I.%I) THEN %L END', p_schema, x, x), ', ' ORDER BY i), '') || ']::text[], NULL)'
     INTO probe FROM jsonb_array_elements_text(p_fresh->'tables') WITH ORDINALITY AS u(x, i);
-  -- Connections of the test that are still closing: wait for them, never reset under
-  -- them. Briefly (30 ms) unless the caller says otherwise (`pgharness.busy_wait_ms`: a
-  -- teardown nobody waits for gives the test's process time to exit).
-  waits := greatest(1, coalesce(nullif(current_setting('pgharness.busy_wait_ms', true), '')::integer, 30) / 5);
-  FOR i IN 0..waits LOOP
-    PERFORM pg_stat_clear_snapshot();
-    EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity
-                           WHERE application_name = p_schema AND pid <> pg_backend_pid());
-    IF i = waits THEN
+  -- No session may write while the reset runs, and none may have written in a transaction
+  -- still open (it could commit after the reset): every table is locked against writers,
+  -- whatever session holds a conflicting lock (any application_name). Briefly (30 ms)
+  -- unless the caller says otherwise (`pgharness.busy_wait_ms`: a teardown nobody waits
+  -- for gives the test's process time to exit).
+  -- (Tables whose FORCE ROW LEVEL SECURITY `unforce` lifts take the lock that needs.)
+  SELECT string_agg(format('LOCK TABLE %I.%I IN %s MODE', p_schema, c.relname,
+                           CASE WHEN c.relforcerowsecurity THEN 'ACCESS EXCLUSIVE' ELSE 'EXCLUSIVE' END),
+                    '; ' ORDER BY c.relname) INTO lockable
+    FROM pg_class c WHERE c.relnamespace = nsp AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
+  waits := greatest(1, coalesce(nullif(current_setting('pgharness.busy_wait_ms', true), '')::integer, 30));
+  IF lockable IS NOT NULL THEN
+    timeout_before := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', waits || 'ms', true);
+    BEGIN
+      EXECUTE lockable;
+    EXCEPTION WHEN lock_not_available THEN
+      PERFORM set_config('lock_timeout', timeout_before, true);
       RETURN 'busy';
-    END IF;
-    PERFORM pg_sleep(0.005);
-  END LOOP;
+    END;
+    PERFORM set_config('lock_timeout', timeout_before, true);
+  END IF;
+  forced := __NS__.unforce(p_schema);
   -- The rows first, the structure last: one fingerprint then covers both what the test
   -- did and anything the deletes' triggers did. A schema whose structure changed is dropped
   -- whatever the deletes did to it (and a delete it refuses ends in a drop too).
@@ -296,8 +393,7 @@ BEGIN
       EXIT WHEN round = 2;
       seed_changed := false;
       FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
-        EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
-        seed_changed := seed_changed OR digest IS DISTINCT FROM p_fresh->'seed'->>t;
+        seed_changed := seed_changed OR __NS__.digest(p_schema, t) IS DISTINCT FROM p_fresh->'seed'->>t;
       END LOOP;
       EXIT WHEN NOT seed_changed;
       -- Every seed table's rows must have been kept to put them back.
@@ -324,12 +420,29 @@ BEGIN
     -- Seed rows put back are checked against their hashes (unchanged ones were, above).
     IF seed_changed THEN
       FOR t IN SELECT jsonb_object_keys(p_fresh->'seed') LOOP
-        EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
-        IF digest IS DISTINCT FROM p_fresh->'seed'->>t THEN
+        IF __NS__.digest(p_schema, t) IS DISTINCT FROM p_fresh->'seed'->>t THEN
           RETURN 'seed';
         END IF;
       END LOOP;
     END IF;
+    -- Materialized views, over the tables as they are again: populated ones hold the rows
+    -- they held (refreshed when they do not), unpopulated ones are emptied again. One
+    -- `capture` did not see is new structure, which the fingerprint finds.
+    FOR m IN SELECT c.relname, c.relispopulated FROM pg_class c
+              WHERE c.relnamespace = nsp AND c.relkind = 'm' ORDER BY c.relname LOOP
+      want := p_fresh->'matviews'->m.relname;
+      CONTINUE WHEN want IS NULL;
+      IF (want->>0)::boolean THEN
+        IF NOT m.relispopulated OR __NS__.digest(p_schema, m.relname) IS DISTINCT FROM want->>1 THEN
+          EXECUTE format('REFRESH MATERIALIZED VIEW %I.%I', p_schema, m.relname);
+          IF __NS__.digest(p_schema, m.relname) IS DISTINCT FROM want->>1 THEN
+            RETURN 'matview';
+          END IF;
+        END IF;
+      ELSIF m.relispopulated THEN
+        EXECUTE format('REFRESH MATERIALIZED VIEW %I.%I WITH NO DATA', p_schema, m.relname);
+      END IF;
+    END LOOP;
     IF jsonb_array_length(p_fresh->'sequence_names') > 0 THEN
       EXECUTE __NS__.sequences_query(p_schema,
           array(SELECT jsonb_array_elements_text(p_fresh->'sequence_names'))) INTO seq_state;
@@ -339,6 +452,7 @@ BEGIN
         END LOOP;
       END IF;
     END IF;
+    PERFORM __NS__.reforce(p_schema, forced);
   EXCEPTION WHEN OTHERS THEN
     RETURN CASE WHEN __NS__.fingerprint(nsp) IS DISTINCT FROM p_fresh->>'fingerprint'
                 THEN 'changed' ELSE 'failed' END;
@@ -353,7 +467,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION __NS__.version_12() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 12';
+CREATE OR REPLACE FUNCTION __NS__.version_13() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 13';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).
@@ -377,17 +491,27 @@ $reg$;
 
 -- Recycles up to p_limit schemas whose test passed (status passed), whose owner is gone
 -- and that nobody else is handling: the janitor's work when there is no janitor (a plain
--- `cargo nextest run`), done by a test's teardown after its own. Returns how many.
+-- `cargo nextest run`), done by a test's teardown after its own. Also finishes schemas whose
+-- teardown never came (status active, its owner's session gone: the owner lock is free):
+-- a process killed, or a parting the server never ran. Their acquire is logged with the
+-- path 'lost' and the outcome of the recycle. Returns how many.
 CREATE OR REPLACE FUNCTION __NS__.sweep(p_limit integer) RETURNS integer
 LANGUAGE plpgsql VOLATILE AS $sweep$
 DECLARE
   r record;
   done integer := 0;
 BEGIN
-  FOR r IN SELECT schema_name, lock_key FROM __NS__.ledger
-            WHERE status = 'passed' AND ended_at < now() - interval '100 milliseconds'
-            ORDER BY ended_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
+  FOR r IN SELECT schema_name, lock_key, status, run_id, test_name, claimed_at FROM __NS__.ledger
+            WHERE (status = 'passed' AND ended_at < now() - interval '100 milliseconds')
+               OR (status = 'active' AND claimed_at < now() - interval '1 second')
+            ORDER BY coalesce(ended_at, claimed_at) LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
     CONTINUE WHEN NOT pg_try_advisory_xact_lock(1885825024, r.lock_key); -- ledger::SCHEMA_LOCK_SPACE
+    IF r.status = 'active' THEN
+      INSERT INTO __NS__.acquires (id, run_id, test_name, schema_name, path)
+      VALUES ('lost:' || r.schema_name || ':' || extract(epoch FROM r.claimed_at), r.run_id,
+              r.test_name, r.schema_name, 'lost')
+      ON CONFLICT (id) DO NOTHING;
+    END IF;
     PERFORM __NS__.finish_detached(r.schema_name, NULL, 'recycle');
     done := done + 1;
   END LOOP;
@@ -412,6 +536,7 @@ DECLARE
   name text := p_schema;
   elapsed double precision;
   v_acquire_ms double precision := (p_acquire->>'acquire_ms')::double precision;
+  renamed text;
 BEGIN
   IF p_acquire IS NOT NULL THEN
     INSERT INTO __NS__.acquires (id, run_id, test_name, schema_name, path, connect_ms, claim_ms,
@@ -456,7 +581,14 @@ BEGIN
     RETURN 'passed:busy';
   END IF;
   IF result = 'recycled' THEN
-    UPDATE __NS__.ledger SET status = 'ready', ended_at = now() WHERE schema_name = p_schema;
+    -- A new name: a session of the test still connected (an app's pool the test left open)
+    -- finds nothing under the old one, so it can never write into the next test's data.
+    SELECT 'p_' || left(l.migrations_hash, 12) || '_' || left(replace(gen_random_uuid()::text, '-', ''), 16)
+      INTO renamed FROM __NS__.ledger l WHERE l.schema_name = p_schema;
+    EXECUTE format('ALTER SCHEMA %I RENAME TO %I', p_schema, renamed);
+    UPDATE __NS__.ledger SET status = 'ready', ended_at = now(), schema_name = renamed,
+           previous_name = p_schema
+     WHERE schema_name = p_schema;
     UPDATE __NS__.acquires SET outcome = 'recycled', reset_ms = elapsed
      WHERE schema_name = p_schema AND outcome IS NULL;
     RETURN 'recycled';
@@ -551,8 +683,17 @@ DO $sp$
 DECLARE f regprocedure;
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-            WHERE p.pronamespace = '__NS__'::regnamespace AND p.proname <> 'version_10' LOOP
+            WHERE p.pronamespace = '__NS__'::regnamespace LOOP
     EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+  END LOOP;
+  -- What they hash and keep is rows as text: the same text whatever the calling session's
+  -- settings (an sqlx session's TimeZone=UTC, a server's own time zone).
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+            WHERE p.pronamespace = '__NS__'::regnamespace
+              AND p.proname IN ('capture', 'reset', 'digest', 'finish', 'finish_detached', 'sweep') LOOP
+    EXECUTE format('ALTER FUNCTION %s SET TimeZone = ''UTC'' SET DateStyle = ''ISO, YMD'' '
+                   'SET IntervalStyle = ''postgres'' SET extra_float_digits = 1 '
+                   'SET bytea_output = ''hex'' SET lc_monetary = ''C''', f);
   END LOOP;
 END
 $sp$;

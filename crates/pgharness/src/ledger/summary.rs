@@ -22,6 +22,9 @@ pub struct RunSummary {
     pub kept: u64,
     /// Acquires whose schema is not yet recycled or dropped, or whose test did not finish.
     pub pending: u64,
+    /// Schemas whose teardown never came (a killed process, a teardown the server never
+    /// ran), found and finished by a later teardown's sweep, the janitor or the reaper.
+    pub lost: u64,
     /// Median time from asking for a database to having it, in milliseconds.
     pub acquire_p50_ms: Option<f64>,
     /// 95th percentile of the same.
@@ -57,6 +60,7 @@ pub async fn run_summary(
         .query_one(
             &format!("SELECT count(DISTINCT test_name),
                     count(*) FILTER (WHERE path = 'claimed'),
+                    count(*) FILTER (WHERE path = 'lost'),
                     count(*) FILTER (WHERE path = 'created'),
                     count(*) FILTER (WHERE outcome = 'recycled'),
                     count(*) FILTER (WHERE outcome LIKE 'dropped%'),
@@ -101,18 +105,19 @@ pub async fn run_summary(
     Ok(RunSummary {
         tests: count(0),
         claimed: count(1),
-        created: count(2),
-        recycled: count(3),
-        dropped: count(4),
-        kept: count(5),
-        pending: count(6),
-        acquire_p50_ms: row.get(7),
-        acquire_p95_ms: row.get(8),
-        claimed_p50_ms: row.get(9),
-        claimed_p95_ms: row.get(10),
-        created_p50_ms: row.get(11),
-        created_p95_ms: row.get(12),
-        reset_p50_ms: row.get(13),
+        lost: count(2),
+        created: count(3),
+        recycled: count(4),
+        dropped: count(5),
+        kept: count(6),
+        pending: count(7),
+        acquire_p50_ms: row.get(8),
+        acquire_p95_ms: row.get(9),
+        claimed_p50_ms: row.get(10),
+        claimed_p95_ms: row.get(11),
+        created_p50_ms: row.get(12),
+        created_p95_ms: row.get(13),
+        reset_p50_ms: row.get(14),
         kept_schemas: kept.iter().map(|r| (r.get(0), r.get(1))).collect(),
         teardown_failures: failures.iter().map(|r| (r.get(0), r.get(1))).collect(),
     })
