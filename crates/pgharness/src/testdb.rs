@@ -23,8 +23,9 @@ use crate::{backend, driver, naming, pool};
 /// Every connection it hands out (`client()`, `pool()`, `connect()`, and any client given
 /// `connection_string()`) starts with `search_path = <schema>, public`.
 ///
-/// When it is dropped, the schema is dropped too, unless the test is panicking (failed), in
-/// which case it is kept and a `psql` command to inspect it is printed.
+/// When it is dropped, the schema is reset and returned to the pool under a new name (or
+/// dropped, when it cannot be proven fresh), unless the test is panicking (failed), in which
+/// case it is kept and a `psql` command to inspect it is printed.
 pub struct TestDb {
     schema: String,
     test_name: String,
@@ -1001,8 +1002,8 @@ pub struct ConnectParams {
     pub database: String,
     /// Startup options: `-csearch_path=<schema>,…` (and, through the RDS proxy, its lease).
     pub options: String,
-    /// The schema's name: pgharness waits for the sessions of this name to close before it
-    /// recycles the schema.
+    /// The schema's name, to tell the test's sessions apart in `pg_stat_activity` (an app
+    /// may use its own: the reset waits for any session that still writes in the schema).
     pub application_name: String,
 }
 

@@ -32,6 +32,10 @@ async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+async fn flag(client: &Client, sql: &str) -> bool {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Waits (bounded) until the server has finished `schema` after its test: its ledger row is
 /// no longer `active`. Returns the status.
 async fn finished(admin: &Client, schema: &str) -> String {
@@ -82,17 +86,12 @@ async fn a_materialized_view_refreshed_by_a_test_is_empty_again_for_the_next() {
         "the recycled schema is claimed"
     );
     assert_eq!(count(next.client(), "SELECT n FROM item_summary").await, 0);
-    let populated: bool = next
-        .client()
-        .query_one(
-            "SELECT relispopulated FROM pg_class WHERE oid = 'later'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert!(
-        !populated,
+        !flag(
+            next.client(),
+            "SELECT relispopulated FROM pg_class WHERE oid = 'later'::regclass"
+        )
+        .await,
         "a view created WITH NO DATA is unpopulated again"
     );
 }
@@ -131,16 +130,14 @@ async fn rows_hidden_by_forced_row_level_security_do_not_survive_a_recycle() {
         .await
         .unwrap();
     assert_eq!(count(next.client(), "SELECT count(*) FROM notes").await, 0);
-    let forced: bool = next
-        .client()
-        .query_one(
-            "SELECT relforcerowsecurity FROM pg_class WHERE oid = 'notes'::regclass",
-            &[],
+    assert!(
+        flag(
+            next.client(),
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = 'notes'::regclass"
         )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(forced, "FORCE ROW LEVEL SECURITY is back on");
+        .await,
+        "FORCE ROW LEVEL SECURITY is back on"
+    );
 }
 
 #[tokio::test]

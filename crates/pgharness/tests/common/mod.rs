@@ -81,29 +81,23 @@ pub(crate) async fn schema_of_run(client: &Client, run: &str) -> String {
         .get(0)
 }
 
-/// A schema's ledger status. A recycled schema is renamed (`finish` in ledger.sql): its row is then found by the
-/// name it had (`previous_name`).
+/// A schema's ledger status. A recycled schema is renamed (`finish` in ledger.sql): its row
+/// is then found by the name it had (`previous_name`).
 pub(crate) async fn ledger_status(client: &Client, schema: &str) -> Option<String> {
-    client
-        .query_opt(
-            &format!(
-                "SELECT status FROM {}.ledger WHERE schema_name = $1 OR previous_name = $1
-                  ORDER BY schema_name = $1 DESC LIMIT 1",
-                admin_ns()
-            ),
-            &[&schema],
-        )
-        .await
-        .expect("query")
-        .map(|row| row.get(0))
+    ledger_field(client, schema, "status").await
 }
 
 /// The name a schema has now: its own, or the one its recycle gave it.
 pub(crate) async fn current_name(client: &Client, schema: &str) -> Option<String> {
+    ledger_field(client, schema, "schema_name").await
+}
+
+/// A text column of the ledger row of `schema`, by its name or the one it had.
+async fn ledger_field(client: &Client, schema: &str, column: &str) -> Option<String> {
     client
         .query_opt(
             &format!(
-                "SELECT schema_name FROM {}.ledger WHERE schema_name = $1 OR previous_name = $1
+                "SELECT {column} FROM {}.ledger WHERE schema_name = $1 OR previous_name = $1
                   ORDER BY schema_name = $1 DESC LIMIT 1",
                 admin_ns()
             ),
