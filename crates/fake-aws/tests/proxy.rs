@@ -335,7 +335,7 @@ impl tokio::io::AsyncWrite for Stalling {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.writes += 1;
-        if self.writes % 2 == 0 {
+        if self.writes.is_multiple_of(2) {
             cx.waker().wake_by_ref();
             return std::task::Poll::Pending;
         }
