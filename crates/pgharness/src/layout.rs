@@ -11,8 +11,11 @@
 //!
 //! `auto` picks `diesel` for a directory of migration directories, `refinery` when every
 //! `.sql` file is named as refinery names them, `sqlx` when a file is reversible
-//! (`.up.sql`/`.down.sql`), else `plain`: sqlx's simple layout and the plain one look alike,
-//! so `migrations_layout = "sqlx"` says which it is.
+//! (`.up.sql`/`.down.sql`) or when every `.sql` file is `<version>_<description>.sql` and a
+//! version is a timestamp (14 digits or more, as `sqlx migrate add` names them), else
+//! `plain`. A directory of `0001_users.sql` files reads as `plain`: sqlx's simple layout
+//! with sequential versions and the plain one look alike, so `migrations_layout = "sqlx"`
+//! says which it is.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -108,6 +111,22 @@ fn unique_versions(dir: &Path, versions: impl Iterator<Item = i64>) -> Result<()
     Ok(())
 }
 
+/// Whether the `.sql` files among `names` are all named `<version>_<description>.sql` and one
+/// version is a timestamp (`sqlx migrate add`'s `20240101120000_users.sql`).
+fn sqlx_timestamped(names: impl Iterator<Item = String>) -> bool {
+    let mut timestamped = false;
+    for name in names.filter(|name| name.ends_with(".sql")) {
+        let Some((version, _)) = name.split_once('_') else {
+            return false;
+        };
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        timestamped |= version.len() >= 14;
+    }
+    timestamped
+}
+
 /// Reads `dir` in `layout` (resolving `auto`).
 pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
     let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
@@ -145,6 +164,16 @@ pub(crate) fn read(dir: &Path, layout: Layout) -> Result<Read, Error> {
             if entries
                 .iter()
                 .any(|(p, _)| name(p).ends_with(".up.sql") || name(p).ends_with(".down.sql")) =>
+        {
+            Layout::Sqlx
+        }
+        Layout::Auto
+            if sqlx_timestamped(
+                entries
+                    .iter()
+                    .filter(|(_, is_dir)| !is_dir)
+                    .map(|(p, _)| name(p)),
+            ) =>
         {
             Layout::Sqlx
         }
@@ -465,4 +494,41 @@ fn refinery_checksum(name: &str, version: i32, sql: &str) -> u64 {
     version.hash(&mut hasher);
     sql.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod detection {
+    use super::*;
+
+    fn detected(files: &[&str]) -> Layout {
+        let dir = std::env::temp_dir().join(format!("pgharness-layout-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in files {
+            std::fs::write(dir.join(file), "SELECT 1;").unwrap();
+        }
+        let layout = read(&dir, Layout::Auto).unwrap().layout;
+        std::fs::remove_dir_all(&dir).unwrap();
+        layout
+    }
+
+    #[test]
+    fn auto_reads_timestamped_migrations_as_sqlx_does_and_numbered_ones_as_plain() {
+        assert_eq!(
+            detected(&[
+                "20200823135036_create_subscriptions.sql",
+                "20210307181858_add_status.sql"
+            ]),
+            Layout::Sqlx
+        );
+        assert_eq!(
+            detected(&["0001_users.sql", "0002_todos.sql"]),
+            Layout::Plain
+        );
+        assert_eq!(
+            detected(&["20200823135036_a.sql", "notes.sql"]),
+            Layout::Plain
+        );
+        assert_eq!(detected(&["1_a.up.sql", "1_a.down.sql"]), Layout::Sqlx);
+        assert_eq!(detected(&["V1__a.sql"]), Layout::Refinery);
+    }
 }

@@ -158,6 +158,14 @@ pub(crate) fn create_batches<'m>(
             batches.push(Part::Code(code));
             batch.push("BEGIN;");
         }
+        // Nothing the migrations wrote may be outside the schema (ledger.sql says how).
+        if !migrations.files.is_empty() {
+            batch.push(&format!(
+                "SELECT {}.refuse_written_elsewhere({});",
+                who.ns,
+                crate::script::quote_literal(schema)
+            ));
+        }
         if let Some(history) = &migrations.history {
             batch.push(history);
         }

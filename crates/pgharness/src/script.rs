@@ -208,6 +208,13 @@ impl Batch {
     /// Turns a driver error into an error naming the file and line, when the server gave a
     /// position inside one of the files; otherwise into a plain Postgres error.
     pub(crate) fn explain(&self, action: &str, error: tokio_postgres::Error) -> Error {
+        if let Some(location) = self.naming_foreign_schema(&error) {
+            return Error::Sql {
+                kind: "migration",
+                location,
+                error,
+            };
+        }
         let position = match error.as_db_error().and_then(|db| db.position()) {
             Some(tokio_postgres::error::ErrorPosition::Original(position)) => *position as usize,
             _ => return self.explain_by_statement(action, error),
@@ -226,6 +233,33 @@ impl Batch {
             }
         }
         Error::postgres(action, error)
+    }
+
+    /// For migrations refused for writing outside the test's schema (`PH002`, the foreign
+    /// schemas in its detail): `path:line` of the first line of a file that names one.
+    fn naming_foreign_schema(&self, error: &tokio_postgres::Error) -> Option<String> {
+        let db = error.as_db_error()?;
+        if db.code().code() != FOREIGN_OBJECTS_SQLSTATE {
+            return None;
+        }
+        let schemas: Vec<String> = db
+            .detail()?
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .collect();
+        self.spans.iter().find_map(|span| {
+            let text: String = self.text[span.text_start..]
+                .chars()
+                .take(span.end_char - span.start_char)
+                .collect();
+            text.lines().enumerate().find_map(|(i, line)| {
+                let line = line.to_lowercase();
+                schemas
+                    .iter()
+                    .any(|schema| names_schema(&line, schema))
+                    .then(|| format!("{}:{}", span.path.display(), i + 1))
+            })
+        })
     }
 
     /// Errors without a position (e.g. a missing table at run time) name the files only
@@ -249,6 +283,19 @@ impl Batch {
             Error::postgres(format!("{action} (running {})", files.join(", ")), error)
         }
     }
+}
+
+/// The SQLSTATE of `refuse_written_elsewhere` (ledger.sql).
+const FOREIGN_OBJECTS_SQLSTATE: &str = "PH002";
+
+/// Whether a (lowercased) line names `schema` as a word: `apalis.jobs`, `schema apalis`.
+fn names_schema(line: &str, schema: &str) -> bool {
+    line.match_indices(schema).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + schema.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !word(before) && !word(after)
+    })
 }
 
 /// `sql` with its top-level transaction control (`BEGIN`, `START TRANSACTION`, `COMMIT`,

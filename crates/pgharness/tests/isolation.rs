@@ -636,3 +636,50 @@ fn diff(fresh: &str, seen: &str) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn migrations_that_create_objects_outside_the_test_s_schema_are_refused_by_name() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let shared = format!("jobs_{}", uuid::Uuid::new_v4().simple());
+    let dir = own_migrations(
+        "named-schema",
+        &format!(
+            "CREATE TABLE local_table (id int);\nCREATE SCHEMA IF NOT EXISTS {shared};\nCREATE TABLE {shared}.jobs (id int);\nCREATE FUNCTION {shared}.next_job() RETURNS int LANGUAGE sql AS 'SELECT 1';"
+        ),
+    );
+    let error = TestDb::builder()
+        .settings(settings(Teardown::Inline))
+        .migrations(&dir)
+        .build()
+        .await
+        .err()
+        .expect("migrations writing outside the schema are accepted");
+    let message = error.to_string();
+    // The file and the line that first names the schema (line 1 is own_migrations' comment).
+    assert!(
+        message.contains(&format!("{}:3", dir.join("0001_app.sql").display())),
+        "{message}"
+    );
+    for object in [
+        format!("schema {shared}"),
+        format!("table {shared}.jobs"),
+        format!("function {shared}.next_job"),
+    ] {
+        assert!(
+            message.contains(&object),
+            "{object} not named in: {message}"
+        );
+    }
+    assert!(!message.contains("local_table"), "{message}");
+    // Nothing of it was left: the schema's transaction rolled back.
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&shared],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}

@@ -207,6 +207,56 @@ BEGIN
 END
 $dig$;
 
+-- Refuses migrations that wrote objects outside the schema they migrate (a `CREATE SCHEMA`,
+-- schema-qualified DDL): every test would share them, and pgharness could neither isolate
+-- nor reset them. Found by what the current transaction wrote to the catalogs (rows whose
+-- xmin is its own): namespaces, relations, functions and types outside `p_schema`, but for
+-- extensions' members (`CREATE EXTENSION` objects are shared on purpose) and TOAST. Raises
+-- PH002, the foreign schemas' names in its DETAIL (for the caller to find the file).
+CREATE OR REPLACE FUNCTION __NS__.refuse_written_elsewhere(p_schema text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $rwe$
+DECLARE
+  me xid := ((pg_current_xact_id()::text::numeric % 4294967296)::text)::xid;
+  nsp oid := to_regnamespace(quote_ident(p_schema));
+  found text[];
+  schemas text[];
+BEGIN
+  SELECT array_agg(what ORDER BY what), array_agg(DISTINCT nspname)
+    INTO found, schemas
+    FROM (
+      SELECT 'schema ' || quote_ident(n.nspname) AS what, n.nspname
+        FROM pg_namespace n WHERE n.xmin = me AND n.oid <> nsp
+      UNION
+      SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
+                            WHEN 'S' THEN 'sequence ' WHEN 'i' THEN 'index ' ELSE 'table ' END
+             || quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+       WHERE c.xmin = me AND c.relnamespace <> nsp
+         AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast\_temp\_%'
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                            AND d.objid = c.oid AND d.deptype = 'e')
+      UNION
+      SELECT 'function ' || quote_ident(n.nspname) || '.' || quote_ident(p.proname), n.nspname
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+       WHERE p.xmin = me AND p.pronamespace <> nsp AND n.nspname NOT LIKE 'pg\_temp\_%'
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                            AND d.objid = p.oid AND d.deptype = 'e')
+      UNION
+      SELECT 'type ' || quote_ident(n.nspname) || '.' || quote_ident(t.typname), n.nspname
+        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+       WHERE t.xmin = me AND t.typnamespace <> nsp AND t.typrelid = 0 AND t.typcategory <> 'A'
+         AND n.nspname NOT LIKE 'pg\_temp\_%'
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                            AND d.objid = t.oid AND d.deptype = 'e')
+    ) written;
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'the migrations create % outside the test''s schema, where every test would share them and no reset reaches them', array_to_string(found, ', ')
+      USING ERRCODE = 'PH002', DETAIL = array_to_string(schemas, ' '),
+            HINT = 'create them unqualified, in the schema the migrations run in (its search_path is the test''s schema); objects meant to be shared (another tool''s schema, extensions: the `extensions` setting) belong outside the migrations pgharness runs';
+  END IF;
+END
+$rwe$;
+
 -- Whether the current role owns the schema: pgharness drops, empties and renames only its
 -- own schemas, whatever a ledger row says.
 CREATE OR REPLACE FUNCTION __NS__.owned(p_schema text) RETURNS boolean
@@ -467,7 +517,7 @@ $reset$;
 -- The version marker of this file (`ledger::VERSION_PROBE`): bump it when the file changes
 -- in a way older installations lack. A claim is a plain statement built by `ledger.rs`
 -- (`claim_sql`): a function would be compiled afresh in every test's new session.
-CREATE OR REPLACE FUNCTION __NS__.version_13() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 13';
+CREATE OR REPLACE FUNCTION __NS__.version_14() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 14';
 
 -- Records a schema created (and migrated, in the caller's transaction) for a test on a
 -- miss (p_for_test), or for the pool by a warmer (ready at once).

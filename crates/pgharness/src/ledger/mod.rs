@@ -100,7 +100,7 @@ pub(crate) fn version_probe(ns: &Namespace) -> String {
 }
 
 /// The name of `ledger.sql`'s version marker function (see [`version_probe`]).
-pub const VERSION_FUNCTION: &str = "version_13";
+pub const VERSION_FUNCTION: &str = "version_14";
 
 /// What a failed guard says (see [`guard_sql`]), to be found in the error.
 const FOREIGN_MARK: &str = "pgharness: the schema belongs to another role";
