@@ -32,8 +32,13 @@ struct Args {
     fixtures_path: Option<LitStr>,
     /// `migrations = "dir"` (relative to the crate), `migrations = false`,
     /// `migrator = "path::TO::MIGRATOR"` (an embedded sqlx `Migrator`), or
-    /// `sea_orm_migrator = "path::Migrator"` (a type implementing sea-orm's `MigratorTrait`).
+    /// `sea_orm_migrator = "path::Migrator"` (a type implementing sea-orm's `MigratorTrait`),
+    /// or `migrate_with = "path::to::migrate"` (an async function of the connection string
+    /// into the new schema, returning a `Result` whose error displays).
     migrations: Option<Migrations>,
+    /// `migrations_version = "3"`: what code migrations are pooled by (change it when they
+    /// change); without it, each build of the test binary has a pool of its own.
+    version: Option<LitStr>,
 }
 
 enum Migrations {
@@ -41,6 +46,7 @@ enum Migrations {
     None,
     Migrator(syn::Path, LitStr),
     SeaOrm(syn::Path),
+    Function(syn::Path, LitStr),
 }
 
 impl Parse for Args {
@@ -119,13 +125,38 @@ impl Parse for Args {
                     })?;
                     args.migrations = Some(Migrations::SeaOrm(path));
                 }
+                Meta::NameValue(pair) if pair.path.is_ident("migrate_with") => {
+                    let text = string(&pair.value).map_err(|_| {
+                        syn::Error::new(pair.value.span(), "expected `migrate_with = \"path::to::migrate\"` (a string naming an async fn taking the connection string into the new schema)")
+                    })?;
+                    let path = text.parse::<syn::Path>().map_err(|_| {
+                        syn::Error::new(text.span(), "expected the path of an async migration function, e.g. `\"crate::migrate\"`")
+                    })?;
+                    args.migrations = Some(Migrations::Function(path, text));
+                }
+                Meta::NameValue(pair) if pair.path.is_ident("migrations_version") => {
+                    args.version = Some(string(&pair.value).map_err(|_| {
+                        syn::Error::new(pair.value.span(), "expected `migrations_version = \"…\"` (what code migrations are pooled by)")
+                    })?);
+                }
                 other => {
                     return Err(syn::Error::new(
                         other.span(),
-                        "unknown argument; #[pgharness::test] takes `fixtures(…)`, `migrations = …`, `migrator = …` and `sea_orm_migrator = …`",
+                        "unknown argument; #[pgharness::test] takes `fixtures(…)`, `migrations = …`, `migrator = …`, `sea_orm_migrator = …`, `migrate_with = …` and `migrations_version = …`",
                     ));
                 }
             }
+        }
+        if let Some(version) = &args.version
+            && !matches!(
+                args.migrations,
+                Some(Migrations::SeaOrm(_) | Migrations::Function(..))
+            )
+        {
+            return Err(syn::Error::new(
+                version.span(),
+                "`migrations_version` keys migrations written in code: it goes with `sea_orm_migrator = …` or `migrate_with = …`",
+            ));
         }
         Ok(args)
     }
@@ -224,7 +255,23 @@ fn expand(args: Args, function: ItemFn) -> syn::Result<proc_macro2::TokenStream>
         }
         // `sea_orm_migrator` needs pgharness's `sea-orm` feature.
         Some(Migrations::SeaOrm(path)) => {
-            builder = quote!(#builder.sea_orm_migrator::<#path>(""));
+            let version = args
+                .version
+                .clone()
+                .unwrap_or_else(|| LitStr::new("", Span::call_site()));
+            builder = quote!(#builder.sea_orm_migrator::<#path>(#version));
+        }
+        // A function of the user's: pooled by its path and the version (or the build).
+        Some(Migrations::Function(path, text)) => {
+            let version = args
+                .version
+                .clone()
+                .unwrap_or_else(|| LitStr::new("", Span::call_site()));
+            builder = quote!(#builder.migrate_with(
+                concat!("migrate_with ", module_path!(), ": ", #text),
+                #version,
+                |url: ::std::string::String| #path(url),
+            ));
         }
         None => {}
     }

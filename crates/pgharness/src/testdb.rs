@@ -182,8 +182,9 @@ impl TestDbBuilder {
     /// gets a connection string into the new schema (its `search_path`, as
     /// [`TestDb::connection_string`]) and runs them there, once per pool schema: schemas are
     /// pooled by `source` and `key` (a version, or what names the migrations: change it when
-    /// they change). `source` names them in errors and the ledger. Only a test process runs
-    /// them, on a miss; the pool fills by recycling.
+    /// they change; an empty key pools them per build of the test binary, so a changed
+    /// migration never meets a stale schema). `source` names them in errors and the ledger.
+    /// Only a test process runs them, on a miss; the pool fills by recycling.
     pub fn migrate_with<F, Fut, E>(
         mut self,
         source: impl Into<String>,
@@ -203,8 +204,10 @@ impl TestDbBuilder {
     /// Builds the schema with sea-orm's migrator `M` (`MigratorTrait::up`, on a connection of
     /// its own, which fills `seaql_migrations` as sea-orm does), once per pool schema: keyed
     /// by `M`, its migrations' names and `version` (change it when a migration's code
-    /// changes under the same name). `#[pgharness::test(sea_orm_migrator = "path::Migrator")]`
-    /// asks for it.
+    /// changes under the same name). An empty `version` pools them per build of the test
+    /// binary instead, so a changed migration never meets a stale schema.
+    /// `#[pgharness::test(sea_orm_migrator = "path::Migrator")]` asks for it (with
+    /// `migrations_version = "…"` for a version).
     #[cfg(feature = "sea-orm")]
     pub fn sea_orm_migrator<M: sea_orm_migration::MigratorTrait>(mut self, version: &str) -> Self {
         let code = crate::code_migrations::sea_orm::<M>(version);

@@ -244,3 +244,51 @@ async fn an_embedded_sqlx_migrator_builds_the_schema_and_finds_it_up_to_date(
             .unwrap();
     assert_eq!(versions, [20240101000000, 20240102000000]);
 }
+
+/// Migrations written as a function of the app's: run on the connection string into the new
+/// schema, once per pool schema.
+async fn migrate(url: String) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE coded (id int PRIMARY KEY); INSERT INTO coded VALUES (1);")
+        .await
+}
+
+#[pgharness::test(migrate_with = "migrate")]
+async fn a_migration_function_builds_the_schema(db: TestDb) {
+    let rows: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM coded", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
+
+#[pgharness::test(migrate_with = "migrate", migrations_version = "1")]
+async fn a_versioned_migration_function_is_pooled_by_its_version(db: TestDb) {
+    let source: String = db
+        .client()
+        .query_one(
+            &format!(
+                "SELECT source FROM {}.ledger WHERE schema_name = current_schema()",
+                common::admin_ns()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        source.contains("migrate_with") && source.contains("migrate"),
+        "{source}"
+    );
+    let rows: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM coded", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
