@@ -13,6 +13,15 @@
 
 use std::collections::VecDeque;
 
+/// What a [`Scanner`] sees pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// A message of this type begins (its header is whole).
+    Message(u8),
+    /// The first byte of the body of a message of this type.
+    FirstByte(u8, u8),
+}
+
 /// Walks a stream of typed messages (after the startup packet), one byte slice at a time.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scanner {
@@ -21,13 +30,20 @@ pub(crate) struct Scanner {
     have: usize,
     /// Body bytes of the current message still to come.
     skip: usize,
+    /// The current message's type, and whether its first body byte is still to come.
+    kind: u8,
+    first_pending: bool,
 }
 
 impl Scanner {
-    /// Feeds `bytes`, calling `on_message` with each message's type as its header completes.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut on_message: impl FnMut(u8)) {
+    /// Feeds `bytes`, saying what it sees to `on`.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut on: impl FnMut(Seen)) {
         while !bytes.is_empty() {
             if self.skip > 0 {
+                if self.first_pending {
+                    on(Seen::FirstByte(self.kind, bytes[0]));
+                    self.first_pending = false;
+                }
                 let n = self.skip.min(bytes.len());
                 self.skip -= n;
                 bytes = &bytes[n..];
@@ -45,8 +61,10 @@ impl Scanner {
                     self.header[4],
                 ]);
                 self.have = 0;
+                self.kind = self.header[0];
                 self.skip = usize::try_from(length).unwrap_or(0).saturating_sub(4);
-                on_message(self.header[0]);
+                self.first_pending = self.skip > 0;
+                on(Seen::Message(self.kind));
             }
         }
     }
@@ -77,14 +95,16 @@ pub(crate) struct Exchange {
     owed: VecDeque<u8>,
     /// The server is waiting for the client's COPY data.
     copy_in: bool,
+    /// The transaction status of the last ReadyForQuery (`I`, `T` or `E`).
+    status: Option<u8>,
 }
 
 impl Exchange {
     /// The client wrote `bytes`.
     pub(crate) fn wrote(&mut self, bytes: &[u8]) {
         let owed = &mut self.owed;
-        self.written.feed(bytes, |kind| {
-            if matches!(kind, b'S' | b'Q' | b'F') {
+        self.written.feed(bytes, |seen| {
+            if let Seen::Message(kind @ (b'S' | b'Q' | b'F')) = seen {
                 owed.push_back(kind);
             }
         });
@@ -92,16 +112,17 @@ impl Exchange {
 
     /// The client read `bytes`.
     pub(crate) fn read(&mut self, bytes: &[u8]) {
-        let (owed, copy_in) = (&mut self.owed, &mut self.copy_in);
-        self.read.feed(bytes, |kind| match kind {
-            b'Z' => {
+        let (owed, copy_in, status) = (&mut self.owed, &mut self.copy_in, &mut self.status);
+        self.read.feed(bytes, |seen| match seen {
+            Seen::Message(b'Z') => {
                 owed.pop_front();
                 *copy_in = false;
             }
+            Seen::FirstByte(b'Z', transaction) => *status = Some(transaction),
             // CopyInResponse. A COPY run by an extended exchange ignores the Sync the client
             // sent after its Execute: that exchange's ReadyForQuery comes after the Sync
             // that follows CopyDone or CopyFail.
-            b'G' => {
+            Seen::Message(b'G') => {
                 *copy_in = true;
                 if owed.front() == Some(&b'S') {
                     owed.pop_front();
@@ -114,6 +135,11 @@ impl Exchange {
     /// How many ReadyForQuery messages the server still owes.
     pub(crate) fn owed(&self) -> usize {
         self.owed.len()
+    }
+
+    /// Whether the session was in a transaction (or a failed one) at its last ReadyForQuery.
+    pub(crate) fn in_transaction(&self) -> bool {
+        matches!(self.status, Some(b'T' | b'E'))
     }
 
     /// Whether a COPY from the client is open.
@@ -258,5 +284,27 @@ mod tests {
         exchange.wrote(&buf);
         let exchange = read_both_ways(&exchange, &ready());
         assert!(exchange.at_rest());
+    }
+}
+
+#[cfg(test)]
+mod status {
+    use super::*;
+
+    #[test]
+    fn the_last_ready_for_query_says_whether_a_transaction_is_open_however_the_bytes_were_cut() {
+        let mut bytes = vec![b'Z', 0, 0, 0, 5, b'T'];
+        bytes.extend([b'C', 0, 0, 0, 9, b'B', b'E', b'G', b'I', b'N']);
+        bytes.extend([b'Z', 0, 0, 0, 5, b'E']);
+        for cut in 0..bytes.len() {
+            let mut exchange = Exchange::default();
+            exchange.read(&bytes[..cut]);
+            exchange.read(&bytes[cut..]);
+            assert!(exchange.in_transaction(), "cut at {cut}");
+            assert_eq!(exchange.status, Some(b'E'), "cut at {cut}");
+        }
+        let mut exchange = Exchange::default();
+        exchange.read(&[b'Z', 0, 0, 0, 5, b'I']);
+        assert!(!exchange.in_transaction());
     }
 }

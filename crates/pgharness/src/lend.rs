@@ -181,6 +181,12 @@ impl Gate {
         }
     }
 
+    /// Whether the client's session was in a transaction (or a failed one) when it last
+    /// heard from the server.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.lock().exchange.in_transaction()
+    }
+
     /// Counts bytes the parting itself wrote on the session (a CopyFail and its Sync).
     pub(crate) fn wrote_on_session(&self, bytes: &[u8]) {
         self.lock().exchange.wrote(bytes);

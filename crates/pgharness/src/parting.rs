@@ -141,7 +141,8 @@ impl Parting {
     /// it once the session is gone.
     pub(crate) fn send(
         self,
-        bytes: &[u8],
+        statements: &[String],
+        shape: Shape,
         timeout: Duration,
         reader_alive: bool,
     ) -> std::io::Result<()> {
@@ -170,7 +171,16 @@ impl Parting {
             quiet = self.gate.quiesce(CANCEL_TIMEOUT);
         }
         match quiet {
-            Quiet::AtRest => self.write(bytes, timeout),
+            // A transaction the test left open (or failed in) is rolled back first: in a
+            // failed one, every statement of the parting would be refused.
+            Quiet::AtRest => {
+                let rollback = self.gate.in_transaction().then(|| "ROLLBACK".to_owned());
+                let statements: Vec<String> = rollback
+                    .into_iter()
+                    .chain(statements.iter().cloned())
+                    .collect();
+                self.write(&message(&statements, shape)?, timeout)
+            }
             Quiet::CopyOpen => Err(std::io::Error::other(
                 "a COPY the test started on its control connection is still open",
             )),
@@ -178,6 +188,11 @@ impl Parting {
                 "the server still owes the test's control connection {n} answer(s) (a statement still running, or a connection that stopped reading)"
             ))),
         }
+    }
+
+    /// Whether the session was in a transaction when its client last heard from it.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.gate.in_transaction()
     }
 
     /// Asks the server to cancel what the session runs (a CancelRequest on a new connection
@@ -296,13 +311,23 @@ mod tests {
         let parting = Parting::of(&ours, Arc::default(), true, true).unwrap();
         drop(ours);
         // Larger than a Unix socket's buffer: the write waits for the reader.
-        let bytes: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+        let statement = format!("SELECT '{}'", "x".repeat(1_000_000));
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             theirs.read_to_end(&mut got).unwrap();
             got
         });
-        parting.send(&bytes, Duration::from_secs(10), true).unwrap();
-        assert_eq!(reader.join().unwrap(), bytes);
+        parting
+            .send(
+                std::slice::from_ref(&statement),
+                Shape::Query,
+                Duration::from_secs(10),
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            reader.join().unwrap(),
+            message(&[statement], Shape::Query).unwrap()
+        );
     }
 }

@@ -809,8 +809,7 @@ impl TestDb {
             _ => crate::parting::Shape::Unsynced,
         };
         let statements = ledger::parting_sql(&self.ns, &self.schema, log, finish);
-        let sent = crate::parting::message(&statements, shape)
-            .and_then(|bytes| parting.send(&bytes, Duration::from_secs(5), reader_alive));
+        let sent = parting.send(&statements, shape, Duration::from_secs(5), reader_alive);
         match sent {
             Ok(()) => {
                 tracing::debug!(schema = %self.schema, "test database finished (not waited for)")
@@ -927,6 +926,12 @@ impl Drop for TestDb {
             &self.keep_name,
             self.lock_key,
         );
+        // A transaction the test left open, or failed in, is rolled back first: in a failed
+        // one the finish would be refused.
+        let sql = match &parting {
+            Some(parting) if parting.in_transaction() => format!("ROLLBACK;\n{sql}"),
+            _ => sql,
+        };
         let schema = self.schema.clone();
         let outcome = driver::block_on(
             async move { client.simple_query(&sql).await },

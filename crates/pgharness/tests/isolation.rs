@@ -683,3 +683,79 @@ async fn migrations_that_create_objects_outside_the_test_s_schema_are_refused_by
         .get(0);
     assert_eq!(left, 0);
 }
+
+#[tokio::test]
+async fn a_statement_still_running_when_the_test_ends_is_cancelled_and_the_schema_recycled() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let dir = own_migrations("running", "CREATE TABLE items (id int);");
+    let db = acquire(&dir, Teardown::Detached).await;
+    let schema = db.schema().to_owned();
+    db.client()
+        .batch_execute("INSERT INTO items VALUES (1)")
+        .await
+        .unwrap();
+    // Sent, and still running when the test ends (its future dropped, its answer owed).
+    let running = tokio::time::timeout(
+        Duration::from_millis(100),
+        db.client()
+            .batch_execute("SELECT pg_sleep(60); INSERT INTO items VALUES (2)"),
+    )
+    .await;
+    assert!(running.is_err(), "the statement finished already");
+    let started = Instant::now();
+    drop(db);
+    assert_eq!(finished(&admin, &schema).await, "ready");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the teardown waited for the statement instead of cancelling it"
+    );
+    let next = acquire(&dir, Teardown::Inline).await;
+    assert_eq!(count(next.client(), "SELECT count(*) FROM items").await, 0);
+}
+
+#[tokio::test]
+async fn a_copy_left_open_when_the_test_ends_is_failed_and_the_schema_recycled() {
+    use futures_util::SinkExt;
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let dir = own_migrations("open-copy", "CREATE TABLE items (id int);");
+    let db = acquire(&dir, Teardown::Detached).await;
+    let schema = db.schema().to_owned();
+    let sink = db
+        .client()
+        .copy_in::<_, bytes::Bytes>("COPY items FROM STDIN")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    // The test ends with the COPY still open (its sink outlives the database).
+    drop(db);
+    assert_eq!(finished(&admin, &schema).await, "ready");
+    drop(sink);
+    let next = acquire(&dir, Teardown::Inline).await;
+    assert_eq!(count(next.client(), "SELECT count(*) FROM items").await, 0);
+}
+
+#[tokio::test]
+async fn a_test_that_ends_inside_a_failed_transaction_still_has_its_schema_recycled() {
+    let server = configured_server().await;
+    let admin = admin(&server).await;
+    let dir = own_migrations("failed-tx", "CREATE TABLE items (id int PRIMARY KEY);");
+    for teardown in [Teardown::Inline, Teardown::Detached] {
+        let db = acquire(&dir, teardown).await;
+        let schema = db.schema().to_owned();
+        // A test that checks a constraint inside its transaction, and ends there.
+        let refused = db
+            .client()
+            .batch_execute("BEGIN; INSERT INTO items VALUES (1); INSERT INTO items VALUES (1);")
+            .await;
+        assert!(refused.is_err());
+        drop(db);
+        assert_eq!(finished(&admin, &schema).await, "ready", "{teardown:?}");
+        let next = acquire(&dir, Teardown::Inline).await;
+        assert_eq!(count(next.client(), "SELECT count(*) FROM items").await, 0);
+    }
+}
