@@ -825,6 +825,64 @@ impl TestDb {
     }
 }
 
+/// How a test's schema is finished: kept (a failure, or `keep = always`), marked passed for
+/// the janitor (`teardown = deferred`), or recycled.
+fn finish_mode(keep: bool, teardown: Teardown) -> Finish {
+    if keep {
+        Finish::Keep
+    } else if teardown == Teardown::Deferred {
+        Finish::Pass
+    } else {
+        Finish::Recycle
+    }
+}
+
+/// What `Drop` knows when it chooses how to send a test's teardown.
+#[derive(Clone, Copy, Debug)]
+struct DropFacts {
+    /// Not waited for: a passing test, teardown not `inline`.
+    detached: bool,
+    /// Where the control session is (lent to sqlx, home, lost).
+    whereabouts: crate::lend::Whereabouts,
+    /// The control connection's client is closed (it wrote while its session was lent).
+    client_closed: bool,
+    /// A duplicate of the socket was kept for a parting.
+    has_parting: bool,
+}
+
+/// How `Drop` sends a test's teardown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The session is lent to an sqlx connection the test kept: the parting goes out when
+    /// it comes home.
+    PartLater,
+    /// The session is gone: nothing to send; a later sweep finishes the schema.
+    Lost,
+    /// Sent on the socket's duplicate and not waited for (`reader_alive`: the client's
+    /// connection task still reads the answers owed to it).
+    Part { reader_alive: bool },
+    /// Run through the client, waiting for its outcome (`teardown = inline`, a kept schema).
+    Wait,
+}
+
+/// The teardown's route, from what `Drop` knows: a pure function (tested as a table).
+fn route(facts: DropFacts) -> Route {
+    use crate::lend::Whereabouts;
+    match facts.whereabouts {
+        Whereabouts::Lent => return Route::PartLater,
+        Whereabouts::Lost | Whereabouts::Parted => return Route::Lost,
+        Whereabouts::Home => {}
+    }
+    // A client that wrote while its session was lent is closed: the parting is all that
+    // can finish the schema then.
+    if (facts.client_closed || facts.detached) && facts.has_parting {
+        return Route::Part {
+            reader_alive: !facts.client_closed,
+        };
+    }
+    Route::Wait
+}
+
 /// How long a teardown that waits (inline, or keeping a failed test's schema) waits for the
 /// control session lent to sqlx to come home: after its closers, only a connection the test
 /// kept in use (or, after a panic, one its runtime would have closed) is still out.
@@ -864,19 +922,13 @@ impl Drop for TestDb {
             return;
         };
         let parting = self.parting.take();
-        let finish = if keep {
-            Finish::Keep
-        } else if self.teardown == Teardown::Deferred {
-            Finish::Pass
-        } else {
-            Finish::Recycle
-        };
+        let finish = finish_mode(keep, self.teardown);
         // A session lent to sqlx comes home when its pool closes (`#[pgharness::test]`'s
         // closers wait for it). A teardown not waited for never waits for it either: if
         // the session is still out, its parting goes out when it comes home. One that
         // waits gives it a moment (its test's runtime, blocked here, may hold the close).
         let detached = !keep && self.teardown != Teardown::Inline;
-        let lent = match &self.lender {
+        let whereabouts = match &self.lender {
             Some(lender) if detached && lender.is_lent() => crate::lend::Whereabouts::Lent,
             Some(lender) => lender.reclaim(RECLAIM_TIMEOUT),
             None => crate::lend::Whereabouts::Home,
@@ -892,32 +944,32 @@ impl Drop for TestDb {
             claim_ms: self.claim_ms,
             acquire_ms: self.acquire.as_secs_f64() * 1000.0,
         };
-        match lent {
-            crate::lend::Whereabouts::Home => {}
+        let facts = DropFacts {
+            detached,
+            whereabouts,
+            client_closed: client.is_closed(),
+            has_parting: parting.is_some(),
+        };
+        let parting = match (route(facts), parting) {
             // Still with an sqlx connection the test kept (a pool clone in a server that
             // outlives it): the teardown goes out when that connection closes.
-            crate::lend::Whereabouts::Lent => {
+            (Route::PartLater, _) => {
                 self.part_later(&log, finish);
                 return;
             }
-            crate::lend::Whereabouts::Lost | crate::lend::Whereabouts::Parted => {
-                tracing::warn!(schema = %self.schema, "pgharness: the control session lent to sqlx was lost; the reaper will recycle or drop the schema");
+            (Route::Lost, _) => {
+                tracing::warn!(schema = %self.schema, "pgharness: the control session lent to sqlx was lost; a later sweep, the janitor or the reaper recycles or drops the schema");
                 return;
             }
-        }
-        // A passing test's teardown is sent and not waited for (`parting`), unless the
-        // settings ask to wait (`teardown = inline`) or no duplicate of the socket was kept.
-        // A client that wrote while its session was lent is closed: the parting is all
-        // that can finish the schema then.
-        if (client.is_closed() || detached)
-            && let Some(parting) = parting
-        {
-            self.part(parting, &log, finish, !client.is_closed());
-            // tokio-postgres's own Terminate follows the parting's: the server has ended
-            // the session at the first.
-            drop(client);
-            return;
-        }
+            (Route::Part { reader_alive }, Some(parting)) => {
+                self.part(parting, &log, finish, reader_alive);
+                // tokio-postgres's own Terminate is swallowed at the gate: the parting's
+                // ended the session.
+                drop(client);
+                return;
+            }
+            (Route::Part { .. } | Route::Wait, parting) => parting,
+        };
         let sql = ledger::finish_sql(
             &self.ns,
             &self.schema,
@@ -1119,4 +1171,46 @@ fn load_migrations(
     let migrations = Arc::new(Migrations::load(dir, layout)?);
     cache.insert(key, migrations.clone());
     Ok(migrations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lend::Whereabouts::{self, Home, Lent, Lost, Parted};
+
+    #[test]
+    fn a_teardown_s_route_follows_from_what_drop_knows() {
+        let part = |reader_alive| Route::Part { reader_alive };
+        // (detached, whereabouts, client closed, parting kept) → route
+        let table: &[(bool, Whereabouts, bool, bool, Route)] = &[
+            (true, Home, false, true, part(true)),
+            (true, Home, false, false, Route::Wait),
+            (false, Home, false, true, Route::Wait),
+            (false, Home, true, true, part(false)),
+            (true, Home, true, true, part(false)),
+            (false, Home, true, false, Route::Wait),
+            (true, Lent, false, true, Route::PartLater),
+            (false, Lent, true, true, Route::PartLater),
+            (true, Lost, false, true, Route::Lost),
+            (false, Parted, false, true, Route::Lost),
+        ];
+        for &(detached, whereabouts, client_closed, has_parting, expected) in table {
+            let facts = DropFacts {
+                detached,
+                whereabouts,
+                client_closed,
+                has_parting,
+            };
+            assert_eq!(route(facts), expected, "{facts:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_keeps_a_deferred_teardown_passes_and_the_rest_recycle() {
+        assert_eq!(finish_mode(true, Teardown::Detached), Finish::Keep);
+        assert_eq!(finish_mode(true, Teardown::Deferred), Finish::Keep);
+        assert_eq!(finish_mode(false, Teardown::Deferred), Finish::Pass);
+        assert_eq!(finish_mode(false, Teardown::Detached), Finish::Recycle);
+        assert_eq!(finish_mode(false, Teardown::Inline), Finish::Recycle);
+    }
 }
