@@ -47,7 +47,7 @@ for mode in nextest runner; do
     for i in $(seq "$RUNS"); do
         run="soak-$mode-$$-$i"
         since=$(psql -XAtc "SELECT now()")
-        started=$(date +%s.%N)
+        started=$(date +%s%N)
         if [ "$mode" = nextest ]; then
             PGHARNESS_BACKEND=$BACKEND PGHARNESS_RUN_ID=$run cargo nextest run --cargo-quiet -p pgharness-bench-suite --test soak \
                 --run-ignored only -E "$FILTER" --test-threads "$THREADS" --no-fail-fast \
@@ -62,7 +62,7 @@ for mode in nextest runner; do
         lost_total=$((lost_total + lost))
         printf 'soak %-7s run %2d: %3d tests, %3d teardowns recorded, %3d lost (%s finished by a sweep), %3d schemas, %.1f s\n' \
             "$mode" "$i" "$TESTS" "$recorded" "$lost" "$swept" "$schemas" \
-            "$(echo "$(date +%s.%N) - $started" | bc)"
+            "$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN { print (b - a) / 1e9 }')"
         if [ -n "$previous" ] && [ "$schemas" -gt $((previous + THREADS * 2)) ]; then
             echo "soak: the schema count grew from $previous to $schemas" >&2
             exit 1

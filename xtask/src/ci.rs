@@ -136,6 +136,29 @@ async fn tests(backend: BackendKind, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `scripts/teardown-soak.sh` at CI's size (one run of 500 tests under plain nextest and
+/// one under `cargo pgharness test`, native backend): no teardown lost, no pool growth. The
+/// long form is the script with its default `RUNS=10`.
+fn teardown_soak() -> anyhow::Result<()> {
+    eprintln!("xtask ci: teardown soak (RUNS=1 scripts/teardown-soak.sh)");
+    let output = std::process::Command::new("bash")
+        .arg(crate::project_root().join("scripts/teardown-soak.sh"))
+        .current_dir(crate::project_root())
+        .env("RUNS", "1")
+        .output()
+        .context("failed to run scripts/teardown-soak.sh")?;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        eprintln!("xtask ci: {line}");
+    }
+    if !output.status.success() {
+        bail!(
+            "the teardown soak failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 fn xtask(args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(pgharness_runner::self_exe());
     command.current_dir(crate::project_root()).args(args);
@@ -946,7 +969,9 @@ impl Ci {
         )
         .await?;
         // The example suites on the native backend, 32 tests at once against
-        // max_connections=100: the DB group keeps it inside the connection budget.
+        // max_connections=100: the DB group keeps it inside the connection budget; and
+        // pgharness's isolation cases, where a test's socket is a Unix socket (a teardown
+        // lost behind a statement's Close showed only there).
         tests(
             BackendKind::Native,
             &[
@@ -956,6 +981,10 @@ impl Ci {
                 "shop-app",
                 "-p",
                 "orm-suite",
+                "-p",
+                "pgharness",
+                "-E",
+                "not package(pgharness) or binary(isolation)",
                 "--profile",
                 "ci",
                 "--",
@@ -964,6 +993,7 @@ impl Ci {
             ],
         )
         .await?;
+        teardown_soak()?;
         // Last, so that a nextest summary closes the log: the workspace (the example suite,
         // fake-aws's and ssm-tunnel's tests on a local admin server) through the whole
         // emulated RDS path (SSM tunnel, smux, TLS, IAM tokens, the local auth proxy and its
