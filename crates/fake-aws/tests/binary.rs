@@ -16,7 +16,9 @@ use rds_iam::{RdsTarget, TcpDialer, TlsPolicy, TokenCache, TokenRequest, connect
 #[tokio::test]
 async fn the_binary_prints_its_endpoints_and_serves_them() {
     let (backend, password) = common::backend().await;
-    let env_file = std::env::temp_dir().join(format!("fake-aws-env-{}", std::process::id()));
+    // Secrets go in a directory only this user can enter, removed at the end.
+    let private = common::PrivateDir::new();
+    let env_file = private.path().join("env");
     let mut command = Command::new(env!("CARGO_BIN_EXE_fake-aws"));
     command.args([
         "--backend",
@@ -27,8 +29,7 @@ async fn the_binary_prints_its_endpoints_and_serves_them() {
     ]);
     command.arg(&env_file);
     if let Some(password) = password {
-        let file = std::env::temp_dir().join(format!("fake-aws-pw-{}", std::process::id()));
-        std::fs::write(&file, password).unwrap();
+        let file = private.secret_file("backend-password", &password);
         command.arg("--backend-password-file").arg(file);
     }
     let mut child = command

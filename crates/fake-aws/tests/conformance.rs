@@ -74,8 +74,12 @@ async fn an_independent_client_built_from_the_spec_finds_fake_aws_conformant() {
 async fn awss_own_cli_starts_the_recipes_session_against_fake_aws() {
     let (ssm, keys, target) = fake_ssm().await;
     // The CLI finds `session-manager-plugin` on PATH; here it is the spec's client.
-    let plugin_dir = std::env::temp_dir().join(format!("fake-aws-plugin-{}", std::process::id()));
-    std::fs::create_dir_all(&plugin_dir).unwrap();
+    // A directory made for it (0700, a new name): a predictable one another user made
+    // first could hand the CLI a plugin of theirs.
+    let plugin_dir = std::env::temp_dir().join(format!("fake-aws-plugin-{}", uuid::Uuid::new_v4()));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&plugin_dir)
+        .unwrap();
     let plugin = plugin_dir.join("session-manager-plugin");
     std::fs::write(
         &plugin,

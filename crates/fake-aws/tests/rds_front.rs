@@ -379,3 +379,17 @@ async fn turning_verification_off_works_but_is_logged_loudly() {
     assert!(logs.contains("TLS CERTIFICATE CHECKING IS OFF"), "{logs}");
     assert!(logs.contains("WITHOUT checking it"), "{logs}");
 }
+
+#[tokio::test]
+async fn a_stopped_front_leaves_nothing_in_the_temporary_directory() {
+    let env = env(|_| {}).await;
+    let bundle = env.front.ca_bundle().to_owned();
+    let dir = bundle.parent().unwrap().to_owned();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", dir.display());
+    assert!(bundle.exists());
+    drop(env);
+    assert!(!bundle.exists(), "{} is left", bundle.display());
+    assert!(!dir.exists(), "{} is left", dir.display());
+}

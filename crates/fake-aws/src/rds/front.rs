@@ -97,6 +97,8 @@ pub struct RdsFront {
     bundle: PathBuf,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// The state directory, when this front made it: removed when it stops.
+    made_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RdsFront {
@@ -111,6 +113,11 @@ impl std::fmt::Debug for RdsFront {
 impl Drop for RdsFront {
     fn drop(&mut self) {
         self.task.abort();
+        // What it wrote (the CA bundle) goes with it, and the directory if it made it.
+        let _ = std::fs::remove_file(&self.bundle);
+        if let Some(dir) = &self.made_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -120,6 +127,17 @@ impl RdsFront {
         config: RdsFrontConfig,
         credentials: Arc<CredentialStore>,
     ) -> anyhow::Result<RdsFront> {
+        // A directory of its own (0700) unless it is given one that exists.
+        let made_dir = if config.state_dir.exists() {
+            None
+        } else {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&config.state_dir)
+                .with_context(|| format!("failed to create {}", config.state_dir.display()))?;
+            Some(config.state_dir.clone())
+        };
         let tls = certs::generate(&config.hostname, &config.state_dir)
             .context("failed to make the fake RDS certificates")?;
         let listener = TcpListener::bind(config.listen)
@@ -140,6 +158,7 @@ impl RdsFront {
             bundle: tls.bundle,
             shared,
             task,
+            made_dir,
         })
     }
 

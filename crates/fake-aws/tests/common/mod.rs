@@ -281,3 +281,44 @@ pub(crate) async fn login_with(
     tokio::spawn(connection);
     Ok(client)
 }
+
+/// A temporary directory only this user can enter (0700), removed with everything in it
+/// when dropped: where a test keeps the secrets it hands to a process.
+pub(crate) struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    pub(crate) fn new() -> PrivateDir {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("fake-aws-test-{}", uuid::Uuid::new_v4()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .expect("a private temporary directory");
+        PrivateDir(path)
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Writes `contents` to a new 0600 file `name` inside.
+    pub(crate) fn secret_file(&self, name: &str, contents: &str) -> std::path::PathBuf {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.0.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(contents.as_bytes()))
+            .expect("a secret file");
+        path
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
