@@ -71,41 +71,123 @@ fn derivations() -> u64 {
 
 static DERIVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The salted password, from memory, the cache file, or derived (and then kept in both).
-fn salted(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+/// A check of a cached salted password: a hash of the password and the value, so that an
+/// entry that was altered or corrupted (it would make every login fail with the server's
+/// `28P01`) is found before it is used, dropped and derived again.
+fn check_of(password: &str, salted: &[u8; 32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"pgharness scram-cache check\0");
+    hasher.update(password.as_bytes());
+    hasher.update(salted);
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// A salted password, and whether it came from a cache rather than being derived now.
+#[derive(Clone, Copy)]
+struct Salted {
+    value: [u8; 32],
+    cached: bool,
+}
+
+/// The salted password, from memory, the cache file (when its check holds), or derived (and
+/// then kept in both; an entry whose check fails is replaced).
+fn salted(password: &str, salt: &[u8], iterations: u32) -> Salted {
     let key = cache_key(password, salt, iterations);
-    if let Some(salted) = memory().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return *salted;
+    if let Some(value) = memory().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Salted {
+            value: *value,
+            cached: true,
+        };
     }
-    let file = CACHE_DIR.get().map(|dir| dir.join("scram-cache"));
+    let file = cache_file();
+    let mut bad_entry = false;
     let from_file = file.as_ref().and_then(|file| {
         let text = std::fs::read_to_string(file).ok()?;
         text.lines().find_map(|line| {
-            let (k, v) = line.split_once(' ')?;
-            (k == key).then(|| hex::decode(v).ok()?.try_into().ok())?
+            let mut fields = line.split(' ');
+            (fields.next()? == key).then_some(())?;
+            let value: Option<[u8; 32]> = hex::decode(fields.next()?).ok()?.try_into().ok();
+            let valid = value.filter(|value| fields.next() == Some(&check_of(password, value)));
+            bad_entry |= valid.is_none();
+            valid
         })
     });
     let salted = match from_file {
-        Some(salted) => salted,
+        Some(value) => Salted {
+            value,
+            cached: true,
+        },
         None => {
             DERIVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let salted = crate::scram::salted_password(password, salt, iterations);
+            let value = crate::scram::salted_password(password, salt, iterations);
             if let Some(file) = &file {
-                remember(file, &key, &salted);
+                if bad_entry {
+                    tracing::warn!(cache = %file.display(), "pgharness: a SCRAM cache entry failed its check; derived again");
+                    forget_in(file, &key);
+                }
+                remember(file, &key, &value, &check_of(password, &value));
             }
-            salted
+            Salted {
+                value,
+                cached: false,
+            }
         }
     };
     memory()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(key, salted);
+        .insert(key, salted.value);
     salted
+}
+
+/// The cache file, once the state directory is known.
+fn cache_file() -> Option<std::path::PathBuf> {
+    CACHE_DIR.get().map(|dir| dir.join("scram-cache"))
+}
+
+/// Drops the salted password of `password`, `salt` and `iterations` from memory and from
+/// the cache file: the server refused a login made with it, so the next one derives it again.
+fn forget(password: &str, salt: &[u8], iterations: u32) {
+    let key = cache_key(password, salt, iterations);
+    memory()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    if let Some(file) = cache_file() {
+        forget_in(&file, &key);
+    }
+}
+
+/// Rewrites the cache file without the lines of `key` (a new 0600 file renamed over it).
+fn forget_in(file: &std::path::Path, key: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| line.split(' ').next() != Some(key))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let temporary = file.with_extension(format!("new-{}", uuid::Uuid::new_v4().simple()));
+    let written = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut new| new.write_all(kept.as_bytes()))
+        .and_then(|()| std::fs::rename(&temporary, file));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temporary);
+        tracing::debug!(%error, "pgharness: the SCRAM cache could not be rewritten");
+    }
 }
 
 /// Appends a line to the 0600 cache file (a lost race costs one more derivation, never a
 /// wrong answer: lines are whole, and a key maps to one value).
-fn remember(file: &std::path::Path, key: &str, salted: &[u8; 32]) {
+fn remember(file: &std::path::Path, key: &str, salted: &[u8; 32], check: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = file.parent() {
@@ -118,10 +200,24 @@ fn remember(file: &std::path::Path, key: &str, salted: &[u8; 32]) {
         .open(file);
     match opened {
         Ok(mut opened) => {
-            let _ = writeln!(opened, "{key} {}", hex::encode(salted));
+            let _ = writeln!(opened, "{key} {} {check}", hex::encode(salted));
         }
         Err(error) => tracing::debug!(%error, "pgharness: the SCRAM cache is not writable"),
     }
+}
+
+/// The server's ErrorResponse `frame` with `note` added to its message (other fields kept).
+fn with_note(frame: &Frame, note: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for field in frame.body().split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        body.extend_from_slice(field);
+        if field[0] == b'M' {
+            body.extend_from_slice(note.as_bytes());
+        }
+        body.push(0);
+    }
+    body.push(0);
+    message(b'E', &body)
 }
 
 /// One message of the v3 protocol, whole: its tag, and the bytes as they came.
@@ -361,7 +457,7 @@ where
         Err(error) => return Ok(Scram::Failed(error.0)),
     };
     let salted = salted(password, &server_first.salt, server_first.iterations);
-    let last = ClientFinal::new(&first, &server_first, &salted);
+    let last = ClientFinal::new(&first, &server_first, &salted.value);
     server
         .write_all(&message(b'p', last.message.as_bytes()))
         .await?;
@@ -373,6 +469,21 @@ where
                 Ok(()) => Scram::Done,
                 Err(error) => Scram::Failed(error.0),
             })
+        }
+        // Refused with a salted password from the cache: it is dropped, so that the next
+        // login derives it again, and the error says where it came from.
+        _ if final_frame.tag == b'E' && salted.cached => {
+            forget(password, &server_first.salt, server_first.iterations);
+            let cache = cache_file()
+                .map(|file| file.display().to_string())
+                .unwrap_or_else(|| "its memory".into());
+            let note = format!(
+                " (pgharness answered SCRAM with a salted password from its cache {cache}: dropped, the next login derives it again; if it fails too, the password is wrong)"
+            );
+            Ok(Scram::Refused(Frame {
+                tag: b'E',
+                bytes: with_note(&final_frame, &note),
+            }))
         }
         _ if final_frame.tag == b'E' => Ok(Scram::Refused(final_frame)),
         _ => Ok(Scram::Failed(format!(
@@ -397,18 +508,82 @@ mod tests {
         let key = cache_key("other", salt, 4096);
         std::fs::write(
             dir.join("scram-cache"),
-            format!("{key} {}\n", "ab".repeat(32)),
+            format!(
+                "{key} {} {}\n",
+                "ab".repeat(32),
+                check_of("other", &[0xab; 32])
+            ),
         )
         .unwrap();
-        assert_eq!(salted("other", salt, 4096), [0xab; 32]);
+        assert_eq!(salted("other", salt, 4096).value, [0xab; 32]);
         assert_eq!(derivations(), 0);
         // New: derived once, kept, then served from memory.
         let first = salted("pencil", salt, 64);
-        assert_eq!(first, crate::scram::salted_password("pencil", salt, 64));
-        assert_eq!(salted("pencil", salt, 64), first);
+        assert!(!first.cached);
+        assert_eq!(
+            first.value,
+            crate::scram::salted_password("pencil", salt, 64)
+        );
+        assert!(salted("pencil", salt, 64).cached);
+        assert_eq!(salted("pencil", salt, 64).value, first.value);
         assert_eq!(derivations(), 1);
         let text = std::fs::read_to_string(dir.join("scram-cache")).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
+
+        // An entry altered in the file (a wrong value, its check unchanged) is not used: it
+        // is derived again and replaced.
+        let key = cache_key("altered", salt, 32);
+        let right = crate::scram::salted_password("altered", salt, 32);
+        let text = std::fs::read_to_string(dir.join("scram-cache")).unwrap();
+        std::fs::write(
+            dir.join("scram-cache"),
+            format!(
+                "{text}{key} {} {}\n",
+                "cd".repeat(32),
+                check_of("altered", &right)
+            ),
+        )
+        .unwrap();
+        assert_eq!(salted("altered", salt, 32).value, right);
+        assert_eq!(derivations(), 2);
+        let text = std::fs::read_to_string(dir.join("scram-cache")).unwrap();
+        assert!(!text.contains(&"cd".repeat(32)), "{text}");
+        assert!(text.contains(&hex::encode(right)), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("scram-cache"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // One the server refused is forgotten: the next login derives it again.
+        forget("pencil", salt, 64);
+        assert!(!salted("pencil", salt, 64).cached);
+        assert_eq!(derivations(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_server_s_fields_and_adds_a_note_to_its_message() {
+        let server = error_response("28P01", "password authentication failed for user \"app\"");
+        let frame = Frame {
+            tag: b'E',
+            bytes: server,
+        };
+        let noted = with_note(&frame, " (from the cache)");
+        let fields: Vec<&[u8]> = noted[5..]
+            .split(|b| *b == 0)
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert!(fields.contains(&&b"C28P01"[..]));
+        assert!(
+            fields.contains(
+                &&b"Mpassword authentication failed for user \"app\" (from the cache)"[..]
+            )
+        );
+        assert_eq!(
+            u32::from_be_bytes([noted[1], noted[2], noted[3], noted[4]]) as usize,
+            noted.len() - 1
+        );
     }
 }
