@@ -644,29 +644,52 @@ async fn lend_out<B>(
 where
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    use futures_util::StreamExt;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let deadline = tokio::time::Instant::now() + ACCEPT_TIMEOUT;
+    // Clients authenticate at once, each on its own clock: one that says nothing delays
+    // nobody. The first with the password gets the session.
+    let mut logins = futures_util::stream::FuturesUnordered::new();
     let (client, swallow) = loop {
-        let Ok(accepted) = tokio::time::timeout_at(deadline, listener.accept()).await else {
-            tracing::debug!("pgharness: nobody took the lent control session");
-            return Ok(b'I');
+        let authenticated = tokio::select! {
+            accepted = tokio::time::timeout_at(deadline, listener.accept()) => {
+                let Ok(accepted) = accepted else {
+                    tracing::debug!("pgharness: nobody took the lent control session");
+                    return Ok(b'I');
+                };
+                let (client, _) = accepted?;
+                logins.push(async move {
+                    let mut client = client;
+                    let outcome =
+                        tokio::time::timeout(LOGIN_TIMEOUT, authenticate(&mut client, password))
+                            .await;
+                    (client, outcome)
+                });
+                continue;
+            }
+            Some(login) = logins.next() => login,
         };
-        let (mut client, _) = accepted?;
-        match tokio::time::timeout(
-            LOGIN_TIMEOUT,
-            login(&mut client, backend, password, greeting),
-        )
-        .await
-        {
-            Ok(Ok(Login::Done { swallow })) => break (client, swallow),
-            Ok(Ok(Login::Refused)) => {}
-            Ok(Ok(Login::Lost(error))) => return Err(error),
-            Ok(Err(error)) => {
+        let (mut client, params) = match authenticated {
+            (client, Ok(Ok(Some(params)))) => (client, params),
+            (_, Ok(Ok(None))) => continue,
+            (_, Ok(Err(error))) => {
+                tracing::debug!(%error, "pgharness: a login on the lending socket failed");
+                continue;
+            }
+            (_, Err(_)) => {
+                tracing::debug!("pgharness: a login on the lending socket took too long");
+                continue;
+            }
+        };
+        match greet(&mut client, backend, &params, greeting).await {
+            Ok(Login::Done { swallow }) => break (client, swallow),
+            Ok(Login::Lost(error)) => return Err(error),
+            Err(error) => {
                 tracing::debug!(%error, "pgharness: a login on the lending socket failed")
             }
-            Err(_) => tracing::debug!("pgharness: a login on the lending socket took too long"),
         }
     };
+    drop(logins);
     // One connection only: nobody else can reach the session from here on.
     drop(listener);
     let _ = std::fs::remove_dir_all(dir);
@@ -676,23 +699,17 @@ where
 enum Login {
     /// The client is logged in on the session; the answers to swallow first (its settings').
     Done { swallow: u32 },
-    /// A wrong password, a cancel request: the client was turned away.
-    Refused,
     /// The session did not answer.
     Lost(io::Error),
 }
 
-/// sqlx's login on the lending socket: its password checked, its startup settings sent to
-/// the session, and the session's login greeting sent back as the server would.
-async fn login<B>(
+/// sqlx's login on the lending socket, up to its password: its startup parameters when the
+/// password is the lend's, `None` when it was turned away (a wrong password, a cancel
+/// request). Touches nothing of the session, so clients authenticate side by side.
+async fn authenticate(
     client: &mut tokio::net::UnixStream,
-    backend: &mut B,
     password: &str,
-    greeting: &Greeting,
-) -> io::Result<Login>
-where
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+) -> io::Result<Option<Vec<(String, String)>>> {
     let params = loop {
         let len = client.read_i32().await?;
         if !(8..=10_000).contains(&len) {
@@ -704,7 +721,7 @@ where
             // SSLRequest, GSSENCRequest: not here (a Unix socket of this process).
             80_877_103 | 80_877_104 => client.write_all(b"N").await?,
             196_608 => break startup_params(&body[4..])?,
-            _ => return Ok(Login::Refused),
+            _ => return Ok(None),
         }
     };
     let mut ask = BytesMut::new();
@@ -720,12 +737,26 @@ where
             "password authentication failed for the lent control session",
         );
         client.write_all(&refusal).await?;
-        return Ok(Login::Refused);
+        return Ok(None);
     }
+    Ok(Some(params))
+}
+
+/// The rest of sqlx's login, once authenticated: its startup settings sent to the session,
+/// and the session's login greeting sent back as the server would.
+async fn greet<B>(
+    client: &mut tokio::net::UnixStream,
+    backend: &mut B,
+    params: &[(String, String)],
+    greeting: &Greeting,
+) -> io::Result<Login>
+where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     // The settings go ahead of the client's first query, and their answer is swallowed by
     // the relay (all but the ParameterStatus messages, which the client gets as a server
     // would send them after a SET): the login costs the session no round trip.
-    let settings = settings_sql(&params, &greeting.reported);
+    let settings = settings_sql(params, &greeting.reported);
     if let Some(sql) = &settings {
         let mut query = BytesMut::new();
         put_frame(&mut query, b'Q', |body| {
@@ -1396,5 +1427,30 @@ mod relay_tests {
             read.is_err() || rest.is_empty(),
             "nothing after the relay: {rest:?}"
         );
+    }
+
+    /// A client that connects and says nothing holds nobody up: the right client logs in
+    /// without waiting out the silent one's login timeout (served one after the other, it
+    /// waited `LOGIN_TIMEOUT`, 5 s, first).
+    #[tokio::test]
+    async fn a_silent_client_ahead_of_sqlx_delays_nobody() {
+        let dir =
+            std::env::temp_dir().join(format!("pgharness-test-{}", uuid::Uuid::new_v4().simple()));
+        let listener = listen(&dir).unwrap();
+        let socket = dir.join(format!(".s.PGSQL.{PORT}"));
+        let (_server, backend) = tokio::io::duplex(64 * 1024);
+        let lending_dir = dir.clone();
+        let _lent = tokio::spawn(async move {
+            let mut backend = backend;
+            let greeting = Greeting {
+                reported: Vec::new(),
+                pid: 1,
+            };
+            lend_out(listener, &mut backend, "right", &greeting, &lending_dir).await
+        });
+        let _silent = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let logged_in = tokio::time::timeout(LOGIN_TIMEOUT / 2, log_in(&socket, "right")).await;
+        let (_, kind, body) = logged_in.expect("held up by the silent client");
+        assert_eq!((kind, body), (b'R', 0i32.to_be_bytes().to_vec()));
     }
 }
