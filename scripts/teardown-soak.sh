@@ -21,7 +21,8 @@ cargo build -q -p cargo-pgharness
 cargo nextest run --cargo-quiet -p pgharness-bench-suite --test soak --no-run
 cargo pgharness up --backend "$BACKEND" >/dev/null
 trap 'cargo pgharness down >/dev/null 2>&1 || true' EXIT
-export PGSERVICEFILE="$PWD/target/pgharness/pg_service.conf" PGSERVICE=pgharness
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+export PGSERVICEFILE="$target_dir/pgharness/pg_service.conf" PGSERVICE=pgharness
 ns=$(psql -XAtc "SELECT 'pgharness_' || current_user")
 
 # The run's sessions gone (at most 20 s), then what the server recorded for the acquires
@@ -51,11 +52,11 @@ for mode in nextest runner; do
         if [ "$mode" = nextest ]; then
             PGHARNESS_BACKEND=$BACKEND PGHARNESS_RUN_ID=$run cargo nextest run --cargo-quiet -p pgharness-bench-suite --test soak \
                 --run-ignored only -E "$FILTER" --test-threads "$THREADS" --no-fail-fast \
-                >/dev/null 2>"target/soak-$run.log" || { cat "target/soak-$run.log"; exit 1; }
+                >/dev/null 2>"$target_dir/soak-$run.log" || { cat "$target_dir/soak-$run.log"; exit 1; }
         else
             cargo pgharness test --backend "$BACKEND" -p pgharness-bench-suite \
                 --test soak --run-ignored only -E "$FILTER" --test-threads "$THREADS" \
-                >/dev/null 2>"target/soak-$run.log" || { cat "target/soak-$run.log"; exit 1; }
+                >/dev/null 2>"$target_dir/soak-$run.log" || { cat "$target_dir/soak-$run.log"; exit 1; }
         fi
         read -r recorded swept schemas < <(figures "$since")
         lost=$((TESTS - recorded))
