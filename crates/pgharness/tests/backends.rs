@@ -899,3 +899,121 @@ async fn a_container_whose_password_the_workspace_lost_is_replaced() {
         "the old container was removed: {stopped:?}"
     );
 }
+
+/// Another local user's account (made on first use), to own what the tests plant.
+fn hostile_user() -> nix::unistd::User {
+    const NAME: &str = "pgharness-hostile";
+    if let Ok(Some(user)) = nix::unistd::User::from_name(NAME) {
+        return user;
+    }
+    let _ = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            NAME,
+        ])
+        .output();
+    nix::unistd::User::from_name(NAME)
+        .unwrap()
+        .expect("useradd made the second user")
+}
+
+/// N1 of issue 27: another user makes the directory the native server would use (the name
+/// 1bcc278 derived from the workspace), with symlinks where the server's files go and a
+/// subdirectory a process of theirs keeps non-empty. The server starts anyway, in a
+/// directory of its own; nothing is written through the links, and what they made is left
+/// as they made it.
+#[tokio::test]
+async fn a_server_directory_another_user_planted_is_never_used_or_followed() {
+    use sha2::Digest;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test plants files as another OS user: run it as root (CI does)"
+    );
+    let settings = isolated_settings(BackendKind::Native, "planted");
+    let bindir = backend::native::find_bindir(&settings).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(settings.root.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(bindir.to_string_lossy().as_bytes());
+    hasher.update(settings.max_connections.to_be_bytes());
+    let key = hex::encode(&hasher.finalize()[..5]);
+    let planted = std::path::Path::new("/dev/shm").join(format!("pgharness-{key}"));
+    let hostile = hostile_user();
+    let (uid, gid) = (Some(hostile.uid.as_raw()), Some(hostile.gid.as_raw()));
+    // Root's own files the links point at, and a path a copy of the password would go to.
+    let victims = std::env::temp_dir().join(format!("pgharness-victims-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&victims).unwrap();
+    let victim = victims.join("root-only");
+    std::fs::write(&victim, "victim").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let stolen = victims.join("stolen-password");
+    std::fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join("watchdog.sh")).unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join("server.log")).unwrap();
+    std::os::unix::fs::symlink(&stolen, planted.join("pwfile")).unwrap();
+    std::fs::create_dir(planted.join("sock")).unwrap();
+    std::fs::write(planted.join("sock/kept-open"), "theirs").unwrap();
+    for path in [
+        planted.clone(),
+        planted.join("watchdog.sh"),
+        planted.join("server.log"),
+        planted.join("pwfile"),
+        planted.join("sock"),
+        planted.join("sock/kept-open"),
+    ] {
+        std::os::unix::fs::lchown(&path, uid, gid).unwrap();
+    }
+
+    let started = backend::ensure(&settings, &log_only).await;
+    let untouched = std::fs::read_to_string(&victim).unwrap();
+    let victim_meta = std::fs::metadata(&victim).unwrap();
+    let stolen_exists = stolen.exists();
+    let planted_kept = std::fs::read_to_string(planted.join("sock/kept-open")).ok();
+    let links_kept = ["watchdog.sh", "server.log", "pwfile"].map(|name| {
+        std::fs::symlink_metadata(planted.join(name)).is_ok_and(|m| m.file_type().is_symlink())
+    });
+    let state: Option<serde_json::Value> = std::fs::read_dir(&settings.state_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("native-") && name.ends_with(".json")
+        })
+        .and_then(|e| serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).ok());
+    let base = state
+        .as_ref()
+        .and_then(|s| s["base_dir"].as_str().map(std::path::PathBuf::from));
+    let base_meta = base
+        .as_ref()
+        .and_then(|b| std::fs::symlink_metadata(b).ok());
+    if started.is_ok() {
+        backend::stop(&settings, BackendKind::Native).await.unwrap();
+    }
+    let base_left = base.as_ref().is_some_and(|b| b.exists());
+    let _ = std::fs::remove_dir_all(&planted);
+    let _ = std::fs::remove_dir_all(&victims);
+
+    started.expect("the server starts whatever another user planted");
+    assert_eq!(untouched, "victim", "written through a planted link");
+    assert_eq!((victim_meta.uid(), victim_meta.mode() & 0o777), (0, 0o600));
+    assert!(
+        !stolen_exists,
+        "the password went where another user pointed"
+    );
+    assert_eq!(planted_kept.as_deref(), Some("theirs"));
+    assert_eq!(links_kept, [true; 3], "another user's files were changed");
+    let (base, base_meta) = (base.unwrap(), base_meta.unwrap());
+    assert_ne!(base, planted);
+    assert!(base_meta.is_dir() && !base_meta.file_type().is_symlink());
+    assert_eq!(base_meta.mode() & 0o777, 0o700);
+    assert_ne!(base_meta.uid(), hostile.uid.as_raw());
+    assert!(
+        !base_left,
+        "{} is left after the server stopped",
+        base.display()
+    );
+}

@@ -5,10 +5,16 @@
 //! on); `native_tcp` adds a TCP listener on 127.0.0.1 with password login. As root it runs
 //! the server as an unprivileged user, since postgres refuses to run as root. A small watchdog shell process owns the server
 //! and stops it after `native_idle` with no client connected, or on `cargo pgharness down`.
+//!
+//! **Nothing can be planted.** Each start makes the server's directory anew under a name
+//! nobody can predict (`pgharness-<key>-<random>`), exclusively and 0700, and everything in
+//! it is created exclusively (`create_new`: an existing name, a symlink among them, is an
+//! error) while only this process can write there; the server's account gets it after.
+//! Its path is kept in the workspace's own record (`target/pgharness/native-<key>.json`).
+//! A directory another local user made under any name is never used, followed or removed.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -170,7 +176,8 @@ fn listener(tcp: bool, base: &Path, port: u16) -> String {
 struct Paths {
     state: PathBuf,
     lock: PathBuf,
-    base: PathBuf,
+    /// What names this workspace's server among others (the start of its directory's name).
+    key: String,
 }
 
 fn paths(settings: &Settings, bindir: &Path) -> Paths {
@@ -184,17 +191,58 @@ fn paths(settings: &Settings, bindir: &Path) -> Paths {
         hasher.update(b"tcp");
     }
     let key = hex::encode(&hasher.finalize()[..5]);
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.join(format!("pgharness-{key}"))
-    } else {
-        settings.state_dir.join(format!("native-{key}"))
-    };
     Paths {
         state: settings.state_dir.join(format!("native-{key}.json")),
         lock: settings.state_dir.join(format!("native-{key}.lock")),
-        base,
+        key,
     }
+}
+
+/// Makes a server's directory: on tmpfs (`/dev/shm`) when there is one, else in the state
+/// directory; named `pgharness-<key>-<random>`, created exclusively with mode 0700, so that
+/// no other user can have made it, or anything in it, first.
+fn make_base(settings: &Settings, key: &str) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm
+    } else {
+        &settings.state_dir
+    };
+    loop {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        let base = parent.join(format!("pgharness-{key}-{}", &random[..16]));
+        match std::fs::DirBuilder::new().mode(0o700).create(&base) {
+            Ok(()) => return Ok(base),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => return Err(Error::io("failed to create", &base, error)),
+        }
+    }
+}
+
+/// Creates a new file only its owner may read or write (`create_new`: never an existing
+/// one, never through a symlink) and writes `contents`.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<File, Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io("failed to create", path, e))?;
+    file.write_all(contents)
+        .map_err(|e| Error::io("failed to write", path, e))?;
+    Ok(file)
+}
+
+/// Hands `path` (made by this process, never a symlink) to the server's account.
+fn hand_over(path: &Path, user: &Option<User>) -> Result<(), Error> {
+    if let Some(user) = user {
+        std::os::unix::fs::lchown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .map_err(|e| Error::io("failed to hand over", path, e))?;
+    }
+    Ok(())
 }
 
 /// Starts the shared server, or joins it when it already runs.
@@ -223,13 +271,13 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     let config = server.admin_config();
     let mut ready = tokio::select! {
         ready = connect::wait_ready(&config, settings.acquire_timeout, sink, &what) => ready,
-        fatal = startup_failure(&paths.base), if started => {
+        fatal = startup_failure(&state.base_dir), if started => {
             // A server that exits at start says why at once (its FATAL line), and leaves
             // nothing behind: not its watchdog, not its data on tmpfs, not its record.
-            if let Some(watchdog) = read_state(&paths.state).and_then(|s| s.watchdog()) {
+            if let Some(watchdog) = state.watchdog() {
                 watchdog.terminate(Duration::from_secs(5)).await;
             }
-            let _ = std::fs::remove_dir_all(&paths.base);
+            let _ = std::fs::remove_dir_all(&state.base_dir);
             let _ = std::fs::remove_file(&paths.state);
             let _ = std::fs::remove_file(paths.state.with_extension("password"));
             drop(lock);
@@ -246,7 +294,7 @@ pub async fn ensure(settings: &Settings, sink: EventSink<'_>) -> Result<Server, 
     ready.map_err(|e| {
         backend_error(format!(
             "{e}; its log: {}",
-            paths.base.join("server.log").display()
+            state.base_dir.join("server.log").display()
         ))
     })?;
     Ok(server)
@@ -439,17 +487,18 @@ fn start(
     let password =
         secret::renew_native_password(settings, &paths.state.with_extension("password"), port)?;
     let password = password.as_str();
-    let base = &paths.base;
+    // The last server's directory, from the workspace's own record (never a path guessed).
+    if let Some(old) = read_state(&paths.state).filter(|s| s.belongs_to(settings)) {
+        let _ = std::fs::remove_dir_all(&old.base_dir);
+    }
+    let base = &make_base(settings, &paths.key)?;
     let data = base.join("data");
-    let _ = std::fs::remove_dir_all(base);
-    for dir in [base, &data, &socket_dir(base)] {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("failed to create", dir, e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io("failed to set permissions on", dir, e))?;
-        if let Some(user) = &user {
-            std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .map_err(|e| Error::io("failed to hand over", dir, e))?;
-        }
+    for dir in [&data, &socket_dir(base)] {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io("failed to create", dir, e))?;
     }
     emit(
         sink,
@@ -461,10 +510,14 @@ fn start(
     // nobody else (and costs no SCRAM handshake). TCP on 127.0.0.1, with `native_tcp`,
     // asks for the server's password.
     let pwfile = base.join("pwfile");
-    secret::write_private(&pwfile, &format!("{password}\n"))?;
-    if let Some(user) = &user {
-        std::os::unix::fs::chown(&pwfile, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-            .map_err(|e| Error::io("failed to hand over", &pwfile, e))?;
+    write_new(&pwfile, format!("{password}\n").as_bytes(), 0o600)?;
+    let script = base.join("watchdog.sh");
+    write_new(&script, WATCHDOG.as_bytes(), 0o600)?;
+    let log_path = base.join("server.log");
+    let log = write_new(&log_path, b"", 0o600)?;
+    // Everything made: now the server's account's (its directories before their contents).
+    for path in [base, &data, &socket_dir(base), &pwfile, &script, &log_path] {
+        hand_over(path, &user)?;
     }
     let mut initdb = Command::new(bindir.join("initdb"));
     initdb
@@ -494,16 +547,6 @@ fn start(
         )));
     }
 
-    let script = base.join("watchdog.sh");
-    std::fs::write(&script, WATCHDOG).map_err(|e| Error::io("failed to write", &script, e))?;
-    let log_path = base.join("server.log");
-    let log = File::create(&log_path).map_err(|e| Error::io("failed to create", &log_path, e))?;
-    if let Some(user) = &user {
-        for path in [&script, &log_path] {
-            std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .map_err(|e| Error::io("failed to hand over", path, e))?;
-        }
-    }
     emit(
         sink,
         Event::StartingServer {
@@ -516,6 +559,7 @@ fn start(
         .env("PGH_BIN", bindir)
         .env("PGH_DATA", &data)
         .env("PGH_SOCK", socket_dir(base))
+        .env("PGH_BASE", base)
         .env("PGH_PORT", port.to_string())
         .env(
             "PGH_LISTEN",

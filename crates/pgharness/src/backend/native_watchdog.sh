@@ -28,7 +28,8 @@ while kill -0 "$pg" 2>/dev/null; do
         echo "pgharness watchdog: no client for ${idle}s, stopping" >&2
         kill -INT "$pg" 2>/dev/null
         wait "$pg"
-        rm -rf "$PGH_DATA"
+        # The whole directory goes, not only its data: nothing of a stopped server stays.
+        rm -rf "$PGH_BASE"
         exit 0
     fi
 done
