@@ -113,6 +113,25 @@ impl Server {
         }
     }
 
+    /// This server with its administrator reached through the Unix socket `.s.PGSQL.<port>`
+    /// in `dir` (a native server that also listens on TCP, where the administrator is
+    /// refused: its password opens nothing over TCP).
+    pub(crate) fn with_admin_socket(mut self, dir: &std::path::Path, port: u16) -> Server {
+        if let Some(admin) = self.admin.as_mut() {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host_path(dir)
+                .port(port)
+                .user("postgres")
+                .dbname("postgres");
+            if let Some(password) = admin.get_password() {
+                config.password(password);
+            }
+            *admin = config;
+        }
+        self
+    }
+
     /// The URL of this server's database for another login role (a test that checks what
     /// a role of the application may do).
     pub fn url_as(&self, user: &str, password: &str) -> SecretUrl {

@@ -751,11 +751,48 @@ async fn another_os_user_cannot_log_in_to_a_server_pgharness_started() {
         );
         let said = String::from_utf8_lossy(&over_tcp.stderr);
         if tcp {
-            // The superuser needs the server's password, which nobody lacks.
+            // The superuser is refused over TCP, whoever asks.
+            assert!(said.contains("pg_hba.conf rejects"), "{said}");
+            // And with it, the superuser is still refused over TCP (N2 of issue 27); the
+            // tests' role gets in.
+            let password = server.config().get_password().unwrap().to_vec();
+            let mut over_tcp = tokio_postgres::Config::new();
+            over_tcp
+                .host("127.0.0.1")
+                .port(port.parse().unwrap())
+                .dbname("postgres")
+                .password(password);
+            let admin = over_tcp
+                .clone()
+                .user("postgres")
+                .connect(tokio_postgres::NoTls)
+                .await
+                .err()
+                .expect("the superuser logged in over TCP with the server's password");
             assert!(
-                said.contains("password") || said.contains("authentication"),
-                "{said}"
+                admin
+                    .as_db_error()
+                    .is_some_and(|e| e.message().contains("pg_hba.conf rejects")),
+                "{admin:?}"
             );
+            let (tests, connection) = over_tcp
+                .clone()
+                .user(pgharness::TESTS_ROLE)
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("the tests' role logs in over TCP");
+            tokio::spawn(connection);
+            let superuser: bool = tests
+                .query_one(
+                    "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(!superuser);
+            // The administrator still gets in, through the socket.
+            common::admin(&server).await;
         } else {
             // No TCP listener at all: no port to try passwords on, none to squat.
             assert!(said.contains("refused"), "{said}");

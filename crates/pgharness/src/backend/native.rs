@@ -33,6 +33,17 @@ use crate::settings::{BackendKind, Settings};
 
 const WATCHDOG: &str = include_str!("native_watchdog.sh");
 
+/// Who may log in, and how: anyone who can reach the Unix socket (a 0700 directory of the
+/// server's account) without a password; over TCP (`native_tcp`) the tests' and other login
+/// roles with their passwords, and never the administrator, whose password would make any
+/// local user who learned it a superuser able to run programs as the server's account.
+const HBA: &str = "\
+local all all trust
+host all postgres all reject
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+";
+
 fn backend_error(message: impl Into<String>) -> Error {
     Error::Backend {
         backend: "native",
@@ -85,12 +96,18 @@ impl State {
 
     /// The server as tests reach it: over TCP when it listens there, else its socket.
     fn server(&self, password: &str) -> Server {
-        Server::local_at(
+        let server = Server::local_at(
             BackendKind::Native,
             self.socket_dir().as_deref(),
             self.port,
             password,
-        )
+        );
+        // Over TCP the administrator is refused (`HBA`): it goes through the socket.
+        if self.tcp {
+            server.with_admin_socket(&socket_dir(&self.base_dir), self.port)
+        } else {
+            server
+        }
     }
 
     /// Where it listens, for messages.
@@ -515,8 +532,18 @@ fn start(
     write_new(&script, WATCHDOG.as_bytes(), 0o600)?;
     let log_path = base.join("server.log");
     let log = write_new(&log_path, b"", 0o600)?;
+    let hba = base.join("pg_hba.conf");
+    write_new(&hba, HBA.as_bytes(), 0o600)?;
     // Everything made: now the server's account's (its directories before their contents).
-    for path in [base, &data, &socket_dir(base), &pwfile, &script, &log_path] {
+    for path in [
+        base,
+        &data,
+        &socket_dir(base),
+        &pwfile,
+        &script,
+        &log_path,
+        &hba,
+    ] {
         hand_over(path, &user)?;
     }
     let mut initdb = Command::new(bindir.join("initdb"));
@@ -560,6 +587,7 @@ fn start(
         .env("PGH_DATA", &data)
         .env("PGH_SOCK", socket_dir(base))
         .env("PGH_BASE", base)
+        .env("PGH_HBA", &hba)
         .env("PGH_PORT", port.to_string())
         .env(
             "PGH_LISTEN",

@@ -4,7 +4,7 @@
 # by crates/pgharness/src/backend/native.rs; runs as the server's (unprivileged) user.
 # PGH_LISTEN is empty (the Unix socket in PGH_SOCK only) or 127.0.0.1 (`native_tcp`).
 set -u
-"$PGH_BIN/postgres" -D "$PGH_DATA" -k "$PGH_SOCK" -p "$PGH_PORT" \
+"$PGH_BIN/postgres" -D "$PGH_DATA" -k "$PGH_SOCK" -p "$PGH_PORT" -c hba_file="$PGH_HBA" \
     -c listen_addresses="$PGH_LISTEN" -c fsync=off -c synchronous_commit=off \
     -c full_page_writes=off -c max_connections="$PGH_MAX_CONNECTIONS" &
 pg=$!
