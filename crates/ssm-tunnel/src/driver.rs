@@ -552,10 +552,7 @@ impl Driver {
             state.queue(PayloadType::Output, &output, self.chunk_size);
             state.send_pending();
         };
-        let reason = match &outcome {
-            Ok(()) => "closed".to_owned(),
-            Err(error) => error.to_string(),
-        };
+        let reason = ended_reason(&outcome);
         *self.stats.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.stats.ended_notify.notify_waiters();
         if let Err(error) = outcome {
@@ -576,4 +573,29 @@ fn rand_seed() -> u64 {
         .unwrap_or_default()
         .as_nanos() as u64;
     nanos ^ (std::process::id() as u64).rotate_left(32)
+}
+
+/// Why a session ended, as `Tunnel::ended` says it: the agent's own words when it closed the
+/// session (they are wrapped in `Error::SessionClosed` once more by whoever reports it, and
+/// must not already say "the session ended"), else the error.
+fn ended_reason(outcome: &Result<(), Error>) -> String {
+    match outcome {
+        Ok(()) => "closed".to_owned(),
+        Err(Error::SessionClosed(reason)) => reason.clone(),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod ended_tests {
+    use super::*;
+
+    #[test]
+    fn a_session_the_agent_closed_says_so_once_when_reported() {
+        let outcome = Err(Error::SessionClosed("Session: s-1 timed out.".into()));
+        let reason = ended_reason(&outcome);
+        let reported = Error::SessionClosed(reason).to_string();
+        assert_eq!(reported, "the session ended: Session: s-1 timed out.");
+        assert_eq!(ended_reason(&Ok(())), "closed");
+    }
 }
