@@ -177,7 +177,10 @@ impl TestRun {
         let outcome = outcome.map(|(code, _)| code);
         let emulator_values = emulator::running(settings);
         if !started_proxy {
-            report(RunEvent::ProxyOfUpKept);
+            // Unless it died under the run (said already): then nothing stays up.
+            if rds::died_during_run(settings).is_none() {
+                report(RunEvent::ProxyOfUpKept);
+            }
             return outcome;
         }
         if let Some(what) = rds::down(settings, report).await? {
