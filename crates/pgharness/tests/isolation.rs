@@ -32,6 +32,26 @@ async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// A test on a schema of `dir`'s own pool runs `body` and ends (inline teardown); its
+/// schema must be recycled, and the next test claims it. Returns that next test's database.
+async fn after_a_test_that_ran(dir: &std::path::Path, admin: &Client, body: &str) -> TestDb {
+    let first = acquire(dir, Teardown::Inline).await;
+    let schema = first.schema().to_owned();
+    first.client().batch_execute(body).await.unwrap();
+    drop(first);
+    assert_eq!(
+        ledger_status(admin, &schema).await.as_deref(),
+        Some("ready")
+    );
+    let next = acquire(dir, Teardown::Inline).await;
+    assert_eq!(
+        Some(next.schema().to_owned()),
+        common::current_name(admin, &schema).await,
+        "the recycled schema is claimed"
+    );
+    next
+}
+
 async fn flag(client: &Client, sql: &str) -> bool {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -62,29 +82,14 @@ async fn a_materialized_view_refreshed_by_a_test_is_empty_again_for_the_next() {
          CREATE MATERIALIZED VIEW item_summary AS SELECT count(*) AS n FROM items;
          CREATE MATERIALIZED VIEW later AS SELECT id FROM items WITH NO DATA;",
     );
-    let first = acquire(&dir, Teardown::Inline).await;
-    let schema = first.schema().to_owned();
-    first
-        .client()
-        .batch_execute(
-            "INSERT INTO items VALUES (1), (2);
-             REFRESH MATERIALIZED VIEW item_summary;
-             REFRESH MATERIALIZED VIEW later;",
-        )
-        .await
-        .unwrap();
-    drop(first);
-    assert_eq!(
-        ledger_status(&admin, &schema).await.as_deref(),
-        Some("ready")
-    );
-
-    let next = acquire(&dir, Teardown::Inline).await;
-    assert_eq!(
-        Some(next.schema().to_owned()),
-        common::current_name(&admin, &schema).await,
-        "the recycled schema is claimed"
-    );
+    let next = after_a_test_that_ran(
+        &dir,
+        &admin,
+        "INSERT INTO items VALUES (1), (2);
+         REFRESH MATERIALIZED VIEW item_summary;
+         REFRESH MATERIALIZED VIEW later;",
+    )
+    .await;
     assert_eq!(count(next.client(), "SELECT n FROM item_summary").await, 0);
     assert!(
         !flag(
@@ -107,24 +112,14 @@ async fn rows_hidden_by_forced_row_level_security_do_not_survive_a_recycle() {
          ALTER TABLE notes FORCE ROW LEVEL SECURITY;
          CREATE POLICY by_tenant ON notes USING (tenant = current_setting('app.tenant', true));",
     );
-    let first = acquire(&dir, Teardown::Inline).await;
-    let schema = first.schema().to_owned();
     // The row is written as tenant a; the session then reads as nobody, as the teardown
     // that runs on it does.
-    first
-        .client()
-        .batch_execute(
-            "SET app.tenant = 'a'; INSERT INTO notes (body) VALUES ('secret'); SET app.tenant = 'none';",
-        )
-        .await
-        .unwrap();
-    drop(first);
-    assert_eq!(
-        ledger_status(&admin, &schema).await.as_deref(),
-        Some("ready")
-    );
-
-    let next = acquire(&dir, Teardown::Inline).await;
+    let next = after_a_test_that_ran(
+        &dir,
+        &admin,
+        "SET app.tenant = 'a'; INSERT INTO notes (body) VALUES ('secret'); SET app.tenant = 'none';",
+    )
+    .await;
     next.client()
         .batch_execute("SET app.tenant = 'a'")
         .await
@@ -194,25 +189,16 @@ async fn seed_rows_read_alike_whatever_the_session_s_time_zone_and_styles() {
         "CREATE TABLE events (at timestamptz, took interval, ratio float8, raw bytea, day date);
          INSERT INTO events VALUES ('2024-01-01 12:00:00+00', '1 day 2 hours', 0.1, '\\x00ff', '2024-02-03');",
     );
-    let first = acquire(&dir, Teardown::Inline).await;
-    let schema = first.schema().to_owned();
-    // The teardown runs on this session, with these settings.
-    first
-        .client()
-        .batch_execute(
-            "SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY';
-             SET IntervalStyle = 'sql_standard'; SET extra_float_digits = 0;
-             SET bytea_output = 'escape';
-             UPDATE events SET ratio = 0.2;",
-        )
-        .await
-        .unwrap();
-    drop(first);
-    assert_eq!(
-        ledger_status(&admin, &schema).await.as_deref(),
-        Some("ready")
-    );
-    let next = acquire(&dir, Teardown::Inline).await;
+    // The teardown runs on the test's session, with these settings.
+    let next = after_a_test_that_ran(
+        &dir,
+        &admin,
+        "SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY';
+         SET IntervalStyle = 'sql_standard'; SET extra_float_digits = 0;
+         SET bytea_output = 'escape';
+         UPDATE events SET ratio = 0.2;",
+    )
+    .await;
     let ratio: f64 = next
         .client()
         .query_one("SELECT ratio FROM events", &[])
@@ -457,18 +443,6 @@ fn hunt_seed() -> u64 {
         .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 | 1)
 }
 
-/// A small deterministic generator (xorshift), so that a case replays from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
 /// The property: whatever a test did, the next test that gets a schema of the same migration
 /// set sees exactly what a freshly migrated one shows the oracle. Each case claims a schema
 /// (or creates one), checks it, runs 1–5 generated operations, and ends with an inline or a
@@ -512,7 +486,7 @@ async fn every_schema_a_test_gets_is_as_fresh_as_a_new_one_whatever_the_last_tes
         .replace(first.schema(), "<schema>");
     drop(first);
     let runner = common::runner(&server).await;
-    let mut rng = Rng(seed);
+    let mut rng = common::Rng(seed);
     let (mut recycled, mut dropped, mut busy) = (0u64, 0u64, 0u64);
     for case in 0..cases {
         let teardown = if rng.below(4) == 0 {

@@ -276,18 +276,6 @@ async fn created_and_claimed_schemas_set_the_same_search_path_as_a_new_connectio
     }
 }
 
-/// A small deterministic generator, so that a failing case can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
 #[tokio::test]
 async fn a_recycled_schema_is_as_fresh_or_was_dropped_because_it_changed() {
     let server = configured_server().await;
@@ -301,7 +289,7 @@ async fn a_recycled_schema_is_as_fresh_or_was_dropped_because_it_changed() {
     let (mut recycled, mut dropped, mut seed_put_back) = (0, 0, 0);
     for case in 0..40u64 {
         let seed = 0x9e37_79b9_7f4a_7c15 ^ (case + 1);
-        let mut rng = Rng(seed);
+        let mut rng = common::Rng(seed);
         // A recycled schema comes back under a new name: none of the last test's
         // sessions can reach it by the old one.
         let renamed = common::current_name(&admin, &schema).await.unwrap();

@@ -209,10 +209,12 @@ $dig$;
 
 -- Refuses migrations that wrote objects outside the schema they migrate (a `CREATE SCHEMA`,
 -- schema-qualified DDL): every test would share them, and pgharness could neither isolate
--- nor reset them. Found by what the current transaction wrote to the catalogs (rows whose
--- xmin is its own): namespaces, relations, functions and types outside `p_schema`, but for
--- extensions' members (`CREATE EXTENSION` objects are shared on purpose) and TOAST. Raises
--- PH002, the foreign schemas' names in its DETAIL (for the caller to find the file).
+-- nor reset them. Found by what the current transaction wrote to the catalogs: a namespace
+-- of its own (xmin), or an object that depends on a namespace (its pg_depend row's xmin)
+-- where the role may create (its own schemas, `public`), outside `p_schema` and the role's
+-- pool schemas — looked up through pg_depend's index, not by scanning every pooled schema's
+-- relations; extensions' members (`CREATE EXTENSION` objects are shared on purpose) aside.
+-- Raises PH002, the foreign schemas' names in its DETAIL (for the caller to find the file).
 CREATE OR REPLACE FUNCTION __NS__.refuse_written_elsewhere(p_schema text) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $rwe$
 DECLARE
@@ -221,34 +223,23 @@ DECLARE
   found text[];
   schemas text[];
 BEGIN
-  SELECT array_agg(what ORDER BY what), array_agg(DISTINCT nspname)
-    INTO found, schemas
-    FROM (
-      SELECT 'schema ' || quote_ident(n.nspname) AS what, n.nspname
-        FROM pg_namespace n WHERE n.xmin = me AND n.oid <> nsp
-      UNION
-      SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
-                            WHEN 'S' THEN 'sequence ' WHEN 'i' THEN 'index ' ELSE 'table ' END
-             || quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-       WHERE c.xmin = me AND c.relnamespace <> nsp
-         AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast\_temp\_%'
-         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                            AND d.objid = c.oid AND d.deptype = 'e')
-      UNION
-      SELECT 'function ' || quote_ident(n.nspname) || '.' || quote_ident(p.proname), n.nspname
-        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-       WHERE p.xmin = me AND p.pronamespace <> nsp AND n.nspname NOT LIKE 'pg\_temp\_%'
-         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
-                            AND d.objid = p.oid AND d.deptype = 'e')
-      UNION
-      SELECT 'type ' || quote_ident(n.nspname) || '.' || quote_ident(t.typname), n.nspname
-        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-       WHERE t.xmin = me AND t.typnamespace <> nsp AND t.typrelid = 0 AND t.typcategory <> 'A'
-         AND n.nspname NOT LIKE 'pg\_temp\_%'
-         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
-                            AND d.objid = t.oid AND d.deptype = 'e')
-    ) written;
+  WITH candidates AS (
+    SELECT n.oid, n.nspname FROM pg_namespace n
+     WHERE n.oid <> nsp AND n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema'
+       AND has_schema_privilege(n.oid, 'CREATE')
+       AND NOT EXISTS (SELECT 1 FROM __NS__.ledger l WHERE l.schema_name = n.nspname)
+  ), written AS (
+    SELECT 'schema ' || quote_ident(n.nspname) AS what, n.nspname
+      FROM pg_namespace n WHERE n.xmin = me AND n.oid <> nsp
+    UNION
+    SELECT pg_describe_object(d.classid, d.objid, 0), c.nspname
+      FROM candidates c
+      JOIN pg_depend d ON d.refclassid = 'pg_namespace'::regclass AND d.refobjid = c.oid
+     WHERE d.xmin = me
+       AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classid
+                          AND e.objid = d.objid AND e.deptype = 'e')
+  )
+  SELECT array_agg(what ORDER BY what), array_agg(DISTINCT nspname) INTO found, schemas FROM written;
   IF found IS NOT NULL THEN
     RAISE EXCEPTION 'the migrations create % outside the test''s schema, where every test would share them and no reset reaches them', array_to_string(found, ', ')
       USING ERRCODE = 'PH002', DETAIL = array_to_string(schemas, ' '),

@@ -187,3 +187,15 @@ impl Role {
             .unwrap();
     }
 }
+
+/// A small deterministic generator (xorshift), so that a failing case replays from its seed.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
