@@ -280,25 +280,12 @@ async fn read_startup(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<
     read_packet::<4>(stream, 8).await
 }
 
-/// A frontend message: tag, length, body.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![tag];
-    bytes.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    bytes.extend_from_slice(body);
-    bytes
-}
+use pg_wire::frame::message;
 
 /// An ErrorResponse for the client, so that tokio-postgres reports the relay's own failures
 /// (a server whose SCRAM answer is wrong) as a server error, with a SQLSTATE.
 fn error_response(code: &str, text: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', text)] {
-        body.push(field);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    message(b'E', &body)
+    pg_wire::frame::error_response("FATAL", code, text)
 }
 
 /// Connects `config` through the relay: the server's socket (TCP or Unix), an in-memory

@@ -29,10 +29,8 @@
 //! The relay frames messages ([`take_frames`]) only to count what the server owes
 //! (a ReadyForQuery per Sync, Query or FunctionCall) and to hold back Terminate.
 //!
-//! rds-iam's session pool (`sessions.rs`) does the same two things for the RDS proxy
-//! (startup options read as the server reads them, ReadyForQuery counted): a twin of a few
-//! dozen lines, kept because the crates are independent — pgharness must stay as light as
-//! sqlx for a user's workspace, and rds-iam carries AWS's clients.
+//! Startup parameters and options are read as the server reads them by `pg_wire`, which
+//! rds-iam's session pool (the RDS proxy) shares.
 
 #![cfg_attr(not(any(feature = "sqlx", feature = "sqlx09")), allow(dead_code))]
 
@@ -47,7 +45,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::exchange::Exchange;
+use pg_wire::exchange::Exchange;
 
 /// The port in the lending socket's name (`.s.PGSQL.<port>`): any, as long as sqlx is told.
 pub(crate) const PORT: u16 = 5432;
@@ -65,6 +63,9 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a session whose client left waits for the answers still owed to it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages larger than this are a broken peer (Postgres caps a message at 1 GB).
+const MAX_MESSAGE: usize = 1 << 30;
 
 /// A frontend Terminate message, whole.
 const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
@@ -283,14 +284,10 @@ fn read_login(login: &mut BytesMut) -> (Option<(i32, i32)>, bool) {
 fn whole_frames(buf: &[u8]) -> impl Iterator<Item = (u8, std::ops::Range<usize>)> + '_ {
     let mut end = 0;
     std::iter::from_fn(move || {
-        let header = buf.get(end..end + 5)?;
-        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]).max(4) as usize;
-        let frame = end..end + 1 + len;
-        if buf.len() < frame.end {
-            return None;
-        }
+        let length = pg_wire::frame::length(&buf[end..], MAX_MESSAGE).ok()??;
+        let frame = end..end + length;
         end = frame.end;
-        Some((header[0], frame))
+        Some((buf[frame.start], frame))
     })
 }
 
@@ -720,7 +717,7 @@ async fn authenticate(
         match i32::from_be_bytes([body[0], body[1], body[2], body[3]]) {
             // SSLRequest, GSSENCRequest: not here (a Unix socket of this process).
             80_877_103 | 80_877_104 => client.write_all(b"N").await?,
-            196_608 => break startup_params(&body[4..])?,
+            196_608 => break pg_wire::startup::params(&body[4..]).map_err(io::Error::other)?,
             _ => return Ok(None),
         }
     };
@@ -799,30 +796,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The parameters of a StartupMessage after its protocol version.
-fn startup_params(mut body: &[u8]) -> io::Result<Vec<(String, String)>> {
-    let mut params = Vec::new();
-    loop {
-        let name = cstr(&mut body)?;
-        if name.is_empty() {
-            return Ok(params);
-        }
-        let value = cstr(&mut body)?;
-        params.push((name, value));
-    }
-}
-
-fn cstr(body: &mut &[u8]) -> io::Result<String> {
-    let end = body
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| io::Error::other("a startup parameter without its end"))?;
-    let text = String::from_utf8(body[..end].to_vec())
-        .map_err(|_| io::Error::other("a startup parameter that is not UTF-8"))?;
-    *body = &body[end + 1..];
-    Ok(text)
-}
-
 /// The settings a startup message asks for, as the server would take them: every parameter
 /// but the user and database, and the `-c name=value` / `--name=value` switches of
 /// `options` (words split at unescaped spaces, `\` escaping the next character).
@@ -831,46 +804,11 @@ pub(crate) fn startup_settings(params: &[(String, String)]) -> Vec<(String, Stri
     for (name, value) in params {
         match name.as_str() {
             "user" | "database" | "replication" => {}
-            "options" => {
-                let words = split_options(value);
-                let mut words = words.iter();
-                while let Some(word) = words.next() {
-                    let setting = if word == "-c" {
-                        words.next().map(String::as_str)
-                    } else {
-                        word.strip_prefix("-c").or_else(|| word.strip_prefix("--"))
-                    };
-                    if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
-                        settings.push((name.replace('-', "_"), value.to_owned()));
-                    }
-                }
-            }
+            "options" => settings.extend(pg_wire::startup::option_settings(value)),
             _ => settings.push((name.clone(), value.clone())),
         }
     }
     settings
-}
-
-/// `pg_split_opts`: words at unescaped whitespace, `\x` standing for `x`.
-fn split_options(options: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut chars = options.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => word.extend(chars.next()),
-            c if c.is_whitespace() => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    words
 }
 
 /// The settings a server reports to its client at login (`GUC_REPORT`, up to Postgres 18):
@@ -977,19 +915,7 @@ fn put_frame(out: &mut BytesMut, kind: u8, body: impl FnOnce(&mut BytesMut)) {
 }
 
 fn error_response(out: &mut BytesMut, code: &str, message: &str) {
-    put_frame(out, b'E', |body| {
-        for (field, text) in [
-            (b'S', "FATAL"),
-            (b'V', "FATAL"),
-            (b'C', code),
-            (b'M', message),
-        ] {
-            body.put_u8(field);
-            body.put_slice(text.as_bytes());
-            body.put_u8(0);
-        }
-        body.put_u8(0);
-    });
+    out.extend_from_slice(&pg_wire::frame::error_response("FATAL", code, message));
 }
 
 /// The whole messages at the front of `buf`, taken out: their bytes, how many answers

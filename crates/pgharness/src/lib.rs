@@ -40,7 +40,6 @@ mod connect;
 mod driver;
 mod error;
 pub mod events;
-mod exchange;
 #[cfg(feature = "rstest")]
 mod fixture;
 mod inject;

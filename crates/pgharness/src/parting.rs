@@ -12,7 +12,7 @@
 //! The message is built here, sans IO ([`message`]); [`Parting::send`] is the one write,
 //! made only once the session is at rest: the gate of the client's stream
 //! ([`crate::lend::Gate::quiesce`]) stops tokio-postgres's writes at a message boundary and
-//! waits until the server owes it no answer ([`crate::exchange`]). The server flushes an
+//! waits until the server owes it no answer (`pg_wire::exchange`). The server flushes an
 //! answer (a dropped statement's CloseComplete and ReadyForQuery) as soon as it has one; to a
 //! client that has exited by then, that write fails and the server ends the session before
 //! it reads the parting behind it. A COPY left open is failed first; a statement still

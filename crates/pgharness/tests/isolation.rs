@@ -622,13 +622,14 @@ async fn migrations_that_create_objects_outside_the_test_s_schema_are_refused_by
             "CREATE TABLE local_table (id int);\nCREATE SCHEMA IF NOT EXISTS {shared};\nCREATE TABLE {shared}.jobs (id int);\nCREATE FUNCTION {shared}.next_job() RETURNS int LANGUAGE sql AS 'SELECT 1';"
         ),
     );
-    let error = TestDb::builder()
+    let Err(error) = TestDb::builder()
         .settings(settings(Teardown::Inline))
         .migrations(&dir)
         .build()
         .await
-        .err()
-        .expect("migrations writing outside the schema are accepted");
+    else {
+        panic!("migrations writing outside the schema are accepted");
+    };
     let message = error.to_string();
     // The file and the line that first names the schema (line 1 is own_migrations' comment).
     assert!(
@@ -696,12 +697,12 @@ async fn a_copy_left_open_when_the_test_ends_is_failed_and_the_schema_recycled()
     let dir = own_migrations("open-copy", "CREATE TABLE items (id int);");
     let db = acquire(&dir, Teardown::Detached).await;
     let schema = db.schema().to_owned();
-    let sink = db
-        .client()
-        .copy_in::<_, bytes::Bytes>("COPY items FROM STDIN")
-        .await
-        .unwrap();
-    futures_util::pin_mut!(sink);
+    let mut sink = Box::pin(
+        db.client()
+            .copy_in::<_, bytes::Bytes>("COPY items FROM STDIN")
+            .await
+            .unwrap(),
+    );
     sink.send(bytes::Bytes::from_static(b"1\n2\n"))
         .await
         .unwrap();

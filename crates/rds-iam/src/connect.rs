@@ -357,17 +357,7 @@ const MAX_FRAME: usize = 1 << 30;
 /// The length of the complete frame (tag, length, body) at the front of `buffer`, if it is
 /// all there.
 pub(crate) fn frame_length(buffer: &[u8]) -> Result<Option<usize>, Error> {
-    if buffer.len() < 5 {
-        return Ok(None);
-    }
-    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-    if !(4..=MAX_FRAME).contains(&length) {
-        return Err(Error::Protocol(format!(
-            "a message '{}' of {length} bytes",
-            buffer[0] as char
-        )));
-    }
-    Ok((buffer.len() > length).then_some(length + 1))
+    pg_wire::frame::length(buffer, MAX_FRAME).map_err(|e| Error::Protocol(e.to_string()))
 }
 
 /// The next whole frame from the server, reading into `buffer` as needed; `None` when the

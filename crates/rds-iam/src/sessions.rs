@@ -692,38 +692,7 @@ fn settings_statement(startup: &[(String, String)]) -> Option<String> {
 }
 
 pub(crate) fn parse_options(options: &str) -> Vec<(String, String)> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut chars = options.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => word.extend(chars.next()),
-            c if c.is_whitespace() => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    let mut settings = Vec::new();
-    let mut words = words.into_iter();
-    while let Some(word) = words.next() {
-        let setting = if word == "-c" {
-            words.next()
-        } else {
-            word.strip_prefix("-c")
-                .or_else(|| word.strip_prefix("--"))
-                .map(str::to_owned)
-        };
-        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
-            settings.push((name.replace('-', "_"), value.to_owned()));
-        }
-    }
-    settings
+    pg_wire::startup::option_settings(options)
 }
 
 /// Relays one client's session. `Some(status)` when the session ended at rest (the last

@@ -92,29 +92,13 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
     }
 }
 
-fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, WireError> {
-    let mut params = Vec::new();
-    loop {
-        let key = take_cstring(&mut rest)?;
-        if key.is_empty() {
-            return Ok(params);
-        }
-        let value = take_cstring(&mut rest)?;
-        params.push((key, value));
-    }
+fn parse_params(rest: &[u8]) -> Result<Vec<(String, String)>, WireError> {
+    pg_wire::startup::params(rest).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Takes a NUL-terminated UTF-8 string off the front of `rest`.
 pub fn take_cstring(rest: &mut &[u8]) -> Result<String, WireError> {
-    let end = rest
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| WireError::Malformed("a string without its terminating NUL".into()))?;
-    let text = std::str::from_utf8(&rest[..end])
-        .map_err(|_| WireError::Malformed("a string that is not UTF-8".into()))?
-        .to_owned();
-    *rest = &rest[end + 1..];
-    Ok(text)
+    pg_wire::frame::take_cstring(rest).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Reads one typed message: its tag and body.
@@ -135,37 +119,17 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 }
 
 /// Encodes a typed message.
-pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(tag);
-    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
+pub use pg_wire::frame::message;
 
-/// Encodes an Authentication request (`R`) with its code and data.
+/// An AuthenticationRequest: its code and data.
 pub fn auth_request(code: u32, data: &[u8]) -> Vec<u8> {
     let mut body = code.to_be_bytes().to_vec();
     body.extend_from_slice(data);
     message(b'R', &body)
 }
 
-/// Encodes an ErrorResponse.
-pub fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (field, value) in [
-        (b'S', severity),
-        (b'V', severity),
-        (b'C', code),
-        (b'M', text),
-    ] {
-        body.push(field);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    message(b'E', &body)
-}
+/// An ErrorResponse: severity, SQLSTATE and message.
+pub use pg_wire::frame::error_response;
 
 #[cfg(test)]
 mod tests {

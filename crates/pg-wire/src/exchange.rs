@@ -2,11 +2,10 @@
 //! answers (ReadyForQuery) still to come for what the client sent, whether a COPY from the
 //! client is open, and whether the client's stream stopped in the middle of a message.
 //!
-//! The control connection's gate ([`crate::lend::Gated`]) feeds it every byte tokio-postgres
-//! writes and reads, so that a teardown sent on the same session ([`crate::parting`]) goes
-//! out only once the session is at rest: after the answers to a dropped statement's Close and
-//! Sync, say, which the server would otherwise flush to a client that has exited, and die of
-//! it before it ran the teardown.
+//! pgharness's control connection gate feeds it every byte tokio-postgres writes and reads,
+//! so that a teardown sent on the same session goes out only once the session is at rest:
+//! after the answers to a dropped statement's Close and Sync, say, which the server would
+//! otherwise flush to a client that has exited, and die of it before it ran the teardown.
 //!
 //! Messages are never buffered: a [`Scanner`] keeps a message's 5-byte header and skips its
 //! body, so a 1 GB DataRow costs nothing.
@@ -15,7 +14,7 @@ use std::collections::VecDeque;
 
 /// What a [`Scanner`] sees pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Seen {
+pub enum Seen {
     /// A message of this type begins (its header is whole).
     Message(u8),
     /// The first byte of the body of a message of this type.
@@ -24,7 +23,7 @@ pub(crate) enum Seen {
 
 /// Walks a stream of typed messages (after the startup packet), one byte slice at a time.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Scanner {
+pub struct Scanner {
     header: [u8; 5],
     /// Header bytes seen of the current message (0 between messages).
     have: usize,
@@ -37,7 +36,7 @@ pub(crate) struct Scanner {
 
 impl Scanner {
     /// Feeds `bytes`, saying what it sees to `on`.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut on: impl FnMut(Seen)) {
+    pub fn feed(&mut self, mut bytes: &[u8], mut on: impl FnMut(Seen)) {
         while !bytes.is_empty() {
             if self.skip > 0 {
                 if self.first_pending {
@@ -70,13 +69,13 @@ impl Scanner {
     }
 
     /// Whether the stream is between two messages.
-    pub(crate) fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.skip == 0
     }
 
     /// How many more bytes may be written before the stream is at a boundary or, inside a
     /// header, before the message's length is known: 0 at a boundary.
-    pub(crate) fn rest(&self) -> usize {
+    pub fn rest(&self) -> usize {
         if self.have > 0 {
             5 - self.have
         } else {
@@ -87,7 +86,7 @@ impl Scanner {
 
 /// The exchanges a client has open on its session.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Exchange {
+pub struct Exchange {
     written: Scanner,
     read: Scanner,
     /// One entry per ReadyForQuery owed, oldest first: `b'S'` (a Sync ends an extended
@@ -101,7 +100,7 @@ pub(crate) struct Exchange {
 
 impl Exchange {
     /// The client wrote `bytes`.
-    pub(crate) fn wrote(&mut self, bytes: &[u8]) {
+    pub fn wrote(&mut self, bytes: &[u8]) {
         let owed = &mut self.owed;
         self.written.feed(bytes, |seen| {
             if let Seen::Message(kind @ (b'S' | b'Q' | b'F')) = seen {
@@ -111,7 +110,7 @@ impl Exchange {
     }
 
     /// The client read `bytes`.
-    pub(crate) fn read(&mut self, bytes: &[u8]) {
+    pub fn read(&mut self, bytes: &[u8]) {
         let (owed, copy_in, status) = (&mut self.owed, &mut self.copy_in, &mut self.status);
         self.read.feed(bytes, |seen| match seen {
             Seen::Message(b'Z') => {
@@ -133,32 +132,32 @@ impl Exchange {
     }
 
     /// How many ReadyForQuery messages the server still owes.
-    pub(crate) fn owed(&self) -> usize {
+    pub fn owed(&self) -> usize {
         self.owed.len()
     }
 
     /// Whether the session was in a transaction (or a failed one) at its last ReadyForQuery.
-    pub(crate) fn in_transaction(&self) -> bool {
+    pub fn in_transaction(&self) -> bool {
         matches!(self.status, Some(b'T' | b'E'))
     }
 
     /// Whether a COPY from the client is open.
-    pub(crate) fn copy_in(&self) -> bool {
+    pub fn copy_in(&self) -> bool {
         self.copy_in
     }
 
     /// Whether the client's stream is between two messages.
-    pub(crate) fn written_whole(&self) -> bool {
+    pub fn written_whole(&self) -> bool {
         self.written.at_boundary()
     }
 
     /// Bytes the client may still write to end the message it is in (0 at a boundary).
-    pub(crate) fn rest_of_message(&self) -> usize {
+    pub fn rest_of_message(&self) -> usize {
         self.written.rest()
     }
 
     /// Whether the session is at rest: nothing owed, no COPY open, no message half written.
-    pub(crate) fn at_rest(&self) -> bool {
+    pub fn at_rest(&self) -> bool {
         self.owed.is_empty() && !self.copy_in && self.written.at_boundary()
     }
 }
