@@ -7,35 +7,17 @@
 //! per password, salt and iteration count and keeps it (see there).
 
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-
-type HmacSha256 = Hmac<Sha256>;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key");
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
+use pg_wire::scram::hmac;
 
 /// `Hi(password, salt, iterations)`: PBKDF2-HMAC-SHA-256 with one block. `password` is
 /// SASLprep'd when it can be, as Postgres and libpq do; else used as it is (as they do).
 pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
     let prepared = stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password));
-    let password = prepared.as_bytes();
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password, &block);
-    let mut salted = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        for (s, x) in salted.iter_mut().zip(u.iter()) {
-            *s ^= x;
-        }
-    }
-    salted
+    pg_wire::scram::hi(prepared.as_bytes(), salt, iterations)
 }
 
 /// The verifier Postgres stores for a password (`SCRAM-SHA-256$<i>:<salt>$<stored>:<server>`).

@@ -6,7 +6,6 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -14,33 +13,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::error::Error;
 use crate::wire;
 
-type HmacSha256 = Hmac<Sha256>;
-
 /// PBKDF2 rounds the proxy asks clients for. Key stretching protects guessable passwords;
 /// the proxy's is 128 random bits, made per run, so rounds would only cost every client
 /// connection time (4096 rounds: ~50 ms in a debug build) and buy nothing.
 const ITERATIONS: u32 = 16;
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
-
-fn pbkdf2(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password, &block);
-    let mut out = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        for (o, x) in out.iter_mut().zip(u) {
-            *o ^= x;
-        }
-    }
-    out
-}
+use pg_wire::scram::{hi as pbkdf2, hmac};
 
 /// What the server keeps of a password: salt, iterations, StoredKey and ServerKey.
 #[derive(Clone)]

@@ -134,7 +134,7 @@ pub use pg_wire::frame::error_response;
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
-    use fallible_iterator::FallibleIterator;
+
     use postgres_protocol::message::{backend, frontend};
 
     use super::*;
@@ -193,27 +193,9 @@ mod tests {
         );
     }
 
+    /// (The ErrorResponse is pg-wire's, checked there against postgres-protocol.)
     #[test]
     fn postgres_protocol_reads_what_this_writes() {
-        let text = "PAM authentication failed for user \"app\"";
-        let mut encoded = BytesMut::from(&error_response("FATAL", "28000", text)[..]);
-        let Some(backend::Message::ErrorResponse(body)) =
-            backend::Message::parse(&mut encoded).unwrap()
-        else {
-            panic!("not an ErrorResponse")
-        };
-        let fields: Vec<(u8, String)> = body
-            .fields()
-            .map(|f| {
-                Ok((
-                    f.type_(),
-                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                ))
-            })
-            .collect()
-            .unwrap();
-        assert!(fields.contains(&(b'C', "28000".to_owned())), "{fields:?}");
-        assert!(fields.contains(&(b'M', text.to_owned())), "{fields:?}");
         let mut request = BytesMut::from(&auth_request(3, &[])[..]);
         assert!(matches!(
             backend::Message::parse(&mut request).unwrap(),
