@@ -1054,3 +1054,65 @@ async fn a_server_directory_another_user_planted_is_never_used_or_followed() {
         base.display()
     );
 }
+
+/// N3 of issue 27: for a user other than root, a directory another user made at the name
+/// the native server's would have had (1bcc278 derived it from the workspace) stops
+/// nothing: the server starts in a directory of its own, and theirs is left alone.
+#[tokio::test]
+async fn a_directory_another_user_made_does_not_stop_a_non_root_user_s_server() {
+    use sha2::Digest;
+    use std::os::unix::process::CommandExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs a test process as another OS user: run it as root (CI does)"
+    );
+    let user = hostile_user();
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    // The other user's workspace, theirs alone.
+    let workspace = std::env::temp_dir().join(format!("pgharness-n3-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&workspace).unwrap();
+    std::fs::write(workspace.join("pgharness.toml"), "").unwrap();
+    for path in [&workspace, &workspace.join("pgharness.toml")] {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    }
+    let settings = pgharness::Settings::load_from(&workspace, Vec::new()).unwrap();
+    let bindir = backend::native::find_bindir(&settings).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(settings.root.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(bindir.to_string_lossy().as_bytes());
+    hasher.update(settings.max_connections.to_be_bytes());
+    let key = hex::encode(&hasher.finalize()[..5]);
+    // Made first, by someone else (root here), with something in it.
+    let planted = std::path::Path::new("/dev/shm").join(format!("pgharness-{key}"));
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::write(planted.join("theirs"), "theirs").unwrap();
+
+    let output = std::process::Command::new(common::child_binary())
+        .arg("native")
+        .current_dir(&workspace)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &workspace)
+        .env("PGHARNESS_BACKEND", "native")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("the child runs");
+    let stopped = backend::stop(&settings, BackendKind::Native).await;
+    let kept = std::fs::read_to_string(planted.join("theirs")).ok();
+    let _ = std::fs::remove_dir_all(&planted);
+    let _ = std::fs::remove_dir_all(&workspace);
+    assert!(
+        output.status.success(),
+        "the server of a user who is not root did not start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("p_"));
+    assert_eq!(stopped.unwrap().len(), 1, "its server was running");
+    assert_eq!(
+        kept.as_deref(),
+        Some("theirs"),
+        "the other user's directory was changed"
+    );
+}

@@ -6,8 +6,9 @@
 //! role's ledger `finish` function away (run it as a role of its own) and passes, so that
 //! its teardown fails; `prepared` takes a migrated database (a table `items (id int)`), runs
 //! statements with parameters (prepared, then closed as they drop, as most tests query) and
-//! passes, its process exiting as soon as its teardown is sent. It installs no tracing
-//! subscriber, as many projects do not.
+//! passes, its process exiting as soon as its teardown is sent; `native` takes a database
+//! without migrations and passes (run as another OS user, on the native backend). It
+//! installs no tracing subscriber, as many projects do not.
 
 use std::io::Write;
 
@@ -38,6 +39,10 @@ fn main() {
                 )
                 .await
                 .expect("the ledger's finish renamed");
+            return;
+        }
+        if mode == "native" {
+            println!("{}", db.schema());
             return;
         }
         if mode == "prepared" {
