@@ -255,15 +255,17 @@ async fn migrate(url: String) -> Result<(), tokio_postgres::Error> {
         .await
 }
 
-#[pgharness::test(migrate_with = "migrate")]
-async fn a_migration_function_builds_the_schema(db: TestDb) {
-    let rows: i64 = db
-        .client()
+async fn coded_rows(db: &TestDb) -> i64 {
+    db.client()
         .query_one("SELECT count(*) FROM coded", &[])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(rows, 1);
+        .get(0)
+}
+
+#[pgharness::test(migrate_with = "migrate")]
+async fn a_migration_function_builds_the_schema(db: TestDb) {
+    assert_eq!(coded_rows(db).await, 1);
 }
 
 #[pgharness::test(migrate_with = "migrate", migrations_version = "1")]
@@ -284,11 +286,5 @@ async fn a_versioned_migration_function_is_pooled_by_its_version(db: TestDb) {
         source.contains("migrate_with") && source.contains("migrate"),
         "{source}"
     );
-    let rows: i64 = db
-        .client()
-        .query_one("SELECT count(*) FROM coded", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 1);
+    assert_eq!(coded_rows(db).await, 1);
 }

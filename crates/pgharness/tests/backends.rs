@@ -957,6 +957,20 @@ fn hostile_user() -> nix::unistd::User {
         .expect("useradd made the second user")
 }
 
+/// The directory 1bcc278 gave the native server of `settings`: `/dev/shm/pgharness-<first
+/// 5 bytes of sha256(workspace, bindir, max_connections)>`, a name anyone could predict.
+fn old_native_dir(settings: &pgharness::Settings) -> std::path::PathBuf {
+    use sha2::Digest;
+    let bindir = backend::native::find_bindir(settings).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(settings.root.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(bindir.to_string_lossy().as_bytes());
+    hasher.update(settings.max_connections.to_be_bytes());
+    let key = hex::encode(&hasher.finalize()[..5]);
+    std::path::Path::new("/dev/shm").join(format!("pgharness-{key}"))
+}
+
 /// N1 of issue 27: another user makes the directory the native server would use (the name
 /// 1bcc278 derived from the workspace), with symlinks where the server's files go and a
 /// subdirectory a process of theirs keeps non-empty. The server starts anyway, in a
@@ -964,21 +978,13 @@ fn hostile_user() -> nix::unistd::User {
 /// as they made it.
 #[tokio::test]
 async fn a_server_directory_another_user_planted_is_never_used_or_followed() {
-    use sha2::Digest;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test plants files as another OS user: run it as root (CI does)"
     );
     let settings = isolated_settings(BackendKind::Native, "planted");
-    let bindir = backend::native::find_bindir(&settings).unwrap();
-    let mut hasher = sha2::Sha256::new();
-    hasher.update(settings.root.to_string_lossy().as_bytes());
-    hasher.update([0]);
-    hasher.update(bindir.to_string_lossy().as_bytes());
-    hasher.update(settings.max_connections.to_be_bytes());
-    let key = hex::encode(&hasher.finalize()[..5]);
-    let planted = std::path::Path::new("/dev/shm").join(format!("pgharness-{key}"));
+    let planted = old_native_dir(&settings);
     let hostile = hostile_user();
     let (uid, gid) = (Some(hostile.uid.as_raw()), Some(hostile.gid.as_raw()));
     // Root's own files the links point at, and a path a copy of the password would go to.
@@ -1060,7 +1066,6 @@ async fn a_server_directory_another_user_planted_is_never_used_or_followed() {
 /// nothing: the server starts in a directory of its own, and theirs is left alone.
 #[tokio::test]
 async fn a_directory_another_user_made_does_not_stop_a_non_root_user_s_server() {
-    use sha2::Digest;
     use std::os::unix::process::CommandExt;
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -1076,15 +1081,8 @@ async fn a_directory_another_user_made_does_not_stop_a_non_root_user_s_server() 
         std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
     }
     let settings = pgharness::Settings::load_from(&workspace, Vec::new()).unwrap();
-    let bindir = backend::native::find_bindir(&settings).unwrap();
-    let mut hasher = sha2::Sha256::new();
-    hasher.update(settings.root.to_string_lossy().as_bytes());
-    hasher.update([0]);
-    hasher.update(bindir.to_string_lossy().as_bytes());
-    hasher.update(settings.max_connections.to_be_bytes());
-    let key = hex::encode(&hasher.finalize()[..5]);
     // Made first, by someone else (root here), with something in it.
-    let planted = std::path::Path::new("/dev/shm").join(format!("pgharness-{key}"));
+    let planted = old_native_dir(&settings);
     std::fs::create_dir(&planted).unwrap();
     std::fs::write(planted.join("theirs"), "theirs").unwrap();
 

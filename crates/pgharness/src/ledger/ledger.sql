@@ -313,8 +313,7 @@ BEGIN
   FOREACH t IN ARRAY ordered LOOP
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.%I)', p_schema, t) INTO has_rows;
     IF has_rows THEN
-      EXECUTE format('SELECT md5(string_agg(x::text, E''\n'' ORDER BY x::text)) FROM %I.%I x', p_schema, t) INTO digest;
-      seed := seed || jsonb_build_object(t, digest);
+      seed := seed || jsonb_build_object(t, __NS__.digest(p_schema, t));
       EXECUTE format('SELECT CASE WHEN count(*) <= 1000 THEN jsonb_agg(to_jsonb(x)) END FROM %I.%I x', p_schema, t)
         INTO table_rows;
       IF table_rows IS NOT NULL AND pg_column_size(table_rows) <= 262144 THEN
